@@ -1,0 +1,1 @@
+"""The update model: update sources (``update.toml`` + editions) and update packages."""
