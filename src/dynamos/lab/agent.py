@@ -1,0 +1,208 @@
+"""Guest agent: runs inside the lab VM as root and executes commands sent by the host.
+
+Started by the lab's init with ``python -S -E <this file>``; it uses only the standard library
+and ``protocol.py`` beside it.  One command runs at a time; its stdout, stderr and exit status
+go back as separate frames, so the host never scrapes the console.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import os
+import pty
+import select
+import signal
+import struct
+import sys
+import termios
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import protocol as P  # noqa: E402
+
+PORT_NAME = "dynamos.ctl"
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def find_port() -> str:
+    for d in Path("/sys/class/virtio-ports").glob("vport*"):
+        if (d / "name").read_text().strip() == PORT_NAME:
+            return f"/dev/{d.name}"
+    raise SystemExit(f"virtio-serial port {PORT_NAME} not found")
+
+
+def reap() -> None:
+    """Collect orphans: the agent is their subreaper, so none linger as zombies."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+class Agent:
+    def __init__(self, port: str):
+        self.fd = os.open(port, os.O_RDWR)
+        self.reader = P.FrameReader()
+
+    def send(self, kind: bytes, payload: bytes | dict) -> None:
+        P.write_all(self.fd, P.encode(kind, payload))
+
+    def read_frames(self, timeout: float | None) -> list[tuple[bytes, bytes]] | None:
+        """Frames from the host; None when the host is not connected (hang-up)."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        events = poller.poll(None if timeout is None else int(timeout * 1000))
+        if not events:
+            return []
+        if events[0][1] & select.POLLHUP and not events[0][1] & select.POLLIN:
+            return None
+        data = os.read(self.fd, 65536)
+        if not data:
+            return None
+        return self.reader.feed(data)
+
+    def serve(self) -> None:
+        """Answer host frames forever; the agent writes only in reply, so a host that is not
+        connected never blocks it."""
+        while True:
+            frames = self.read_frames(1.0)
+            if frames is None:
+                time.sleep(0.05)
+                continue
+            for kind, payload in frames:
+                if kind == P.PING:
+                    uptime = float(Path("/proc/uptime").read_text().split()[0])
+                    self.send(P.HELLO, {"release": os.uname().release, "uptime": uptime})
+                elif kind == P.RUN:
+                    self.run(json.loads(payload))
+            reap()
+
+    def run(self, req: dict) -> None:
+        started = time.monotonic()
+        env = dict(os.environ)
+        env.update(req.get("env") or {})
+        use_pty = bool(req.get("pty"))
+        try:
+            if use_pty:
+                master, slave = pty.openpty()
+                if req.get("winsize"):
+                    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", *req["winsize"], 0, 0))
+                out_r, err_r, in_w = master, None, master
+                child_fds = (slave, slave, slave)
+            else:
+                in_r, in_w = os.pipe()
+                out_r, out_w = os.pipe()
+                err_r, err_w = os.pipe()
+                child_fds = (in_r, out_w, err_w)
+            pid = os.fork()
+        except OSError as e:
+            self.send(P.START_FAILED, {"error": str(e)})
+            return
+        if pid == 0:  # child
+            try:
+                os.setsid()
+                for target, fd in enumerate(child_fds):
+                    os.dup2(fd, target)
+                if use_pty:
+                    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+                os.closerange(3, 4096)
+                os.chdir(req.get("cwd") or "/")
+                os.execvpe(req["argv"][0], req["argv"], env)
+            except BaseException as e:  # noqa: BLE001 - report any exec failure to the host
+                os.write(2, f"dynamos-agent: cannot run {req['argv'][0]!r}: {e}\n".encode())
+            os._exit(127)
+        for fd in set(child_fds):
+            os.close(fd)
+        streams = {out_r: P.STDOUT}
+        if err_r is not None:
+            streams[err_r] = P.STDERR
+        stdin_open = True
+        status: int | None = None
+        while streams or status is None:
+            rlist = [self.fd, *streams]
+            ready, _, _ = select.select(rlist, [], [], 0.2)
+            for fd in ready:
+                if fd == self.fd:
+                    data = os.read(self.fd, 65536)
+                    if not data:
+                        # Host went away: stop the command rather than run unattended.
+                        os.killpg(pid, signal.SIGKILL)
+                        time.sleep(0.01)
+                        continue
+                    for kind, payload in self.reader.feed(data):
+                        if kind == P.STDIN and stdin_open:
+                            try:
+                                P.write_all(in_w, payload)
+                            except OSError:
+                                pass
+                        elif kind == P.STDIN_EOF and stdin_open and not use_pty:
+                            os.close(in_w)
+                            stdin_open = False
+                        elif kind == P.SIGNAL:
+                            try:
+                                os.killpg(pid, int(json.loads(payload)["signal"]))
+                            except ProcessLookupError:
+                                pass
+                        elif kind == P.RESIZE and use_pty:
+                            ws = json.loads(payload)
+                            fcntl.ioctl(master, termios.TIOCSWINSZ,
+                                        struct.pack("HHHH", ws["rows"], ws["cols"], 0, 0))
+                else:
+                    try:
+                        data = os.read(fd, 65536)
+                    except OSError:  # EIO on a pty whose slave side closed
+                        data = b""
+                    if data:
+                        self.send(streams[fd], data)
+                    else:
+                        del streams[fd]
+                        if fd != in_w:
+                            os.close(fd)
+            if status is None:
+                wpid, wstatus = os.waitpid(pid, os.WNOHANG)
+                if wpid == pid:
+                    status = wstatus
+                    if use_pty:
+                        # Drain what is left, then stop: the pty has no EOF of its own.
+                        self._drain(streams)
+                        streams.clear()
+        if stdin_open and not use_pty:
+            os.close(in_w)
+        if use_pty:
+            os.close(master)
+        code = os.waitstatus_to_exitcode(status)
+        self.send(P.EXIT, {
+            "status": code if code >= 0 else 128 - code,
+            "signal": -code if code < 0 else None,
+            "seconds": round(time.monotonic() - started, 6),
+        })
+
+    def _drain(self, streams: dict[int, bytes]) -> None:
+        for fd, kind in streams.items():
+            while select.select([fd], [], [], 0)[0]:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                self.send(kind, data)
+
+
+def main() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    os.environ.setdefault("HOME", "/root")
+    os.environ.setdefault("TERM", "linux")
+    Agent(find_port()).serve()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+#!/bin/sh
+# dynamos lab init (PID 1 in the initramfs): load the virtio/9p modules of this kernel, mount the
+# host's root read-only with writable tmpfs where a system needs them, then start the guest agent
+# that runs commands sent by the host over virtio-serial.  Settings come from /lab.conf.
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+. /lab.conf
+say() { echo "dynamos-lab: $*" > /dev/console; }
+for m in $(cat /lib/modules/order); do
+    insmod /lib/modules/$m || say "insmod $m failed"
+done
+R=/newroot
+if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,$ROOT_CACHE hostroot $R; then
+    say "cannot mount the host root over 9p"; poweroff -f
+fi
+mount -t proc proc $R/proc
+mount -t sysfs sysfs $R/sys
+mount -t devtmpfs devtmpfs $R/dev
+mount -t tmpfs -o mode=1777 tmpfs $R/tmp
+for d in /run /var/tmp /var/log /var/lib /var/cache; do
+    [ -d $R$d ] && mount -t tmpfs -o mode=755 tmpfs $R$d
+done
+mount -t tmpfs tmpfs $R/dev/shm 2>/dev/null
+mkdir -p $R/dev/pts; mount -t devpts -o newinstance,ptmxmode=0666 devpts $R/dev/pts 2>/dev/null
+mount -t tracefs tracefs $R/sys/kernel/tracing 2>/dev/null
+mount -t securityfs securityfs $R/sys/kernel/security 2>/dev/null
+mount -t debugfs debugfs $R/sys/kernel/debug 2>/dev/null
+# Extra shares (working directory, caches): rw, uncached so host changes show at once.
+i=0
+for path in $SHARES; do
+    mkdir -p "$R$path" 2>/dev/null
+    mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=none share$i "$R$path" \
+        || say "cannot mount share $path"
+    i=$((i+1))
+done
+hostname dynamos-lab
+say "agent starting"
+chroot $R $AGENT_PYTHON -S -E $AGENT_PATH
+say "agent exited with status $?"
+poweroff -f
