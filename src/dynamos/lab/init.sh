@@ -8,10 +8,11 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 . /lab.conf
-say() { echo "dynamos-lab: $*" > /dev/console; }
+say() { echo "dynamos-lab: $*" > /dev/kmsg; }
 for m in $(cat /lib/modules/order); do
     insmod /lib/modules/$m || say "insmod $m failed"
 done
+say "modules loaded"
 R=/newroot
 if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,$ROOT_CACHE hostroot $R; then
     say "cannot mount the host root over 9p"; poweroff -f

@@ -26,7 +26,7 @@ from pathlib import Path
 from dynamos.errors import LabError
 from dynamos.lab import protocol as P
 from dynamos.lab.initramfs import build_initramfs
-from dynamos.target import DEFAULT_LAB_KERNEL, TargetKernel, cache_root, fetch_target
+from dynamos.target import DEFAULT_LAB_KERNEL, TargetKernel, cache_root, extract_vmlinux, fetch_target
 
 # Exit statuses of `dynamos lab run` that are not the command's own (documented in README).
 EXIT_KERNEL_OOPS = 123
@@ -435,7 +435,7 @@ def _lab_initramfs(target: TargetKernel, shares: list[str], root_cache: str) -> 
 
 def _qemu_argv(target: TargetKernel, config: LabConfig, accel: str, state_dir: Path,
                initrd: Path, shares: list[str]) -> list[str]:
-    assert target.image is not None
+    kernel_image = extract_vmlinux(target)  # PVH boot: no firmware, no in-guest decompression
     cmdline = " ".join([
         "console=ttyS0", "loglevel=5", "panic=-1", "rdinit=/init", "8250.nr_uarts=1",
         "tsc=reliable", "no_timer_check",
@@ -444,7 +444,7 @@ def _qemu_argv(target: TargetKernel, config: LabConfig, accel: str, state_dir: P
         _qemu_binary(), "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-machine", "q35" if accel == "kvm" else "pc",
         "-m", str(config.memory_mb), "-smp", str(config.cpus),
-        "-kernel", str(target.image), "-initrd", str(initrd), "-append", cmdline,
+        "-kernel", str(kernel_image), "-initrd", str(initrd), "-append", cmdline,
         "-serial", f"file:{state_dir / 'console.log'}",
         "-monitor", "none",
         "-device", "virtio-serial-pci,id=vser",
