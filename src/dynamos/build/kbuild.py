@@ -1,0 +1,309 @@
+"""Kbuild invocation: build an update source into a livepatch module for a target kernel.
+
+The author's files are copied into a private build directory (``<cache>/builds/<name>-<rel>``)
+next to the generated glue, and the target's own Kbuild tree compiles them. Compiler messages
+point at the copies, so they are rewritten to the author's original paths before being shown.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from dynamos.build.cgen import generate_kbuild, generate_livepatch_source
+from dynamos.errors import BuildError
+from dynamos.target import TargetKernel, cache_root
+from dynamos.update.manifest import UpdateSource, load_update_source
+
+# Author files go in a subdirectory so no name of theirs can clash with the module or the glue.
+AUTHOR_SUBDIR = "src"
+BUILD_LOG = "build.log"
+MAKE_JOBS = 2
+REQUIRED_TOOLS = ("make", "gcc", "ld")
+
+# Variables that would make Kbuild build something other than a module for this target.
+_HOSTILE_ENV = ("MAKEFLAGS", "MFLAGS", "GNUMAKEFLAGS", "MAKELEVEL", "KBUILD_OUTPUT", "KBUILD_EXTMOD",
+                "ARCH", "CROSS_COMPILE", "LLVM")
+_FILE_STEM_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_+.-]*$")
+
+# Kbuild's quiet output: "  CC [M]  /path/x.o", "  LD [M]  /path/x.ko", "  MODPOST /path/...".
+_KBUILD_STEP_RE = re.compile(r"^\s+(CC|LD|MODPOST)(?: \[M\])?\s+(\S+)")
+_ERROR_RE = re.compile(r": (?:fatal )?error: |^ERROR: |: undefined reference to ")
+_CONTEXT_RE = re.compile(r": In function |^In file included from |^\s+from ")
+_EXCERPT_RE = re.compile(r"^\s*\d*\s+\|")
+_UNDEFINED_RE = re.compile(r'^ERROR: modpost: "([^"]+)" \[[^\]]*\] undefined!')
+_MAX_ERROR_LINES = 60
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """A livepatch module built for one target kernel, and how it was built."""
+
+    module_path: Path  # the .ko in the build directory
+    module: bytes
+    vermagic: str
+    build_log: str
+    build_dir: Path
+    seconds: float
+    package_path: Path | None = None  # the update package, when one was asked for
+
+
+def build_dir_for(source: UpdateSource, target: TargetKernel) -> Path:
+    """Build directory of an update for a target: one per (update, release), reused and cleaned."""
+    return cache_root() / "builds" / f"{source.livepatch_name}-{target.release}"
+
+
+def main_object_name(source: UpdateSource) -> str:
+    """Object holding the generated glue; never the module's own name (Kbuild forbids that)."""
+    return f"{source.livepatch_name}_main.o"
+
+
+def read_modinfo(module: bytes, where: Path | str = "<module>") -> dict[str, str]:
+    """The ``key=value`` entries of a module's ``.modinfo`` section (last one wins per key)."""
+    try:
+        elf = ELFFile(io.BytesIO(module))
+        section = elf.get_section_by_name(".modinfo")
+    except ELFError as e:
+        raise BuildError(f"not an ELF kernel module: {e}", path=where) from e
+    if section is None:
+        raise BuildError("module has no .modinfo section", path=where)
+    info: dict[str, str] = {}
+    for entry in section.data().split(b"\0"):
+        key, sep, value = entry.decode("utf-8", "replace").partition("=")
+        if sep:
+            info[key] = value
+    return info
+
+
+def rewrite_paths(text: str, build_dir: Path, source_dir: Path) -> str:
+    """Point compiler messages at the author's files instead of their copies in the build dir."""
+    copies = {str(build_dir.absolute() / AUTHOR_SUBDIR), str(build_dir.resolve() / AUTHOR_SUBDIR)}
+    for copy in sorted(copies, key=len, reverse=True):
+        text = text.replace(copy + "/", str(source_dir) + "/")
+    return text
+
+
+def error_lines(log: str) -> list[str]:
+    """The compiler and modpost errors of a build log, with their source excerpts and context.
+
+    Warnings are left out: they are in the full log, and here they would bury the error.
+    """
+    out: list[str] = []
+    pending: list[str] = []  # "In file included from" / "In function" lines before a diagnostic
+    in_error = False
+    for line in log.splitlines():
+        if _ERROR_RE.search(line):
+            out.extend(pending)
+            out.append(line)
+            pending, in_error = [], True
+        elif _EXCERPT_RE.match(line):
+            if in_error:
+                out.append(line)
+        elif _CONTEXT_RE.search(line):
+            pending.append(line)
+            in_error = False
+        else:
+            pending, in_error = [], False
+    if len(out) > _MAX_ERROR_LINES:
+        out = out[:_MAX_ERROR_LINES] + [f"... ({len(out) - _MAX_ERROR_LINES} more lines in the log)"]
+    return out
+
+
+def _say_nothing(_message: str) -> None:
+    pass
+
+
+def build_update(source_dir: Path | str, target: TargetKernel, output: Path | None = None,
+                 progress: Callable[[str], None] | None = None) -> BuildResult:
+    """Build the update source in ``source_dir`` into a livepatch module for ``target``.
+
+    With ``output`` (a file, or a directory to put the package in) also write the update
+    package. Every failure raises BuildError (ManifestError for an invalid update source).
+    """
+    started = time.monotonic()
+    say = progress or _say_nothing
+    source_dir = Path(source_dir)
+    source = load_update_source(source_dir)
+    _check_release(source, target)
+    _check_toolchain(target)
+    author_files = _author_files(source)
+
+    build_dir = build_dir_for(source, target).absolute()
+    with _build_lock(build_dir):
+        _prepare_build_dir(build_dir, source, author_files)
+        log = _run_make(build_dir, source, target, say)
+        module_path = build_dir / f"{source.livepatch_name}.ko"
+        if not module_path.is_file():
+            raise BuildError(f"make succeeded but produced no {module_path.name}; "
+                             f"see {build_dir / BUILD_LOG}")
+        module = module_path.read_bytes()
+    vermagic = _check_module(module, module_path, target)
+
+    package_path = None
+    if output is not None:
+        package_path = _write_package(Path(output), source, target, vermagic, module, log)
+        say(f"wrote {package_path}")
+    return BuildResult(module_path=module_path, module=module, vermagic=vermagic, build_log=log,
+                       build_dir=build_dir, seconds=time.monotonic() - started,
+                       package_path=package_path)
+
+
+def _check_release(source: UpdateSource, target: TargetKernel) -> None:
+    if source.kernel is None or source.kernel == target.release:
+        return
+    line = None
+    for number, text in enumerate(source.manifest_path.read_text().splitlines(), start=1):
+        if re.match(r"\s*kernel\s*=", text):
+            line = number
+            break
+    raise BuildError(
+        f"update.toml is written for kernel {source.kernel}, but the target kernel is "
+        f"{target.release}; build for {source.kernel} or change update.kernel",
+        path=source.manifest_path, line=line)
+
+
+def _check_toolchain(target: TargetKernel) -> None:
+    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise BuildError(f"building a module needs {' and '.join(missing)}, which {verb} not installed "
+                         f"(on Debian: apt-get install build-essential)")
+    if not (target.headers_dir / "Makefile").is_file():
+        raise BuildError(
+            f"no kernel headers for {target.release} at {target.headers_dir}: install "
+            f"linux-headers-{target.release}, or build for a lab kernel with --kernel {target.release} "
+            f"(dynamos fetches its headers into the cache)")
+
+
+def _author_files(source: UpdateSource) -> list[Path]:
+    """The author's C files (each becomes an object) and headers, relative to the source dir."""
+    for c_file in source.c_files:
+        if not _FILE_STEM_RE.match(c_file.stem):
+            raise BuildError("C file name cannot be used in a Kbuild object list "
+                             "(use letters, digits, '_', '-', '.')", path=c_file)
+    if not source.c_files:
+        raise BuildError("the update source has no .c file holding the editions", path=source.directory)
+    headers = [h for h in source.directory.rglob("*.h")
+               if not any(part.startswith(".") for part in h.relative_to(source.directory).parts)]
+    return [p.relative_to(source.directory) for p in (*source.c_files, *sorted(headers))]
+
+
+@contextmanager
+def _build_lock(build_dir: Path) -> Iterator[None]:
+    """Serialise builds of the same update for the same kernel: they share a directory."""
+    build_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(build_dir.parent / f".{build_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _prepare_build_dir(build_dir: Path, source: UpdateSource, author_files: list[Path]) -> None:
+    shutil.rmtree(build_dir, ignore_errors=True)
+    author_dir = build_dir / AUTHOR_SUBDIR
+    author_dir.mkdir(parents=True)
+    for rel in author_files:
+        dest = author_dir / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source.directory / rel, dest)
+    main_object = main_object_name(source)
+    (build_dir / main_object).with_suffix(".c").write_text(generate_livepatch_source(source))
+    author_objects = [f"{AUTHOR_SUBDIR}/{c.stem}.o" for c in source.c_files]
+    (build_dir / "Kbuild").write_text(generate_kbuild(source, main_object, author_objects))
+
+
+def _make_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _HOSTILE_ENV}
+    # English, ASCII diagnostics: error_lines() parses them. Kbuild unexports LC_ALL, hence the rest.
+    env.update(LC_ALL="C", LANG="C", LC_MESSAGES="C", LC_CTYPE="C")
+    return env
+
+
+def _describe_step(kind: str, path: str, build_dir: Path) -> str:
+    p = Path(path)
+    try:
+        rel = p.relative_to(build_dir)
+    except ValueError:
+        rel = Path(p.name)
+    if rel.parts and rel.parts[0] == AUTHOR_SUBDIR:
+        rel = rel.relative_to(AUTHOR_SUBDIR)
+    if kind == "CC":
+        return f"compiling {rel.with_suffix('.c')}"
+    if kind == "LD":
+        return f"linking {rel}"
+    return "resolving symbols (modpost)"
+
+
+def _run_make(build_dir: Path, source: UpdateSource, target: TargetKernel,
+              say: Callable[[str], None]) -> str:
+    cmd = ["make", "-C", str(target.headers_dir), f"M={build_dir}", f"-j{MAKE_JOBS}", "modules"]
+    lines = ["$ " + " ".join(cmd)]
+    try:
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, env=_make_env()) as proc:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                lines.append(line)
+                step = _KBUILD_STEP_RE.match(line)
+                if step:
+                    say(_describe_step(step.group(1), step.group(2), build_dir))
+            status = proc.wait()
+    except FileNotFoundError as e:  # removed between the toolchain check and now
+        raise BuildError(f"cannot run make: {e}") from e
+    log = "\n".join(lines) + "\n"
+    log_path = build_dir / BUILD_LOG
+    log_path.write_text(log)
+    if status != 0:
+        raise BuildError(_failure_message(log, source, target, build_dir, log_path))
+    return log
+
+
+def _failure_message(log: str, source: UpdateSource, target: TargetKernel, build_dir: Path,
+                     log_path: Path) -> str:
+    errors = error_lines(log) or [line for line in log.splitlines() if line.strip()][-15:]
+    hints = []
+    editions = {f.edition for f in source.functions}
+    for line in errors:
+        undefined = _UNDEFINED_RE.match(line)
+        if undefined and undefined.group(1) in editions:
+            hints.append(f"hint: edition {undefined.group(1)} must be defined, and not static, "
+                         f"in a C file of the update source")
+        elif undefined:
+            hints.append(f"hint: {undefined.group(1)} is neither defined in the update source nor "
+                         f"exported by kernel {target.release}")
+    body = rewrite_paths("\n".join([*errors, *hints]), build_dir, source.directory)
+    return (f"building update {source.name} for kernel {target.release} failed:\n{body}\n"
+            f"full build log: {log_path}")
+
+
+def _check_module(module: bytes, module_path: Path, target: TargetKernel) -> str:
+    """The module's vermagic, after checking the module really is a livepatch for the target."""
+    info = read_modinfo(module, module_path)
+    vermagic = info.get("vermagic", "")
+    if vermagic.split(" ", 1)[0] != target.release:
+        raise BuildError(f"module vermagic {vermagic!r} does not match the target kernel "
+                         f"{target.release} (headers at {target.headers_dir})", path=module_path)
+    if info.get("livepatch") != "Y":
+        raise BuildError("module is not marked livepatch=Y", path=module_path)
+    return vermagic
+
+
+def _write_package(output: Path, source: UpdateSource, target: TargetKernel, vermagic: str,
+                   module: bytes, log: str) -> Path:
+    from dynamos.update.package import package_filename, write_package
+
+    path = output / package_filename(source.name, target.release) if output.is_dir() else output
+    return write_package(path, source=source, kernel_release=target.release, vermagic=vermagic,
+                         module=module, build_log=log)
