@@ -1,15 +1,40 @@
-"""Update sources: ``update.toml`` plus the C files holding new editions of kernel functions."""
+"""Update sources: ``update.toml`` plus the C files holding new editions of kernel functions.
+
+Validation is strict and every error points at a file and line: an author who mistypes a key
+or forgets to define an edition should learn it here, in a second, not from Kbuild or from a
+kernel that refuses the module. ``tomllib`` reports no line numbers for values, so
+:class:`_TomlLines` finds them in the text.
+
+Schema (``update.toml``)::
+
+    [update]
+    name = "cmdline-banner"     # required; livepatch (module) name with '-' -> '_'
+    description = "..."         # required
+    kernel = "6.1.0-56-amd64"   # optional: release the update is written for
+    replace = true              # optional: atomic replace of earlier updates
+
+    [[function]]                # one or more
+    name = "cmdline_proc_show"  # required: kernel function to replace
+    edition = "cmdline_proc_show_v2"  # required: non-static C function in a *.c file
+    object = "vmlinux"          # optional: "vmlinux" or a module name
+    sympos = 1                  # optional: position among same-named symbols
+"""
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dynamos.errors import ManifestError
 
 MANIFEST_NAME = "update.toml"
+
+VMLINUX = "vmlinux"
 
 
 @dataclass(frozen=True)
@@ -18,7 +43,7 @@ class FunctionSpec:
 
     name: str  # function in the target kernel (vmlinux or a module)
     edition: str  # C function in the update source implementing it
-    object: str = "vmlinux"  # "vmlinux" or a module name
+    object: str = VMLINUX  # "vmlinux" or a module name as the kernel knows it ('-' -> '_')
     sympos: int | None = None  # position among same-named symbols, when ambiguous
     line: int | None = None  # line of the [[function]] table in update.toml
 
@@ -50,39 +75,616 @@ class UpdateSource:
         return tuple(dict.fromkeys(f.object for f in self.functions))
 
 
-_NAME_RE = re.compile(r"^[a-z0-9_-]{1,55}$")
+# MODULE_NAME_LEN is 64 - sizeof(unsigned long) = 56 bytes including the NUL: 55 characters.
+MAX_NAME_LEN = 55
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
+_MODULE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_C_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# KSYM_NAME_LEN (512 in 6.1) includes the NUL.
+MAX_SYMBOL_LEN = 511
+# A kernel release as uname -r prints it: "6.1.0-56-amd64", "6.8.0-rc3+", "5.15.0".
+# struct new_utsname holds 65 bytes including the NUL.
+_RELEASE_RE = re.compile(r"^[0-9]+\.[0-9]+(?:\.[0-9]+)*(?:[-+~_.][A-Za-z0-9+~_.-]*)?$")
+MAX_RELEASE_LEN = 64
+
+_C_KEYWORDS = frozenset(
+    """auto break case char const continue default do double else enum extern float for goto if
+    inline int long register restrict return short signed sizeof static struct switch typedef union
+    unsigned void volatile while _Alignas _Alignof _Atomic _Bool _Complex _Generic _Imaginary
+    _Noreturn _Static_assert _Thread_local asm typeof""".split()
+)
+
+UPDATE_KEYS = ("name", "description", "kernel", "replace")
+FUNCTION_KEYS = ("name", "edition", "object", "sympos")
+TOP_LEVEL_KEYS = ("update", "function")
+
+
+# --- line numbers for TOML keys -------------------------------------------------------------
+
+_HEADER_RE = re.compile(r"^\s*(\[\[?)\s*([^\[\]#,]+?)\s*(\]\]?)\s*(?:#.*)?$")
+_KEY_PART = r"(?:[A-Za-z0-9_-]+|\"[^\"\n]*\"|'[^'\n]*')"
+_KEY_RE = re.compile(rf"^\s*({_KEY_PART}(?:\s*\.\s*{_KEY_PART})*)\s*=")
+_KEY_PART_RE = re.compile(_KEY_PART)
+_TOML_ERROR_LINE_RE = re.compile(r"\(at line (\d+), column \d+\)")
+
+
+def _split_key(text: str) -> tuple[str, ...]:
+    return tuple(p.strip("\"'") for p in _KEY_PART_RE.findall(text))
+
+
+@dataclass
+class _TableLines:
+    header: int | None  # line of the [table] / [[table]] header (None: implicit or inline)
+    keys: dict[str, int] = field(default_factory=dict)
+
+
+class _TomlLines:
+    """Where tables and keys of an already-parsed TOML document are written.
+
+    A line scanner, not a parser: tomllib has checked the syntax, so headers and ``key =`` lines
+    are all that is needed. Multi-line strings are skipped so their contents are not mistaken
+    for keys. Inline tables get the line of the key that holds them.
+    """
+
+    def __init__(self, text: str):
+        self._tables: dict[tuple[tuple[str, ...], int], _TableLines] = {}
+        self._array_counts: dict[tuple[str, ...], int] = {}
+        self._scan(text)
+
+    def _scan(self, text: str) -> None:
+        current: tuple[tuple[str, ...], int] = ((), 0)
+        self._tables[current] = _TableLines(header=None)
+        in_string: str | None = None
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if in_string is not None:
+                if line.count(in_string) % 2 == 1:
+                    in_string = None
+                continue
+            header = _HEADER_RE.match(line)
+            if header and len(header.group(1)) == len(header.group(3)):
+                path = _split_key(header.group(2))
+                if header.group(1) == "[[":
+                    index = self._array_counts.get(path, 0)
+                    self._array_counts[path] = index + 1
+                else:
+                    index = 0
+                current = (path, index)
+                self._tables.setdefault(current, _TableLines(header=None)).header = lineno
+                continue
+            key = _KEY_RE.match(line)
+            if key is None:
+                continue
+            parts = _split_key(key.group(1))
+            table, index = current
+            path = table + parts[:-1]
+            if path != table:  # dotted key: update.name = "x"
+                index = 0
+            info = self._tables.setdefault((path, index), _TableLines(header=lineno))
+            info.keys.setdefault(parts[-1], lineno)
+            # A key whose value opens a multi-line string: skip until it closes.
+            value = line[key.end() :]
+            for quote in ('"""', "'''"):
+                if value.count(quote) % 2 == 1:
+                    in_string = quote
+                    break
+
+    def table(self, path: tuple[str, ...], index: int = 0) -> int | None:
+        """Line of a table's header; for a table given inline or by dotted keys, its first key."""
+        info = self._tables.get((path, index))
+        if info is not None and info.header is not None:
+            return info.header
+        if not path:
+            return None  # the root table has no header
+        parent = self._tables.get((path[:-1], 0))
+        if parent is not None and path[-1] in parent.keys:
+            return parent.keys[path[-1]]  # function = [{...}] or update = {...}
+        return None
+
+    def key(self, path: tuple[str, ...], index: int, key: str) -> int | None:
+        """Line of ``key =`` (or of a ``[path.key]`` sub-table) in a table, else the table's line."""
+        info = self._tables.get((path, index))
+        if info is not None and key in info.keys:
+            return info.keys[key]
+        sub = self._tables.get((path + (key,), 0))
+        if sub is not None and sub.header is not None:
+            return sub.header
+        return self.table(path, index)
+
+
+# --- C editions -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CDeclaration:
+    """A file-scope function declaration or definition found in an update source's C file."""
+
+    name: str
+    path: Path
+    line: int
+    is_definition: bool
+    is_static: bool
+
+
+def _strip_c(text: str) -> str:
+    """Blank out comments, string/char literals and preprocessor lines, keeping every newline.
+
+    What remains is C code whose braces and parentheses can be counted and whose offsets map to
+    the same lines as the original text.
+    """
+    out: list[str] = []
+    i, n = 0, len(text)
+    at_line_start = True
+    while i < n:
+        c = text[i]
+        if c == "\n":
+            out.append(c)
+            at_line_start = True
+            i += 1
+            continue
+        if at_line_start and c in " \t\f\v":
+            out.append(c)
+            i += 1
+            continue
+        if at_line_start and c == "#":
+            # Preprocessor directive, with backslash continuations (macros may hold braces).
+            while i < n and text[i] != "\n":
+                if text[i] == "\\" and i + 1 < n and text[i + 1] == "\n":
+                    out.append(" \n")
+                    i += 2
+                    continue
+                if text.startswith("/*", i):
+                    end = text.find("*/", i + 2)
+                    end = n if end < 0 else end + 2
+                    out.append(re.sub(r"[^\n]", " ", text[i:end]))
+                    i = end
+                    continue
+                out.append(" ")
+                i += 1
+            continue
+        at_line_start = False
+        if text.startswith("//", i):
+            end = text.find("\n", i)
+            end = n if end < 0 else end
+            out.append(" " * (end - i))
+            i = end
+        elif text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            end = n if end < 0 else end + 2
+            out.append(re.sub(r"[^\n]", " ", text[i:end]))
+            i = end
+        elif c in "\"'":
+            j = i + 1
+            while j < n and text[j] != c and text[j] != "\n":
+                j += 2 if text[j] == "\\" else 1
+            closed = j < n and text[j] == c
+            end = j + 1 if closed else min(j, n)
+            body = text[i + 1 : end - 1] if closed else text[i + 1 : end]
+            out.append(c + re.sub(r"[^\n]", " ", body) + (c if closed else ""))
+            i = end
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+_CALL_RE = re.compile(r"\b([A-Za-z_][A-Za-z0-9_]*)\s*\(")
+# Between ")" and "{" of a definition: attributes such as __cold or __attribute__((...)).
+_ATTR_TOKEN_RE = re.compile(r"\s*(?:[A-Za-z_][A-Za-z0-9_]*)\s*")
+
+
+def _matching_paren(code: str, open_pos: int) -> int | None:
+    depth = 0
+    for i in range(open_pos, len(code)):
+        ch = code[i]
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+    return None
+
+
+def _after_declarator(code: str, pos: int) -> str:
+    """The character ending a declarator: '{' (definition), ';' or ',' (declaration), or other."""
+    n = len(code)
+    while pos < n:
+        m = _ATTR_TOKEN_RE.match(code, pos)
+        if m:
+            pos = m.end()
+            if pos < n and code[pos] == "(":  # __attribute__((...)), __section(...)
+                close = _matching_paren(code, pos)
+                if close is None:
+                    return ""
+                pos = close + 1
+            continue
+        if code[pos].isspace():
+            pos += 1
+            continue
+        return code[pos]
+    return ""
+
+
+def find_c_functions(path: Path, text: str | None = None) -> list[CDeclaration]:
+    """File-scope function declarations and definitions in a C file, with their lines.
+
+    A careful scan rather than a C parser: comments, literals and preprocessor lines are blanked,
+    then every ``name(`` at brace and parenthesis depth 0 is classified by what follows its
+    parameter list (``{`` for a definition, ``;`` for a prototype). ``static`` is looked for in
+    the declaration specifiers since the previous ``;`` or ``}``.
+    """
+    if text is None:
+        text = path.read_text(errors="replace")
+    code = _strip_c(text)
+    found: list[CDeclaration] = []
+    brace = paren = 0
+    scanned = 0
+    for m in _CALL_RE.finditer(code):
+        start = m.start(1)
+        if start < scanned:
+            continue
+        for ch in code[scanned:start]:
+            if ch == "{":
+                brace += 1
+            elif ch == "}":
+                brace -= 1
+            elif ch == "(":
+                paren += 1
+            elif ch == ")":
+                paren -= 1
+        scanned = start
+        name = m.group(1)
+        if brace != 0 or paren != 0 or name in _C_KEYWORDS or name == "__attribute__":
+            continue
+        close = _matching_paren(code, m.end() - 1)
+        if close is None:
+            continue
+        ending = _after_declarator(code, close + 1)
+        if ending not in ("{", ";", ","):
+            continue
+        prefix_start = max(code.rfind(";", 0, start), code.rfind("}", 0, start)) + 1
+        prefix = code[prefix_start:start]
+        if "=" in prefix:
+            continue  # a call in an initializer, not a declarator
+        if not re.search(r"[A-Za-z_*]", prefix):
+            continue  # no return type: a macro invocation such as module_init(f);
+        found.append(
+            CDeclaration(
+                name=name,
+                path=path,
+                line=code.count("\n", 0, start) + 1,
+                is_definition=ending == "{",
+                is_static=re.search(r"\bstatic\b", prefix) is not None,
+            )
+        )
+    return found
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+class _Checker:
+    """Holds the manifest text's line index so each check can say where it failed."""
+
+    def __init__(self, path: Path, lines: _TomlLines):
+        self.path = path
+        self.lines = lines
+
+    def fail(self, message: str, line: int | None) -> ManifestError:
+        return ManifestError(message, path=self.path, line=line)
+
+    def reject_unknown(
+        self,
+        table: Mapping[str, Any],
+        allowed: tuple[str, ...],
+        where: str,
+        tpath: tuple[str, ...],
+        index: int,
+    ) -> None:
+        for key in table:
+            if key not in allowed:
+                hint = difflib.get_close_matches(key, allowed, n=1)
+                if key == "function":
+                    advice = "functions go in their own [[function]] tables"
+                elif hint:
+                    advice = f"did you mean {hint[0]!r}?"
+                else:
+                    advice = f"allowed keys: {', '.join(allowed)}"
+                raise self.fail(f"{where}: unknown key {key!r} ({advice})", self.lines.key(tpath, index, key))
+
+    def string(
+        self,
+        table: Mapping[str, Any],
+        key: str,
+        where: str,
+        tpath: tuple[str, ...],
+        index: int,
+        *,
+        required: bool,
+    ) -> str | None:
+        if key not in table:
+            if required:
+                raise self.fail(f"{where}: missing required key {key!r}", self.lines.table(tpath, index))
+            return None
+        value = table[key]
+        if not isinstance(value, str):
+            raise self.fail(
+                f"{where}: {key} must be a string, got {_toml_type(value)} {value!r}",
+                self.lines.key(tpath, index, key),
+            )
+        return value
+
+
+def _toml_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "table"
+    return type(value).__name__  # dates and times
+
+
+def _check_name(name: str) -> str | None:
+    """Why an update name is unusable as a livepatch module name, or None if it is fine."""
+    if not name:
+        return "must not be empty"
+    if len(name) > MAX_NAME_LEN:
+        return f"is {len(name)} characters; a module name holds at most {MAX_NAME_LEN}"
+    if not name[0].isascii() or not name[0].islower():
+        return "must start with a lowercase letter"
+    if not _NAME_RE.match(name):
+        bad = sorted({c for c in name if not re.match(r"[a-z0-9_-]", c)})
+        return f"may only hold a-z, 0-9, '_' and '-' (found {''.join(bad)!r})"
+    return None
+
+
+def _check_symbol(value: str) -> str | None:
+    if not _C_IDENT_RE.match(value):
+        return "is not a C identifier"
+    if value in _C_KEYWORDS:
+        return "is a C keyword"
+    if len(value) > MAX_SYMBOL_LEN:
+        return f"is longer than {MAX_SYMBOL_LEN} characters (KSYM_NAME_LEN)"
+    return None
+
+
+def _toml_error_line(error: tomllib.TOMLDecodeError, text: str) -> int | None:
+    m = _TOML_ERROR_LINE_RE.search(str(error))
+    if m:
+        return int(m.group(1))
+    if "end of document" in str(error):
+        return max(1, len(text.splitlines()))
+    return None
 
 
 def load_update_source(directory: Path | str) -> UpdateSource:
     """Read and validate an update source; raise ManifestError naming file and line."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise ManifestError("update source is not a directory", path=directory)
     path = directory / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"no {MANIFEST_NAME} in update source", path=directory)
     try:
-        data = tomllib.loads(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ManifestError(f"not UTF-8 text: {e.reason}", path=path, line=line) from e
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ManifestError(f"invalid TOML: {e}", path=path) from e
-    upd = data.get("update", {})
-    name = upd.get("name", "")
-    if not _NAME_RE.match(name):
-        raise ManifestError(f"update.name {name!r} must match [a-z0-9_-]{{1,55}}", path=path)
-    functions = tuple(
-        FunctionSpec(
-            name=f["name"],
-            edition=f["edition"],
-            object=f.get("object", "vmlinux"),
-            sympos=f.get("sympos"),
+        message = _TOML_ERROR_LINE_RE.sub("", str(e)).strip()
+        raise ManifestError(f"invalid TOML: {message}", path=path, line=_toml_error_line(e, text)) from e
+
+    lines = _TomlLines(text)
+    check = _Checker(path, lines)
+    for key in data:
+        if key in TOP_LEVEL_KEYS:
+            continue
+        hint = difflib.get_close_matches(key, TOP_LEVEL_KEYS, n=1)
+        if key in UPDATE_KEYS or key in FUNCTION_KEYS:
+            advice = "keys before the first table belong to no table: move it under [update] or [[function]]"
+        elif hint:
+            advice = f"did you mean {hint[0]!r}?"
+        else:
+            advice = "expected only [update] and [[function]] tables"
+        raise check.fail(f"unknown top-level key {key!r} ({advice})", lines.key((), 0, key))
+
+    name, description, kernel, replace = _validate_update(data, check)
+    functions = _validate_functions(data, check)
+
+    c_files = tuple(sorted(p for p in directory.glob("*.c") if p.is_file()))
+    if not c_files:
+        raise ManifestError(
+            "no .c files in update source: the editions named in update.toml must be defined in C",
+            path=directory,
         )
-        for f in data.get("function", [])
-    )
-    c_files = tuple(sorted(directory.glob("*.c")))
+    _validate_editions(functions, c_files, check)
+
     return UpdateSource(
         directory=directory,
         name=name,
-        description=upd.get("description", ""),
+        description=description,
         functions=functions,
         c_files=c_files,
-        kernel=upd.get("kernel"),
-        replace=bool(upd.get("replace", False)),
+        kernel=kernel,
+        replace=replace,
     )
+
+
+def _validate_update(data: dict[str, Any], check: _Checker) -> tuple[str, str, str | None, bool]:
+    lines = check.lines
+    tpath = ("update",)
+    if "update" not in data:
+        raise check.fail("missing [update] table (it holds the update's name and description)", None)
+    upd = data["update"]
+    if not isinstance(upd, dict):
+        raise check.fail(
+            f"update must be a table ([update]), got {_toml_type(upd)}", lines.key((), 0, "update")
+        )
+    check.reject_unknown(upd, UPDATE_KEYS, "[update]", tpath, 0)
+
+    name = check.string(upd, "name", "[update]", tpath, 0, required=True)
+    assert name is not None
+    problem = _check_name(name)
+    if problem:
+        raise check.fail(f"[update] name {name!r} {problem}", lines.key(tpath, 0, "name"))
+
+    description = check.string(upd, "description", "[update]", tpath, 0, required=True)
+    assert description is not None
+    if not description.strip():
+        raise check.fail("[update] description must not be empty", lines.key(tpath, 0, "description"))
+    if "\0" in description:  # it becomes MODULE_DESCRIPTION(), a C string
+        raise check.fail(
+            "[update] description must not contain NUL characters", lines.key(tpath, 0, "description")
+        )
+
+    kernel = check.string(upd, "kernel", "[update]", tpath, 0, required=False)
+    if kernel is not None and (len(kernel) > MAX_RELEASE_LEN or not _RELEASE_RE.match(kernel)):
+        raise check.fail(
+            f"[update] kernel {kernel!r} does not look like a kernel release (as `uname -r` prints it, "
+            "e.g. '6.1.0-56-amd64')",
+            lines.key(tpath, 0, "kernel"),
+        )
+
+    replace = upd.get("replace", False)
+    if not isinstance(replace, bool):
+        raise check.fail(
+            f"[update] replace must be a boolean (true or false), got {_toml_type(replace)} {replace!r}",
+            lines.key(tpath, 0, "replace"),
+        )
+    return name, description, kernel, replace
+
+
+def _validate_functions(data: dict[str, Any], check: _Checker) -> tuple[FunctionSpec, ...]:
+    lines = check.lines
+    tpath = ("function",)
+    if "function" not in data:
+        raise check.fail("no [[function]] table: an update must replace at least one function", None)
+    tables = data["function"]
+    if isinstance(tables, dict):
+        raise check.fail(
+            "function must be an array of tables: write [[function]], not [function]", lines.table(tpath, 0)
+        )
+    if not isinstance(tables, list) or not tables:
+        raise check.fail(
+            "function must be a non-empty array of tables ([[function]])", lines.key((), 0, "function")
+        )
+
+    functions: list[FunctionSpec] = []
+    seen_targets: dict[tuple[str, str, int], FunctionSpec] = {}
+    seen_editions: dict[str, FunctionSpec] = {}
+    for index, table in enumerate(tables):
+        where = f"[[function]] #{index + 1}"
+        if not isinstance(table, dict):
+            raise check.fail(f"{where} must be a table, got {_toml_type(table)}", lines.table(tpath, 0))
+        check.reject_unknown(table, FUNCTION_KEYS, where, tpath, index)
+        header = lines.table(tpath, index)
+
+        name = check.string(table, "name", where, tpath, index, required=True)
+        assert name is not None
+        problem = _check_symbol(name)
+        if problem:
+            raise check.fail(f"{where}: name {name!r} {problem}", lines.key(tpath, index, "name"))
+
+        edition = check.string(table, "edition", where, tpath, index, required=True)
+        assert edition is not None
+        problem = _check_symbol(edition)
+        if problem:
+            raise check.fail(f"{where}: edition {edition!r} {problem}", lines.key(tpath, index, "edition"))
+
+        obj = check.string(table, "object", where, tpath, index, required=False)
+        if obj is None:
+            obj = VMLINUX
+        elif obj != VMLINUX and (not _MODULE_RE.match(obj) or len(obj) > MAX_NAME_LEN):
+            raise check.fail(
+                f"{where}: object {obj!r} must be 'vmlinux' or a module name ([A-Za-z0-9_-], "
+                f"at most {MAX_NAME_LEN} characters)",
+                lines.key(tpath, index, "object"),
+            )
+        obj = obj.replace("-", "_")  # the kernel's name for module foo-bar is foo_bar
+
+        sympos = table.get("sympos")
+        if sympos is not None and (not isinstance(sympos, int) or isinstance(sympos, bool) or sympos < 1):
+            got = f"{_toml_type(sympos)} {sympos!r}"
+            raise check.fail(
+                f"{where}: sympos must be a positive integer (1 is the first of same-named symbols), "
+                f"got {got}",
+                lines.key(tpath, index, "sympos"),
+            )
+
+        spec = FunctionSpec(name=name, edition=edition, object=obj, sympos=sympos, line=header)
+
+        # livepatch treats sympos 0 (unset) and 1 alike for a unique symbol, and refuses an
+        # ambiguous symbol without sympos: either way the two entries would patch one function.
+        target = (obj, name, sympos or 1)
+        if target in seen_targets:
+            first = seen_targets[target]
+            pos = f" sympos {sympos}" if sympos else ""
+            raise check.fail(
+                f"{where}: {obj} function {name!r}{pos} is already patched by the [[function]] "
+                f"at line {first.line}",
+                header,
+            )
+        seen_targets[target] = spec
+        if edition in seen_editions:
+            first = seen_editions[edition]
+            raise check.fail(
+                f"{where}: edition {edition!r} is already used for {first.object} function "
+                f"{first.name!r} (line {first.line}); each function needs its own edition",
+                lines.key(tpath, index, "edition"),
+            )
+        seen_editions[edition] = spec
+        functions.append(spec)
+    return tuple(functions)
+
+
+def _validate_editions(
+    functions: tuple[FunctionSpec, ...], c_files: tuple[Path, ...], check: _Checker
+) -> None:
+    """Every edition must be defined once, with external linkage, in the update source's C files.
+
+    The generated livepatch code refers to editions from its own translation unit, so a
+    ``static`` edition (or one declared static anywhere in its file) would not link.
+    """
+    by_name: dict[str, list[CDeclaration]] = {}
+    for c_file in c_files:
+        for decl in find_c_functions(c_file):
+            by_name.setdefault(decl.name, []).append(decl)
+
+    searched = ", ".join(p.name for p in c_files)
+    for index, spec in enumerate(functions):
+        where = f"[[function]] #{index + 1}"
+        line = check.lines.key(("function",), index, "edition")
+        decls = by_name.get(spec.edition, [])
+        # Linkage is per file: one 'static' declaration makes every later one in that file static.
+        static_in = {d.path: d for d in reversed(decls) if d.is_static}
+        definitions = [d for d in decls if d.is_definition]
+        linkable = [d for d in definitions if d.path not in static_in]
+        if len(linkable) > 1:
+            places = ", ".join(f"{d.path.name}:{d.line}" for d in linkable)
+            raise check.fail(f"{where}: edition {spec.edition!r} is defined more than once: {places}", line)
+        if linkable:
+            continue
+        if definitions:
+            static = static_in[definitions[0].path]
+            what = "defined" if static.is_definition else "declared"
+            raise ManifestError(
+                f"edition {spec.edition!r} (for {spec.object} function {spec.name!r}, update.toml line "
+                f"{line}) is {what} static; remove 'static' so the livepatch code can link to it",
+                path=static.path,
+                line=static.line,
+            )
+        declared = f" (only declared, at {decls[0].path.name}:{decls[0].line})" if decls else ""
+        raise check.fail(
+            f"{where}: edition {spec.edition!r} is not defined in any .c file{declared} "
+            f"(searched: {searched})",
+            line,
+        )

@@ -1,0 +1,379 @@
+"""Update packages: one file holding a built livepatch module, its build log and a manifest.
+
+The package is a plain, uncompressed tar with exactly three members::
+
+    manifest.json   what the update is and which kernel it is for, plus the sha256 of the others
+    module.ko       the livepatch module
+    build.log       the compiler's output, for whoever has to debug the update later
+
+A tar because every system can list and unpack it without dynamos; uncompressed because modules
+are small and a deterministic byte stream is easy to reason about. Writing is deterministic
+(sorted JSON keys, fixed tar metadata) so the same inputs give the same bytes except for the
+``created`` time. Reading refuses anything that is not exactly what :func:`write_package` writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import dynamos
+from dynamos.errors import PackageError
+from dynamos.update.manifest import UpdateSource
+
+PACKAGE_SUFFIX = ".dynpkg"
+FORMAT_VERSION = 1
+
+MANIFEST_MEMBER = "manifest.json"
+MODULE_MEMBER = "module.ko"
+BUILD_LOG_MEMBER = "build.log"
+MEMBERS = (MANIFEST_MEMBER, MODULE_MEMBER, BUILD_LOG_MEMBER)
+DIGESTED_MEMBERS = (MODULE_MEMBER, BUILD_LOG_MEMBER)
+
+# A manifest is a few hundred bytes; refusing huge ones keeps a hostile file from eating memory.
+MAX_MANIFEST_SIZE = 1 << 20
+_ELF_MAGIC = b"\x7fELF"
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_FILENAME_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]*$")
+
+# manifest.json keys and their JSON types: one row per key, checked in read_package.
+_MANIFEST_SCHEMA: dict[str, type | tuple[type, ...]] = {
+    "format": int,
+    "dynamos_version": str,
+    "name": str,
+    "livepatch_name": str,
+    "description": str,
+    "kernel_release": str,
+    "vermagic": str,
+    "replace": bool,
+    "functions": list,
+    "created": str,
+    "digests": dict,
+}
+_FUNCTION_SCHEMA: dict[str, type | tuple[type, ...]] = {
+    "name": str,
+    "edition": str,
+    "object": str,
+    "sympos": (int, type(None)),
+}
+
+
+def package_filename(name: str, release: str) -> str:
+    """File name of a package: it says which update and which kernel, so a glance tells a mismatch."""
+    for what, value in (("update name", name), ("kernel release", release)):
+        if not _FILENAME_PART_RE.match(value):
+            raise PackageError(f"{what} {value!r} cannot be part of a package file name")
+    return f"{name}_{release}{PACKAGE_SUFFIX}"
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class UpdatePackage:
+    """A verified update package (or one about to be written), as read from ``path``."""
+
+    path: Path | None
+    manifest: dict[str, Any]  # parsed manifest.json
+    module: bytes  # the .ko bytes
+    build_log: str
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def livepatch_name(self) -> str:
+        """Module and /sys/kernel/livepatch name."""
+        return self.manifest["livepatch_name"]
+
+    @property
+    def description(self) -> str:
+        return self.manifest["description"]
+
+    @property
+    def kernel_release(self) -> str:
+        return self.manifest["kernel_release"]
+
+    @property
+    def vermagic(self) -> str:
+        return self.manifest["vermagic"]
+
+    @property
+    def replace(self) -> bool:
+        return self.manifest["replace"]
+
+    @property
+    def functions(self) -> list[dict[str, Any]]:
+        """Patched functions: dicts with keys name, edition, object, sympos (copies)."""
+        return [dict(f) for f in self.manifest["functions"]]
+
+    @property
+    def module_sha256(self) -> str:
+        return sha256_hex(self.module)
+
+
+def _release_of_vermagic(vermagic: str) -> str:
+    """The kernel writes vermagic as UTS_RELEASE followed by flags ("6.1.0-56-amd64 SMP ...")."""
+    words = vermagic.split()
+    return words[0] if words else ""
+
+
+def _build_manifest(
+    *,
+    source: UpdateSource,
+    kernel_release: str,
+    vermagic: str,
+    module: bytes,
+    log_bytes: bytes,
+    created: datetime,
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "dynamos_version": dynamos.__version__,
+        "name": source.name,
+        "livepatch_name": source.livepatch_name,
+        "description": source.description,
+        "kernel_release": kernel_release,
+        "vermagic": vermagic,
+        "replace": source.replace,
+        "functions": [
+            {"name": f.name, "edition": f.edition, "object": f.object, "sympos": f.sympos}
+            for f in source.functions
+        ],
+        "created": created.astimezone(UTC).isoformat(timespec="seconds"),
+        "digests": {MODULE_MEMBER: sha256_hex(module), BUILD_LOG_MEMBER: sha256_hex(log_bytes)},
+    }
+
+
+def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar with fixed metadata (mtime 0, root-owned, 0644) so equal contents give equal bytes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.type = tarfile.REGTYPE
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def write_package(
+    path: Path | str,
+    *,
+    source: UpdateSource,
+    kernel_release: str,
+    vermagic: str,
+    module: bytes,
+    build_log: str = "",
+    created: datetime | None = None,
+) -> Path:
+    """Write an update package atomically and return its path.
+
+    If ``path`` is an existing directory the package is written into it as
+    :func:`package_filename`. The file appears complete or not at all (temporary file + rename),
+    so a crash never leaves a truncated package for someone to load.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / package_filename(source.name, kernel_release)
+    if not kernel_release or kernel_release != kernel_release.strip() or " " in kernel_release:
+        raise PackageError(f"invalid kernel release {kernel_release!r}", path=path)
+    if _release_of_vermagic(vermagic) != kernel_release:
+        raise PackageError(
+            f"vermagic {vermagic!r} is not for kernel release {kernel_release!r}: "
+            "the module was built against another kernel's headers",
+            path=path,
+        )
+    if not module.startswith(_ELF_MAGIC):
+        raise PackageError("module is not an ELF object (no \\x7fELF magic)", path=path)
+
+    log_bytes = build_log.encode("utf-8", errors="replace")
+    manifest = _build_manifest(
+        source=source,
+        kernel_release=kernel_release,
+        vermagic=vermagic,
+        module=module,
+        log_bytes=log_bytes,
+        created=created or datetime.now(UTC),
+    )
+    manifest_bytes = (json.dumps(manifest, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
+    data = _tar_bytes(
+        [(MANIFEST_MEMBER, manifest_bytes), (MODULE_MEMBER, module), (BUILD_LOG_MEMBER, log_bytes)]
+    )
+
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise PackageError(f"cannot write package: {e.strerror}", path=path) from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise PackageError(f"cannot write package: {e.strerror}", path=path) from e
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _read_members(path: Path) -> dict[str, bytes]:
+    """The tar's members by name; refuse anything but exactly the expected regular files."""
+    try:
+        tar = tarfile.open(path, mode="r:")
+    except FileNotFoundError as e:
+        raise PackageError("no such update package", path=path) from e
+    except IsADirectoryError as e:
+        raise PackageError("is a directory, not an update package", path=path) from e
+    except OSError as e:  # permissions and such (tarfile.ReadError is not an OSError)
+        raise PackageError(f"cannot read update package: {e.strerror or e}", path=path) from e
+    except tarfile.TarError as e:
+        raise PackageError(f"not an update package: not a plain tar archive ({e})", path=path) from e
+
+    members: dict[str, bytes] = {}
+    with tar:
+        try:
+            infos = tar.getmembers()
+        except tarfile.TarError as e:
+            raise PackageError(f"corrupt update package: {e}", path=path) from e
+        names = [i.name for i in infos]
+        unexpected = sorted({n for n in names if n not in MEMBERS})
+        missing = [n for n in MEMBERS if n not in names]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        problems = []
+        if missing:
+            problems.append(f"missing member(s) {', '.join(missing)}")
+        if unexpected:
+            problems.append(f"unexpected member(s) {', '.join(unexpected)}")
+        if duplicated:
+            problems.append(f"duplicated member(s) {', '.join(duplicated)}")
+        if problems:
+            raise PackageError(
+                f"not a valid update package: {'; '.join(problems)} (expected exactly {', '.join(MEMBERS)})",
+                path=path,
+            )
+        for info in infos:
+            if not info.isreg():
+                raise PackageError(f"member {info.name} is not a regular file", path=path)
+            if info.name == MANIFEST_MEMBER and info.size > MAX_MANIFEST_SIZE:
+                raise PackageError(f"{MANIFEST_MEMBER} is implausibly large ({info.size} bytes)", path=path)
+            try:
+                f = tar.extractfile(info)
+                assert f is not None  # regular file
+                members[info.name] = f.read()
+            except (tarfile.TarError, OSError) as e:
+                raise PackageError(f"corrupt update package: cannot read {info.name}: {e}", path=path) from e
+    return members
+
+
+def _check_manifest(manifest: Any, path: Path) -> None:
+    """Refuse a manifest.json that does not have exactly the keys and types this format has."""
+
+    def bad(what: str) -> PackageError:
+        return PackageError(f"{MANIFEST_MEMBER}: {what}", path=path)
+
+    if not isinstance(manifest, dict):
+        raise bad("not a JSON object")
+    fmt = manifest.get("format")
+    if not isinstance(fmt, int) or isinstance(fmt, bool):
+        raise bad(f"missing or invalid format version {fmt!r}")
+    if fmt != FORMAT_VERSION:
+        newer = " (written by a newer dynamos: upgrade)" if fmt > FORMAT_VERSION else ""
+        raise bad(f"package format {fmt} is not supported; this dynamos reads format {FORMAT_VERSION}{newer}")
+    missing = [k for k in _MANIFEST_SCHEMA if k not in manifest]
+    if missing:
+        raise bad(f"missing key(s) {', '.join(missing)}")
+    unknown = sorted(k for k in manifest if k not in _MANIFEST_SCHEMA)
+    if unknown:
+        raise bad(f"unknown key(s) {', '.join(unknown)}")
+    for key, types in _MANIFEST_SCHEMA.items():
+        value = manifest[key]
+        if not isinstance(value, types) or (types is not bool and isinstance(value, bool)):
+            raise bad(f"{key} has the wrong type ({type(value).__name__} {value!r})")
+
+    if manifest["livepatch_name"] != manifest["name"].replace("-", "_"):
+        raise bad(f"livepatch_name {manifest['livepatch_name']!r} does not match name {manifest['name']!r}")
+    if _release_of_vermagic(manifest["vermagic"]) != manifest["kernel_release"]:
+        raise bad(
+            f"vermagic {manifest['vermagic']!r} does not match kernel_release {manifest['kernel_release']!r}"
+        )
+    if not manifest["functions"]:
+        raise bad("functions is empty")
+    for i, func in enumerate(manifest["functions"]):
+        if not isinstance(func, dict) or set(func) != set(_FUNCTION_SCHEMA):
+            raise bad(f"functions[{i}] must be an object with keys {', '.join(_FUNCTION_SCHEMA)}")
+        for key, types in _FUNCTION_SCHEMA.items():
+            if not isinstance(func[key], types) or isinstance(func[key], bool):
+                raise bad(f"functions[{i}].{key} has the wrong type ({type(func[key]).__name__})")
+
+    digests = manifest["digests"]
+    if set(digests) != set(DIGESTED_MEMBERS):
+        raise bad(
+            f"digests must cover exactly {', '.join(DIGESTED_MEMBERS)}, has {', '.join(sorted(digests))}"
+        )
+    for member, digest in digests.items():
+        if not isinstance(digest, str) or not _SHA256_RE.match(digest):
+            raise bad(f"digest of {member} is not a sha256 hex string: {digest!r}")
+
+
+def read_package(path: Path | str) -> UpdatePackage:
+    """Read and verify an update package; raise PackageError saying what is wrong with it.
+
+    Verified: a plain tar with exactly the expected members, a manifest of this format with
+    every key, and sha256 digests of module.ko and build.log matching the manifest. Digests catch
+    corruption and careless edits, not an attacker (who can rewrite the manifest too): that is
+    what signatures are for.
+    """
+    path = Path(path)
+    members = _read_members(path)
+    try:
+        manifest = json.loads(members[MANIFEST_MEMBER].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PackageError(f"{MANIFEST_MEMBER} is not valid JSON: {e}", path=path) from e
+    _check_manifest(manifest, path)
+
+    for member in DIGESTED_MEMBERS:
+        actual = sha256_hex(members[member])
+        if actual != manifest["digests"][member]:
+            raise PackageError(
+                f"{member} sha256 mismatch: package was modified after it was built "
+                f"(manifest says {manifest['digests'][member]}, content is {actual})",
+                path=path,
+            )
+    module = members[MODULE_MEMBER]
+    if not module.startswith(_ELF_MAGIC):
+        raise PackageError(f"{MODULE_MEMBER} is not an ELF object", path=path)
+    return UpdatePackage(
+        path=path,
+        manifest=manifest,
+        module=module,
+        build_log=members[BUILD_LOG_MEMBER].decode("utf-8", errors="replace"),
+    )
+
+
+def check_release(pkg: UpdatePackage, running_release: str) -> None:
+    """Refuse a package built for another kernel: its module would not load, or worse, misbehave."""
+    if pkg.kernel_release != running_release:
+        raise PackageError(
+            f"update {pkg.name!r} was built for {pkg.kernel_release}, this kernel is {running_release}",
+            path=pkg.path,
+        )
