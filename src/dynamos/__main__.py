@@ -1,0 +1,3 @@
+from dynamos.cli import main
+
+raise SystemExit(main())

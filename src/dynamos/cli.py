@@ -1,0 +1,299 @@
+"""Command line: argument parsing and presentation only; the work is in the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from dynamos import __version__
+from dynamos.errors import DynamosError
+from dynamos.target import DEFAULT_LAB_KERNEL
+
+
+class Progress:
+    """Progress lines on stderr with elapsed time, so stdout stays clean for --json."""
+
+    def __init__(self, quiet: bool = False):
+        self.t0 = time.monotonic()
+        self.quiet = quiet
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[{time.monotonic() - self.t0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _print_json(obj: object) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+# ----- build -----------------------------------------------------------------------------------
+def cmd_build(args: argparse.Namespace) -> int:
+    from dynamos.build import build_update
+    from dynamos.target import resolve_target
+
+    progress = Progress(args.json)
+    target = resolve_target(args.kernel, progress)
+    output = Path(args.output) if args.output else Path.cwd()
+    result = build_update(Path(args.source), target, output=output, progress=progress)
+    if args.json:
+        _print_json({"package": str(result.package_path), "kernel": target.release,
+                     "vermagic": result.vermagic, "seconds": round(result.seconds, 3),
+                     "build_dir": str(result.build_dir)})
+    else:
+        print(f"built {result.package_path} for {target.release} in {result.seconds:.1f} s")
+    return 0
+
+
+# ----- live operations -------------------------------------------------------------------------
+def cmd_apply(args: argparse.Namespace) -> int:
+    from dynamos.kernel import apply_update
+
+    progress = Progress(args.json)
+    result = apply_update(Path(args.package), timeout=args.timeout, progress=progress)
+    if args.json:
+        _print_json(result.to_json())
+    else:
+        print(result.describe())
+    return 0
+
+
+def cmd_revert(args: argparse.Namespace) -> int:
+    from dynamos.kernel import revert_update
+
+    progress = Progress(args.json)
+    result = revert_update(args.name, timeout=args.timeout, progress=progress)
+    if args.json:
+        _print_json(result.to_json())
+    else:
+        print(result.describe())
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dynamos.kernel import kernel_status
+
+    status = kernel_status(getattr(args, "name", None))
+    data = status.to_json()
+    if args.json:
+        _print_json(data)
+        return 0
+    print(f"kernel {data['kernel']}, livepatch {'available' if data['livepatch'] else 'NOT available'}")
+    if not data["updates"]:
+        print("no live updates")
+        return 0
+    rows = []
+    for u in data["updates"]:
+        state = "enabled" if u["enabled"] else "disabled"
+        if u["transition"]:
+            state += f", in transition ({len(u.get('tasks_pending', []))} tasks pending)"
+        funcs = ", ".join(
+            f["name"] + ("" if f.get("object", "vmlinux") == "vmlinux" else f" [{f['object']}]")
+            for f in u["functions"]
+        )
+        rows.append([u["name"], "dynamos" if u.get("dynamos") else "other", state, funcs])
+    print(_table(rows, ["UPDATE", "BY", "STATE", "FUNCTIONS"]))
+    return 0
+
+
+# ----- lab -------------------------------------------------------------------------------------
+def _lab_config(args: argparse.Namespace):
+    from dynamos.lab import LabConfig
+    from dynamos.lab.vm import default_shares
+
+    return LabConfig(kernel=args.kernel, cpus=args.cpus, memory_mb=args.memory,
+                     shares=default_shares() + list(args.share or []),
+                     accel=args.accel, boot_timeout=args.boot_timeout)
+
+
+def cmd_lab_start(args: argparse.Namespace) -> int:
+    from dynamos.lab import start_lab
+
+    progress = Progress(args.json)
+    lab = start_lab(args.name, _lab_config(args), progress)
+    info = {"name": args.name, "kernel": lab.kernel, "accel": lab.info["accel"], "pid": lab.pid,
+            "boot_seconds": lab.info["boot_seconds"], "state_dir": str(lab.state_dir)}
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"lab {args.name!r} up: {lab.kernel} ({lab.info['accel']}) in {lab.info['boot_seconds']:.1f} s; "
+              f"console {lab.console_path}")
+    return 0
+
+
+def cmd_lab_stop(args: argparse.Namespace) -> int:
+    from dynamos.lab import stop_lab
+
+    stopped = stop_lab(args.name)
+    print(f"lab {args.name!r} {'stopped' if stopped else 'was not running'}")
+    return 0
+
+
+def cmd_lab_status(args: argparse.Namespace) -> int:
+    from dynamos.lab import running_labs
+
+    labs = [{"name": lab.state_dir.name, "kernel": lab.kernel, "accel": lab.info["accel"],
+             "pid": lab.pid, "shares": lab.info["shares"], "up_seconds": round(time.time() - lab.info["started"], 1),
+             "console": str(lab.console_path)} for lab in running_labs()]
+    if args.json:
+        _print_json({"labs": labs})
+    elif not labs:
+        print("no lab running")
+    else:
+        print(_table([[lab["name"], lab["kernel"], lab["accel"], str(lab["pid"]), f"{lab['up_seconds']}s"]
+                      for lab in labs], ["LAB", "KERNEL", "ACCEL", "PID", "UP"]))
+    return 0
+
+
+def cmd_lab_run(args: argparse.Namespace) -> int:
+    from dynamos.lab import EXIT_KERNEL_OOPS, EXIT_TIMEOUT, lab_session
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise DynamosError("lab run: no command given (dynamos lab run -- CMD...)")
+    progress = Progress(args.json or args.quiet)
+
+    def out(data: bytes) -> None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+
+    def err(data: bytes) -> None:
+        sys.stderr.buffer.write(data)
+        sys.stderr.buffer.flush()
+
+    with lab_session(_lab_config(args), name=args.name, progress=progress) as lab:
+        result = lab.run(command, timeout=args.timeout,
+                         on_stdout=None if args.json else out, on_stderr=None if args.json else err)
+    if args.json:
+        _print_json(result.to_json())
+    if result.timed_out:
+        print(f"dynamos: command timed out after {args.timeout} s and was killed", file=sys.stderr)
+        return EXIT_TIMEOUT
+    if result.oopsed:
+        print("dynamos: the guest kernel reported trouble while the command ran:", file=sys.stderr)
+        for line in result.kernel_messages[:20]:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_KERNEL_OOPS
+    return result.status
+
+
+def cmd_lab_shell(args: argparse.Namespace) -> int:
+    from dynamos.lab import lab_session
+
+    with lab_session(_lab_config(args), name=args.name, progress=Progress()) as lab:
+        return lab.interactive(["/bin/sh", "-l"] if not args.command else args.command)
+
+
+# ----- demo ------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dynamos.demo import run_demo
+
+    report = run_demo(kernel=args.kernel, progress=Progress(args.json), say=None if args.json else print)
+    if args.json:
+        _print_json(report.to_json())
+    return 0 if report.ok else 1
+
+
+# ----- parser ----------------------------------------------------------------------------------
+def _add_lab_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernel", default=DEFAULT_LAB_KERNEL, metavar="REL",
+                   help=f"lab kernel release (default {DEFAULT_LAB_KERNEL})")
+    p.add_argument("--name", default="default", help="name of a lab started with 'lab start'")
+    p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--memory", type=int, default=1024, metavar="MIB")
+    p.add_argument("--share", action="append", metavar="DIR",
+                   help="extra host directory visible read-write in the guest at the same path")
+    p.add_argument("--accel", choices=["kvm", "tcg"], default=None,
+                   help="force an accelerator (default: KVM only if a probe boot proves it works)")
+    p.add_argument("--boot-timeout", type=float, default=60.0, metavar="S")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynamos", description="Live updates of a running Linux kernel.")
+    parser.add_argument("--version", action="version", version=f"dynamos {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build", help="build an update package from an update source")
+    p.add_argument("source", help="update source directory (update.toml + C files)")
+    p.add_argument("-o", "--output", help="package file or directory (default: current directory)")
+    p.add_argument("--kernel", metavar="REL", help="target kernel release (default: the running kernel)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("apply", help="apply an update package to this kernel")
+    p.add_argument("package")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                   help="transition deadline; past it the update is reverted and unloaded")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("revert", help="disable and unload a live update")
+    p.add_argument("name")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_revert)
+
+    for verb in ("status", "list"):
+        p = sub.add_parser(verb, help="live updates on this kernel")
+        if verb == "status":
+            p.add_argument("name", nargs="?")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("demo", help="boot the lab and show a live update applied and reverted")
+    p.add_argument("--kernel", default=DEFAULT_LAB_KERNEL, metavar="REL")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    lab = sub.add_parser("lab", help="QEMU labs running a target kernel").add_subparsers(dest="lab_command",
+                                                                                         required=True)
+    p = lab.add_parser("start", help="boot a lab that stays up for later commands")
+    _add_lab_options(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_lab_start)
+    p = lab.add_parser("stop", help="power a lab off")
+    p.add_argument("--name", default="default")
+    p.set_defaults(func=cmd_lab_stop)
+    p = lab.add_parser("status", help="running labs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_lab_status)
+    p = lab.add_parser("run", help="run a command as root in a lab (a running one, else a new one)")
+    _add_lab_options(p)
+    p.add_argument("--timeout", type=float, default=None, metavar="S")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming output")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_lab_run)
+    p = lab.add_parser("shell", help="interactive shell in a lab")
+    _add_lab_options(p)
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_lab_shell)
+    return parser
+
+
+def main(argv: list[str] | None = None, on_error: Callable[[str], None] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DynamosError as e:
+        print(f"dynamos: error: {e}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        print("dynamos: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os._exit(0)
