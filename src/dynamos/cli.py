@@ -59,10 +59,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 # ----- live operations -------------------------------------------------------------------------
 def cmd_apply(args: argparse.Namespace) -> int:
-    from dynamos.kernel import apply_update
+    from dynamos import kernel
 
     progress = Progress(args.json)
-    result = apply_update(Path(args.package), timeout=args.timeout, progress=progress)
+    result = kernel.apply(Path(args.package), timeout=args.timeout, progress=progress)
     if args.json:
         _print_json(result.to_json())
     else:
@@ -71,10 +71,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_revert(args: argparse.Namespace) -> int:
-    from dynamos.kernel import revert_update
+    from dynamos import kernel
 
     progress = Progress(args.json)
-    result = revert_update(args.name, timeout=args.timeout, progress=progress)
+    result = kernel.revert(args.name, timeout=args.timeout, progress=progress)
     if args.json:
         _print_json(result.to_json())
     else:
@@ -83,9 +83,9 @@ def cmd_revert(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from dynamos.kernel import kernel_status
+    from dynamos import kernel
 
-    status = kernel_status(getattr(args, "name", None))
+    status = kernel.status(getattr(args, "name", None))
     data = status.to_json()
     if args.json:
         _print_json(data)

@@ -1,0 +1,94 @@
+"""The kernel layer: operations on a live kernel, run on the target as root.
+
+Library entry points (the CLI is a thin shell over them)::
+
+    from dynamos import kernel
+    notes = kernel.preflight(pkg)                  # checks only; raises PreflightRefused
+    result = kernel.apply("fix.dpkg", timeout=30)  # ApplyResult, or TransitionError (reverted)
+    kernel.revert("fix-x")                         # RevertResult
+    kernel.status().to_json()                      # {"kernel", "livepatch", "updates": [...]}
+
+``progress`` callbacks receive ``Progress`` records whose ``str()`` is a ready-made progress line.
+
+Each function acts on the running kernel (root ``/``, real syscalls). Use ``LiveKernel`` to point
+at another root or substitute the syscalls (unit tests, simulations).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dynamos.kernel.actionlog import ActionLog, default_log_path
+from dynamos.kernel.live import (
+    REFUSALS,
+    ApplyResult,
+    BlockedTransition,
+    FunctionStatus,
+    KernelStatus,
+    LiveKernel,
+    PreflightRefused,
+    Progress,
+    Refusal,
+    RevertResult,
+    UpdateStatus,
+    normalize_name,
+)
+from dynamos.kernel.livepatch import Blocker, Livepatch, PatchedFunction, Task
+from dynamos.kernel.symbols import Kallsyms, TraceableFunctions
+from dynamos.kernel.syscalls import LibcSyscalls, Syscalls
+
+__all__ = [
+    "REFUSALS",
+    "ActionLog",
+    "ApplyResult",
+    "BlockedTransition",
+    "Blocker",
+    "FunctionStatus",
+    "Kallsyms",
+    "KernelStatus",
+    "LibcSyscalls",
+    "LiveKernel",
+    "Livepatch",
+    "PatchedFunction",
+    "PreflightRefused",
+    "Progress",
+    "Refusal",
+    "RevertResult",
+    "Syscalls",
+    "Task",
+    "TraceableFunctions",
+    "UpdateStatus",
+    "apply",
+    "default_log_path",
+    "normalize_name",
+    "preflight",
+    "revert",
+    "status",
+]
+
+
+def preflight(pkg: Any) -> list[str]:
+    """Check an update package against the running kernel; notes, or PreflightRefused."""
+    return LiveKernel().preflight(pkg)
+
+
+def apply(
+    package_path: Path | str, timeout: float = 30.0, progress: Callable[[Progress], None] | None = None
+) -> ApplyResult:
+    """Apply an update package to the running kernel."""
+    return LiveKernel().apply(package_path, timeout=timeout, progress=progress)
+
+
+def revert(
+    name: str, timeout: float = 30.0, progress: Callable[[Progress], None] | None = None
+) -> RevertResult:
+    """Revert an update (by update or livepatch name) and unload its module."""
+    return LiveKernel().revert(name, timeout=timeout, progress=progress)
+
+
+def status(name: str | None = None) -> KernelStatus:
+    """The running kernel's livepatches."""
+    return LiveKernel().status(name)
+

@@ -1,0 +1,82 @@
+"""The action log: one JSON line for everything dynamos does to a kernel.
+
+A kernel changed by hand is hard to reason about after the fact; the log answers "what was
+loaded, when, and did it work" on the machine itself. Writing it must never turn a successful
+kernel operation into a failure, so problems with the log only warn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+LOG_ENV = "DYNAMOS_LOG"
+DEFAULT_LOG = "var/log/dynamos/actions.log"
+
+logger = logging.getLogger("dynamos.kernel")
+
+
+def default_log_path(root: Path) -> Path:
+    """``$DYNAMOS_LOG`` if set, else ``<root>/var/log/dynamos/actions.log``."""
+    env = os.environ.get(LOG_ENV)
+    return Path(env) if env else root / DEFAULT_LOG
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class ActionLog:
+    """Append-only JSON-lines log of kernel operations."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def record(
+        self,
+        action: str,
+        name: str,
+        result: str,
+        seconds: float,
+        details: dict[str, Any] | None = None,
+    ) -> bool:
+        """Append one entry; return False (after a warning) if it could not be written."""
+        entry = {
+            "time": now_iso(),
+            "action": action,
+            "name": name,
+            "result": result,
+            "seconds": round(seconds, 6),
+            "details": details or {},
+        }
+        line = json.dumps(entry, sort_keys=False, default=str) + "\n"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # One write() on an O_APPEND descriptor keeps concurrent writers' lines whole.
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+        except OSError as e:
+            logger.warning("dynamos: could not write the action log %s: %s", self.path, e)
+            return False
+        return True
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every readable entry, oldest first (lines that do not parse are skipped)."""
+        try:
+            lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out

@@ -1,0 +1,326 @@
+"""A simulated kernel: a fake /proc and /sys tree plus syscalls that act on it.
+
+It lets everything above the kernel layer (and the kernel layer's own tests) run apply, revert
+and status end to end without root or a VM: ``init_module`` registers a livepatch in the fake
+sysfs, and every ``sleep`` (one poll of the caller) advances the transition the way livepatch
+does, per task. Tasks can be *blocked* (they never switch state) to reproduce stuck
+transitions. The real code path is exercised by the lab tests.
+
+A simulated module image is the ELF magic, a marker and JSON (see ``module_image``): it passes
+the package format's ELF check, and the simulated kernel refuses anything else with ENOEXEC.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dynamos.kernel.symbols import VMLINUX
+
+DEFAULT_RELEASE = "6.1.0-56-amd64"
+IMAGE_MAGIC = b"\x7fELF\0dynamos-simulated-module\n"
+
+
+def module_image(name: str, functions: list[dict[str, Any]], replace: bool = False) -> bytes:
+    """A module image the simulated kernel understands: the livepatch it registers."""
+    return IMAGE_MAGIC + json.dumps({"name": name, "functions": functions, "replace": replace}).encode()
+
+
+@dataclass
+class SimTask:
+    pid: int
+    tid: int
+    comm: str
+    stack: list[str]
+    blocked: bool = False  # never switches patch state (sleeps in a patched function)
+    state: int = -1
+
+
+@dataclass
+class SimPatch:
+    name: str
+    functions: list[dict[str, Any]]
+    replace: bool
+    enabled: bool = True
+    transition: bool = True
+    polls_left: int | None = 0
+    free_in: int | None = None  # polls until a disabled/replaced patch is freed from sysfs
+
+
+@dataclass
+class SimModule:
+    name: str
+    livepatch: bool = True
+    refs: int = 0
+
+
+@dataclass
+class SimulatedKernel:
+    """State of the simulated kernel; implements the ``Syscalls`` protocol."""
+
+    root: Path
+    kernel_release: str = DEFAULT_RELEASE
+    euid: int = 0
+    transition_polls: int | None = 2  # polls before unblocked tasks switch; None: they never do
+    free_polls: int = 1  # polls before a disabled patch leaves sysfs (livepatch frees it async)
+    tracefs_mounted: bool = True
+    lockdown: str = "none"
+    sig_enforce: bool = False
+    load_error: int | None = None  # errno init_module fails with
+    load_messages: list[str] = field(default_factory=list)  # kernel log lines the failure adds
+    mount_error: int | None = None
+    now: float = 1000.0
+    symbols: list[tuple[str, str, str]] = field(default_factory=list)  # (name, type, object)
+    traceable: list[tuple[str, str]] = field(default_factory=list)  # (name, object)
+    tasks: list[SimTask] = field(default_factory=list)
+    patches: dict[str, SimPatch] = field(default_factory=dict)
+    modules: dict[str, SimModule] = field(default_factory=dict)
+    calls: list[tuple[Any, ...]] = field(default_factory=list)  # syscalls made, in order
+    kmsg: list[str] = field(default_factory=list)
+    polls: int = 0
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        if not self.tasks:
+            self.tasks = [
+                SimTask(1, 1, "systemd", ["[<0>] ep_poll+0x2a/0x40"]),
+                SimTask(500, 500, "sshd", ["[<0>] do_select+0x1/0x2"]),
+                SimTask(500, 501, "sshd-worker", ["[<0>] futex_wait+0x1/0x2"]),
+            ]
+        self.render()
+
+    # -- building the scene ---------------------------------------------------------------
+
+    def add_symbol(self, name: str, object: str = VMLINUX, kind: str = "t", traceable: bool = True) -> None:
+        self.symbols.append((name, kind, object))
+        if traceable and kind in "tTwW":
+            self.traceable.append((name, object))
+        self.render()
+
+    def add_module(self, name: str, livepatch: bool = False) -> None:
+        self.modules[name] = SimModule(name, livepatch)
+        self.render()
+
+    def add_task(self, pid: int, comm: str, stack: list[str], tid: int | None = None,
+                 blocked: bool = False) -> SimTask:
+        task = SimTask(pid, tid if tid is not None else pid, comm, stack, blocked)
+        self.tasks.append(task)
+        self.render()
+        return task
+
+    # -- Syscalls -------------------------------------------------------------------------
+
+    def init_module(self, image: bytes, params: str = "") -> None:
+        self.calls.append(("init_module", len(image)))
+        if self.load_error is not None:
+            self.kmsg.extend(self.load_messages)
+            self.render()
+            raise OSError(self.load_error, "init_module")
+        if not image.startswith(IMAGE_MAGIC):
+            raise OSError(errno.ENOEXEC, "init_module")
+        spec = json.loads(image[len(IMAGE_MAGIC):])
+        name = spec["name"]
+        if name in self.modules:
+            raise OSError(errno.EEXIST, "init_module")
+        if any(p.transition for p in self.patches.values()):
+            raise OSError(errno.EBUSY, "init_module")
+        self.modules[name] = SimModule(name, True, refs=1)
+        self.patches[name] = SimPatch(name, spec["functions"], spec.get("replace", False),
+                                      polls_left=self.transition_polls)
+        self.kmsg.append(f"livepatch: enabling patch '{name}'")
+        for t in self.tasks:
+            t.state = 0  # every task starts unpatched and moves to the target
+        self.render()
+
+    def delete_module(self, name: str, flags: int = 0) -> None:
+        self.calls.append(("delete_module", name))
+        module = self.modules.get(name)
+        if module is None:
+            raise OSError(errno.ENOENT, "delete_module")
+        if module.refs:
+            raise OSError(errno.EAGAIN, "delete_module")
+        del self.modules[name]
+        self.render()
+
+    def mount(self, source: str, target: str, fstype: str, flags: int = 0, data: str | None = None) -> None:
+        self.calls.append(("mount", fstype, target))
+        if self.mount_error is not None:
+            raise OSError(self.mount_error, "mount")
+        self.tracefs_mounted = True
+        self.render()
+
+    def geteuid(self) -> int:
+        return self.euid
+
+    def release(self) -> str:
+        return self.kernel_release
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(seconds, 0.01)
+        self.polls += 1
+        self.tick()
+
+    # -- livepatch, one poll at a time ----------------------------------------------------
+
+    def write_attribute(self, path: str, value: bytes) -> None:
+        """Act like livepatch's ``enabled_store``: synchronously start or reverse a transition."""
+        rel = Path(path).relative_to(self.root / "sys/kernel/livepatch")
+        if len(rel.parts) != 2 or rel.parts[1] != "enabled" or rel.parts[0] not in self.patches:
+            raise OSError(errno.ENOENT, path)
+        patch = self.patches[rel.parts[0]]
+        wanted = value.strip() in (b"1", b"y", b"Y")
+        self.calls.append(("write-enabled", patch.name, int(wanted)))
+        if patch.free_in is not None or wanted == patch.enabled:
+            raise OSError(errno.EINVAL, path)
+        busy = any(p.transition for p in self.patches.values() if p is not patch)
+        if patch.transition:
+            pass  # reversing the transition in flight: tasks keep their state and go back
+        elif busy or wanted:
+            raise OSError(errno.EBUSY if busy else errno.EINVAL, path)  # no re-enabling a disabled patch
+        else:
+            for t in self.tasks:
+                t.state = 1  # disabling: every task starts patched and moves back
+        patch.enabled = wanted
+        patch.transition = True
+        patch.polls_left = self.transition_polls
+        self.render()
+
+    def tick(self) -> None:
+        for patch in list(self.patches.values()):
+            if patch.free_in is not None:
+                patch.free_in -= 1
+                if patch.free_in <= 0:
+                    del self.patches[patch.name]
+                    if patch.name in self.modules:
+                        self.modules[patch.name].refs = 0
+                continue
+            if not patch.transition:
+                continue
+            target = 1 if patch.enabled else 0
+            if patch.polls_left is not None:
+                patch.polls_left -= 1
+                if patch.polls_left <= 0:
+                    for t in self.tasks:
+                        if not t.blocked:
+                            t.state = target
+            if all(t.state == target for t in self.tasks):
+                self._complete(patch)
+        self.render()
+
+    def _complete(self, patch: SimPatch) -> None:
+        patch.transition = False
+        for t in self.tasks:
+            t.state = -1
+        if not patch.enabled:
+            patch.free_in = self.free_polls
+        elif patch.replace:
+            for other in self.patches.values():
+                if other is not patch and other.free_in is None:
+                    other.enabled = False
+                    other.free_in = self.free_polls
+
+    # -- the files ------------------------------------------------------------------------
+
+    def render(self) -> None:
+        """Write the simulated state as the files the kernel layer reads."""
+        r = self.root
+        proc = r / "proc"
+        proc.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i, (name, kind, obj) in enumerate(self.symbols):
+            suffix = "" if obj == VMLINUX else f"\t[{obj}]"
+            lines.append(f"{0xffffffff81000000 + 16 * i:016x} {kind} {name}{suffix}")
+        (proc / "kallsyms").write_text("\n".join(lines) + "\n")
+        (proc / "modules").write_text("".join(
+            f"{m.name} 16384 {m.refs} - Live 0x0000000000000000{' (OEK)' if m.livepatch else ''}\n"
+            for m in self.modules.values()
+        ))
+        for d in proc.iterdir():
+            if d.name.isdigit():
+                shutil.rmtree(d)
+        for t in self.tasks:
+            dirs = [proc / str(t.pid) / "task" / str(t.tid)]
+            if t.pid == t.tid:
+                dirs.append(proc / str(t.pid))  # the thread group leader's files in /proc/<pid>
+            for d in dirs:
+                d.mkdir(parents=True, exist_ok=True)
+                (d / "comm").write_text(t.comm + "\n")
+                (d / "patch_state").write_text(f"{t.state}\n")
+                (d / "stack").write_text("".join(f"{frame}\n" for frame in t.stack))
+
+        sec = r / "sys/kernel/security"
+        sec.mkdir(parents=True, exist_ok=True)
+        (sec / "lockdown").write_text(" ".join(
+            f"[{m}]" if m == self.lockdown else m for m in ("none", "integrity", "confidentiality")
+        ) + "\n")
+        params = r / "sys/module/module/parameters"
+        params.mkdir(parents=True, exist_ok=True)
+        (params / "sig_enforce").write_text("Y\n" if self.sig_enforce else "N\n")
+
+        tracing = r / "sys/kernel/tracing"
+        if tracing.exists():
+            shutil.rmtree(tracing)
+        tracing.mkdir(parents=True)
+        if self.tracefs_mounted:
+            (tracing / "available_filter_functions").write_text("".join(
+                f"{n}\n" if o == VMLINUX else f"{n} [{o}]\n" for n, o in self.traceable
+            ))
+            hooked = []
+            for p in self.patches.values():
+                for f in p.functions:
+                    obj = f.get("object") or VMLINUX
+                    hooked.append(f"{f['name']}{'' if obj == VMLINUX else f' [{obj}]'} (1) R I   \t"
+                                  "->klp_ftrace_handler+0x0/0x100\n")
+            (tracing / "enabled_functions").write_text("".join(hooked))
+
+        lp = r / "sys/kernel/livepatch"
+        if lp.exists():
+            shutil.rmtree(lp)
+        lp.mkdir(parents=True)
+        for p in self.patches.values():
+            d = lp / p.name
+            d.mkdir()
+            (d / "enabled").write_text(f"{int(p.enabled)}\n")
+            (d / "transition").write_text(f"{int(p.transition)}\n")
+            (d / "force").write_text("")
+            for f in p.functions:
+                obj = f.get("object") or VMLINUX
+                od = d / obj
+                od.mkdir(exist_ok=True)
+                loaded = obj == VMLINUX or obj in self.modules
+                (od / "patched").write_text(f"{int(loaded and not p.free_in)}\n")
+                (od / f"{f['name']},{f.get('sympos') or 1}").mkdir()
+
+        dev = r / "dev"
+        dev.mkdir(exist_ok=True)
+        (dev / "kmsg").write_text("".join(f"6,{i},{i * 1000},-;{m}\n" for i, m in enumerate(self.kmsg)))
+
+
+@dataclass
+class SimulatedPackage:
+    """Stands in for ``dynamos.update.package.UpdatePackage`` with a simulated module image."""
+
+    name: str
+    functions: list[dict[str, Any]]
+    kernel_release: str = DEFAULT_RELEASE
+    replace: bool = False
+    vermagic: str = ""
+    module: bytes = b""
+    module_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.vermagic:
+            self.vermagic = f"{self.kernel_release} SMP preempt mod_unload modversions "
+        if not self.module:
+            self.module = module_image(self.livepatch_name, self.functions, self.replace)
+
+    @property
+    def livepatch_name(self) -> str:
+        return self.name.replace("-", "_")
