@@ -60,6 +60,12 @@ def guest_dynamos(*args: str) -> list[str]:
     return [sys.executable, "-m", "dynamos", *args]
 
 
+def guest_env() -> dict[str, str]:
+    """Environment that makes this dynamos importable in the guest even when it is not installed
+    (run from a source tree): the host root is shared, so the same path works there."""
+    return {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
 def run_demo(kernel: str = DEFAULT_LAB_KERNEL, progress: Callable[[str], None] | None = None,
              say: Callable[[str], None] | None = None) -> DemoReport:
     from dynamos.build import build_update
@@ -132,7 +138,7 @@ class _DemoFailed(Exception):
 
 
 def _guest(lab: Lab, argv: list[str]) -> str:
-    r = lab.run(argv, timeout=120)
+    r = lab.run(argv, timeout=120, env=guest_env())
     if r.oopsed:
         raise DynamosError("guest kernel trouble: " + "; ".join(r.kernel_messages[:5]))
     if r.status != 0:

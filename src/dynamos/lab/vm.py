@@ -178,9 +178,9 @@ class Lab:
              progress: Callable[[str], None] | None = None, detach: bool = False) -> Lab:
         """Boot a lab and wait until its agent answers.  Raises LabError on boot failure."""
         say = progress or (lambda _m: None)
-        t0 = time.monotonic()
         target = fetch_target(config.kernel, progress=say)
         accel = config.accel or choose_accel(target, say)
+        t0 = time.monotonic()
         if state_dir is None:
             state_dir = labs_dir() / f"run-{os.getpid()}-{int(time.time() * 1000)}"
         if state_dir.exists():
