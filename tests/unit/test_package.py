@@ -249,14 +249,13 @@ def test_tampered_build_log_is_refused(tmp_path: Path) -> None:
     assert read_error(path).message.startswith("build.log sha256 mismatch")
 
 
-def test_changed_release_passes_digests_but_fails_check_release(tmp_path: Path) -> None:
+def test_consistently_edited_manifest_is_refused_by_its_own_digest(tmp_path: Path) -> None:
     path = build(tmp_path)
     edit_manifest(path, kernel_release="6.1.0-57-amd64", vermagic="6.1.0-57-amd64 SMP preempt mod_unload ")
-    pkg = read_package(path)  # the digests cover module.ko and build.log, which are untouched
-    with pytest.raises(PackageError) as info:
-        check_release(pkg, RELEASE)
-    assert "built for 6.1.0-57-amd64, this kernel is 6.1.0-56-amd64" in info.value.message
-    assert info.value.path == path
+    # module.ko and build.log are untouched; the manifest's self-digest still catches the edit.
+    assert read_error(path).message == (
+        "manifest.json sha256 mismatch: the manifest was modified after the package was built"
+    )
 
 
 def test_changed_release_alone_contradicts_vermagic(tmp_path: Path) -> None:

@@ -618,6 +618,9 @@ class LiveKernel:
 
         pkg: Any = None
         loading = False
+        euid = self.sys.geteuid()
+        if euid != 0:  # before reading the package: an unprivileged user may not even read it
+            raise PreflightRefused(label, [Refusal.make("not-root", euid=euid)])
         try:
             t = self.sys.monotonic()
             pkg = self._read_package(Path(package_path))

@@ -80,6 +80,16 @@ class CommandResult:
         }
 
 
+class GuestCrashed(LabError):
+    """The guest kernel died (panic, crash) while a command ran; the console lines say why."""
+
+    exit_status = EXIT_KERNEL_OOPS
+
+    def __init__(self, message: str, kernel_messages: list[str]):
+        self.kernel_messages = kernel_messages
+        super().__init__(message)
+
+
 def labs_dir() -> Path:
     return cache_root() / "labs"
 
@@ -162,12 +172,19 @@ class Lab:
         return self.info["kernel"]
 
     def alive(self) -> bool:
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        # A recycled pid would not have our socket open; the state dir check is enough here.
-        return self.socket_path.exists()
+        proc = getattr(self, "_proc", None)
+        if proc is not None:  # our own child: poll() also reaps it
+            return proc.poll() is None
+        # A recycled pid would not have our socket; the state dir check is enough here.
+        return _pid_alive(self.pid) and self.socket_path.exists()
+
+    def _dies_within(self, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if not self.alive():
+                return True
+            time.sleep(0.05)
+        return False
 
     def console_text(self) -> str:
         return _read_console(self.console_path, 0)[0]
@@ -289,7 +306,16 @@ class Lab:
             _, self.console_offset = _read_console(self.console_path, self.console_offset) \
                 if self.console_offset == 0 else ("", self.console_offset)
             start_offset = self.console_offset
-            result = self._run_locked(list(argv), cwd, env or {}, timeout, stdin, on_stdout, on_stderr)
+            try:
+                result = self._run_locked(list(argv), cwd, env or {}, timeout, stdin, on_stdout, on_stderr)
+            except (LabError, OSError) as e:
+                if not self._dies_within(3.0):  # a panicking guest takes a moment to power off
+                    raise
+                text, _ = _read_console(self.console_path, start_offset)
+                trouble = kernel_trouble(text)
+                lines = "\n".join(f"  {line}" for line in (trouble or text.splitlines()[-10:]))
+                raise GuestCrashed(f"the guest kernel died while running {argv[0]} "
+                                   f"(console: {self.console_path}):\n{lines}", trouble) from e
             text, self.console_offset = _read_console(self.console_path, start_offset)
             result.kernel_messages = kernel_trouble(text)
             self._save()
@@ -310,8 +336,7 @@ class Lab:
             kill_sent = None
             while True:
                 if not self.alive():
-                    raise LabError("the lab VM went away while running the command "
-                                   f"(console: {self.console_path})")
+                    raise LabError("the lab VM went away while running the command")
                 if deadline is not None and time.monotonic() > deadline and kill_sent is None:
                     conn.sendall(P.encode(P.SIGNAL, {"signal": int(signal.SIGKILL)}))
                     kill_sent = time.monotonic()

@@ -58,6 +58,7 @@ _MANIFEST_SCHEMA: dict[str, type | tuple[type, ...]] = {
     "functions": list,
     "created": str,
     "digests": dict,
+    "manifest_sha256": str,
 }
 _FUNCTION_SCHEMA: dict[str, type | tuple[type, ...]] = {
     "name": str,
@@ -156,6 +157,13 @@ def _build_manifest(
     }
 
 
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without its own digest: catches an edited
+    manifest (e.g. a changed function list) the member digests cannot see."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return sha256_hex(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
+
+
 def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     """A tar with fixed metadata (mtime 0, root-owned, 0644) so equal contents give equal bytes."""
     buf = io.BytesIO()
@@ -211,6 +219,7 @@ def write_package(
         log_bytes=log_bytes,
         created=created or datetime.now(UTC),
     )
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     manifest_bytes = (json.dumps(manifest, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
     data = _tar_bytes(
         [(MANIFEST_MEMBER, manifest_bytes), (MODULE_MEMBER, module), (BUILD_LOG_MEMBER, log_bytes)]
@@ -350,6 +359,11 @@ def read_package(path: Path | str) -> UpdatePackage:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PackageError(f"{MANIFEST_MEMBER} is not valid JSON: {e}", path=path) from e
     _check_manifest(manifest, path)
+    if manifest_digest(manifest) != manifest["manifest_sha256"]:
+        raise PackageError(
+            f"{MANIFEST_MEMBER} sha256 mismatch: the manifest was modified after the package was built",
+            path=path,
+        )
 
     for member in DIGESTED_MEMBERS:
         actual = sha256_hex(members[member])

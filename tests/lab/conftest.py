@@ -1,0 +1,119 @@
+"""Lab tests: the real Debian kernel booted in QEMU, one lab shared by the whole session.
+
+Every test leaves the guest kernel as it found it (no livepatch, no test module loaded, no oops):
+the autouse fixture checks that after each test.  These tests are never skipped: a machine that
+cannot boot the lab fails them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from dynamos.build import build_update
+from dynamos.demo import guest_env
+from dynamos.lab import Lab, LabConfig
+from dynamos.lab.vm import labs_dir
+from dynamos.target import DEFAULT_LAB_KERNEL, cache_root, fetch_target
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples"
+LAB_UPDATES = Path(__file__).resolve().parent / "updates"
+LAB_MODULES = Path(__file__).resolve().parent / "modules"
+
+
+@dataclass
+class Guest:
+    """Runs commands in the session's lab and fails loudly on kernel trouble."""
+
+    lab: Lab
+
+    def run(self, *argv: str, timeout: float = 120, check: bool = True):
+        r = self.lab.run(list(argv), timeout=timeout, env=guest_env())
+        assert not r.kernel_messages, f"guest kernel trouble during {argv}: {r.kernel_messages}"
+        if check:
+            assert r.status == 0, f"{argv} exited {r.status}\nstdout: {r.stdout!r}\nstderr: {r.stderr!r}"
+        return r
+
+    def sh(self, script: str, **kw) -> str:
+        return self.run("sh", "-c", script, **kw).stdout.decode()
+
+    def dynamos(self, *args: str, check: bool = True, timeout: float = 180):
+        return self.run(sys.executable, "-m", "dynamos", *args, check=check, timeout=timeout)
+
+    def read(self, path: str) -> str:
+        return self.run("cat", path).stdout.decode()
+
+    def livepatches(self) -> list[str]:
+        return self.sh("ls /sys/kernel/livepatch").split()
+
+    def modules(self) -> set[str]:
+        return {line.split()[0] for line in self.read("/proc/modules").splitlines()}
+
+    def status(self) -> dict:
+        return json.loads(self.dynamos("status", "--json").stdout)
+
+
+@pytest.fixture(scope="session")
+def target():
+    return fetch_target(DEFAULT_LAB_KERNEL)
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    """Host directory for packages and sources, visible in the guest at the same path."""
+    return tmp_path_factory.mktemp("lab")
+
+
+@pytest.fixture(scope="session")
+def lab(target, workdir):
+    state_dir = labs_dir() / f"pytest-{Path(workdir).name}-{id(workdir)}"
+    config = LabConfig(kernel=target.release, shares=[str(REPO), str(workdir), str(cache_root())])
+    lab = Lab.boot(config, state_dir=state_dir, progress=lambda m: print(f"lab: {m}", file=sys.stderr))
+    yield lab
+    lab.kill()
+    shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def guest(lab) -> Guest:
+    return Guest(lab)
+
+
+@pytest.fixture(autouse=True)
+def kernel_left_as_found(guest):
+    """Each test starts and must end with no live update and no test module in the guest."""
+    before = guest.modules()
+    assert guest.livepatches() == [], "a previous test left a live update behind"
+    yield
+    assert guest.livepatches() == [], "the test left a live update behind"
+    assert guest.modules() == before, "the test left modules loaded or unloaded"
+
+
+@pytest.fixture(scope="session")
+def build(target, workdir):
+    """Build an update source (a dir, or a dict of files to write) into a package on the host."""
+    built: dict[str, Path] = {}
+
+    def _build(source: Path | dict[str, str], name: str | None = None) -> Path:
+        if isinstance(source, dict):
+            assert name, "a generated source needs a name"
+            src = workdir / "src" / name
+            src.mkdir(parents=True, exist_ok=True)
+            for fname, text in source.items():
+                (src / fname).write_text(text)
+        else:
+            src = source
+        key = str(src)
+        if key not in built:
+            out = workdir / "packages"
+            out.mkdir(exist_ok=True)
+            built[key] = build_update(src, target, output=out).package_path
+        return built[key]
+
+    return _build

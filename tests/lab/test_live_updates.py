@@ -1,0 +1,215 @@
+"""The live update path on the real Debian kernel: build on the host, apply/status/revert in the
+lab through the same CLI a production host runs, behaviour checked through /proc files."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from dynamos.build import build_update
+from dynamos.errors import PackageError, RefusedError, TransitionError
+from dynamos.target import fetch_target
+
+from .conftest import EXAMPLES, LAB_MODULES, LAB_UPDATES
+
+pytestmark = pytest.mark.lab
+
+BANNER = re.compile(r"^dynamos live update on 6\.1\.0-\S+: \d+ CPUs online$")
+VERSION_TAG = "[live-updated by dynamos]"
+
+
+def version_source(tag: str, *, replace: bool, name: str) -> dict[str, str]:
+    """A variant of examples/version-tag with another tag (for stacking and replace tests)."""
+    toml = (EXAMPLES / "version-tag" / "update.toml").read_text()
+    toml = toml.replace('name = "version-tag"', f'name = "{name}"')
+    if replace:
+        toml = toml.replace("[[function]]", "replace = true\n\n[[function]]", 1)
+    c = (EXAMPLES / "version-tag" / "version.c").read_text().replace(VERSION_TAG, tag)
+    return {"update.toml": toml, "version.c": c}
+
+
+def test_apply_status_revert_cycle(guest, build):
+    pkg = build(EXAMPLES / "cmdline-banner")
+    original = guest.read("/proc/cmdline")
+    assert "console=ttyS0" in original
+
+    applied = json.loads(guest.dynamos("apply", str(pkg), "--json").stdout)
+    assert applied["livepatch_name"] == "cmdline_banner"
+    assert set(applied["phases"]) >= {"verify", "preflight", "load", "transition"}
+
+    live = guest.read("/proc/cmdline").strip()
+    assert BANNER.match(live), live
+    status = guest.status()
+    assert status["kernel"] == "6.1.0-56-amd64"
+    (update,) = status["updates"]
+    assert update["name"] == "cmdline_banner" and update["enabled"] and not update["transition"]
+    assert update["dynamos"] is True
+    assert [(f["name"], f["object"]) for f in update["functions"]] == [("cmdline_proc_show", "vmlinux")]
+    assert "cmdline_banner" in guest.modules()
+
+    guest.dynamos("revert", "cmdline-banner")
+    assert guest.read("/proc/cmdline") == original
+    assert guest.livepatches() == []
+    assert "cmdline_banner" not in guest.modules()
+    log = guest.read("/var/log/dynamos/actions.log").splitlines()
+    actions = [json.loads(line)["action"] for line in log[-2:]]
+    assert actions == ["apply", "revert"]
+
+
+def test_stacked_updates(guest, build):
+    cmdline = build(EXAMPLES / "cmdline-banner")
+    version = build(EXAMPLES / "version-tag")
+    original_version = guest.read("/proc/version")
+    guest.dynamos("apply", str(cmdline))
+    guest.dynamos("apply", str(version))
+    try:
+        assert BANNER.match(guest.read("/proc/cmdline").strip())
+        assert guest.read("/proc/version").strip().endswith(VERSION_TAG)
+        names = sorted(u["name"] for u in guest.status()["updates"])
+        assert names == ["cmdline_banner", "version_tag"]
+    finally:
+        guest.dynamos("revert", "version-tag")
+        guest.dynamos("revert", "cmdline-banner")
+    assert guest.read("/proc/version") == original_version
+
+
+def test_atomic_replace(guest, build):
+    cmdline = build(EXAMPLES / "cmdline-banner")
+    version = build(EXAMPLES / "version-tag")
+    cumulative = build(version_source("[cumulative v2]", replace=True, name="version-tag-v2"), "version-tag-v2")
+    original_cmdline = guest.read("/proc/cmdline")
+    guest.dynamos("apply", str(cmdline))
+    guest.dynamos("apply", str(version))
+    result = json.loads(guest.dynamos("apply", str(cumulative), "--json").stdout)
+    try:
+        assert sorted(result["replaced"]) == ["cmdline_banner", "version_tag"]
+        # The cumulative update alone is live: its tag, and /proc/cmdline back to the original.
+        assert guest.read("/proc/version").strip().endswith("[cumulative v2]")
+        assert guest.read("/proc/cmdline") == original_cmdline
+        assert guest.livepatches() == ["version_tag_v2"]
+        modules = guest.modules()
+        assert "cmdline_banner" not in modules and "version_tag" not in modules
+    finally:
+        guest.dynamos("revert", "version-tag-v2")
+    assert VERSION_TAG not in guest.read("/proc/version")
+
+
+@pytest.fixture(scope="session")
+def stall_module(target, workdir) -> str:
+    """The dynamos_stall test module, built on the host against the lab kernel's headers."""
+    out = workdir / "stall-module"
+    subprocess.run(["cp", "-r", str(LAB_MODULES / "dynamos_stall"), str(out)], check=True)
+    subprocess.run(["make", "-s", "-C", str(target.headers_dir), f"M={out}", "modules"], check=True,
+                   capture_output=True)
+    return str(out / "dynamos_stall.ko")
+
+
+def _load_module(guest, path: str) -> None:
+    guest.run(sys.executable, "-c",
+              "import sys; from dynamos.kernel import LibcSyscalls; "
+              "LibcSyscalls().init_module(open(sys.argv[1], 'rb').read())", path)
+
+
+def _unload_module(guest, name: str) -> None:
+    guest.run(sys.executable, "-c",
+              "import sys; from dynamos.kernel import LibcSyscalls; LibcSyscalls().delete_module(sys.argv[1])", name)
+
+
+def test_blocked_transition_is_reverted_and_blocker_named(guest, build, stall_module):
+    pkg = build(LAB_UPDATES / "stall-breaker")
+    _load_module(guest, stall_module)
+    try:
+        found = guest.sh("grep -lx dynamos-stall /proc/[0-9]*/comm 2>/dev/null; true").split()
+        assert len(found) == 1, found
+        pid = found[0].split("/")[2]
+        assert pid.isdigit(), "the stall kthread is not running"
+        r = guest.dynamos("apply", str(pkg), "--timeout", "3", check=False)
+        err = r.stderr.decode()
+        assert r.status == TransitionError.exit_status, err
+        assert "reverted and unloaded" in err
+        assert f"{pid}" in err and "dynamos-stall" in err
+        assert "dynamos_stall_loop" in err  # the blocker's stack
+        assert guest.livepatches() == []
+        assert "stall_breaker" not in guest.modules()
+    finally:
+        _unload_module(guest, "dynamos_stall")
+
+
+def test_package_for_another_release_is_refused(guest, workdir):
+    out = workdir / "other-release"
+    out.mkdir()
+    pkg = build_update(EXAMPLES / "cmdline-banner", fetch_target("6.1.0-55-amd64"), output=out).package_path
+    assert pkg.name == "cmdline-banner_6.1.0-55-amd64.dynpkg"
+    before = guest.read("/proc/cmdline")
+    r = guest.dynamos("apply", str(pkg), check=False)
+    assert r.status == RefusedError.exit_status
+    assert "6.1.0-55-amd64" in r.stderr.decode() and "6.1.0-56-amd64" in r.stderr.decode()
+    assert guest.read("/proc/cmdline") == before
+
+
+@pytest.mark.parametrize("member", ["manifest.json", "module.ko"])
+def test_tampered_package_is_refused(guest, build, workdir, member):
+    pkg = build(EXAMPLES / "cmdline-banner")
+    data = bytearray(pkg.read_bytes())
+    # The edition's name is in the manifest's function list (first) and module.ko's symbols (last).
+    find = data.find if member == "manifest.json" else data.rfind
+    at = find(b"cmdline_proc_show_banner")
+    assert at > 0
+    data[at] ^= 0x20
+    tampered = workdir / f"tampered-{member}.dynpkg"
+    tampered.write_bytes(bytes(data))
+    r = guest.dynamos("apply", str(tampered), check=False)
+    assert r.status == PackageError.exit_status
+    assert f"{member} sha256 mismatch" in r.stderr.decode()
+    assert guest.livepatches() == []
+
+
+def _single_function_update(name: str, function: str, sympos: int | None = None) -> dict[str, str]:
+    extra = f"sympos = {sympos}\n" if sympos else ""
+    return {
+        "update.toml": f'[update]\nname = "{name}"\ndescription = "lab refusal test"\n\n'
+                       f'[[function]]\nname = "{function}"\nedition = "edition_{name.replace("-", "_")}"\n{extra}',
+        "edition.c": f"int edition_{name.replace('-', '_')}(void) {{ return 0; }}\n",
+    }
+
+
+@pytest.mark.parametrize("function, reason", [
+    ("dynamos_no_such_function", "not found in vmlinux"),
+    ("branches_show", "ambiguous"),          # two static functions of that name in vmlinux
+    ("native_sched_clock", "not traceable"),  # notrace: no fentry site for ftrace
+])
+def test_preflight_refusals_leave_kernel_unchanged(guest, build, function, reason):
+    pkg = build(_single_function_update(f"refuse-{function.replace('_', '-')}", function),
+                f"refuse-{function}")
+    before = guest.modules()
+    r = guest.dynamos("apply", str(pkg), check=False)
+    err = r.stderr.decode()
+    assert r.status == RefusedError.exit_status, err
+    assert function in err and reason in err.lower(), err
+    assert "nothing" in err.lower() or "never loaded" in err.lower() or "refused" in err.lower(), err
+    assert guest.modules() == before
+
+
+def test_ambiguous_name_with_sympos_applies(guest, build):
+    pkg = build(_single_function_update("sympos-ok", "branches_show", sympos=2), "sympos-ok")
+    guest.dynamos("apply", str(pkg))
+    try:
+        (update,) = guest.status()["updates"]
+        assert update["functions"][0]["sympos"] == 2
+    finally:
+        guest.dynamos("revert", "sympos-ok")
+
+
+def test_non_root_is_refused(guest, build):
+    pkg = build(EXAMPLES / "cmdline-banner")
+    # Import everything first: the interpreter may live where an unprivileged user cannot read.
+    r = guest.run(sys.executable, "-c",
+                  "import os, sys; from dynamos.cli import main; import dynamos.kernel, dynamos.update.package; "
+                  "os.setgid(65534); os.setuid(65534); sys.exit(main(['apply', sys.argv[1]]))", str(pkg), check=False)
+    assert r.status == RefusedError.exit_status
+    assert "root" in r.stderr.decode()
+    assert guest.livepatches() == []
