@@ -8,7 +8,6 @@ cannot boot the lab fails them.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +76,7 @@ def lab(target, workdir):
     lab = Lab.boot(config, state_dir=state_dir, progress=lambda m: print(f"lab: {m}", file=sys.stderr))
     yield lab
     lab.kill()
-    shutil.rmtree(state_dir, ignore_errors=True)
+    lab.discard()
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -63,3 +64,58 @@ def test_cli_lab_run_exit_status_and_oops(tmp_path):
     r = _cli("lab", "run", "-q", "--", "sh", "-c", "echo c > /proc/sysrq-trigger")
     assert r.returncode == EXIT_KERNEL_OOPS, r.stderr
     assert "sysrq" in r.stderr.lower() or "panic" in r.stderr.lower(), r.stderr
+
+
+def _pty_session(argv: list[str], typed: bytes, timeout: float = 240) -> tuple[int, bytes]:
+    """Run argv on a pseudo-terminal, type into it, return (exit status, everything it printed)."""
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.environ["PYTHONPATH"] = str(REPO / "src")
+        os.chdir(REPO)
+        os.execv(argv[0], argv)
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    sent = False
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            out += data
+        if not sent and b"#" in out:  # the guest shell's prompt
+            os.write(fd, typed)
+            sent = True
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), bytes(out)
+
+
+def test_cli_named_lab_lifecycle_and_shell():
+    name = f"pytest-cli-{os.getpid()}"
+    r = _cli("lab", "start", "--name", name, "--json")
+    assert r.returncode == 0, r.stderr
+    try:
+        started = json.loads(r.stdout)
+        assert started["kernel"] == DEFAULT_LAB_KERNEL and started["boot_seconds"] > 0
+        labs = json.loads(_cli("lab", "status", "--json").stdout)["labs"]
+        assert name in [lab["name"] for lab in labs]
+        # Two runs in the same lab: state written by the first is seen by the second (no reboot).
+        assert _cli("lab", "run", "-q", "--name", name, "--", "sh", "-c", "echo 1 > /run/mark").returncode == 0
+        r = _cli("lab", "run", "-q", "--name", name, "--", "cat", "/run/mark")
+        assert (r.returncode, r.stdout) == (0, "1\n"), r.stderr
+        status, out = _pty_session([sys.executable, "-m", "dynamos", "lab", "shell", "--name", name],
+                                   b"cat /run/mark; uname -r; exit 5\n")
+        assert status == 5, out
+        assert DEFAULT_LAB_KERNEL.encode() in out
+    finally:
+        r = _cli("lab", "stop", "--name", name)
+    assert "stopped" in r.stdout
+    labs = json.loads(_cli("lab", "status", "--json").stdout)["labs"]
+    assert name not in [lab["name"] for lab in labs]

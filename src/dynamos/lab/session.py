@@ -44,7 +44,6 @@ def stop_lab(name: str) -> bool:
     if lab is None:
         return False
     lab.shutdown()
-    shutil.rmtree(lab.state_dir, ignore_errors=True)
     return True
 
 
@@ -76,9 +75,4 @@ def lab_session(config: LabConfig, name: str | None = None,
         yield lab
     finally:
         lab.kill()
-        keep = labs_dir() / "last-console.log"
-        try:
-            shutil.copyfile(lab.console_path, keep)
-        except OSError:
-            pass
-        shutil.rmtree(lab.state_dir, ignore_errors=True)
+        lab.discard()

@@ -404,13 +404,23 @@ class Lab:
 
     # ----- shutdown --------------------------------------------------------------------------
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Power the guest off cleanly, then make sure QEMU is gone and the state dir removed."""
+        """Power the guest off cleanly, make sure QEMU is gone, and discard the state dir."""
         if self.alive():
             try:
                 self.run(["/bin/sh", "-c", "sync; poweroff -f"], timeout=timeout)
             except LabError:
                 pass
         self.kill(timeout)
+        self.discard()
+
+    def discard(self) -> None:
+        """Remove the state dir of a lab that is gone, keeping its console log as
+        ``labs/last-console.log`` for a look after the fact."""
+        try:
+            shutil.copyfile(self.console_path, labs_dir() / "last-console.log")
+        except OSError:
+            pass
+        shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def kill(self, timeout: float = 5.0) -> None:
         proc = getattr(self, "_proc", None)

@@ -1,0 +1,105 @@
+"""Pure parts of the lab: frame codec, initramfs writer, module order, oops patterns, shares."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dynamos.errors import LabError, TargetError
+from dynamos.lab import protocol as P
+from dynamos.lab.initramfs import CpioWriter, build_initramfs, find_busybox, module_load_order
+from dynamos.lab.vm import _normalise_shares, kernel_trouble
+from dynamos.target import DEFAULT_LAB_KERNEL, _packages_for, fetch_target, validate_release
+
+
+def test_frames_survive_arbitrary_splits():
+    stream = P.encode(P.STDOUT, b"hello") + P.encode(P.EXIT, {"status": 3}) + P.encode(P.STDERR, b"")
+    for cut in range(len(stream) + 1):
+        r = P.FrameReader()
+        frames = r.feed(stream[:cut]) + r.feed(stream[cut:])
+        assert frames == [(P.STDOUT, b"hello"), (P.EXIT, b'{"status": 3}'), (P.STDERR, b"")]
+
+
+def test_cpio_lists_what_was_written(tmp_path: Path):
+    w = CpioWriter()
+    w.directory("bin")
+    w.file("bin/hello", b"#!/bin/sh\necho hi\n", 0o755)
+    w.symlink("bin/sh", "busybox")
+    archive = tmp_path / "a.cpio"
+    archive.write_bytes(w.finish())
+    assert len(archive.read_bytes()) % 512 == 0
+    listing = subprocess.run([str(find_busybox()), "cpio", "-t"], stdin=archive.open("rb"),
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert listing == ["bin", "bin/hello", "bin/sh"]
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run([str(find_busybox()), "cpio", "-i", "-d"], stdin=archive.open("rb"), cwd=out, check=True,
+                   capture_output=True)
+    assert (out / "bin/hello").read_bytes() == b"#!/bin/sh\necho hi\n"
+    assert (out / "bin/sh").is_symlink() and (out / "bin/hello").stat().st_mode & 0o777 == 0o755
+
+
+def test_lab_modules_come_in_dependency_order():
+    target = fetch_target(DEFAULT_LAB_KERNEL)
+    names = [p.name.removesuffix(".ko") for p in module_load_order(target)]
+    for needed in ("virtio_pci", "virtio_console", "9pnet_virtio", "9p"):
+        assert needed in names
+    for before, after in (("virtio", "virtio_pci"), ("9pnet", "9pnet_virtio"), ("9pnet", "9p"),
+                          ("netfs", "9p"), ("virtio_ring", "virtio_console")):
+        assert names.index(before) < names.index(after), names
+
+
+def test_initramfs_carries_init_and_modules(tmp_path: Path):
+    target = fetch_target(DEFAULT_LAB_KERNEL)
+    archive = tmp_path / "i.cpio"
+    archive.write_bytes(build_initramfs(target, "#!/bin/sh\n", {"lab.conf": b"X=1\n"}))
+    listing = subprocess.run([str(find_busybox()), "cpio", "-t"], stdin=archive.open("rb"),
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert {"init", "bin/busybox", "lab.conf", "lib/modules/order"} <= set(listing)
+    assert any(name.endswith("-9p.ko") for name in listing)
+
+
+@pytest.mark.parametrize("line", [
+    "[   12.1] BUG: kernel NULL pointer dereference, address: 0000000000000000",
+    "[    3.0] WARNING: CPU: 1 PID: 77 at kernel/livepatch/core.c:10 klp_x+0x1/0x2",
+    "[    9.9] Kernel panic - not syncing: sysrq triggered crash",
+    "[    1.0] Oops: 0002 [#1] PREEMPT SMP NOPTI",
+    "[    5.5] watchdog: BUG: soft lockup - CPU#0 stuck for 22s!",
+])
+def test_kernel_trouble_is_recognised(line):
+    assert kernel_trouble(f"[    0.1] fine\n{line}\n[    0.2] fine too\n") == [line]
+
+
+def test_ordinary_boot_lines_are_not_trouble():
+    text = ("[    0.7] mtrr: your CPUs had inconsistent fixed MTRR settings\n"
+            "[    2.2] dynamos-lab: agent starting\n[    3.0] livepatch: enabling patch 'x'\n")
+    assert kernel_trouble(text) == []
+
+
+def test_shares_are_normalised(tmp_path: Path):
+    (tmp_path / "a/b").mkdir(parents=True)
+    (tmp_path / "c").mkdir()
+    assert _normalise_shares([str(tmp_path / "a/b"), str(tmp_path / "a"), str(tmp_path / "c"), "/"]) == [
+        str(tmp_path / "a"), str(tmp_path / "c")]
+    with pytest.raises(LabError, match="not a directory"):
+        _normalise_shares([str(tmp_path / "missing")])
+    (tmp_path / "with space").mkdir()
+    with pytest.raises(LabError, match="whitespace"):
+        _normalise_shares([str(tmp_path / "with space")])
+
+
+def test_release_names_and_packages():
+    assert validate_release("6.1.0-56-amd64") == "6.1.0-56-amd64"
+    with pytest.raises(TargetError, match="does not look like a Debian kernel release"):
+        validate_release("6.1")
+    assert _packages_for("6.1.0-56-amd64") == [
+        "linux-image-6.1.0-56-amd64", "linux-headers-6.1.0-56-amd64",
+        "linux-headers-6.1.0-56-common", "linux-kbuild-6.1"]
+
+
+def test_unknown_release_fails_clearly(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("DYNAMOS_CACHE", str(tmp_path))
+    with pytest.raises(TargetError, match="cannot download kernel 6.1.0-999-amd64"):
+        fetch_target("6.1.0-999-amd64")
