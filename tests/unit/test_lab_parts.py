@@ -9,7 +9,7 @@ import pytest
 
 from dynamos.errors import LabError, TargetError
 from dynamos.lab import protocol as P
-from dynamos.lab.initramfs import CpioWriter, build_initramfs, find_busybox, module_load_order
+from dynamos.lab.initramfs import CpioWriter, cached_initramfs, files_cpio, find_busybox, module_load_order
 from dynamos.lab.vm import _normalise_shares, kernel_trouble
 from dynamos.target import DEFAULT_LAB_KERNEL, _packages_for, fetch_target, validate_release
 
@@ -19,7 +19,9 @@ def test_frames_survive_arbitrary_splits():
     for cut in range(len(stream) + 1):
         r = P.FrameReader()
         frames = r.feed(stream[:cut]) + r.feed(stream[cut:])
-        assert frames == [(P.STDOUT, b"hello"), (P.EXIT, b'{"status": 3}'), (P.STDERR, b"")]
+        assert [k for k, _ in frames] == [P.STDOUT, P.EXIT, P.STDERR]
+        assert frames[0][1] == b"hello" and frames[2][1] == b""
+        assert P.decode(frames[1][1]) == {"status": 3}
 
 
 def test_cpio_lists_what_was_written(tmp_path: Path):
@@ -51,14 +53,20 @@ def test_lab_modules_come_in_dependency_order():
         assert names.index(before) < names.index(after), names
 
 
-def test_initramfs_carries_init_and_modules(tmp_path: Path):
+def _cpio_list(data: bytes) -> list[str]:
+    return subprocess.run([str(find_busybox()), "cpio", "-t"], input=data, capture_output=True,
+                          check=True).stdout.decode().split()
+
+
+def test_initramfs_carries_init_and_modules_and_is_cached(tmp_path: Path):
     target = fetch_target(DEFAULT_LAB_KERNEL)
-    archive = tmp_path / "i.cpio"
-    archive.write_bytes(build_initramfs(target, "#!/bin/sh\n", {"lab.conf": b"X=1\n"}))
-    listing = subprocess.run([str(find_busybox()), "cpio", "-t"], stdin=archive.open("rb"),
-                             capture_output=True, text=True, check=True).stdout.split()
-    assert {"init", "bin/busybox", "lab.conf", "lib/modules/order"} <= set(listing)
+    base = cached_initramfs(target, "#!/bin/sh\n", tmp_path / "cache")
+    listing = _cpio_list(base.read_bytes())
+    assert {"init", "bin/busybox", "bin/insmod", "lib/modules/order"} <= set(listing)
     assert any(name.endswith("-9p.ko") for name in listing)
+    assert cached_initramfs(target, "#!/bin/sh\n", tmp_path / "cache") == base  # built once
+    assert cached_initramfs(target, "#!/bin/sh\necho\n", tmp_path / "cache") != base  # per init script
+    assert _cpio_list(files_cpio({"lab.conf": b"X=1\n"})) == ["lab.conf"]
 
 
 @pytest.mark.parametrize("line", [

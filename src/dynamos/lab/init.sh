@@ -2,7 +2,6 @@
 # dynamos lab init (PID 1 in the initramfs): load the virtio/9p modules of this kernel, mount the
 # host's root read-only with writable tmpfs where a system needs them, then start the guest agent
 # that runs commands sent by the host over virtio-serial.  Settings come from /lab.conf.
-/bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
