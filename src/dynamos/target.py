@@ -94,6 +94,24 @@ def extract_vmlinux(target: TargetKernel) -> Path:
     return out
 
 
+def debian_version(target: TargetKernel) -> str:
+    """The Debian package version of a target kernel (e.g. ``6.1.192-2``): the version of
+    ``linux-source-6.1`` that holds its exact source."""
+    if target.image is not None:
+        recorded = target.image.parent.parent / "debian-version"
+        if recorded.exists():
+            return recorded.read_text().strip()
+    r = _run(["dpkg-query", "-W", "-f=${Version}", f"linux-image-{target.release}"])
+    if r.returncode == 0 and r.stdout.strip():
+        return r.stdout.strip()
+    r = _run(["apt-cache", "show", "--no-all-versions", f"linux-image-{target.release}"])
+    for line in r.stdout.splitlines():
+        if line.startswith("Version:"):
+            return line.split(":", 1)[1].strip()
+    raise TargetError(f"cannot tell the Debian version of kernel {target.release} "
+                      f"(no record in the cache, not installed, unknown to apt)")
+
+
 def validate_release(release: str) -> str:
     if not _RELEASE_RE.match(release):
         raise TargetError(f"{release!r} does not look like a Debian kernel release (e.g. {DEFAULT_LAB_KERNEL})")
@@ -175,6 +193,9 @@ def fetch_target(release: str = DEFAULT_LAB_KERNEL,
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
             for deb in sorted(tmpdir.glob("*.deb")):
+                if deb.name.startswith(f"linux-image-{release}_"):
+                    # linux-image-<rel>_<debian version>_<arch>.deb: the version its source package has
+                    (staging / "debian-version").write_text(deb.name.split("_")[1] + "\n")
                 say(f"unpacking {deb.name}")
                 r = _run(["dpkg", "-x", str(deb), str(staging)])
                 if r.returncode != 0:

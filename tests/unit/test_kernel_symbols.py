@@ -120,7 +120,7 @@ def test_find_tracefs_mounts_when_not_mounted(tmp_path: Path) -> None:
     assert calls == [("tracefs", str(mountpoint), "tracefs")]
     assert found.path == mountpoint and found.mounted is True
     assert found.note == f"mounted tracefs at {mountpoint}"
-    assert found.read_lines("available_filter_functions") == ["f\n"]
+    assert found.read_lines("available_filter_functions") == ["f"]
 
 
 def test_find_tracefs_mount_failure_is_a_problem_not_an_exception(tmp_path: Path) -> None:
@@ -140,3 +140,24 @@ def test_find_tracefs_without_permission_to_mount(tmp_path: Path) -> None:
     found = find_tracefs(tmp_path, None)
     assert found.path is None and found.mounted is None and "only root may mount" in str(found.problem)
     assert "does not exist" in str(find_tracefs(tmp_path / "nothing", None).problem)
+
+
+def test_lines_mentioning_picks_exact_lines_in_order():
+    from dynamos.kernel.symbols import lines_mentioning
+
+    data = b"a t foo\nb t foobar\nc T bar\nd t foo.isra.0\ne t foo\t[mod]\n"
+    assert lines_mentioning(data, [b" foo"]) == ["a t foo", "b t foobar", "d t foo.isra.0", "e t foo\t[mod]"]
+    assert lines_mentioning(b"\n" + b"foo\nbar [m]\nfoo\n", [b"\nbar"]) == ["bar [m]"]
+    assert lines_mentioning(data, [b" nothing"]) == []
+
+
+def test_filtered_kallsyms_keeps_sympos_order(tmp_path):
+    from dynamos.kernel.symbols import Kallsyms
+
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/kallsyms").write_text(
+        "1 t show\n2 T other\n3 t show\n4 d show\n5 t show\t[ext4]\n6 t show.isra.0\n")
+    ks = Kallsyms.read(tmp_path, {"show"})
+    assert ks.count("show") == 2 and ks.count_all("show") == 3 and ks.kind_at("show", "vmlinux", 3) == "d"
+    assert ks.count("show", "ext4") == 1 and ks.variants("show") == ["show.isra.0"]
+    assert ks.count("other") == 0  # not asked for

@@ -418,8 +418,9 @@ class LiveKernel:
         may_mount: bool,
     ) -> list[Refusal]:
         reasons: list[Refusal] = []
+        wanted = {f["name"] for f in pkg.functions}
         try:
-            kallsyms = Kallsyms.read(self.root)
+            kallsyms = Kallsyms.read(self.root, wanted)
         except OSError as e:
             return [Refusal.make("no-kallsyms", path=self.root / "proc/kallsyms", error=e.strerror or e)]
         tracefs = self._tracefs(may_mount)
@@ -427,7 +428,7 @@ class LiveKernel:
             notes.append(tracefs.note)
         if tracefs.path is None:
             reasons.append(Refusal.make("no-ftrace", problem=tracefs.problem))
-        traceable = TraceableFunctions.parse(tracefs.read_lines("available_filter_functions"))
+        traceable = TraceableFunctions.parse(tracefs.read_lines("available_filter_functions", wanted))
         hooked = {
             (u.name, u.object)
             for u in parse_enabled_functions(tracefs.read_lines("enabled_functions"))
