@@ -213,3 +213,23 @@ def test_non_root_is_refused(guest, build):
     assert r.status == RefusedError.exit_status
     assert "root" in r.stderr.decode()
     assert guest.livepatches() == []
+
+
+def test_lockdown_is_refused(target, workdir, build):
+    """A kernel booted in lockdown (integrity) refuses unsigned modules: dynamos says so first."""
+    from dynamos.demo import guest_env
+    from dynamos.lab import Lab, LabConfig
+
+    from .conftest import REPO
+
+    pkg = build(EXAMPLES / "cmdline-banner")
+    lab = Lab.boot(LabConfig(kernel=target.release, shares=[str(REPO), str(workdir)], append="lockdown=integrity"))
+    try:
+        assert "[integrity]" in lab.run(["cat", "/sys/kernel/security/lockdown"], timeout=30).stdout.decode()
+        r = lab.run([sys.executable, "-m", "dynamos", "apply", str(pkg)], env=guest_env(), timeout=120)
+        assert r.status == RefusedError.exit_status, r.stderr
+        assert "lockdown" in r.stderr.decode().lower()
+        assert lab.run(["ls", "/sys/kernel/livepatch"], timeout=30).stdout == b""
+    finally:
+        lab.kill()
+        lab.discard()
