@@ -233,3 +233,38 @@ def test_lockdown_is_refused(target, workdir, build):
     finally:
         lab.kill()
         lab.discard()
+
+
+def test_edition_using_non_exported_symbols(guest, build):
+    """nr_threads, nr_running() and get_avenrun() are not exported: the update reaches them through
+    livepatch relocations, and the values it prints are the kernel's own."""
+    pkg = build(LAB_UPDATES / "loadavg-klp")
+    from dynamos.update.package import read_package
+
+    assert sorted(s["name"] for s in read_package(pkg).klp_symbols) == ["get_avenrun", "nr_running", "nr_threads"]
+    guest.dynamos("apply", str(pkg))
+    try:
+        out = guest.sh("cat /proc/loadavg; ls -d /proc/[0-9]*/task/* | wc -l").split("\n")
+        fields = out[0].split()
+        assert fields[-1] == "dynamos", out
+        running, threads = (int(x) for x in fields[3].split("/"))
+        assert 1 <= running <= 4
+        assert abs(threads - int(out[1])) <= 3, out  # the kernel's own thread count
+    finally:
+        guest.dynamos("revert", "loadavg-klp")
+    assert not guest.read("/proc/loadavg").strip().endswith("dynamos")
+
+
+def test_unknown_non_exported_symbol_is_refused(guest, build):
+    pkg = build({
+        "update.toml": '[update]\nname = "klp-missing"\ndescription = "lab test"\n\n'
+                       '[[function]]\nname = "loadavg_proc_show"\nedition = "show_missing"\n',
+        "e.c": "#include <linux/seq_file.h>\nextern int dynamos_no_such_variable;\n"
+               "int show_missing(struct seq_file *m, void *v)\n"
+               "{ seq_printf(m, \"%d\\n\", dynamos_no_such_variable); return 0; }\n",
+    }, "klp-missing")
+    before = guest.modules()
+    r = guest.dynamos("apply", str(pkg), check=False)
+    assert r.status == RefusedError.exit_status
+    assert "dynamos_no_such_variable" in r.stderr.decode() and "not in vmlinux" in r.stderr.decode()
+    assert guest.modules() == before

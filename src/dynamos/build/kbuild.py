@@ -23,6 +23,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from dynamos.build.cgen import generate_kbuild, generate_livepatch_source
+from dynamos.build.klp import KlpSymbol, convert_to_klp, exported_symbols, klp_symbols_needed
 from dynamos.errors import BuildError
 from dynamos.target import TargetKernel, cache_root
 from dynamos.update.manifest import UpdateSource, load_update_source
@@ -149,11 +150,17 @@ def build_update(source_dir: Path | str, target: TargetKernel, output: Path | No
             raise BuildError(f"make succeeded but produced no {module_path.name}; "
                              f"see {build_dir / BUILD_LOG}")
         module = module_path.read_bytes()
+        klp_symbols = _klp_symbols(module, source, target)
+        if klp_symbols:
+            say("resolving at load time through livepatch: "
+                + ", ".join(f"{s.name} ({s.object})" for s in klp_symbols))
+            module = convert_to_klp(module, klp_symbols)
+            module_path.write_bytes(module)
     vermagic = _check_module(module, module_path, target)
 
     package_path = None
     if output is not None:
-        package_path = _write_package(Path(output), source, target, vermagic, module, log)
+        package_path = _write_package(Path(output), source, target, vermagic, module, log, klp_symbols)
         say(f"wrote {package_path}")
     return BuildResult(module_path=module_path, module=module, vermagic=vermagic, build_log=log,
                        build_dir=build_dir, seconds=time.monotonic() - started,
@@ -227,6 +234,9 @@ def _make_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _HOSTILE_ENV}
     # English, ASCII diagnostics: error_lines() parses them. Kbuild unexports LC_ALL, hence the rest.
     env.update(LC_ALL="C", LANG="C", LC_MESSAGES="C", LC_CTYPE="C")
+    # Symbols the kernel does not export are not an error here: they become livepatch
+    # relocations after the link (see dynamos.build.klp).
+    env["KBUILD_MODPOST_WARN"] = "1"
     return env
 
 
@@ -301,9 +311,19 @@ def _check_module(module: bytes, module_path: Path, target: TargetKernel) -> str
 
 
 def _write_package(output: Path, source: UpdateSource, target: TargetKernel, vermagic: str,
-                   module: bytes, log: str) -> Path:
+                   module: bytes, log: str, klp_symbols: list[KlpSymbol]) -> Path:
     from dynamos.update.package import package_filename, write_package
 
     path = output / package_filename(source.name, target.release) if output.is_dir() else output
     return write_package(path, source=source, kernel_release=target.release, vermagic=vermagic,
-                         module=module, build_log=log)
+                         module=module, build_log=log, klp_symbols=[s.to_json() for s in klp_symbols])
+
+
+def _klp_symbols(module: bytes, source: UpdateSource, target: TargetKernel) -> list[KlpSymbol]:
+    """Undefined symbols no export satisfies: editions may use them (declared ``extern``), and
+    livepatch resolves them when the update loads."""
+    symvers = target.headers_dir / "Module.symvers"
+    if not symvers.is_file():
+        raise BuildError(f"no Module.symvers in {target.headers_dir}: cannot tell exported symbols")
+    declared = {s.name: KlpSymbol(s.name, s.object, s.sympos or 0) for s in source.symbols}
+    return klp_symbols_needed(module, exported_symbols(symvers), declared)

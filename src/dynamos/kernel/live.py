@@ -69,6 +69,11 @@ REFUSALS: dict[str, str] = {
     "not-traceable": "function {function} in {object} is not traceable (absent from ftrace's "
                      "available_filter_functions: notrace, inlined or __init code), "
                      "so livepatch cannot redirect it",
+    "klp-unknown-symbol": "symbol {symbol} used by the update is not in {object} "
+                          "(it is resolved through kallsyms when the update loads)",
+    "klp-ambiguous": "symbol {symbol} used by the update is ambiguous in {object}: {count} symbols have "
+                     "that name; add [[symbol]] name = \"{symbol}\" with sympos (1..{count}) to update.toml",
+    "klp-sympos-range": "symbol {symbol} has sympos {sympos}, but {object} has {count} symbol(s) of that name",
     "ipmodify": "function {function} in {object} is already redirected by an ftrace user that is not "
                 "a livepatch (kretprobe or another patching tool); loading would fail with EBUSY",
 }
@@ -418,7 +423,8 @@ class LiveKernel:
         may_mount: bool,
     ) -> list[Refusal]:
         reasons: list[Refusal] = []
-        wanted = {f["name"] for f in pkg.functions}
+        klp_symbols = list(getattr(pkg, "klp_symbols", []))
+        wanted = {f["name"] for f in pkg.functions} | {s["name"] for s in klp_symbols}
         try:
             kallsyms = Kallsyms.read(self.root, wanted)
         except OSError as e:
@@ -480,6 +486,27 @@ class LiveKernel:
                              f"this update takes over while it is loaded")
             elif (fname, obj) in hooked:
                 reasons.append(Refusal.make("ipmodify", **ident))
+        reasons += self._check_klp_symbols(klp_symbols, kallsyms, modules, notes)
+        return reasons
+
+    def _check_klp_symbols(self, symbols: list[dict[str, Any]], kallsyms: Kallsyms,
+                           modules: Mapping[str, Any], notes: list[str]) -> list[Refusal]:
+        """Livepatch resolves these by name and position when the update loads; a missing or
+        ambiguous one would fail the load with a bare EINVAL, so say it now."""
+        reasons = []
+        for sym in symbols:
+            name, obj, sympos = sym["name"], sym.get("object", VMLINUX), sym.get("sympos") or 0
+            ident = {"symbol": name, "object": obj}
+            if obj != VMLINUX and obj not in modules and not kallsyms.has_object(obj):
+                notes.append(f"module {obj} is not loaded: symbol {name} will be resolved when it loads")
+                continue
+            count = kallsyms.count_all(name, obj)
+            if count == 0:
+                reasons.append(Refusal.make("klp-unknown-symbol", **ident))
+            elif sympos == 0 and count > 1:
+                reasons.append(Refusal.make("klp-ambiguous", count=count, **ident))
+            elif sympos > count:
+                reasons.append(Refusal.make("klp-sympos-range", sympos=sympos, count=count, **ident))
         return reasons
 
     # -- transitions ------------------------------------------------------------------------

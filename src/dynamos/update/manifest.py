@@ -49,6 +49,20 @@ class FunctionSpec:
 
 
 @dataclass(frozen=True)
+class SymbolSpec:
+    """A non-exported kernel symbol the editions use, resolved by livepatch at load time.
+
+    Needed in update.toml only when the symbol is not a unique vmlinux symbol: it says which
+    module holds it, or which of several same-named symbols is meant.
+    """
+
+    name: str
+    object: str = VMLINUX
+    sympos: int | None = None
+    line: int | None = None
+
+
+@dataclass(frozen=True)
 class UpdateSource:
     """A validated update source directory."""
 
@@ -59,6 +73,7 @@ class UpdateSource:
     c_files: tuple[Path, ...]
     kernel: str | None = None  # release it is written for; None means the target's release
     replace: bool = False  # atomic replace of earlier updates (cumulative)
+    symbols: tuple[SymbolSpec, ...] = ()  # [[symbol]]: where non-exported symbols live
 
     @property
     def manifest_path(self) -> Path:
@@ -96,7 +111,8 @@ _C_KEYWORDS = frozenset(
 
 UPDATE_KEYS = ("name", "description", "kernel", "replace")
 FUNCTION_KEYS = ("name", "edition", "object", "sympos")
-TOP_LEVEL_KEYS = ("update", "function")
+SYMBOL_KEYS = ("name", "object", "sympos")
+TOP_LEVEL_KEYS = ("update", "function", "symbol")
 
 
 # --- line numbers for TOML keys -------------------------------------------------------------
@@ -494,11 +510,12 @@ def load_update_source(directory: Path | str) -> UpdateSource:
         elif hint:
             advice = f"did you mean {hint[0]!r}?"
         else:
-            advice = "expected only [update] and [[function]] tables"
+            advice = "expected only [update], [[function]] and [[symbol]] tables"
         raise check.fail(f"unknown top-level key {key!r} ({advice})", lines.key((), 0, key))
 
     name, description, kernel, replace = _validate_update(data, check)
     functions = _validate_functions(data, check)
+    symbols = _validate_symbols(data, check)
 
     c_files = tuple(sorted(p for p in directory.glob("*.c") if p.is_file()))
     if not c_files:
@@ -516,6 +533,7 @@ def load_update_source(directory: Path | str) -> UpdateSource:
         c_files=c_files,
         kernel=kernel,
         replace=replace,
+        symbols=symbols,
     )
 
 
@@ -563,6 +581,57 @@ def _validate_update(data: dict[str, Any], check: _Checker) -> tuple[str, str, s
     return name, description, kernel, replace
 
 
+def _check_object(obj: str | None, where: str, line: int | None, check: _Checker) -> str:
+    """'vmlinux' or a module name, in the kernel's spelling ('-' -> '_')."""
+    if obj is None:
+        return VMLINUX
+    if obj != VMLINUX and (not _MODULE_RE.match(obj) or len(obj) > MAX_NAME_LEN):
+        raise check.fail(
+            f"{where}: object {obj!r} must be 'vmlinux' or a module name ([A-Za-z0-9_-], "
+            f"at most {MAX_NAME_LEN} characters)",
+            line,
+        )
+    return obj.replace("-", "_")
+
+
+def _check_sympos(table: dict[str, Any], where: str, line: int | None, check: _Checker) -> int | None:
+    sympos = table.get("sympos")
+    if sympos is not None and (not isinstance(sympos, int) or isinstance(sympos, bool) or sympos < 1):
+        raise check.fail(
+            f"{where}: sympos must be a positive integer (1 is the first of same-named symbols), "
+            f"got {_toml_type(sympos)} {sympos!r}",
+            line,
+        )
+    return sympos
+
+
+def _validate_symbols(data: dict[str, Any], check: _Checker) -> tuple[SymbolSpec, ...]:
+    lines = check.lines
+    tpath = ("symbol",)
+    tables = data.get("symbol", [])
+    if not isinstance(tables, list):
+        raise check.fail("symbol must be an array of tables: write [[symbol]], not [symbol]", lines.table(tpath, 0))
+    symbols: dict[str, SymbolSpec] = {}
+    for index, table in enumerate(tables):
+        where = f"[[symbol]] #{index + 1}"
+        if not isinstance(table, dict):
+            raise check.fail(f"{where} must be a table, got {_toml_type(table)}", lines.table(tpath, 0))
+        check.reject_unknown(table, SYMBOL_KEYS, where, tpath, index)
+        header = lines.table(tpath, index)
+        name = check.string(table, "name", where, tpath, index, required=True)
+        assert name is not None
+        problem = _check_symbol(name)
+        if problem:
+            raise check.fail(f"{where}: name {name!r} {problem}", lines.key(tpath, index, "name"))
+        obj = _check_object(check.string(table, "object", where, tpath, index, required=False), where,
+                            lines.key(tpath, index, "object"), check)
+        sympos = _check_sympos(table, where, lines.key(tpath, index, "sympos"), check)
+        if name in symbols:
+            raise check.fail(f"{where}: symbol {name!r} is already described at line {symbols[name].line}", header)
+        symbols[name] = SymbolSpec(name=name, object=obj, sympos=sympos, line=header)
+    return tuple(symbols.values())
+
+
 def _validate_functions(data: dict[str, Any], check: _Checker) -> tuple[FunctionSpec, ...]:
     lines = check.lines
     tpath = ("function",)
@@ -600,25 +669,9 @@ def _validate_functions(data: dict[str, Any], check: _Checker) -> tuple[Function
         if problem:
             raise check.fail(f"{where}: edition {edition!r} {problem}", lines.key(tpath, index, "edition"))
 
-        obj = check.string(table, "object", where, tpath, index, required=False)
-        if obj is None:
-            obj = VMLINUX
-        elif obj != VMLINUX and (not _MODULE_RE.match(obj) or len(obj) > MAX_NAME_LEN):
-            raise check.fail(
-                f"{where}: object {obj!r} must be 'vmlinux' or a module name ([A-Za-z0-9_-], "
-                f"at most {MAX_NAME_LEN} characters)",
-                lines.key(tpath, index, "object"),
-            )
-        obj = obj.replace("-", "_")  # the kernel's name for module foo-bar is foo_bar
-
-        sympos = table.get("sympos")
-        if sympos is not None and (not isinstance(sympos, int) or isinstance(sympos, bool) or sympos < 1):
-            got = f"{_toml_type(sympos)} {sympos!r}"
-            raise check.fail(
-                f"{where}: sympos must be a positive integer (1 is the first of same-named symbols), "
-                f"got {got}",
-                lines.key(tpath, index, "sympos"),
-            )
+        obj = _check_object(check.string(table, "object", where, tpath, index, required=False), where,
+                            lines.key(tpath, index, "object"), check)
+        sympos = _check_sympos(table, where, lines.key(tpath, index, "sympos"), check)
 
         spec = FunctionSpec(name=name, edition=edition, object=obj, sympos=sympos, line=header)
 

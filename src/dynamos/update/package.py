@@ -58,6 +58,7 @@ _MANIFEST_SCHEMA: dict[str, type | tuple[type, ...]] = {
     "functions": list,
     "created": str,
     "digests": dict,
+    "klp_symbols": list,
     "manifest_sha256": str,
 }
 _FUNCTION_SCHEMA: dict[str, type | tuple[type, ...]] = {
@@ -115,6 +116,12 @@ class UpdatePackage:
         return self.manifest["replace"]
 
     @property
+    def klp_symbols(self) -> list[dict[str, Any]]:
+        """Non-exported symbols the module reaches through livepatch relocations
+        (``{"name", "object", "sympos"}``): checked against kallsyms before loading."""
+        return list(self.manifest["klp_symbols"])
+
+    @property
     def functions(self) -> list[dict[str, Any]]:
         """Patched functions: dicts with keys name, edition, object, sympos (copies)."""
         return [dict(f) for f in self.manifest["functions"]]
@@ -138,6 +145,7 @@ def _build_manifest(
     module: bytes,
     log_bytes: bytes,
     created: datetime,
+    klp_symbols: list[dict[str, Any]],
 ) -> dict[str, Any]:
     return {
         "format": FORMAT_VERSION,
@@ -154,6 +162,7 @@ def _build_manifest(
         ],
         "created": created.astimezone(UTC).isoformat(timespec="seconds"),
         "digests": {MODULE_MEMBER: sha256_hex(module), BUILD_LOG_MEMBER: sha256_hex(log_bytes)},
+        "klp_symbols": klp_symbols,
     }
 
 
@@ -189,6 +198,7 @@ def write_package(
     module: bytes,
     build_log: str = "",
     created: datetime | None = None,
+    klp_symbols: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write an update package atomically and return its path.
 
@@ -218,6 +228,7 @@ def write_package(
         module=module,
         log_bytes=log_bytes,
         created=created or datetime.now(UTC),
+        klp_symbols=list(klp_symbols or []),
     )
     manifest["manifest_sha256"] = manifest_digest(manifest)
     manifest_bytes = (json.dumps(manifest, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()

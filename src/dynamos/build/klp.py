@@ -1,0 +1,117 @@
+"""Livepatch relocations: let an update's C use kernel symbols that are not exported.
+
+The module loader links a module only against exported symbols. Everything else an edition
+touches (``nr_threads``, a file-static helper, ``saved_command_line``) is reached through
+livepatch relocations instead (Documentation/livepatch/module-elf-format.rst): the symbol is
+renamed ``.klp.sym.<object>.<name>,<sympos>`` and marked SHN_LIVEPATCH, and the relocations that
+use it move to ``.klp.rela.<object>.<section>`` sections flagged SHF_RELA_LIVEPATCH, which the
+loader skips and livepatch applies once it has looked the symbol up in kallsyms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from dynamos.build.elf import SHF_ALLOC, SHF_INFO_LINK, SHN_UNDEF, SHT_RELA, RelocatableElf, Section
+from dynamos.errors import BuildError
+
+SHN_LIVEPATCH = 0xFF20
+SHF_RELA_LIVEPATCH = 0x00100000
+STB_LOCAL = 0
+VMLINUX = "vmlinux"
+
+
+@dataclass(frozen=True)
+class KlpSymbol:
+    """A symbol resolved by livepatch at load time: where it lives and which of its namesakes."""
+
+    name: str
+    object: str = VMLINUX
+    sympos: int = 0  # 0: the name is unique in its object; else 1-based position in kallsyms
+
+    @property
+    def klp_name(self) -> str:
+        return f".klp.sym.{self.object}.{self.name},{self.sympos}"
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "object": self.object, "sympos": self.sympos}
+
+
+def exported_symbols(module_symvers: Path) -> set[str]:
+    """Names exported by the target kernel and its modules (``Module.symvers``)."""
+    names = set()
+    with module_symvers.open() as f:
+        for line in f:
+            parts = line.split("\t")
+            if len(parts) >= 2:
+                names.add(parts[1])
+    return names
+
+
+def unresolved_symbols(obj: RelocatableElf) -> list[str]:
+    """Undefined global symbols of a module, in symbol-table order."""
+    return [s.name for s in obj.symbols if s.shndx == SHN_UNDEF and s.name and s.binding != STB_LOCAL]
+
+
+def klp_symbols_needed(module: bytes, exported: set[str],
+                       declared: Mapping[str, KlpSymbol] | None = None) -> list[KlpSymbol]:
+    """The module's undefined symbols the loader cannot resolve, as livepatch symbols.
+
+    ``declared`` (from update.toml ``[[symbol]]``) says which object or namesake is meant;
+    the default is a unique symbol of vmlinux.
+    """
+    declared = declared or {}
+    obj = RelocatableElf.parse(module, "livepatch module")
+    return [declared.get(name, KlpSymbol(name)) for name in unresolved_symbols(obj) if name not in exported]
+
+
+def convert_to_klp(module: bytes, symbols: Iterable[KlpSymbol]) -> bytes:
+    """Rewrite a built module so ``symbols`` are resolved by livepatch instead of the loader."""
+    by_name = {s.name: s for s in symbols}
+    if not by_name:
+        return module
+    obj = RelocatableElf.parse(module, "livepatch module")
+    klp_index: dict[int, KlpSymbol] = {}
+    for i, sym in enumerate(obj.symbols):
+        if sym.shndx == SHN_UNDEF and sym.name in by_name:
+            klp_index[i] = by_name[sym.name]
+            sym.name = by_name[sym.name].klp_name
+            sym.shndx = SHN_LIVEPATCH
+    missing = set(by_name) - {s.name for s in klp_index.values()}
+    if missing:
+        raise BuildError(f"livepatch symbols not referenced by the module: {', '.join(sorted(missing))}")
+
+    for index in range(len(obj.sections)):
+        sec = obj.sections[index]
+        if sec.type != SHT_RELA or sec.link != obj.symtab_index or sec.flags & SHF_RELA_LIVEPATCH:
+            continue
+        relas = obj.relocations(index)
+        keep = [r for r in relas if r.sym not in klp_index]
+        if len(keep) == len(relas):
+            continue
+        target = obj.sections[sec.info]
+        if not target.flags & SHF_ALLOC:
+            # Debug info referring to the symbol: nothing runs it; drop those entries.
+            obj.set_relocations(index, keep)
+            continue
+        moved: dict[str, list] = {}
+        for r in relas:
+            if r.sym in klp_index:
+                moved.setdefault(klp_index[r.sym].object, []).append(r)
+        obj.set_relocations(index, keep)
+        for objname, entries in moved.items():
+            new = obj.add_section(Section(
+                name=f".klp.rela.{objname}.{target.name}", type=SHT_RELA,
+                flags=SHF_ALLOC | SHF_INFO_LINK | SHF_RELA_LIVEPATCH, addr=0, link=obj.symtab_index,
+                info=sec.info, addralign=8, entsize=sec.entsize or 24, data=b""))
+            obj.set_relocations(new, entries)
+    _check_module_objects(by_name.values())
+    return obj.to_bytes()
+
+
+def _check_module_objects(symbols: Iterable[KlpSymbol]) -> None:
+    for s in symbols:
+        if "." in s.object or "," in s.name:
+            raise BuildError(f"livepatch symbol {s.name!r} of object {s.object!r} cannot be encoded")

@@ -1,0 +1,613 @@
+"""The target kernel's own source, prepared once, and single translation units compiled in it.
+
+The source-diff builder compiles only the files a patch touches, original and patched, with the
+kernel's own flags. That is only faithful when the tree is the distribution's source of the exact
+target version, configured with the target's ``.config`` and built with the same compiler and the
+same distribution settings (release string, package id, build user/host). So:
+
+- ``prepare_source`` takes Debian's ``linux-source-<major.minor>`` of the target's exact Debian
+  version, extracts it into ``<cache>/source/<release>/``, installs the target's config and runs
+  ``make olddefconfig prepare modules_prepare`` once. The settings are read from the target's own
+  headers package (``.kernelvariables``, ``include/generated/*``), and the result is checked against
+  them: a config or generated header that differs from the shipped kernel's stops the preparation.
+- ``compile_unit`` builds one object through Kbuild's per-object target (``make fs/proc/cmdline.o``),
+  for the original file or for a replacement text of it, and leaves the cached tree pristine.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dynamos.build.kbuild import MAKE_JOBS, error_lines
+from dynamos.errors import BuildError, TargetError
+from dynamos.target import TargetKernel, cache_root, debian_version
+
+DEFAULT_EXTRA_CFLAGS = ("-ffunction-sections", "-fdata-sections")
+READY = "ready"  # written last: the tree is prepared and checked
+EXTRACTED = "extracted"  # the tarball is fully unpacked (a failed prepare resumes from here)
+SETTINGS = "make-settings.json"  # make arguments and environment, shared by every make in the tree
+PREPARE_LOG = "prepare.log"
+# Free space an extracted and prepared 6.1 tree needs (about 1.4 GB), with a margin.
+_NEEDED_BYTES = 3 * 1024**3
+
+# Environment that would make Kbuild build something else than the target's kernel objects.
+_HOSTILE_ENV = frozenset({
+    "MAKEFLAGS", "MFLAGS", "GNUMAKEFLAGS", "MAKELEVEL", "ARCH", "SRCARCH", "CROSS_COMPILE", "LLVM", "LLVM_IAS",
+    "CC", "LD", "AS", "HOSTCC", "HOSTCXX", "O", "M", "C", "W", "V",
+    "KCFLAGS", "KCPPFLAGS", "KAFLAGS", "KRUSTFLAGS", "KERNELRELEASE", "KERNELVERSION", "LOCALVERSION",
+    "CFLAGS_KERNEL", "AFLAGS_KERNEL", "CFLAGS_MODULE", "AFLAGS_MODULE", "LDFLAGS_MODULE",
+    "DISTRIBUTION_OFFICIAL_BUILD", "DISTRIBUTOR", "DISTRIBUTION_VERSION",
+})
+# Tools the prepare and single-object builds run, and the Debian package that has each.
+_TOOLS = {"make": "make", "flex": "flex", "bison": "bison", "bc": "bc", "perl": "perl", "xz": "xz-utils",
+          "tar": "tar", "ld": "binutils", "as": "binutils"}
+# Host headers the prepare step compiles against (objtool, sign-file).
+_HOST_HEADERS = {"gelf.h": "libelf-dev", "openssl/opensslv.h": "libssl-dev"}
+# Kconfig values that only record tool versions: a mismatch means another toolchain than Debian's.
+_TOOL_VERSION_OPTIONS = {
+    "CONFIG_GCC_VERSION": "the compiler", "CONFIG_CLANG_VERSION": "the compiler",
+    "CONFIG_AS_VERSION": "binutils (as)", "CONFIG_LD_VERSION": "binutils (ld)",
+    "CONFIG_PAHOLE_VERSION": "pahole (Debian package dwarves)", "CONFIG_RUSTC_VERSION": "rustc",
+}
+# Informational only (no code depends on them): reported, not fatal.
+_TEXT_ONLY_OPTIONS = frozenset({"CONFIG_CC_VERSION_TEXT"})
+# Generated headers of the target not produced by ``make prepare`` (made at vmlinux link time, or Rust).
+_NOT_PREPARED = frozenset({"include/generated/utsversion.h", "include/generated/rustc_cfg"})
+_UTS_FLAGS = frozenset({"SMP", "PREEMPT", "PREEMPT_DYNAMIC", "PREEMPT_RT"})
+
+_CHECKPOINT = "dynamos-checkpoint"
+_STEP_RE = re.compile(r"^\s+([A-Z][A-Z0-9_]*(?: \[M\])?)\s+(\S+)\s*$")
+_GCC_ERROR_RE = re.compile(r"^(?P<file>[^:\s]+):(?P<line>\d+):(?:\d+:)? (?:fatal )?error: ")
+_DEFINE_RE = re.compile(r'^#define\s+(\w+)\s+"(.*)"\s*$', re.M)
+_CONFIG_RE = re.compile(r"^(CONFIG_\w+)=(.*)$|^# (CONFIG_\w+) is not set$", re.M)
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """A target kernel's source tree, configured and prepared (``make prepare modules_prepare``)."""
+
+    release: str
+    debian_version: str
+    tree: Path
+
+    @property
+    def uts_release(self) -> str:
+        """``UTS_RELEASE`` the tree compiles into objects (must be the target's release)."""
+        text = (self.tree / "include/generated/utsrelease.h").read_text()
+        return _defines(text).get("UTS_RELEASE", "")
+
+
+@dataclass(frozen=True)
+class CompiledUnit:
+    """One object compiled from the target's source (original or patched text of a file)."""
+
+    object_path: Path
+    source_path: str  # relative to the tree, e.g. ``fs/proc/cmdline.c``
+    patched: bool
+    seconds: float
+    command: list[str] = field(default_factory=list)
+    log: str = ""
+
+
+def source_root(release: str) -> Path:
+    """Cache directory of a release's source: the tree, its markers and settings."""
+    return cache_root() / "source" / release
+
+
+def source_package(release: str) -> str:
+    """Debian's source package for a release: ``6.1.0-56-amd64`` -> ``linux-source-6.1``."""
+    major_minor = ".".join(release.split("-", 1)[0].split(".")[:2])
+    return f"linux-source-{major_minor}"
+
+
+def _say_nothing(_message: str) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------------------------------
+# prepare_source
+
+
+def prepare_source(target: TargetKernel, progress: Callable[[str], None] | None = None) -> KernelSource:
+    """The prepared source tree of ``target``: from the cache, or fetched and prepared now.
+
+    A cached tree of the same release but another Debian version (Debian keeps the ABI name
+    across some uploads) is prepared anew. Two preparations of one release wait for each other.
+    """
+    say = progress or _say_nothing
+    version = debian_version(target)
+    root = source_root(target.release)
+    package = source_package(target.release)
+    source = KernelSource(target.release, version, root / package)
+    if _is_ready(root, version):
+        return source
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with _tree_lock(target.release):
+        if _is_ready(root, version):
+            return source
+        settings = _settings_for(target, version)
+        _check_tools(settings, target)
+        if (root / EXTRACTED).is_file() and (root / EXTRACTED).read_text().strip() == version:
+            say(f"{package} {version} already extracted in {root}")
+        else:
+            _check_space(root.parent)
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            tarball_owner = _source_tarball(package, version, say)
+            with tarball_owner as tarball:
+                _extract(tarball, root, say)
+            if not (source.tree / "Makefile").is_file():
+                raise TargetError(f"{package} {version} did not unpack into {source.tree}")
+            (root / EXTRACTED).write_text(version + "\n")
+        (root / READY).unlink(missing_ok=True)
+        _check_version(source.tree, version, package)
+        (root / SETTINGS).write_text(json.dumps(settings, indent=1) + "\n")
+        _configure_and_prepare(source, target, settings, say)
+        (root / READY).write_text(version + "\n")
+    say(f"kernel source {target.release} ({package} {version}) prepared in {source.tree}")
+    return source
+
+
+def _is_ready(root: Path, version: str) -> bool:
+    marker = root / READY
+    return marker.is_file() and marker.read_text().strip() == version
+
+
+@contextmanager
+def _tree_lock(release: str) -> Iterator[None]:
+    """Exclusive use of a release's tree: preparing it, or compiling in it (which edits files)."""
+    path = cache_root() / "source" / f".{release}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _defines(text: str) -> dict[str, str]:
+    return dict(_DEFINE_RE.findall(text))
+
+
+def _settings_for(target: TargetKernel, version: str) -> dict[str, object]:
+    """Make variables and environment that reproduce Debian's build of this kernel.
+
+    Read from the target's headers package, which records what Debian's build produced:
+    the compiler (``.kernelvariables``), the release string, the package id printed in oopses,
+    the build user/host and version stamp.
+    """
+    headers = target.headers_dir
+    generated = headers / "include/generated"
+    if not (headers / ".config").is_file():
+        raise TargetError(f"the headers of {target.release} at {headers} have no .config "
+                          f"(install or fetch linux-headers-{target.release})")
+    cc = "gcc"
+    variables = headers / ".kernelvariables"
+    if variables.is_file():
+        for line in variables.read_text().splitlines():
+            m = re.match(r"^\s*CC\s*[:?]?=.*?((?:gcc|clang)(?:-[0-9]+)?)\s*$", line)
+            if m:
+                cc = m.group(1)
+    make_vars = {"ARCH": "x86", "CC": cc, "KERNELRELEASE": target.release}
+    env: dict[str, str] = {}
+    package_h = generated / "package.h"
+    if package_h.is_file():
+        package_id = _defines(package_h.read_text()).get("LINUX_PACKAGE_ID", "").strip()
+        if package_id:  # " Debian 6.1.192-2": Debian's DISTRIBUTION_OFFICIAL_BUILD settings
+            distributor, _, dist_version = package_id.partition(" ")
+            make_vars.update(DISTRIBUTION_OFFICIAL_BUILD="1", DISTRIBUTOR=distributor,
+                             DISTRIBUTION_VERSION=dist_version or version)
+    compile_h = generated / "compile.h"
+    if compile_h.is_file():
+        defines = _defines(compile_h.read_text())
+        if defines.get("LINUX_COMPILE_BY"):
+            env["KBUILD_BUILD_USER"] = defines["LINUX_COMPILE_BY"]
+        if defines.get("LINUX_COMPILE_HOST"):
+            env["KBUILD_BUILD_HOST"] = defines["LINUX_COMPILE_HOST"]
+    utsversion_h = generated / "utsversion.h"
+    if utsversion_h.is_file():  # "#1 SMP PREEMPT_DYNAMIC Debian 6.1.192-2 (2026-11-16)"
+        uts = _defines(utsversion_h.read_text()).get("UTS_VERSION", "")
+        words = uts.split()
+        if words and words[0].startswith("#"):
+            env["KBUILD_BUILD_VERSION"] = words[0][1:]
+            rest = words[1:]
+            while rest and rest[0] in _UTS_FLAGS:
+                rest = rest[1:]
+            if rest:
+                env["KBUILD_BUILD_VERSION_TIMESTAMP"] = " ".join(rest)
+    return {"make_vars": make_vars, "env": env, "compiler": cc}
+
+
+def _check_tools(settings: dict[str, object], target: TargetKernel) -> None:
+    """Refuse early, naming the Debian packages to install, when a build tool is missing."""
+    cc = str(settings["compiler"])
+    missing: dict[str, str] = {}
+    if shutil.which(cc) is None:
+        missing[cc] = cc if cc != "gcc" else "gcc"
+    for tool, package in _TOOLS.items():
+        if shutil.which(tool) is None:
+            missing[tool] = package
+    config = _read_config(target.headers_dir / ".config")
+    if config.get("CONFIG_PAHOLE_VERSION", "0") not in ("0", "") and shutil.which("pahole") is None:
+        missing["pahole"] = "dwarves"
+    for header, package in _HOST_HEADERS.items():
+        if not Path("/usr/include", header).is_file():
+            missing[header] = package
+    if missing:
+        packages = " ".join(sorted(set(missing.values())))
+        raise BuildError(f"preparing the source of {target.release} needs {', '.join(sorted(missing))}, "
+                         f"which the target's kernel was built with and this machine lacks "
+                         f"(on Debian: apt-get install {packages})")
+
+
+def _check_space(where: Path) -> None:
+    free = shutil.disk_usage(where).free
+    if free < _NEEDED_BYTES:
+        raise TargetError(f"not enough disk space for a kernel source tree in {where}: "
+                          f"{free / 1024**3:.1f} GB free, about {_NEEDED_BYTES / 1024**3:.0f} GB needed")
+
+
+class _Tarball:
+    """The source tarball, from wherever it is cheapest; a context manager that cleans up."""
+
+    def __init__(self, path: Path, tmp: tempfile.TemporaryDirectory[str] | None = None):
+        self.path = path
+        self._tmp = tmp
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def _source_tarball(package: str, version: str, say: Callable[[str], None]) -> _Tarball:
+    """``usr/src/<package>.tar.xz`` of the source package of exactly ``version``.
+
+    In order: the installed package (when dpkg has that version and the file checks against
+    dpkg's md5sum), the .deb kept in ``<cache>/debs``, or ``apt-get download`` (kept for next time).
+    """
+    member = f"usr/src/{package}.tar.xz"
+    installed = _installed_tarball(package, version, member)
+    if installed is not None:
+        say(f"using the installed {package} {version} ({installed})")
+        return _Tarball(installed)
+    debs = cache_root() / "debs"
+    deb = debs / f"{package}_{version.replace(':', '%3a')}_all.deb"
+    if deb.is_file():
+        say(f"source package present: {deb}")
+    else:
+        _download(package, version, deb, say)
+    tmp = tempfile.TemporaryDirectory(prefix="dynamos-source-", dir=cache_root())
+    say(f"unpacking {deb.name}")
+    r = subprocess.run(["dpkg", "-x", str(deb), tmp.name], capture_output=True, text=True)
+    tarball = Path(tmp.name) / member
+    if r.returncode != 0 or not tarball.is_file():
+        tmp.cleanup()
+        deb.unlink(missing_ok=True)  # corrupt: fetch it again next time
+        raise TargetError(f"cannot unpack {deb.name}: {(r.stderr.strip() or f'no {member} inside')[-500:]}")
+    return _Tarball(tarball, tmp)
+
+
+def _installed_tarball(package: str, version: str, member: str) -> Path | None:
+    r = subprocess.run(["dpkg-query", "-W", "-f=${Version} ${db:Status-Status}", package],
+                       capture_output=True, text=True)
+    if r.returncode != 0 or r.stdout.strip() != f"{version} installed":
+        return None
+    path = Path("/") / member
+    sums = Path(f"/var/lib/dpkg/info/{package}.md5sums")
+    if not path.is_file() or not sums.is_file():
+        return None
+    expected = next((line.split()[0] for line in sums.read_text().splitlines()
+                     if line.split()[-1:] == [member]), None)
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return path if digest.hexdigest() == expected else None
+
+
+def _download(package: str, version: str, deb: Path, say: Callable[[str], None]) -> None:
+    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
+        raise TargetError(f"fetching {package} {version} needs apt-get and dpkg (Debian or a derivative)")
+    show = subprocess.run(["apt-cache", "show", "--no-all-versions", f"{package}={version}"],
+                          capture_output=True, text=True)
+    if show.returncode != 0 or not show.stdout.strip():
+        madison = subprocess.run(["apt-cache", "madison", package], capture_output=True, text=True)
+        known = sorted({line.split("|")[1].strip() for line in madison.stdout.splitlines() if "|" in line})
+        known_text = f"apt knows {', '.join(known)}" if known else f"apt knows no {package} at all"
+        raise TargetError(
+            f"the kernel's exact source, {package} version {version}, is not available from apt "
+            f"({known_text}); add the archive that has it (e.g. bookworm-security, or "
+            f"snapshot.debian.org for old versions) to the apt sources and run 'apt-get update'")
+    size = next((int(line.split()[1]) for line in show.stdout.splitlines() if line.startswith("Size:")), 0)
+    say(f"downloading {package} {version} ({size / 1e6:.0f} MB)")
+    deb.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="dynamos-fetch-", dir=deb.parent) as tmp:
+        os.chmod(tmp, 0o755)  # let apt's sandbox user write there
+        r = subprocess.run(["apt-get", "download", f"{package}={version}"], cwd=tmp, capture_output=True,
+                           text=True, stdin=subprocess.DEVNULL)
+        got = sorted(Path(tmp).glob(f"{package}_*.deb"))
+        if r.returncode != 0 or not got:
+            raise TargetError(f"cannot download {package} {version}: {r.stderr.strip()[-800:]}")
+        got[0].rename(deb)
+
+
+def _extract(tarball: Path, root: Path, say: Callable[[str], None]) -> None:
+    """``tar -xf`` (the fastest extractor here), with a percentage from tar's checkpoints."""
+    total = 0
+    listing = subprocess.run(["xz", "--robot", "--list", str(tarball)], capture_output=True, text=True)
+    for line in listing.stdout.splitlines():
+        if line.startswith("totals\t"):
+            total = int(line.split("\t")[4])
+    records = 10000  # a checkpoint every 10000 records of 10 KiB: about 100 MB
+    cmd = ["tar", "-xf", str(tarball), "-C", str(root), "--no-same-owner",
+           f"--checkpoint={records}", f"--checkpoint-action=echo={_CHECKPOINT} %u"]
+    say(f"extracting {tarball.name} ({total / 1e9:.1f} GB)" if total else f"extracting {tarball.name}")
+    errors: list[str] = []
+    with subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                          text=True) as proc:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            head, _, count = line.rpartition(_CHECKPOINT)
+            if not head.endswith(": ") or not count.strip().isdigit():
+                errors.append(line.rstrip())
+                continue
+            done = int(count) * 10240  # %u is the number of records read so far
+            say(f"extracting {tarball.name}: {min(99, 100 * done // total)}%" if total
+                else f"extracting {tarball.name}: {done // 10**6} MB")
+    status = proc.wait()
+    if status != 0:
+        raise TargetError(f"cannot extract {tarball}: {' '.join(errors)[-800:]}")
+
+
+def _check_version(tree: Path, version: str, package: str) -> None:
+    """The tree's Makefile must be of the upstream version in the Debian version (6.1.192-2 -> 6.1.192)."""
+    text = (tree / "Makefile").read_text(errors="replace")
+    parts = {k: re.search(rf"^{k}\s*=\s*(\S*)", text, re.M) for k in ("VERSION", "PATCHLEVEL", "SUBLEVEL")}
+    found = ".".join(m.group(1) if m else "?" for m in parts.values())
+    upstream = version.split(":")[-1].split("-")[0]
+    if found != upstream:
+        raise TargetError(f"{package} {version} unpacked a kernel {found}, not {upstream}")
+
+
+def make_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for make in a source tree: host overrides removed, Debian's stamps set."""
+    env = {k: v for k, v in os.environ.items() if k not in _HOSTILE_ENV and not k.startswith("KBUILD_")}
+    # English, ASCII diagnostics: error_lines() parses them. Kbuild unexports LC_ALL, hence the rest.
+    env.update(LC_ALL="C", LANG="C", LC_MESSAGES="C", LC_CTYPE="C")
+    if extra:
+        env.update(extra)
+    return env
+
+
+def _make_command(tree: Path, settings: dict[str, object], *goals: str, jobs: int = MAKE_JOBS) -> list[str]:
+    make_vars = settings["make_vars"]
+    assert isinstance(make_vars, dict)
+    return ["make", "-C", str(tree), f"-j{jobs}", *(f"{k}={v}" for k, v in make_vars.items()), *goals]
+
+
+def _run_make(cmd: list[str], settings: dict[str, object], say: Callable[[str], None],
+              label: str) -> tuple[int, str]:
+    """Run make, reporting each Kbuild step (``CC fs/proc/cmdline.o``); returns status and log."""
+    extra = settings.get("env", {})
+    assert isinstance(extra, dict)
+    lines = ["$ " + " ".join(cmd)]
+    try:
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                              env=make_env(extra=extra)) as proc:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                lines.append(line)
+                step = _STEP_RE.match(line)
+                if step:
+                    say(f"{label}: {step.group(1)} {step.group(2)}")
+            status = proc.wait()
+    except FileNotFoundError as e:
+        raise BuildError(f"cannot run make: {e}") from e
+    return status, "\n".join(lines) + "\n"
+
+
+def _configure_and_prepare(source: KernelSource, target: TargetKernel, settings: dict[str, object],
+                           say: Callable[[str], None]) -> None:
+    tree = source.tree
+    root = tree.parent
+    shutil.copyfile(target.headers_dir / ".config", tree / ".config")
+    log_parts: list[str] = []
+    for label, goals in (("configuring", ("olddefconfig",)), ("preparing", ("prepare", "modules_prepare"))):
+        say(f"{label} {tree.name} for {target.release}")
+        status, log = _run_make(_make_command(tree, settings, *goals), settings, say, label)
+        log_parts.append(log)
+        (root / PREPARE_LOG).write_text("".join(log_parts))
+        if status != 0:
+            errors = error_lines(log) or [line for line in log.splitlines() if line.strip()][-15:]
+            raise BuildError(f"'make {' '.join(goals)}' failed in {tree} for {target.release}:\n"
+                             + "\n".join(errors) + f"\nfull log: {root / PREPARE_LOG}")
+        if goals == ("olddefconfig",):
+            _compare_config(target.headers_dir / ".config", tree / ".config", target.release, say)
+    _compare_generated(target, tree, say)
+    if source.uts_release != target.release:
+        raise TargetError(f"the prepared tree compiles UTS_RELEASE {source.uts_release!r}, "
+                          f"not the target's {target.release!r}")
+
+
+def _read_config(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for m in _CONFIG_RE.finditer(path.read_text(errors="replace")):
+        if m.group(1):
+            values[m.group(1)] = m.group(2)
+        else:
+            values[m.group(3)] = "n"
+    return values
+
+
+def _compare_config(shipped: Path, ours: Path, release: str, say: Callable[[str], None]) -> None:
+    """``olddefconfig`` must keep the target's config as is; a change means another toolchain."""
+    want, got = _read_config(shipped), _read_config(ours)
+    changed = sorted(k for k in set(want) | set(got) if want.get(k, "n") != got.get(k, "n"))
+    for key in [k for k in changed if k in _TEXT_ONLY_OPTIONS]:
+        say(f"warning: {key} is {got.get(key)} here, {want.get(key)} in {release}'s build")
+    changed = [k for k in changed if k not in _TEXT_ONLY_OPTIONS]
+    if not changed:
+        return
+    shown = [f"{k}: {want.get(k, 'n')} -> {got.get(k, 'n')}" for k in changed[:20]]
+    hints = sorted({f"{_TOOL_VERSION_OPTIONS[k]} differs from the one {release} was built with"
+                    for k in changed if k in _TOOL_VERSION_OPTIONS})
+    raise TargetError(f"the kernel source configured with {release}'s config does not keep it "
+                      f"({len(changed)} option(s) changed):\n  " + "\n  ".join(shown)
+                      + "".join(f"\nhint: {h}" for h in hints))
+
+
+def _compare_generated(target: TargetKernel, tree: Path, say: Callable[[str], None]) -> None:
+    """Every generated header the target's headers ship must come out identical from our prepare."""
+    headers = target.headers_dir
+    differing: list[str] = []
+    for base in ("include/generated", "arch/x86/include/generated"):
+        for shipped in sorted((headers / base).rglob("*")):
+            rel = shipped.relative_to(headers).as_posix()
+            if not shipped.is_file() or rel in _NOT_PREPARED:
+                continue
+            ours = tree / rel
+            if not ours.is_file():
+                differing.append(f"{rel} (not generated here)")
+            elif ours.read_bytes() != shipped.read_bytes():
+                if rel == "include/generated/compile.h" and _only_compiler_text(shipped, ours):
+                    say(f"warning: {rel}: another build of the same compiler than {target.release}'s")
+                    continue
+                differing.append(f"{rel}: {_first_difference(shipped, ours)}")
+    if differing:
+        raise TargetError(f"the prepared source of {target.release} differs from its shipped headers:\n  "
+                          + "\n  ".join(differing[:20]))
+
+
+def _only_compiler_text(shipped: Path, ours: Path) -> bool:
+    a, b = _defines(shipped.read_text()), _defines(ours.read_text())
+    a.pop("LINUX_COMPILER", None)
+    b.pop("LINUX_COMPILER", None)
+    return a == b
+
+
+def _first_difference(shipped: Path, ours: Path) -> str:
+    a = shipped.read_text(errors="replace").splitlines()
+    b = ours.read_text(errors="replace").splitlines()
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            return f"shipped {x.strip()!r}, here {y.strip()!r}"
+    return f"shipped {len(a)} lines, here {len(b)}"
+
+
+# --------------------------------------------------------------------------------------------------
+# compile_unit
+
+
+def _load_settings(source: KernelSource) -> dict[str, object]:
+    root = source.tree.parent
+    if not _is_ready(root, source.debian_version):
+        raise BuildError(f"the source tree of {source.release} at {source.tree} is not prepared "
+                         f"(run prepare_source first)")
+    settings = json.loads((root / SETTINGS).read_text())
+    assert isinstance(settings, dict)
+    return settings
+
+
+def _resolve_unit(source: KernelSource, relpath: str) -> tuple[str, str]:
+    """(source file, object target) relative to the tree, for ``x.c``, ``x.S`` or ``x.o``."""
+    rel = Path(relpath)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise BuildError(f"{relpath!r} is not a path inside the kernel source tree")
+    if rel.suffix == ".o":
+        candidates = [rel.with_suffix(".c"), rel.with_suffix(".S")]
+    elif rel.suffix in (".c", ".S"):
+        candidates = [rel]
+    else:
+        raise BuildError(f"{relpath}: not a translation unit (expected a .c or .S file, or its .o)")
+    for cand in candidates:
+        if (source.tree / cand).is_file():
+            return cand.as_posix(), cand.with_suffix(".o").as_posix()
+    raise BuildError(f"{candidates[0].as_posix()} does not exist in the source of kernel {source.release} "
+                     f"({source.tree})")
+
+
+def compile_unit(source: KernelSource, relpath: str, out: Path, *, text: bytes | None = None,
+                 extra_cflags: Sequence[str] = DEFAULT_EXTRA_CFLAGS,
+                 progress: Callable[[str], None] | None = None) -> CompiledUnit:
+    """Compile one translation unit of the target's source into ``out`` (a file, or a directory).
+
+    With ``text``, the unit is the file with that content (the patched version): it is put in
+    place for the compile and the original content and mtime are restored afterwards, whatever
+    happens. The tree's own object and its ``.cmd`` file are removed after every compile, so
+    Kbuild never takes a patched object for the current one.
+    """
+    say = progress or _say_nothing
+    started = time.monotonic()
+    settings = _load_settings(source)
+    src_rel, obj_rel = _resolve_unit(source, relpath)
+    out = Path(out)
+    if out.is_dir():
+        out = out / Path(obj_rel).name
+    flags = " ".join(extra_cflags)
+    make_vars = dict(settings["make_vars"])  # type: ignore[call-overload]
+    if flags:
+        make_vars["KCFLAGS"] = flags
+    cmd_settings = {**settings, "make_vars": make_vars}
+    cmd = _make_command(source.tree, cmd_settings, obj_rel)
+    src_path = source.tree / src_rel
+    obj_path = source.tree / obj_rel
+    obj_dir = obj_path.parent
+    kind = "patched" if text is not None else "original"
+    with _tree_lock(source.release):
+        before = set(os.listdir(obj_dir))
+        original = src_path.read_bytes()
+        stat = src_path.stat()
+        _remove_object(obj_path)
+        try:
+            if text is not None:
+                src_path.write_bytes(text)
+            say(f"compiling {kind} {src_rel}")
+            status, log = _run_make(cmd, cmd_settings, say, f"compiling {kind}")
+            if status != 0 or not obj_path.is_file():
+                raise _compile_error(log, src_rel, kind, source.release, status)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(obj_path, out)
+        finally:
+            if text is not None:
+                src_path.write_bytes(original)
+                os.utime(src_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+            _remove_object(obj_path)
+            for name in set(os.listdir(obj_dir)) - before:  # temporaries of this compile (.d, .tmp_*)
+                leftover = obj_dir / name
+                if leftover.is_file() or leftover.is_symlink():
+                    leftover.unlink()
+    return CompiledUnit(object_path=out, source_path=src_rel, patched=text is not None,
+                        seconds=time.monotonic() - started, command=cmd, log=log)
+
+
+def _remove_object(obj_path: Path) -> None:
+    """Forget a built object: the file and Kbuild's record of how it was built (``.x.o.cmd``)."""
+    for path in (obj_path, obj_path.with_name(f".{obj_path.name}.cmd"), obj_path.with_name(f".{obj_path.name}.d")):
+        path.unlink(missing_ok=True)
+
+
+def _compile_error(log: str, src_rel: str, kind: str, release: str, status: int) -> BuildError:
+    errors = error_lines(log) or [line for line in log.splitlines() if line.strip()][-15:]
+    line = None
+    for text in errors:
+        m = _GCC_ERROR_RE.match(text)
+        if m and m.group("file") == src_rel:
+            line = int(m.group("line"))
+            break
+    what = "failed" if status != 0 else "produced no object"
+    return BuildError(f"compiling the {kind} {src_rel} for kernel {release} {what}:\n" + "\n".join(errors),
+                      path=src_rel, line=line)
