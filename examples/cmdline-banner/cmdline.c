@@ -1,16 +1,17 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * New edition of cmdline_proc_show().  The boot command line itself lives in a kernel
- * variable that is not exported to modules, so this edition shows a banner with the
- * release and the number of online CPUs, which exported interfaces give.
+ * New edition of cmdline_proc_show(): the boot command line behind a banner.
+ *
+ * saved_command_line is not exported to modules; dynamos reaches it through a livepatch
+ * relocation that the kernel resolves when the update loads, so the edition reads the
+ * same variable the original does.
  */
-#include <linux/cpumask.h>
 #include <linux/seq_file.h>
-#include <linux/utsname.h>
+
+extern char *saved_command_line;
 
 int cmdline_proc_show_banner(struct seq_file *m, void *v)
 {
-	seq_printf(m, "dynamos live update on %s: %u CPUs online\n",
-		   utsname()->release, num_online_cpus());
+	seq_printf(m, "[live-updated by dynamos] %s\n", saved_command_line);
 	return 0;
 }

@@ -610,3 +610,38 @@ module_init(tiny);
         ("first", 20, False, False),
         ("second", 20, False, False),
     ]
+
+
+def test_symbol_tables_describe_non_exported_symbols(tmp_path):
+    src = tmp_path / "u"
+    src.mkdir()
+    (src / "e.c").write_text("int ed(void) { return 0; }\n")
+    (src / "update.toml").write_text(
+        '[update]\nname = "u"\ndescription = "d"\n\n[[function]]\nname = "f"\nedition = "ed"\n\n'
+        '[[symbol]]\nname = "ext4_helper"\nobject = "ext4"\nsympos = 2\n\n[[symbol]]\nname = "nr_threads"\n')
+    from dynamos.update.manifest import SymbolSpec, load_update_source
+
+    source = load_update_source(src)
+    assert [(s.name, s.object, s.sympos, s.line) for s in source.symbols] == [
+        ("ext4_helper", "ext4", 2, 9), ("nr_threads", "vmlinux", None, 14)]
+    assert isinstance(source.symbols[0], SymbolSpec)
+
+
+@pytest.mark.parametrize("body, message, line", [
+    ('[[symbol]]\nname = "x"\nsympos = 0\n', "sympos must be a positive integer", 11),
+    ('[[symbol]]\nname = "x"\nobjct = "ext4"\n', "objct", 11),
+    ('[[symbol]]\nname = "x"\n\n[[symbol]]\nname = "x"\n', "already described at line 9", 12),
+    ('[[symbol]]\nname = "1x"\n', "name '1x'", 10),
+])
+def test_bad_symbol_tables(tmp_path, body, message, line):
+    src = tmp_path / "u"
+    src.mkdir()
+    (src / "e.c").write_text("int ed(void) { return 0; }\n")
+    (src / "update.toml").write_text(
+        '[update]\nname = "u"\ndescription = "d"\n\n[[function]]\nname = "f"\nedition = "ed"\n\n' + body)
+    from dynamos.errors import ManifestError
+    from dynamos.update.manifest import load_update_source
+
+    with pytest.raises(ManifestError) as info:
+        load_update_source(src)
+    assert message in info.value.message and info.value.line == line, (info.value.message, info.value.line)

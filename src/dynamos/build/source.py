@@ -37,6 +37,7 @@ from dynamos.target import TargetKernel, cache_root, debian_version
 DEFAULT_EXTRA_CFLAGS = ("-ffunction-sections", "-fdata-sections")
 READY = "ready"  # written last: the tree is prepared and checked
 EXTRACTED = "extracted"  # the tarball is fully unpacked (a failed prepare resumes from here)
+JOURNAL = "restore.json"  # the original of a file compile_unit replaced, until it is put back
 SETTINGS = "make-settings.json"  # make arguments and environment, shared by every make in the tree
 PREPARE_LOG = "prepare.log"
 # Free space an extracted and prepared 6.1 tree needs (about 1.4 GB), with a margin.
@@ -131,11 +132,12 @@ def prepare_source(target: TargetKernel, progress: Callable[[str], None] | None 
     root = source_root(target.release)
     package = source_package(target.release)
     source = KernelSource(target.release, version, root / package)
-    if _is_ready(root, version):
+    if _is_ready(root, version) and not (root / JOURNAL).exists():
         return source
     root.parent.mkdir(parents=True, exist_ok=True)
     with _tree_lock(target.release):
         if _is_ready(root, version):
+            _recover(source)
             return source
         settings = _settings_for(target, version)
         _check_tools(settings, target)
@@ -426,9 +428,12 @@ def _configure_and_prepare(source: KernelSource, target: TargetKernel, settings:
     root = tree.parent
     shutil.copyfile(target.headers_dir / ".config", tree / ".config")
     log_parts: list[str] = []
+    # The objects prepare compiles (bounds.s, asm-offsets.s) record their flags: made with the flags
+    # compile_unit uses by default, they are not made again on its first call.
+    with_flags = _with_cflags(settings, DEFAULT_EXTRA_CFLAGS)
     for label, goals in (("configuring", ("olddefconfig",)), ("preparing", ("prepare", "modules_prepare"))):
         say(f"{label} {tree.name} for {target.release}")
-        status, log = _run_make(_make_command(tree, settings, *goals), settings, say, label)
+        status, log = _run_make(_make_command(tree, with_flags, *goals), with_flags, say, label)
         log_parts.append(log)
         (root / PREPARE_LOG).write_text("".join(log_parts))
         if status != 0:
@@ -522,6 +527,14 @@ def _load_settings(source: KernelSource) -> dict[str, object]:
     return settings
 
 
+def _with_cflags(settings: dict[str, object], cflags: Sequence[str]) -> dict[str, object]:
+    """Settings whose make command adds ``cflags`` to the kernel's own (``KCFLAGS``)."""
+    make_vars = dict(settings["make_vars"])  # type: ignore[call-overload]
+    if cflags:
+        make_vars["KCFLAGS"] = " ".join(cflags)
+    return {**settings, "make_vars": make_vars}
+
+
 def _resolve_unit(source: KernelSource, relpath: str) -> tuple[str, str]:
     """(source file, object target) relative to the tree, for ``x.c``, ``x.S`` or ``x.o``."""
     rel = Path(relpath)
@@ -557,23 +570,21 @@ def compile_unit(source: KernelSource, relpath: str, out: Path, *, text: bytes |
     out = Path(out)
     if out.is_dir():
         out = out / Path(obj_rel).name
-    flags = " ".join(extra_cflags)
-    make_vars = dict(settings["make_vars"])  # type: ignore[call-overload]
-    if flags:
-        make_vars["KCFLAGS"] = flags
-    cmd_settings = {**settings, "make_vars": make_vars}
+    cmd_settings = _with_cflags(settings, extra_cflags)
     cmd = _make_command(source.tree, cmd_settings, obj_rel)
     src_path = source.tree / src_rel
     obj_path = source.tree / obj_rel
     obj_dir = obj_path.parent
     kind = "patched" if text is not None else "original"
     with _tree_lock(source.release):
+        _recover(source)
         before = set(os.listdir(obj_dir))
         original = src_path.read_bytes()
         stat = src_path.stat()
         _remove_object(obj_path)
         try:
             if text is not None:
+                _write_journal(source, src_rel, original, stat)
                 src_path.write_bytes(text)
             say(f"compiling {kind} {src_rel}")
             status, log = _run_make(cmd, cmd_settings, say, f"compiling {kind}")
@@ -585,6 +596,7 @@ def compile_unit(source: KernelSource, relpath: str, out: Path, *, text: bytes |
             if text is not None:
                 src_path.write_bytes(original)
                 os.utime(src_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+                _journal_path(source).unlink(missing_ok=True)
             _remove_object(obj_path)
             for name in set(os.listdir(obj_dir)) - before:  # temporaries of this compile (.d, .tmp_*)
                 leftover = obj_dir / name
@@ -592,6 +604,32 @@ def compile_unit(source: KernelSource, relpath: str, out: Path, *, text: bytes |
                     leftover.unlink()
     return CompiledUnit(object_path=out, source_path=src_rel, patched=text is not None,
                         seconds=time.monotonic() - started, command=cmd, log=log)
+
+
+def _journal_path(source: KernelSource) -> Path:
+    return source.tree.parent / JOURNAL
+
+
+def _write_journal(source: KernelSource, src_rel: str, original: bytes, stat: os.stat_result) -> None:
+    """Record a file's original content before replacing it, for _recover after a hard kill."""
+    record = {"path": src_rel, "atime_ns": stat.st_atime_ns, "mtime_ns": stat.st_mtime_ns,
+              "content": original.hex()}
+    tmp = _journal_path(source).with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, _journal_path(source))
+
+
+def _recover(source: KernelSource) -> None:
+    """Put back a file a killed compile_unit left patched (its finally never ran)."""
+    journal = _journal_path(source)
+    if not journal.is_file():
+        return
+    record = json.loads(journal.read_text())
+    src_path = source.tree / record["path"]
+    src_path.write_bytes(bytes.fromhex(record["content"]))
+    os.utime(src_path, ns=(record["atime_ns"], record["mtime_ns"]))
+    _remove_object(src_path.with_suffix(".o"))
+    journal.unlink()
 
 
 def _remove_object(obj_path: Path) -> None:
