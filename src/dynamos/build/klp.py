@@ -67,19 +67,25 @@ def klp_symbols_needed(module: bytes, exported: set[str],
     return [declared.get(name, KlpSymbol(name)) for name in unresolved_symbols(obj) if name not in exported]
 
 
-def convert_to_klp(module: bytes, symbols: Iterable[KlpSymbol]) -> bytes:
-    """Rewrite a built module so ``symbols`` are resolved by livepatch instead of the loader."""
-    by_name = {s.name: s for s in symbols}
+def convert_to_klp(module: bytes, symbols: Iterable[KlpSymbol] | Mapping[str, KlpSymbol]) -> bytes:
+    """Rewrite a built module so ``symbols`` are resolved by livepatch instead of the loader.
+
+    ``symbols`` lists kernel symbols the module references by their own names, or maps the
+    module's (placeholder) symbol names to the kernel symbols they stand for.
+    """
+    by_name = dict(symbols) if isinstance(symbols, Mapping) else {s.name: s for s in symbols}
     if not by_name:
         return module
     obj = RelocatableElf.parse(module, "livepatch module")
     klp_index: dict[int, KlpSymbol] = {}
+    found: set[str] = set()
     for i, sym in enumerate(obj.symbols):
         if sym.shndx == SHN_UNDEF and sym.name in by_name:
+            found.add(sym.name)
             klp_index[i] = by_name[sym.name]
             sym.name = by_name[sym.name].klp_name
             sym.shndx = SHN_LIVEPATCH
-    missing = set(by_name) - {s.name for s in klp_index.values()}
+    missing = set(by_name) - found
     if missing:
         raise BuildError(f"livepatch symbols not referenced by the module: {', '.join(sorted(missing))}")
 

@@ -1,0 +1,260 @@
+"""Cut the changed functions out of a compiled translation unit into an object a livepatch
+module can link: the core of the source-diff builder.
+
+Input: the patched object (compiled with -ffunction-sections -fdata-sections) and the names of
+the functions to keep (changed or new) and of new data. Output: an object holding only those
+functions, the string literals they use, the new data, and the entries of the kernel's special
+tables (ORC unwind data, mcount sites, bug table, ...) that belong to them. Everything else
+the kept code references — the kernel's own copies of the file's static functions and data,
+unexported globals — becomes a livepatch symbol resolved in the running kernel at load time,
+so the new code works on the kernel's state, not on copies of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dynamos.build.elf import SHN_UNDEF, SHT_NOBITS, SHT_RELA, Rela, RelocatableElf, Section
+from dynamos.build.klp import SHN_LIVEPATCH, KlpSymbol
+from dynamos.errors import BuildError
+
+STT_OBJECT, STT_FUNC, STT_SECTION, STT_FILE = 1, 2, 3, 4
+STB_LOCAL, STB_GLOBAL = 0, 1
+
+# Section name prefixes whose content is the object's own and may be copied into the update:
+# string literals and mergeable constants carry no state.
+COPYABLE_PREFIXES = (".rodata.str", ".rodata.cst", ".altinstr_replacement")
+
+# Per-function tables the kernel builds from special sections: one row per section kind,
+# (entry size, offset within an entry of the relocation that says which code it is about).
+# Entries about kept code are kept, the others dropped. ".orc_unwind" has no relocations: it is
+# parallel to ".orc_unwind_ip" and filtered with it.
+TABLES: dict[str, tuple[int, int]] = {
+    "__mcount_loc": (8, 0),  # ftrace call sites (R_X86_64_64 to the call)
+    ".orc_unwind_ip": (4, 0),  # unwinder: one IP per ORC entry (livepatch needs reliable stacks)
+    "__bug_table": (12, 0),  # BUG()/WARN() sites: bug_addr_disp, file_disp, line, flags
+    "__ex_table": (12, 0),  # exception fixups: insn, fixup, data
+    ".altinstructions": (12, 0),  # alternatives: instr_offset, repl_offset, cpuid, lengths
+    ".return_sites": (4, 0),  # objtool: return thunk sites
+    ".retpoline_sites": (4, 0),  # objtool: indirect call thunk sites
+    ".call_sites": (4, 0),  # objtool: call depth tracking sites
+    ".static_call_sites": (8, 0),  # static call sites: addr, key
+    ".ibt_endbr_seal": (4, 0),  # objtool: sealable ENDBR sites
+}
+PARALLEL_TABLES = {".orc_unwind": (".orc_unwind_ip", 6)}  # name: (driving table, entry size)
+
+# Sections whose kept entries would need help the builder does not give yet: refused.
+REFUSED_TABLES = {
+    "__jump_table": "static keys / jump labels in changed code are not handled yet",
+    ".altinstr_aux": "alternative auxiliary code is not handled yet",
+    ".smp_locks": "SMP lock prefixes in changed code are not handled yet",
+}
+
+
+@dataclass
+class Extraction:
+    """The cut-out object and what the module generator needs to know about it.
+
+    Symbols to be resolved by livepatch appear in the object as plain undefined globals with
+    placeholder names (``klp_placeholders``), so the module links with the ordinary toolchain;
+    ``convert_to_klp`` turns them into livepatch symbols in the linked module.
+    """
+
+    object: bytes
+    editions: dict[str, str]  # kernel function -> edition symbol in the object
+    klp_placeholders: dict[str, KlpSymbol] = field(default_factory=dict)
+    dropped_sections: list[str] = field(default_factory=list)
+
+
+Resolver = Callable[[str, bool], KlpSymbol | None]
+"""(symbol name, is a file-local symbol) -> where the kernel has it, or None: exported, the
+module loader links it normally."""
+
+
+def extract_functions(patched: bytes, functions: set[str], new_data: set[str], resolve: Resolver,
+                      edition_prefix: str = "dynamos_edition__") -> Extraction:
+    """Cut ``functions`` (and ``new_data``) out of ``patched``; see the module docstring."""
+    obj = RelocatableElf.parse(patched, "patched object")
+    keep = _kept_sections(obj, functions, new_data)
+    relas_of = {s.info: i for i, s in enumerate(obj.sections) if s.type == SHT_RELA and s.link == obj.symtab_index}
+    for name, reason in REFUSED_TABLES.items():
+        idx = obj.section_index(name)
+        if idx is not None and idx in relas_of and _table_mentions(obj, relas_of[idx], keep):
+            raise BuildError(f"section {name} has entries in the changed code: {reason}")
+    tables = {i for i, s in enumerate(obj.sections) if s.name in TABLES or s.name in PARALLEL_TABLES}
+    _filter_tables(obj, relas_of, keep)
+
+    klp: dict[str, KlpSymbol] = {}  # placeholder name -> kernel symbol
+    named_at = _named_symbol_lookup(obj)
+    converted: set[int] = set()
+    for target in sorted(keep | tables):
+        ri = relas_of.get(target)
+        if ri is None:
+            continue
+        relas = obj.relocations(ri)
+        for r in relas:
+            if _is_kept(obj, r.sym, keep):
+                continue
+            sym = obj.symbols[r.sym]
+            if sym.info & 0xF == STT_SECTION:
+                found = named_at(sym.shndx, r.addend)
+                if found is None:
+                    raise BuildError(f"{obj.sections[target].name}: reference into "
+                                     f"{obj.sections[sym.shndx].name}+{r.addend} matches no symbol")
+                r.sym, r.addend = found
+            if r.sym not in converted:
+                _make_external(obj, r.sym, resolve, klp)
+                converted.add(r.sym)
+        obj.set_relocations(ri, relas)
+
+    dropped = []
+    strtab, shstrtab = obj.sections[obj.symtab_index].link, obj.header[13]
+    for i, sec in enumerate(obj.sections):
+        if i in keep or i in tables or i in (0, obj.symtab_index, strtab, shstrtab):
+            continue
+        if sec.type == SHT_RELA and (sec.info in keep or sec.info in tables):
+            continue
+        if sec.type != SHT_RELA:
+            dropped.append(sec.name)
+        _empty(sec)
+
+    editions = {}
+    for i, sym in enumerate(obj.symbols):
+        if i in converted or _is_special_index(sym.shndx):
+            continue
+        if sym.shndx not in keep:
+            # Defined in a dropped section and never referenced by kept code: a null symbol, so
+            # the module loader has nothing to look up.
+            sym.name, sym.shndx, sym.value, sym.size, sym.info = "", SHN_UNDEF, 0, 0, STB_LOCAL << 4
+        elif sym.info & 0xF == STT_FUNC and sym.name in functions:
+            editions[sym.name] = edition_prefix + sym.name
+            sym.name = edition_prefix + sym.name
+            sym.info = (STB_GLOBAL << 4) | STT_FUNC
+    _locals_first(obj)
+    return Extraction(obj.to_bytes(), editions, dict(sorted(klp.items())), sorted(dropped))
+
+
+def _kept_sections(obj: RelocatableElf, functions: set[str], new_data: set[str]) -> set[int]:
+    func_sections = _function_sections(obj)
+    missing = functions - set(func_sections)
+    if missing:
+        raise BuildError(f"patched object has no section for function(s) {', '.join(sorted(missing))} "
+                         f"(compiled without -ffunction-sections?)")
+    keep: set[int] = set()
+    for name in functions:
+        keep |= func_sections[name]
+    data_sections = {s.name: s.shndx for s in obj.symbols
+                     if s.info & 0xF == STT_OBJECT and not _is_special_index(s.shndx)}
+    for name in new_data:
+        if name not in data_sections:
+            raise BuildError(f"patched object has no section for new variable {name}")
+        keep.add(data_sections[name])
+    keep |= {i for i, s in enumerate(obj.sections) if s.name.startswith(COPYABLE_PREFIXES)}
+    return keep
+
+
+def _is_special_index(shndx: int) -> bool:
+    return shndx in (SHN_UNDEF, SHN_LIVEPATCH) or shndx >= 0xFF00
+
+
+def _is_kept(obj: RelocatableElf, sym_index: int, keep: set[int]) -> bool:
+    shndx = obj.symbols[sym_index].shndx
+    return shndx in keep or _is_special_index(shndx)
+
+
+def _make_external(obj: RelocatableElf, sym_index: int, resolve: Resolver, klp: dict[str, KlpSymbol]) -> None:
+    """Turn a symbol the kept code uses, but the update does not carry, into a reference to the
+    kernel's own: a livepatch symbol, or a plain undefined one the module loader links."""
+    sym = obj.symbols[sym_index]
+    local = sym.binding == STB_LOCAL
+    where = resolve(sym.name, local)
+    if where is None:
+        if local:
+            raise BuildError(f"file-local symbol {sym.name} must be resolved in the kernel")
+        sym.shndx, sym.value, sym.size = SHN_UNDEF, 0, 0
+        return
+    placeholder = f"dynamos_klp__{where.object}__{where.name}__{where.sympos}"
+    klp[placeholder] = where
+    sym.name, sym.shndx, sym.value, sym.size = placeholder, SHN_UNDEF, 0, 0
+    sym.info = STB_GLOBAL << 4
+
+
+def _function_sections(obj: RelocatableElf) -> dict[str, set[int]]:
+    """Function name -> its sections (the body and a ``.cold`` part, if any)."""
+    out: dict[str, set[int]] = {}
+    for sym in obj.symbols:
+        if sym.info & 0xF == STT_FUNC and not _is_special_index(sym.shndx):
+            out.setdefault(sym.name.split(".cold")[0], set()).add(sym.shndx)
+    return out
+
+
+def _named_symbol_lookup(obj: RelocatableElf) -> Callable[[int, int], tuple[int, int] | None]:
+    """(section, addend) of a section-relative reference -> (named symbol, addend for it).
+
+    The assembler writes references to file-local symbols as section + offset; with one
+    function or variable per section the symbol is the one covering that offset. PC-relative
+    references carry the instruction's bias (-4, -5...) in the addend, hence the slack.
+    """
+    by_section: dict[int, list[tuple[int, int, int]]] = {}
+    for i, sym in enumerate(obj.symbols):
+        if sym.info & 0xF in (STT_FUNC, STT_OBJECT) and not _is_special_index(sym.shndx):
+            by_section.setdefault(sym.shndx, []).append((sym.value, sym.size, i))
+
+    def lookup(shndx: int, addend: int) -> tuple[int, int] | None:
+        for value, size, index in sorted(by_section.get(shndx, [])):
+            if value - 8 <= addend <= value + max(size, 1):
+                return index, addend - value
+        return None
+
+    return lookup
+
+
+def _table_mentions(obj: RelocatableElf, rela_index: int, keep: set[int]) -> bool:
+    return any(obj.symbols[r.sym].shndx in keep for r in obj.relocations(rela_index))
+
+
+def _filter_tables(obj: RelocatableElf, relas_of: dict[int, int], keep: set[int]) -> None:
+    """Keep only the table entries about kept code (and the parallel ORC entries with them)."""
+    kept_entries: dict[str, list[int]] = {}
+    for index, sec in enumerate(obj.sections):
+        if sec.name not in TABLES:
+            continue
+        size, field_off = TABLES[sec.name]
+        ri = relas_of.get(index)
+        relas = obj.relocations(ri) if ri is not None else []
+        about_kept = {r.offset // size for r in relas
+                      if r.offset % size == field_off and obj.symbols[r.sym].shndx in keep}
+        keep_idx = sorted(about_kept)
+        kept_entries[sec.name] = keep_idx
+        new_pos = {old: new for new, old in enumerate(keep_idx)}
+        sec.data = b"".join(sec.data[i * size:(i + 1) * size] for i in keep_idx)
+        if ri is not None:
+            obj.set_relocations(ri, [Rela(new_pos[r.offset // size] * size + r.offset % size, r.sym, r.type, r.addend)
+                                     for r in relas if r.offset // size in new_pos])
+    for name, (driver, size) in PARALLEL_TABLES.items():
+        idx = obj.section_index(name)
+        if idx is not None:
+            sec = obj.sections[idx]
+            sec.data = b"".join(sec.data[i * size:(i + 1) * size] for i in kept_entries.get(driver, []))
+
+
+def _empty(sec: Section) -> None:
+    sec.data = b""
+    if sec.type == SHT_NOBITS:
+        sec.nobits_size = 0
+
+
+def _locals_first(obj: RelocatableElf) -> None:
+    """ELF wants local symbols before global ones (symtab sh_info = first global)."""
+    order = sorted(range(len(obj.symbols)), key=lambda i: (i != 0, obj.symbols[i].binding != STB_LOCAL, i))
+    remap = {old: new for new, old in enumerate(order)}
+    obj.symbols = [obj.symbols[i] for i in order]
+    for index, sec in enumerate(obj.sections):
+        if sec.type == SHT_RELA and sec.link == obj.symtab_index:
+            relas = obj.relocations(index)
+            for r in relas:
+                r.sym = remap[r.sym]
+            obj.set_relocations(index, relas)
+    first_global = next((i for i, s in enumerate(obj.symbols) if i and s.binding != STB_LOCAL), len(obj.symbols))
+    obj.sections[obj.symtab_index].info = first_global

@@ -1,0 +1,92 @@
+"""Cutting changed functions out of a compiled unit (objects compiled here with kernel-like flags)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from pathlib import Path
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+from dynamos.build.extract import extract_functions
+from dynamos.build.klp import KlpSymbol
+from dynamos.errors import BuildError
+
+KERNEL_LIKE = ["-O2", "-mfentry", "-pg", "-mrecord-mcount", "-ffunction-sections", "-fdata-sections",
+               "-fno-pic", "-mcmodel=kernel", "-c"]
+
+SOURCE = """
+static int counter;
+static const char *msgs[] = {"a", "b"};
+int exported_fn(int);
+int internal_global;
+static int helper(int x) { return x * 3 + counter; }
+static int __attribute__((noinline)) helper2(int x) { counter++; return x + 1; }
+int show(int v) { return helper(v) + helper2(v) + exported_fn(v) + msgs[v][0] + internal_global; }
+int other(void) { return helper2(2); }
+"""
+
+
+def compile_c(tmp_path: Path, text: str) -> bytes:
+    (tmp_path / "u.c").write_text(text)
+    subprocess.run(["gcc", *KERNEL_LIKE, "-o", str(tmp_path / "u.o"), str(tmp_path / "u.c")], check=True)
+    return (tmp_path / "u.o").read_bytes()
+
+
+def resolve(name: str, local: bool) -> KlpSymbol | None:
+    if name in ("exported_fn", "__fentry__"):
+        return None
+    return KlpSymbol(name, "vmlinux", 2 if local else 0)
+
+
+def test_only_the_changed_function_and_its_strings_are_kept(tmp_path: Path):
+    e = extract_functions(compile_c(tmp_path, SOURCE), {"show"}, set(), resolve)
+    elf = ELFFile(io.BytesIO(e.object))
+    sizes = {s.name: s["sh_size"] for s in elf.iter_sections()}
+    assert sizes[".text.show"] > 0
+    assert sizes[".text.helper2"] == 0 and sizes[".text.other"] == 0 and sizes[".bss.counter"] == 0
+    assert e.editions == {"show": "dynamos_edition__show"}
+    # File-local state and the non-exported global are the kernel's own, reached by livepatch.
+    assert e.klp_placeholders == {
+        "dynamos_klp__vmlinux__counter__2": KlpSymbol("counter", "vmlinux", 2),
+        "dynamos_klp__vmlinux__helper2__2": KlpSymbol("helper2", "vmlinux", 2),
+        "dynamos_klp__vmlinux__internal_global__0": KlpSymbol("internal_global", "vmlinux", 0),
+        "dynamos_klp__vmlinux__msgs__2": KlpSymbol("msgs", "vmlinux", 2),
+    }
+    symtab = elf.get_section_by_name(".symtab")
+    names = {s.name: s for s in symtab.iter_symbols()}
+    assert names["dynamos_edition__show"]["st_info"]["bind"] == "STB_GLOBAL"
+    assert names["exported_fn"]["st_shndx"] == "SHN_UNDEF"  # left to the module loader
+    assert "other" not in names and "helper2" not in names  # nothing left to look up
+    first_global = symtab["sh_info"]
+    assert all(s["st_info"]["bind"] == "STB_LOCAL" for s in list(symtab.iter_symbols())[:first_global])
+    # The ftrace site table keeps exactly the kept function's entry.
+    mcount = elf.get_section_by_name(".rela__mcount_loc")
+    show_index = next(i for i, sec in enumerate(elf.iter_sections()) if sec.name == ".text.show")
+    assert [symtab.get_symbol(r["r_info_sym"])["st_shndx"] for r in mcount.iter_relocations()] == [show_index]
+
+
+def test_extracted_object_links(tmp_path: Path):
+    e = extract_functions(compile_c(tmp_path, SOURCE), {"show", "other"}, set(), resolve)
+    (tmp_path / "x.o").write_bytes(e.object)
+    subprocess.run(["ld", "-r", "-o", str(tmp_path / "linked.o"), str(tmp_path / "x.o")], check=True)
+    assert set(e.editions) == {"show", "other"}
+
+
+def test_new_data_is_carried(tmp_path: Path):
+    text = SOURCE.replace("int show(int v) {", "static int calls;\nint show(int v) { calls++;")
+    e = extract_functions(compile_c(tmp_path, text), {"show"}, {"calls"}, resolve)
+    elf = ELFFile(io.BytesIO(e.object))
+    assert elf.get_section_by_name(".bss.calls")["sh_size"] == 4
+    assert not any("calls" in p for p in e.klp_placeholders)
+
+
+def test_missing_function_is_an_error(tmp_path: Path):
+    with pytest.raises(BuildError, match="no section for function.*nosuch"):
+        extract_functions(compile_c(tmp_path, SOURCE), {"nosuch"}, set(), resolve)
+
+
+def test_local_symbol_must_resolve(tmp_path: Path):
+    with pytest.raises(BuildError, match="file-local symbol .* must be resolved"):
+        extract_functions(compile_c(tmp_path, SOURCE), {"show"}, set(), lambda name, local: None)
