@@ -14,7 +14,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,27 +144,47 @@ def build_update(source_dir: Path | str, target: TargetKernel, output: Path | No
     build_dir = build_dir_for(source, target).absolute()
     with _build_lock(build_dir):
         _prepare_build_dir(build_dir, source, author_files)
-        log = _run_make(build_dir, source, target, say)
-        module_path = build_dir / f"{source.livepatch_name}.ko"
-        if not module_path.is_file():
-            raise BuildError(f"make succeeded but produced no {module_path.name}; "
-                             f"see {build_dir / BUILD_LOG}")
-        module = module_path.read_bytes()
-        klp_symbols = _klp_symbols(module, source, target)
-        if klp_symbols:
-            say("resolving at load time through livepatch: "
-                + ", ".join(f"{s.name} ({s.object})" for s in klp_symbols))
-            module = convert_to_klp(module, klp_symbols)
-            module_path.write_bytes(module)
-    vermagic = _check_module(module, module_path, target)
+        linked = link_module(build_dir, source, target, say)
 
     package_path = None
     if output is not None:
-        package_path = _write_package(Path(output), source, target, vermagic, module, log, klp_symbols)
+        package_path = _write_package(Path(output), source, target, linked.vermagic, linked.module, linked.log,
+                                      linked.klp_symbols)
         say(f"wrote {package_path}")
-    return BuildResult(module_path=module_path, module=module, vermagic=vermagic, build_log=log,
-                       build_dir=build_dir, seconds=time.monotonic() - started,
+    return BuildResult(module_path=linked.module_path, module=linked.module, vermagic=linked.vermagic,
+                       build_log=linked.log, build_dir=build_dir, seconds=time.monotonic() - started,
                        package_path=package_path)
+
+
+@dataclass
+class LinkedModule:
+    module_path: Path
+    module: bytes
+    vermagic: str
+    log: str
+    klp_symbols: list[KlpSymbol]
+
+
+def link_module(build_dir: Path, source: UpdateSource, target: TargetKernel, say: Callable[[str], None],
+                placeholders: Mapping[str, KlpSymbol] | None = None) -> LinkedModule:
+    """Run Kbuild in a prepared build dir, then make every symbol the loader cannot resolve a
+    livepatch symbol (``placeholders``: names standing for kernel symbols, from the diff builder)."""
+    log = _run_make(build_dir, source, target, say)
+    module_path = build_dir / f"{source.livepatch_name}.ko"
+    if not module_path.is_file():
+        raise BuildError(f"make succeeded but produced no {module_path.name}; see {build_dir / BUILD_LOG}")
+    module = module_path.read_bytes()
+    placeholders = dict(placeholders or {})
+    klp_symbols = [s for s in _klp_symbols(module, source, target) if s.name not in placeholders]
+    if klp_symbols or placeholders:
+        everything = {**{s.name: s for s in klp_symbols}, **placeholders}
+        say("resolving at load time through livepatch: "
+            + ", ".join(sorted({f"{s.name} ({s.object})" for s in everything.values()})))
+        module = convert_to_klp(module, everything)
+        module_path.write_bytes(module)
+    vermagic = _check_module(module, module_path, target)
+    unique = {s.klp_name: s for s in [*klp_symbols, *placeholders.values()]}
+    return LinkedModule(module_path, module, vermagic, log, sorted(unique.values(), key=lambda s: s.klp_name))
 
 
 def _check_release(source: UpdateSource, target: TargetKernel) -> None:
