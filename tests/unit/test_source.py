@@ -167,7 +167,8 @@ def test_unprepared_source_is_refused(tmp_path: Path) -> None:
 
 
 def test_unavailable_version_is_named(tmp_path: Path) -> None:
-    with pytest.raises(TargetError, match=r"linux-source-6.1 version 6.1.0-0 is not available from apt"):
+    wanted = r"linux-source-6\.1 version 6\.1\.0-0, is not available from apt \(apt knows 6"
+    with pytest.raises(TargetError, match=wanted):
         source_mod._download("linux-source-6.1", "6.1.0-0", tmp_path / "x.deb", lambda _m: None)
 
 
@@ -185,3 +186,24 @@ def test_config_change_is_refused(tmp_path: Path) -> None:
     assert any("CONFIG_CC_VERSION_TEXT" in m for m in messages)  # text-only: a warning
     ours.write_text('CONFIG_CC_VERSION_TEXT="gcc-12 (b)"\nCONFIG_PAHOLE_VERSION=124\nCONFIG_DEBUG_INFO_BTF=y\n')
     source_mod._compare_config(shipped, ours, RELEASE, messages.append)
+
+
+def test_source_package_kept_in_cache(target: TargetKernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without an installed linux-source of the version, the .deb (downloaded once, kept) is used."""
+    monkeypatch.setattr(source_mod, "_installed_tarball", lambda *_args: None)
+    version = debian_version(target)
+    messages: list[str] = []
+    with source_mod._source_tarball("linux-source-6.1", version, messages.append) as tarball:
+        assert tarball.name == "linux-source-6.1.tar.xz" and tarball.stat().st_size > 100_000_000
+        unpacked = tarball.parent
+    assert not unpacked.exists()  # the unpacked .deb is temporary; the .deb itself is kept
+    again: list[str] = []
+    with source_mod._source_tarball("linux-source-6.1", version, again.append):
+        pass
+    assert any(m.startswith("source package present:") for m in again)
+
+
+def test_missing_compiler_is_named(target: TargetKernel) -> None:
+    settings = {**source_mod._settings_for(target, debian_version(target)), "compiler": "gcc-99"}
+    with pytest.raises(BuildError, match=r"needs gcc-99.*apt-get install gcc-99"):
+        source_mod._check_tools(settings, target)

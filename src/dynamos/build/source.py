@@ -144,11 +144,10 @@ def prepare_source(target: TargetKernel, progress: Callable[[str], None] | None 
         if (root / EXTRACTED).is_file() and (root / EXTRACTED).read_text().strip() == version:
             say(f"{package} {version} already extracted in {root}")
         else:
+            shutil.rmtree(root, ignore_errors=True)  # a partial extraction, or another version's tree
             _check_space(root.parent)
-            shutil.rmtree(root, ignore_errors=True)
             root.mkdir(parents=True)
-            tarball_owner = _source_tarball(package, version, say)
-            with tarball_owner as tarball:
+            with _source_tarball(package, version, say) as tarball:
                 _extract(tarball, root, say)
             if not (source.tree / "Makefile").is_file():
                 raise TargetError(f"{package} {version} did not unpack into {source.tree}")
@@ -281,6 +280,7 @@ def _source_tarball(package: str, version: str, say: Callable[[str], None]) -> _
     dpkg's md5sum), the .deb kept in ``<cache>/debs``, or ``apt-get download`` (kept for next time).
     """
     member = f"usr/src/{package}.tar.xz"
+    say(f"looking for {package} {version}")
     installed = _installed_tarball(package, version, member)
     if installed is not None:
         say(f"using the installed {package} {version} ({installed})")
@@ -327,12 +327,12 @@ def _download(package: str, version: str, deb: Path, say: Callable[[str], None])
                           capture_output=True, text=True)
     if show.returncode != 0 or not show.stdout.strip():
         madison = subprocess.run(["apt-cache", "madison", package], capture_output=True, text=True)
-        known = sorted({line.split("|")[1].strip() for line in madison.stdout.splitlines() if "|" in line})
+        known = list(dict.fromkeys(line.split("|")[1].strip() for line in madison.stdout.splitlines() if "|" in line))
         known_text = f"apt knows {', '.join(known)}" if known else f"apt knows no {package} at all"
         raise TargetError(
             f"the kernel's exact source, {package} version {version}, is not available from apt "
-            f"({known_text}); add the archive that has it (e.g. bookworm-security, or "
-            f"snapshot.debian.org for old versions) to the apt sources and run 'apt-get update'")
+            f"({known_text}); add an archive that has it (the security suite, or Debian's snapshot "
+            f"archive for old versions) to the apt sources and run 'apt-get update'")
     size = next((int(line.split()[1]) for line in show.stdout.splitlines() if line.startswith("Size:")), 0)
     say(f"downloading {package} {version} ({size / 1e6:.0f} MB)")
     deb.parent.mkdir(parents=True, exist_ok=True)
