@@ -45,8 +45,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     from dynamos.target import resolve_target
 
     progress = Progress(args.json)
+    if bool(args.patch) == bool(args.source):
+        raise DynamosError("build: give an update source directory, or --patch FILE (not both)")
     target = resolve_target(args.kernel, progress)
     output = Path(args.output) if args.output else Path.cwd()
+    if args.patch:
+        return _build_patch(args, target, output, progress)
     result = build_update(Path(args.source), target, output=output, progress=progress)
     if args.json:
         _print_json({"package": str(result.package_path), "kernel": target.release,
@@ -54,6 +58,26 @@ def cmd_build(args: argparse.Namespace) -> int:
                      "build_dir": str(result.build_dir)})
     else:
         print(f"built {result.package_path} for {target.release} in {result.seconds:.1f} s")
+    return 0
+
+
+def _build_patch(args: argparse.Namespace, target, output: Path, progress: Progress) -> int:
+    from dynamos.build.patch import build_from_patch
+
+    result = build_from_patch(Path(args.patch), target, output=output, name=args.name, progress=progress)
+    if args.json:
+        _print_json({"package": str(result.package_path), "kernel": target.release, "seconds": result.seconds,
+                     "phases": result.phases,
+                     "units": [{"path": u.path,
+                                "changed": [c.__dict__ for c in u.diff.changed],
+                                "new": [c.__dict__ for c in u.diff.new],
+                                "new_data": [c.__dict__ for c in u.diff.new_data],
+                                "unchanged": len(u.diff.unchanged)} for u in result.units],
+                     "klp_symbols": [s.to_json() for s in result.klp_symbols]})
+        return 0
+    if args.explain:
+        print("\n".join(result.explain()))
+    print(f"built {result.package_path} for {target.release} in {result.seconds:.1f} s")
     return 0
 
 
@@ -227,8 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dynamos {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("build", help="build an update package from an update source")
-    p.add_argument("source", help="update source directory (update.toml + C files)")
+    p = sub.add_parser("build", help="build an update package from an update source or a source patch")
+    p.add_argument("source", nargs="?", help="update source directory (update.toml + C files)")
+    p.add_argument("--patch", metavar="FILE", help="a unified diff against the target kernel's source")
+    p.add_argument("--name", help="update name for --patch (default: from the patch file name)")
+    p.add_argument("--explain", action="store_true",
+                   help="with --patch: say per function why it is in the update, per refusal why")
     p.add_argument("-o", "--output", help="package file or directory (default: current directory)")
     p.add_argument("--kernel", metavar="REL", help="target kernel release (default: the running kernel)")
     p.add_argument("--json", action="store_true")

@@ -12,6 +12,7 @@ so the new code works on the kernel's state, not on copies of it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,9 +23,10 @@ from dynamos.errors import BuildError
 STT_OBJECT, STT_FUNC, STT_SECTION, STT_FILE = 1, 2, 3, 4
 STB_LOCAL, STB_GLOBAL = 0, 1
 
-# Section name prefixes whose content is the object's own and may be copied into the update:
-# string literals and mergeable constants carry no state.
-COPYABLE_PREFIXES = (".rodata.str", ".rodata.cst", ".altinstr_replacement")
+# Sections whose content the update may carry its own copy of: string literals (".rodata.str1.1",
+# or per function ".rodata.<func>.str1.1" with -fdata-sections), mergeable constants, and the
+# replacement code of alternatives. None of them carries state.
+COPYABLE = re.compile(r"^(\.rodata(\.[^.]+)*\.(str|cst)\d|\.altinstr_replacement$)")
 
 # Per-function tables the kernel builds from special sections: one row per section kind,
 # (entry size, offset within an entry of the relocation that says which code it is about).
@@ -150,7 +152,7 @@ def _kept_sections(obj: RelocatableElf, functions: set[str], new_data: set[str])
         if name not in data_sections:
             raise BuildError(f"patched object has no section for new variable {name}")
         keep.add(data_sections[name])
-    keep |= {i for i, s in enumerate(obj.sections) if s.name.startswith(COPYABLE_PREFIXES)}
+    keep |= {i for i, s in enumerate(obj.sections) if COPYABLE.match(s.name)}
     return keep
 
 

@@ -1,0 +1,257 @@
+"""The source-diff builder: from a kernel source patch to an update package, compiling only the
+translation units the patch touches (original and patched), never the whole kernel.
+
+Pipeline: apply the patch to copies of the touched files (GNU patch) -> compile each unit twice
+in the prepared source tree (patched text with line numbers kept stable) -> check the original
+objects against the target's own text (fidelity) -> diff at function level -> cut the changed
+functions out -> link them with generated livepatch glue -> livepatch relocations -> package.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dynamos.build.cgen import generate_kbuild, generate_livepatch_source
+from dynamos.build.extract import extract_functions
+from dynamos.build.kbuild import BUILD_LOG, _build_lock, _write_package, link_module
+from dynamos.build.klp import KlpSymbol, exported_symbols
+from dynamos.build.linemap import stabilise_lines
+from dynamos.build.objdiff import DiffResult, diff_objects, read_object
+from dynamos.build.source import KernelSource, compile_unit, prepare_source
+from dynamos.errors import BuildError
+from dynamos.target import TargetKernel, cache_root
+from dynamos.update.manifest import FunctionSpec, UpdateSource
+
+VMLINUX = "vmlinux"
+_NAME_RE = re.compile(r"[^a-z0-9_-]+")
+
+# Paths a live update cannot change, with the reason: one row per kind.
+REFUSED_PATHS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"\.S$"), "assembly files cannot be live-patched (no fentry site, no function sections)"),
+    (re.compile(r"(^|/)vdso/"), "the vDSO is mapped into user space: a livepatch cannot replace it"),
+    (re.compile(r"\.h$"), "header changes reach every including file: not supported yet, patch the .c file"),
+    (re.compile(r"(^|/)(Makefile|Kconfig|Kbuild)[^/]*$"), "build-system changes do not change running code"),
+]
+
+
+@dataclass
+class UnitReport:
+    """What the builder decided for one translation unit."""
+
+    path: str
+    diff: DiffResult
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PatchBuild:
+    name: str
+    package_path: Path | None
+    units: list[UnitReport]
+    klp_symbols: list[KlpSymbol]
+    seconds: float
+    phases: dict[str, float]
+
+    def explain(self) -> list[str]:
+        """Per function, why it is in the update; per refused change, why it cannot be."""
+        lines = []
+        for unit in self.units:
+            lines.append(f"{unit.path}:")
+            for c in unit.diff.changed:
+                lines.append(f"  changed   {c.name}: {c.reason}")
+            for c in unit.diff.new:
+                lines.append(f"  new       {c.name}: {c.reason}")
+            for c in unit.diff.new_data:
+                lines.append(f"  new data  {c.name}: {c.reason}")
+            for r in unit.diff.refused:
+                lines.append(f"  REFUSED   {r.name}: {r.reason}")
+            if unit.diff.unchanged:
+                lines.append(f"  unchanged {len(unit.diff.unchanged)} function(s)")
+        return lines
+
+
+def touched_files(patch_text: str) -> list[str]:
+    """Files a unified diff changes, relative to the tree root (``-p1`` paths)."""
+    files = []
+    for line in patch_text.splitlines():
+        m = re.match(r"^\+\+\+ (\S+)", line)
+        if m and m.group(1) != "/dev/null":
+            path = m.group(1).split("/", 1)[1] if "/" in m.group(1) else m.group(1)
+            if path not in files:
+                files.append(path)
+    if not files:
+        raise BuildError("the patch changes no file (is it a unified diff?)")
+    return files
+
+
+def patched_texts(patch: Path, tree: Path, files: list[str]) -> dict[str, bytes]:
+    """Apply the patch to copies of the touched files; the source tree itself stays pristine."""
+    if shutil.which("patch") is None:
+        raise BuildError("applying a source patch needs GNU patch (apt-get install patch)")
+    with tempfile.TemporaryDirectory(prefix="dynamos-patch-") as tmp:
+        for rel in files:
+            src = tree / rel
+            if not src.is_file():
+                raise BuildError(f"the patch changes {rel}, which is not in the kernel source "
+                                 f"(new files need build-system changes: not supported)", path=patch)
+            dest = Path(tmp) / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
+        r = subprocess.run(["patch", "-p1", "--batch", "--forward", "--no-backup-if-mismatch", "-d", tmp,
+                            "-i", str(patch.absolute())], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise BuildError(f"the patch does not apply to this kernel's source:\n{(r.stdout + r.stderr).strip()}",
+                             path=patch)
+        return {rel: (Path(tmp) / rel).read_bytes() for rel in files}
+
+
+def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None = None, name: str | None = None,
+                     symbols: Callable[[str], list[int]] | None = None,
+                     progress: Callable[[str], None] | None = None) -> PatchBuild:
+    """Build an update package from a source patch against ``target``.
+
+    ``symbols(name)`` gives the positions (1-based, kallsyms order) of the kernel's symbols of
+    that name in vmlinux; it decides which references need a sympos. Default: the lab's table.
+    """
+    say = progress or (lambda _m: None)
+    started = time.monotonic()
+    phases: dict[str, float] = {}
+    patch = Path(patch)
+    text = patch.read_text(errors="replace")
+    files = touched_files(text)
+    for rel in files:
+        for pattern, reason in REFUSED_PATHS:
+            if pattern.search(rel):
+                raise BuildError(f"{rel}: {reason}", path=patch)
+    update_name = name or _NAME_RE.sub("-", patch.stem.lower()).strip("-")[:55] or "patch"
+
+    t = time.monotonic()
+    source = prepare_source(target, say)
+    phases["source"] = round(time.monotonic() - t, 3)
+    t = time.monotonic()
+    patched = patched_texts(patch, source.tree, files)
+    if symbols is None:
+        symbols = _default_symbols(target, say)
+
+    work = cache_root() / "builds" / f"patch-{update_name}-{target.release}"
+    units: list[UnitReport] = []
+    with _build_lock(work):
+        shutil.rmtree(work, ignore_errors=True)
+        (work / "objects").mkdir(parents=True)
+        for rel in files:
+            units.append(_compile_and_diff(source, rel, patched[rel], work, say))
+        phases["compile+diff"] = round(time.monotonic() - t, 3)
+        refused = [(u.path, r) for u in units for r in u.diff.refused]
+        if refused:
+            raise BuildError("the patch cannot be live-patched:\n" + "\n".join(
+                f"  {path}: {r.name}: {r.reason}" for path, r in refused), path=patch)
+        if not any(u.diff.changed or u.diff.new for u in units):
+            raise BuildError("the patch changes no function's code (comments, or line numbers only?)", path=patch)
+
+        t = time.monotonic()
+        exported = exported_symbols(target.headers_dir / "Module.symvers")
+        functions: list[FunctionSpec] = []
+        placeholders: dict[str, KlpSymbol] = {}
+        extracted: list[str] = []
+        for unit in units:
+            keep = {c.name for c in unit.diff.changed} | {c.name for c in unit.diff.new}
+            if not keep:
+                continue
+            ext = extract_functions((work / "objects" / _obj_name(unit.path, "patched")).read_bytes(), keep,
+                                    {c.name for c in unit.diff.new_data}, _resolver(unit.path, exported, symbols))
+            obj = f"{_obj_name(unit.path, 'ext')}"
+            (work / obj).write_bytes(ext.object)
+            _write_cmd_file(work, obj)
+            extracted.append(obj)
+            placeholders.update(ext.klp_placeholders)
+            for c in unit.diff.changed:
+                functions.append(FunctionSpec(name=c.name, edition=ext.editions[c.name], object=VMLINUX,
+                                              sympos=_position(c.name, symbols)))
+        update = UpdateSource(directory=work, name=update_name, description=f"dynamos update from {patch.name}",
+                              functions=tuple(functions), c_files=())
+        main = f"{update.livepatch_name}_main.o"
+        (work / main).with_suffix(".c").write_text(generate_livepatch_source(update))
+        (work / "Kbuild").write_text(generate_kbuild(update, main, extracted))
+        linked = link_module(work, update, target, say, placeholders)
+        phases["link"] = round(time.monotonic() - t, 3)
+        (work / BUILD_LOG).write_text(linked.log)
+
+    package_path = None
+    if output is not None:
+        package_path = _write_package(Path(output), update, target, linked.vermagic, linked.module, linked.log,
+                                      linked.klp_symbols)
+        say(f"wrote {package_path}")
+    return PatchBuild(update_name, package_path, units, linked.klp_symbols, round(time.monotonic() - started, 3),
+                      phases)
+
+
+def _obj_name(rel: str, kind: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", rel.removesuffix(".c")) + f"_{kind}.o"
+
+
+def _compile_and_diff(source: KernelSource, rel: str, patched: bytes, work: Path,
+                      say: Callable[[str], None]) -> UnitReport:
+    unit = rel.removesuffix(".c") + ".o"
+    original_text = (source.tree / rel).read_text(errors="surrogateescape")
+    stable = stabilise_lines(original_text, patched.decode(errors="surrogateescape"))
+    times = {}
+    t = time.monotonic()
+    say(f"compiling {rel} (original)")
+    orig = compile_unit(source, unit, work / "objects" / _obj_name(rel, "original"))
+    times["original"] = round(time.monotonic() - t, 3)
+    t = time.monotonic()
+    say(f"compiling {rel} (patched)")
+    new = compile_unit(source, unit, work / "objects" / _obj_name(rel, "patched"),
+                       text=stable.encode(errors="surrogateescape"))
+    times["patched"] = round(time.monotonic() - t, 3)
+    diff = diff_objects(read_object(orig.object_path), read_object(new.object_path))
+    return UnitReport(rel, diff, times)
+
+
+def _position(name: str, symbols: Callable[[str], list[int]]) -> int | None:
+    positions = symbols(name)
+    return None if len(positions) <= 1 else _unresolved(name, positions)
+
+
+def _unresolved(name: str, positions: list[int]) -> int:
+    raise BuildError(f"{len(positions)} kernel symbols are named {name}: which one this file defines "
+                     f"cannot be told yet (the fidelity check will resolve it)")
+
+
+def _resolver(unit: str, exported: set[str], symbols: Callable[[str], list[int]]):
+    def resolve(name: str, local: bool) -> KlpSymbol | None:
+        if not local and name in exported:
+            return None
+        if name == "__fentry__" or name.startswith("__x86_") or name == "__stack_chk_fail":
+            return None  # exported helpers every module uses
+        positions = symbols(name)
+        if not positions:
+            raise BuildError(f"{unit}: {name} is used by the changed code but the kernel has no such symbol "
+                             f"(inlined or optimised away in the shipped kernel?)")
+        return KlpSymbol(name, VMLINUX, 0 if len(positions) == 1 else _unresolved(name, positions))
+    return resolve
+
+
+def _write_cmd_file(work: Path, obj: str) -> None:
+    """Kbuild's modpost reads each object's .cmd file; a prebuilt object needs one too."""
+    target = work / obj
+    (work / f".{obj}.cmd").write_text(
+        f"cmd_{target} := true\n\nsource_{target} := \n\ndeps_{target} := \n\n"
+        f"{target}: $(deps_{target})\n\n$(deps_{target}):\n")
+
+
+def _default_symbols(target: TargetKernel, say: Callable[[str], None]) -> Callable[[str], list[int]]:
+    from dynamos.kernel.symtab import lab_symbol_table
+
+    table = lab_symbol_table(target, progress=say)
+
+    def positions(name: str) -> list[int]:
+        return [i + 1 for i, _ in enumerate(table.lookup(name))]
+    return positions
