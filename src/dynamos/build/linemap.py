@@ -11,8 +11,8 @@ only where the preprocessor reads a new line as a new line: not inside a multi-l
 definition (backslash continuation), a comment or string spanning lines, or a parenthesised
 expression (a macro invocation's arguments). When a hunk ends in such a place, the directive goes
 on the next safe unchanged line. Lines in a conditional group that is skipped still count, but a
-``#line`` inside it does not act; so after every ``#else``, ``#elif`` and ``#endif`` the numbering
-is set again once any directive has been inserted.
+``#line`` inside it does not act; so after the ``#else``, ``#elif`` or ``#endif`` of a group that
+holds an inserted directive, the numbering is set again.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 import re
 
-_CONDITIONAL_END_RE = re.compile(r"^\s*#\s*(else|elif|elifdef|elifndef|endif)\b")
+_CONDITIONAL_RE = re.compile(r"^\s*#\s*(?P<word>ifdef|ifndef|if|elifdef|elifndef|elif|else|endif)\b")
 
 
 def stabilise_lines(original: str, patched: str) -> str:
@@ -37,17 +37,25 @@ def stabilise_lines(original: str, patched: str) -> str:
 
     out: list[str] = []
     current = 1  # the number the preprocessor gives new_lines[j], if every inserted directive acts
-    inserted = False
-    resync = False  # a conditional group ended after a directive: number the next line again
+    groups: list[bool] = []  # open conditional groups: does one hold a directive we inserted?
+    resync = False  # a group holding a directive ended or switched branch: number the next line again
     for j, line in enumerate(new_lines):
         wanted = origin[j]
         if wanted is not None and safe[j] and (wanted != current or resync):
             out.append(f"#line {wanted}{newline}")
-            current, inserted, resync = wanted, True, False
+            current, resync = wanted, False
+            groups = [True] * len(groups)
         out.append(line)
         current += 1
-        if inserted and _CONDITIONAL_END_RE.match(line) and safe[j]:
-            resync = True
+        conditional = _CONDITIONAL_RE.match(line) if safe[j] else None
+        if conditional is None:
+            continue
+        if conditional["word"].startswith("if"):
+            groups.append(False)
+        elif groups:
+            resync = resync or groups[-1]
+            if conditional["word"] == "endif":
+                groups.pop()
     return "".join(out)
 
 

@@ -11,6 +11,9 @@ The result tells the module generator which functions the update must carry (cha
 which data it must place in the update module (new data, changed file-local constants), and which
 special-section entries (static keys, alternatives, BUG/WARN sites, exception fixups) travel with
 those functions.
+
+Both objects must be compiled from the same path (``__FILE__`` is in BUG/WARN entries and strings)
+and the patched file with its line numbers stabilised (``linemap``), or every WARN site moves.
 """
 
 from __future__ import annotations
@@ -123,7 +126,7 @@ SECTION_RULES: tuple[SectionRule, ...] = (
 )
 DEFAULT_RULE = SectionRule("*", Handling.REFUSE_CHANGE, "a special section dynamos does not handle yet")
 
-DATA_PREFIXES = (".data", ".bss", ".rodata", ".tdata", ".tbss")
+DATA_PREFIXES = (".data", ".bss", ".rodata", ".tdata", ".tbss", ".ref.data", ".ref.rodata")
 # File-local writable data that is, like a constant, owned by the functions that use it: when it
 # changes, the update carries a new copy together with those functions (pr_debug descriptors).
 CARRIED_WRITABLE_SECTIONS = ("__dyndbg",)
@@ -532,14 +535,25 @@ def _data_keys(reader: _Reader, functions: dict[str, tuple[_Sym, _Section, str |
                 hit = reader.target_symbol(sec, r)
                 if hit is not None and hit.type != "STT_FUNC":
                     owners.setdefault(hit.index, set()).add(parent or name)
+    # An object only data refers to (__func__ in a pr_debug descriptor) belongs to that data's owners.
+    for _ in range(3):
+        for obj in reader.syms:
+            if obj.index not in owners or obj.shndx is None:
+                continue
+            sec = reader.sections[obj.shndx]
+            for r in reader.relocs.get(obj.shndx, ()):
+                if obj.value <= r.offset < obj.value + obj.size:
+                    hit = reader.target_symbol(sec, r)
+                    if hit is not None and hit.type != "STT_FUNC" and hit.index not in owners:
+                        owners[hit.index] = set(owners[obj.index])
     reserved: set[str] = set()
     numbered: dict[str, list[_Sym]] = {}
     for sym in reader.syms:
         if sym.type not in ("STT_OBJECT", "STT_TLS") or sym.shndx is None or not sym.name:
             continue
-        match = (_UNIQUE_ID_RE.match(sym.name) or _NUMBERED_RE.match(sym.name)) if sym.bind == "STB_LOCAL" else None
-        if match:
-            numbered.setdefault(match["base"], []).append(sym)
+        base = _unnumbered(sym.name) if sym.bind == "STB_LOCAL" else sym.name
+        if base != sym.name:
+            numbered.setdefault(base, []).append(sym)
         else:
             reserved.add(sym.name)
     keys: dict[int, str] = {}
@@ -557,6 +571,14 @@ def _data_keys(reader: _Reader, functions: dict[str, tuple[_Sym, _Section, str |
             for i, sym in enumerate(group):
                 keys[sym.index] = key if i == 0 else f"{key}#{i + 1}"
     return keys
+
+
+def _unnumbered(name: str) -> str:
+    """``__UNIQUE_ID_ddebug3.3`` -> ``__UNIQUE_ID_ddebug``, ``calls.1`` -> ``calls``."""
+    numbered = _NUMBERED_RE.match(name)
+    base = numbered["base"] if numbered else name
+    unique = _UNIQUE_ID_RE.match(base)
+    return unique["base"] if unique else base
 
 
 def _number(name: str) -> int:
@@ -605,10 +627,10 @@ class SpecialUse:
 
 @dataclass
 class DiffResult:
-    """What the update must carry, and what it cannot. A refused function is not in ``changed``."""
+    """What the update must carry, and what it cannot. A refused function is in no other list."""
 
-    changed: list[Change] = field(default_factory=list)
-    new: list[Change] = field(default_factory=list)
+    changed: list[Change] = field(default_factory=list)  # replace the kernel's function (livepatch redirects it)
+    new: list[Change] = field(default_factory=list)  # include in the update, not redirected (incl. notrace copies)
     removed: list[Change] = field(default_factory=list)  # functions and data gone from the patched file
     refused: list[Refusal] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
@@ -636,20 +658,17 @@ def diff_objects(original: ObjectInfo, patched: ObjectInfo) -> DiffResult:
                 changed[name] = reason
 
     refused: dict[str, str] = {}
-    _diff_data(original, patched, result, changed, refused)
-    for name in list(changed):
-        reason = _function_refusal(name, original, units_o[name])
-        if reason:
-            refused[name] = reason
-            del changed[name]
+    carried_data = _diff_data(original, patched, result, changed, refused)
+    _settle_untraceable(original, patched, result, changed, refused, carried_data)
     for change in list(result.new):
         rule = section_rule(patched.functions[change.name].section)
         if rule is not None and rule.handling is Handling.BOOT_ONLY:
             refused[change.name] = f"{rule.why}; an update cannot add {change.name}"
             result.new.remove(change)
     result.changed = [Change("changed", name, changed[name]) for name in sorted(changed)]
-    result.unchanged = sorted(n for n in units_o.keys() & units_p.keys() if n not in changed and n not in refused)
+    result.new.sort(key=lambda c: c.name)
     carried = set(changed) | {c.name for c in result.new}
+    result.unchanged = sorted(n for n in units_o.keys() & units_p.keys() if n not in carried and n not in refused)
     _diff_tables(original, patched, result, carried, refused)
     _diff_opaque(original, patched, refused)
     result.refused = [Refusal(name, refused[name]) for name in sorted(refused)]
@@ -685,7 +704,7 @@ def _function_difference(a: Function, b: Function) -> str:
             reasons.append("now references " + ", ".join(_describe(s) for s in added))
         if dropped:
             reasons.append("no longer references " + ", ".join(_describe(s) for s in dropped))
-        if not added and not dropped:
+        if not added and not dropped and a.code == b.code:
             first = next((y for x, y in zip(a.relocs, b.relocs, strict=False) if x != y), b.relocs[-1])
             reasons.append(f"reference to {_describe(first.symbol)} changed")
     return "; ".join(reasons)
@@ -697,16 +716,44 @@ def _describe(symbol: str) -> str:
     return symbol
 
 
-def _function_refusal(name: str, original: ObjectInfo, parts: list[Function]) -> str:
-    """Why a changed function cannot be replaced, or ""; checks the original, which is what
-    livepatch must redirect."""
-    head = parts[0]
-    rule = section_rule(head.section)
-    if rule is not None and rule.handling is Handling.BOOT_ONLY:
-        return f"{rule.why}; {name} is in {head.section}"
-    if not head.traceable and name not in original.mcount_sites:
-        return f"not traceable (notrace): {name} has no __fentry__ call at its start, so livepatch cannot redirect it"
-    return ""
+def _settle_untraceable(original: ObjectInfo, patched: ObjectInfo, result: DiffResult, changed: dict[str, str],
+                        refused: dict[str, str], carried_data: set[str]) -> None:
+    """Check that livepatch can redirect each changed function (the original is what it redirects).
+
+    __init/__exit code refuses. A changed function without an fentry site refuses too, unless it is
+    file-static (typically an out-of-line ``static inline``, which the kernel marks notrace) and no
+    existing data points to it: then the update carries its own copy as a new function and replaces
+    every caller instead, repeating for callers that are themselves untraceable statics.
+    """
+    users = _merge(_users(original), _users(patched))
+    units_o, units_p = original.units(), patched.units()
+    work = sorted(changed)
+    while work:
+        name = work.pop(0)
+        head = units_o[name][0]
+        rule = section_rule(head.section)
+        if rule is not None and rule.handling is Handling.BOOT_ONLY:
+            refused[name] = f"{rule.why}; {name} is in {head.section}"
+            del changed[name]
+            continue
+        if head.traceable or name in original.mcount_sites:
+            continue
+        why_changed = changed.pop(name)
+        pinned = sorted(original.data[u].symbol for u in users.get(name, ())
+                        if u in original.data and u not in carried_data)
+        if head.binding != "local" or pinned:
+            where = "it is global, so code elsewhere calls it" if head.binding != "local" else \
+                f"data points to it: {', '.join(pinned)}"
+            refused[name] = (f"not traceable (notrace): {name} has no __fentry__ call at its start, so livepatch "
+                             f"cannot redirect it, and {where}")
+            continue
+        result.new.append(Change("new", name, f"{why_changed}; not traceable (notrace), so the update carries its "
+                                 "own copy and replaces its callers"))
+        for caller in sorted(users.get(name, ())):
+            if caller in units_o and caller in units_p and caller not in changed and caller not in refused \
+                    and all(c.name != caller for c in result.new):
+                changed[caller] = f"calls {name}, which changed but cannot be patched in place (notrace)"
+                work.append(caller)
 
 
 def _data_kind(item: DataItem) -> str:
@@ -722,20 +769,30 @@ def _carriable(item: DataItem) -> bool:
 
 
 def _diff_data(original: ObjectInfo, patched: ObjectInfo, result: DiffResult, changed: dict[str, str],
-               refused: dict[str, str]) -> None:
+               refused: dict[str, str]) -> set[str]:
     """New data is carried; changed data is refused, except file-local constants (and descriptors
-    such as pr_debug's), which travel as new copies together with every function that uses them."""
-    users = _users(original) | _users(patched)
+    such as pr_debug's), which travel as new copies together with every function that uses them.
+
+    Data is reported by ELF symbol name (what the extractor and the kernel know); keys only match
+    objects between the two files. Returns the keys of the data the update carries.
+    """
+    users = _merge(_users(original), _users(patched))
+    refused_keys: set[str] = set()
+
+    def refuse(key: str, reason: str) -> None:
+        refused[patched.data[key].symbol] = reason
+        refused_keys.add(key)
+
     new_keys = set(patched.data) - set(original.data)
     for key in sorted(set(original.data) - set(patched.data)):
-        result.removed.append(Change("removed", key, f"data object {original.data[key].symbol} no longer defined"))
+        result.removed.append(Change("removed", original.data[key].symbol, "data object no longer defined"))
     for key in sorted(new_keys):
         item = patched.data[key]
         rule = section_rule(item.section)
         if rule is not None and rule.handling is Handling.BOOT_ONLY:
-            refused[key] = f"{rule.why}; an update cannot add {_data_kind(item)}"
+            refuse(key, f"{rule.why}; an update cannot add {_data_kind(item)}")
         else:
-            result.new_data.append(Change("new", key, f"new {_data_kind(item)} in {item.section}"))
+            result.new_data.append(Change("new", item.symbol, f"new {_data_kind(item)} in {item.section}"))
     differing = {k for k in set(original.data) & set(patched.data) if not original.data[k].same_value(patched.data[k])}
     carried: dict[str, str] = {}
     work = sorted(differing)
@@ -744,10 +801,10 @@ def _diff_data(original: ObjectInfo, patched: ObjectInfo, result: DiffResult, ch
         before, after = original.data[key], patched.data[key]
         rule = section_rule(after.section)
         if rule is not None and rule.handling is Handling.BOOT_ONLY:
-            refused[key] = f"{rule.why}; {_data_kind(after)} changed"
+            refuse(key, f"{rule.why}; {_data_kind(after)} changed")
             continue
         if not _carriable(after):
-            refused[key] = f"data changed: {_data_kind(after)} {_value_change(before, after)}"
+            refuse(key, f"data changed: {_data_kind(after)} {_value_change(before, after)}")
             continue
         blockers = []
         for user in sorted(users.get(key, ())):
@@ -756,33 +813,46 @@ def _diff_data(original: ObjectInfo, patched: ObjectInfo, result: DiffResult, ch
                     carried.setdefault(user, f"{_data_kind(patched.data[user])} points to changed {after.symbol}")
                     work.append(user)
                 else:
-                    blockers.append(user)
+                    blockers.append(patched.data[user].symbol)
         if blockers:
-            refused[key] = (f"data changed: {_data_kind(after)} {_value_change(before, after)}, and data that "
-                            f"cannot change uses it: {', '.join(blockers)}")
+            refuse(key, f"data changed: {_data_kind(after)} {_value_change(before, after)}, and data that "
+                        f"cannot change uses it: {', '.join(blockers)}")
             continue
         carried.setdefault(key, f"{_data_kind(after)} {_value_change(before, after)}; carried with its users")
     for key in sorted(carried):
-        if key in refused:
+        if key in refused_keys:
             continue
-        result.new_data.append(Change("new", key, carried[key]))
+        result.new_data.append(Change("new", patched.data[key].symbol, carried[key]))
         for user in sorted(users.get(key, ())):
             if user in original.functions and user in patched.functions and user not in changed:
                 changed[user] = f"uses changed {_data_kind(patched.data[key])}"
+    result.new_data.sort(key=lambda c: c.name)
+    return (set(carried) - refused_keys) | new_keys
 
 
 def _users(info: ObjectInfo) -> dict[str, set[str]]:
-    """Data key -> the functions (by unit) and data objects that reference it."""
+    """Data key or function (by unit) -> the functions (by unit) and data objects that reference it."""
     users: dict[str, set[str]] = {}
+
+    def add(target: str, user: str) -> None:
+        if target in info.functions:
+            target = info.unit_of(target)
+        elif target not in info.data:
+            return
+        if target != user:
+            users.setdefault(target, set()).add(user)
+
     for fn in info.functions.values():
         for r in fn.relocs:
-            if r.symbol in info.data:
-                users.setdefault(r.symbol, set()).add(info.unit_of(fn.name))
+            add(r.symbol, info.unit_of(fn.name))
     for item in info.data.values():
         for r in item.relocs:
-            if r.symbol in info.data:
-                users.setdefault(r.symbol, set()).add(item.name)
+            add(r.symbol, item.name)
     return users
+
+
+def _merge(a: dict[str, set[str]], b: dict[str, set[str]]) -> dict[str, set[str]]:
+    return {k: a.get(k, set()) | b.get(k, set()) for k in a.keys() | b.keys()}
 
 
 def _value_change(before: DataItem, after: DataItem) -> str:
