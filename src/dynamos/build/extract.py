@@ -16,7 +16,18 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dynamos.build.elf import SHN_UNDEF, SHT_NOBITS, SHT_RELA, Rela, RelocatableElf, Section
+from dynamos.build.elf import (
+    SHF_ALLOC,
+    SHN_UNDEF,
+    SHT_NOBITS,
+    SHT_PROGBITS,
+    SHT_RELA,
+    Rela,
+    RelocatableElf,
+    Section,
+)
+
+SHF_WRITE, SHF_EXECINSTR = 0x1, 0x4
 from dynamos.build.klp import SHN_LIVEPATCH, KlpSymbol
 from dynamos.errors import BuildError
 
@@ -153,6 +164,11 @@ def _kept_sections(obj: RelocatableElf, functions: set[str], new_data: set[str])
             raise BuildError(f"patched object has no section for new variable {name}")
         keep.add(data_sections[name])
     keep |= {i for i, s in enumerate(obj.sections) if COPYABLE.match(s.name)}
+    # Read-only data no symbol names (literals gcc placed in plain .rodata) is stateless too.
+    named = {s.shndx for s in obj.symbols if s.info & 0xF in (STT_OBJECT, STT_FUNC) and s.name}
+    keep |= {i for i, s in enumerate(obj.sections)
+             if s.type == SHT_PROGBITS and s.flags & SHF_ALLOC and not s.flags & (SHF_WRITE | SHF_EXECINSTR)
+             and s.name.startswith(".rodata") and i not in named}
     return keep
 
 

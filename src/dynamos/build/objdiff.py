@@ -359,7 +359,7 @@ class _Reader:
             host = self.sections[host_index]
             for r in rows:
                 sym = self.syms[r.sym] if r.sym < len(self.syms) else None
-                if sym is not None and sym.type == "STT_SECTION" and sym.shndx is not None:
+                if sym is not None and _section_like(sym):
                     target = sym.value + r.addend + self._bias(host, RELOC_KINDS[r.type])
                     anchors.setdefault(sym.shndx, set()).add(target)
         return {k: sorted(v) for k, v in anchors.items()}
@@ -377,7 +377,7 @@ class _Reader:
     def target_symbol(self, host: _Section, r: _RawReloc) -> _Sym | None:
         """The defined function/object a raw relocation refers to, if any."""
         sym = self.syms[r.sym]
-        if sym.type == "STT_SECTION" and sym.shndx is not None:
+        if _section_like(sym):
             return self.hit(sym.shndx, sym.value + r.addend + self._bias(host, RELOC_KINDS[r.type]))
         return sym if sym.shndx is not None else None
 
@@ -387,7 +387,7 @@ class _Reader:
     def normalise(self, host: _Section, r: _RawReloc, base: int) -> Reloc:
         """A relocation as a comparable value: symbol by name, strings by text, pieces by content."""
         sym = self.syms[r.sym]
-        if sym.type != "STT_SECTION" or sym.shndx is None:
+        if not _section_like(sym):
             return Reloc(r.offset - base, r.type, self.name_of(sym), r.addend)
         target_sec = self.sections[sym.shndx]
         target = sym.value + r.addend + self._bias(host, RELOC_KINDS[r.type])
@@ -489,6 +489,13 @@ class _Reader:
             relocs, blob = self.item_relocs(sec, start, start + rule.entry_size)
             owner = next((info.unit_of(r.symbol) for r in relocs if r.symbol in info.functions), None)
             yield TableEntry(owner, blob, relocs)
+
+
+def _section_like(sym: _Sym) -> bool:
+    """A reference to be identified by what it points at, not by its symbol's name: section
+    symbols, and the assembler's local labels (``.LC5``), whose numbers shift when a patch adds
+    a string anywhere earlier in the file."""
+    return sym.shndx is not None and (sym.type == "STT_SECTION" or sym.name.startswith(".L"))
 
 
 def _binding(bind: str) -> str:
