@@ -126,12 +126,12 @@ def test_syscall_change(guest, patch_package):
     # tsc.c is built without -pg: nothing in it has an fentry site for livepatch to use.
     ("notrace-change", {"arch/x86/kernel/tsc.c": [
         ("\t\treturn cycles_2_ns(tsc_now);", "\t\treturn cycles_2_ns(tsc_now) + 1;")]}, "not traceable"),
-    ("asm-change", {"arch/x86/lib/memcpy_64.S": [("SYM_FUNC_START_LOCAL(memcpy_orig)", "SYM_FUNC_START_LOCAL(memcpy_orig)\n\tnop")]},
-     "assembly"),
+    ("asm-change", {"arch/x86/lib/memcpy_64.S": [
+        ("SYM_FUNC_START_LOCAL(memcpy_orig)", "SYM_FUNC_START_LOCAL(memcpy_orig)\n\tnop")]}, "assembly"),
     ("header-change", {"include/linux/seq_file.h": [("#define _LINUX_SEQ_FILE_H", "#define _LINUX_SEQ_FILE_H\n")]},
      "header"),
-    ("vdso-change", {"arch/x86/entry/vdso/vclock_gettime.c": [("#include <linux/time.h>", "#include <linux/types.h>\n#include <linux/time.h>")]},
-     "vDSO"),
+    ("vdso-change", {"arch/x86/entry/vdso/vclock_gettime.c": [
+        ("#include <linux/time.h>", "#include <linux/types.h>\n#include <linux/time.h>")]}, "vDSO"),
 ])
 def test_refused_patches(tree, target, workdir, name, edits, reason):
     patch = make_patch(tree, workdir / f"{name}.patch", edits)
