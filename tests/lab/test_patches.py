@@ -113,9 +113,46 @@ def test_syscall_change(guest, patch_package):
          '\tup_read(&uts_sem);\n\tstrscpy(tmp.machine, "dynamos", sizeof(tmp.machine));\n'
          "\tif (copy_to_user(name, &tmp, sizeof(tmp)))")]})
     assert guest.sh("uname -m").strip() == "x86_64"
-    with applied(guest, pkg):
+    with applied(guest, pkg) as r:
         assert guest.sh("uname -m").strip() == "dynamos"
+        # getrusage() below the change has a WARN whose __LINE__ moved: it must not be included.
+        assert "getrusage" not in [f["name"] for f in r["functions"]]
     assert guest.sh("uname -m").strip() == "x86_64"
+
+
+def test_static_inline_helper_used_by_several_callers(guest, patch_package):
+    pkg = patch_package("task-state", {"fs/proc/array.c": [
+        ("\treturn task_state_array[task_state_index(tsk)];",
+         '\tif (task_state_index(tsk) == 0)\n\t\treturn "P (patched)";\n'
+         "\treturn task_state_array[task_state_index(tsk)];")]})
+    with applied(guest, pkg) as r:
+        names = {f["name"] for f in r["functions"]}
+        assert {"proc_pid_status", "do_task_stat"} <= names, names  # both callers of the inlined helper
+        assert "State:\tP (patched)" in guest.read("/proc/self/status")
+        assert guest.read("/proc/self/stat").split()[2] == "P"
+    assert "State:\tR (running)" in guest.read("/proc/self/status")
+
+
+def test_new_global_variable(guest, patch_package):
+    pkg = patch_package("cmdline-global", {"fs/proc/cmdline.c": [
+        ("static int cmdline_proc_show(", "int dynamos_cmdline_reads;\n\nstatic int cmdline_proc_show("),
+        ("\tseq_puts(m, saved_command_line);",
+         '\tseq_printf(m, "%d ", ++dynamos_cmdline_reads);\n\tseq_puts(m, saved_command_line);')]})
+    with applied(guest, pkg):
+        counts = [int(guest.read("/proc/cmdline").split()[0]) for _ in range(3)]
+        assert counts == [counts[0], counts[0] + 1, counts[0] + 2]
+
+
+def test_patch_touching_two_files(guest, patch_package):
+    pkg = patch_package("two-files", {
+        "fs/proc/cmdline.c": [("\tseq_puts(m, saved_command_line);",
+                               '\tseq_puts(m, "one: ");\n\tseq_puts(m, saved_command_line);')],
+        "fs/proc/version.c": [("\tseq_printf(m, linux_proc_banner,", '\tseq_puts(m, "two: ");\n'
+                               "\tseq_printf(m, linux_proc_banner,")]})
+    with applied(guest, pkg) as r:
+        assert sorted(f["name"] for f in r["functions"]) == ["cmdline_proc_show", "version_proc_show"]
+        assert guest.read("/proc/cmdline").startswith("one: ")
+        assert guest.read("/proc/version").startswith("two: Linux version")
 
 
 @pytest.mark.parametrize("name, edits, reason", [

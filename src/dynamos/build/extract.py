@@ -54,6 +54,7 @@ TABLES: dict[str, tuple[int, int]] = {
     ".call_sites": (4, 0),  # objtool: call depth tracking sites
     ".static_call_sites": (8, 0),  # static call sites: addr, key
     ".ibt_endbr_seal": (4, 0),  # objtool: sealable ENDBR sites
+    ".smp_locks": (4, 0),  # LOCK prefixes the kernel may patch out on a uniprocessor
 }
 PARALLEL_TABLES = {".orc_unwind": (".orc_unwind_ip", 6)}  # name: (driving table, entry size)
 
@@ -61,7 +62,6 @@ PARALLEL_TABLES = {".orc_unwind": (".orc_unwind_ip", 6)}  # name: (driving table
 REFUSED_TABLES = {
     "__jump_table": "static keys / jump labels in changed code are not handled yet",
     ".altinstr_aux": "alternative auxiliary code is not handled yet",
-    ".smp_locks": "SMP lock prefixes in changed code are not handled yet",
 }
 
 
