@@ -17,7 +17,7 @@ from elftools.elf.elffile import ELFFile
 from dynamos.errors import BuildError
 
 SHT_NULL, SHT_PROGBITS, SHT_SYMTAB, SHT_STRTAB, SHT_RELA, SHT_NOBITS = 0, 1, 2, 3, 4, 8
-SHF_ALLOC = 0x2
+SHF_WRITE, SHF_ALLOC, SHF_EXECINSTR = 0x1, 0x2, 0x4
 SHF_INFO_LINK = 0x40
 SHN_UNDEF = 0
 

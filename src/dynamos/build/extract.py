@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 from dynamos.build.elf import (
     SHF_ALLOC,
+    SHF_EXECINSTR,
+    SHF_WRITE,
     SHN_UNDEF,
     SHT_NOBITS,
     SHT_PROGBITS,
@@ -26,8 +28,6 @@ from dynamos.build.elf import (
     RelocatableElf,
     Section,
 )
-
-SHF_WRITE, SHF_EXECINSTR = 0x1, 0x4
 from dynamos.build.klp import SHN_LIVEPATCH, KlpSymbol
 from dynamos.errors import BuildError
 
