@@ -1,0 +1,77 @@
+"""Timing of the source-diff builder: a one-file patch to an update package.
+
+- warm: the prepared source tree is cached; median of several builds of the same patch, against
+  a baseline run in the same invocation: compiling that one file once with the kernel's own
+  build system (``make <file>.o`` in the tree), the least any source-based builder must pay.
+- cold (``--cold``): the cached tree is dropped first (the source package stays), so the build
+  pays extraction and ``make prepare modules_prepare`` too.
+- conventional: the number of compile commands a full build of the same config runs (from
+  ``make -n``), times the measured per-file compile time, divided by the cores: an estimate of
+  one full kernel build, which kpatch-build-style tools need twice.
+
+Usage: python bench/bench_patch.py [--runs N] [--cold] [--conventional] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from dynamos.build.patch import build_from_patch
+from dynamos.build.source import compile_unit, prepare_source, source_root
+from dynamos.kernel.symtab import lab_symbol_table
+from dynamos.target import DEFAULT_LAB_KERNEL, fetch_target
+
+REPO = Path(__file__).resolve().parents[1]
+PATCH = REPO / "tests" / "lab" / "patches" / "proc-cmdline-string.patch"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--cold", action="store_true")
+    ap.add_argument("--conventional", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    target = fetch_target(DEFAULT_LAB_KERNEL)
+    lab_symbol_table(target)  # the lab's symbol table is cached once per kernel, not per build
+    out = Path(tempfile.mkdtemp(prefix="dynamos-bench-"))
+    results: dict[str, object] = {}
+    if args.cold:
+        shutil.rmtree(source_root(target.release), ignore_errors=True)
+        t0 = time.monotonic()
+        build_from_patch(PATCH, target, output=out, name="bench-cold")
+        results["cold_s"] = round(time.monotonic() - t0, 2)
+    source = prepare_source(target)
+    warm, base = [], []
+    for _ in range(args.runs):
+        t0 = time.monotonic()
+        build_from_patch(PATCH, target, output=out, name="bench-warm")
+        warm.append(time.monotonic() - t0)
+        base.append(compile_unit(source, "fs/proc/cmdline.o", out / "base.o").seconds)
+    results.update(warm_s=round(statistics.median(warm), 2), baseline_one_compile_s=round(statistics.median(base), 2),
+                   ratio=round(statistics.median(warm) / statistics.median(base), 2), runs=args.runs)
+    if args.conventional:
+        r = subprocess.run(["make", "-n", "-j2", "CC=gcc-12", "ARCH=x86", f"KERNELRELEASE={target.release}",
+                            "vmlinux", "modules"], cwd=source.tree, capture_output=True, text=True)
+        compiles = sum(1 for line in r.stdout.splitlines() if " -c -o " in line and "gcc" in line)
+        per_file = statistics.median(base)
+        results["conventional"] = {"compile_commands": compiles, "per_file_s": round(per_file, 2),
+                                   "estimate_full_build_s": round(compiles * per_file / 2)}
+    shutil.rmtree(out, ignore_errors=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for k, v in results.items():
+            print(f"{k:<24} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
