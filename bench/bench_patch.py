@@ -5,11 +5,8 @@
   build system (``make <file>.o`` in the tree), the least any source-based builder must pay.
 - cold (``--cold``): the cached tree is dropped first (the source package stays), so the build
   pays extraction and ``make prepare modules_prepare`` too.
-- conventional: the number of compile commands a full build of the same config runs (from
-  ``make -n``), times the measured per-file compile time, divided by the cores: an estimate of
-  one full kernel build, which kpatch-build-style tools need twice.
 
-Usage: python bench/bench_patch.py [--runs N] [--cold] [--conventional] [--json]
+Usage: python bench/bench_patch.py [--runs N] [--cold] [--json]
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +32,6 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--cold", action="store_true")
-    ap.add_argument("--conventional", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     target = fetch_target(DEFAULT_LAB_KERNEL)
@@ -57,13 +52,6 @@ def main() -> int:
         base.append(compile_unit(source, "fs/proc/cmdline.o", out / "base.o").seconds)
     results.update(warm_s=round(statistics.median(warm), 2), baseline_one_compile_s=round(statistics.median(base), 2),
                    ratio=round(statistics.median(warm) / statistics.median(base), 2), runs=args.runs)
-    if args.conventional:
-        r = subprocess.run(["make", "-n", "-j2", "CC=gcc-12", "ARCH=x86", f"KERNELRELEASE={target.release}",
-                            "vmlinux", "modules"], cwd=source.tree, capture_output=True, text=True)
-        compiles = sum(1 for line in r.stdout.splitlines() if " -c -o " in line and "gcc" in line)
-        per_file = statistics.median(base)
-        results["conventional"] = {"compile_commands": compiles, "per_file_s": round(per_file, 2),
-                                   "estimate_full_build_s": round(compiles * per_file / 2)}
     shutil.rmtree(out, ignore_errors=True)
     if args.json:
         print(json.dumps(results, indent=2))

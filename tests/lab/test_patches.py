@@ -155,6 +155,20 @@ def test_patch_touching_two_files(guest, patch_package):
         assert guest.read("/proc/version").startswith("two: Linux version")
 
 
+def test_static_function_with_same_named_twins(guest, patch_package):
+    # Three static functions are named c_start in this kernel; the fidelity check finds which one
+    # arch/x86/kernel/cpu/proc.c's is, and the update patches that one only.
+    pkg = patch_package("cpuinfo-first", {"arch/x86/kernel/cpu/proc.c": [
+        ("static void *c_start(struct seq_file *m, loff_t *pos)\n{\n",
+         "static void *c_start(struct seq_file *m, loff_t *pos)\n{\n\tif (*pos > 0)\n\t\treturn NULL;\n")]})
+    assert guest.read("/proc/cpuinfo").count("processor\t:") == 2
+    with applied(guest, pkg) as r:
+        (func,) = r["functions"]
+        assert func["name"] == "c_start" and func["sympos"] in (1, 2, 3), func
+        assert guest.read("/proc/cpuinfo").count("processor\t:") == 1
+    assert guest.read("/proc/cpuinfo").count("processor\t:") == 2
+
+
 @pytest.mark.parametrize("name, edits, reason", [
     ("init-change", {"fs/proc/cmdline.c": [
         ('proc_create_single("cmdline", 0,', 'proc_create_single("cmdline", 0444,')]}, "__init"),

@@ -20,12 +20,14 @@ from pathlib import Path
 
 from dynamos.build.cgen import generate_kbuild, generate_livepatch_source
 from dynamos.build.extract import extract_functions
+from dynamos.build.fidelity import KernelText, check_fidelity, kernel_text
 from dynamos.build.kbuild import BUILD_LOG, _build_lock, _write_package, link_module
 from dynamos.build.klp import KlpSymbol, exported_symbols
 from dynamos.build.linemap import stabilise_lines
 from dynamos.build.objdiff import DiffResult, diff_objects, read_object
 from dynamos.build.source import KernelSource, compile_unit, prepare_source
 from dynamos.errors import BuildError
+from dynamos.kernel.symtab import SymbolTable, lab_symbol_table
 from dynamos.target import TargetKernel, cache_root
 from dynamos.update.manifest import FunctionSpec, UpdateSource
 
@@ -48,6 +50,7 @@ class UnitReport:
     path: str
     diff: DiffResult
     seconds: dict[str, float] = field(default_factory=dict)
+    resolved: dict[str, int] = field(default_factory=dict)  # static name -> sympos of this file's copy
 
 
 @dataclass
@@ -113,12 +116,13 @@ def patched_texts(patch: Path, tree: Path, files: list[str]) -> dict[str, bytes]
 
 
 def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None = None, name: str | None = None,
-                     symbols: Callable[[str], list[int]] | None = None,
+                     symtab: SymbolTable | None = None,
                      progress: Callable[[str], None] | None = None) -> PatchBuild:
     """Build an update package from a source patch against ``target``.
 
-    ``symbols(name)`` gives the positions (1-based, kallsyms order) of the kernel's symbols of
-    that name in vmlinux; it decides which references need a sympos. Default: the lab's table.
+    ``symtab`` is the target's symbol table at link-time addresses (default: the lab's, fetched
+    once per kernel); with the kernel image it checks that the compiled originals are what the
+    target runs, and tells which of several same-named statics each reference means.
     """
     say = progress or (lambda _m: None)
     started = time.monotonic()
@@ -137,8 +141,9 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
     phases["source"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
     patched = patched_texts(patch, source.tree, files)
-    if symbols is None:
-        symbols = _default_symbols(target, say)
+    if symtab is None:
+        symtab = lab_symbol_table(target, progress=say)
+    image_text = kernel_text(target)
 
     work = cache_root() / "builds" / f"patch-{update_name}-{target.release}"
     units: list[UnitReport] = []
@@ -146,7 +151,7 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
         shutil.rmtree(work, ignore_errors=True)
         (work / "objects").mkdir(parents=True)
         for rel in files:
-            units.append(_compile_and_diff(source, rel, patched[rel], work, say))
+            units.append(_compile_and_diff(source, rel, patched[rel], work, target, symtab, image_text, say))
         phases["compile+diff"] = round(time.monotonic() - t, 3)
         refused = [(u.path, r) for u in units for r in u.diff.refused]
         if refused:
@@ -164,16 +169,18 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
             keep = {c.name for c in unit.diff.changed} | {c.name for c in unit.diff.new}
             if not keep:
                 continue
+            sympos = _Sympos(unit, symtab)
             ext = extract_functions((work / "objects" / _obj_name(unit.path, "patched")).read_bytes(), keep,
-                                    {c.name for c in unit.diff.new_data}, _resolver(unit.path, exported, symbols))
+                                    {c.name for c in unit.diff.new_data}, _resolver(unit.path, exported, sympos))
             obj = f"{_obj_name(unit.path, 'ext')}"
             (work / obj).write_bytes(ext.object)
             _write_cmd_file(work, obj)
             extracted.append(obj)
             placeholders.update(ext.klp_placeholders)
             for c in unit.diff.changed:
+                pos = sympos(c.name, local=True)
                 functions.append(FunctionSpec(name=c.name, edition=ext.editions[c.name], object=VMLINUX,
-                                              sympos=_position(c.name, symbols)))
+                                              sympos=pos or None))
         update = UpdateSource(directory=work, name=update_name, description=f"dynamos update from {patch.name}",
                               functions=tuple(functions), c_files=())
         main = f"{update.livepatch_name}_main.o"
@@ -196,8 +203,8 @@ def _obj_name(rel: str, kind: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", rel.removesuffix(".c")) + f"_{kind}.o"
 
 
-def _compile_and_diff(source: KernelSource, rel: str, patched: bytes, work: Path,
-                      say: Callable[[str], None]) -> UnitReport:
+def _compile_and_diff(source: KernelSource, rel: str, patched: bytes, work: Path, target: TargetKernel,
+                      symtab: SymbolTable, text: KernelText, say: Callable[[str], None]) -> UnitReport:
     unit = rel.removesuffix(".c") + ".o"
     original_text = (source.tree / rel).read_text(errors="surrogateescape")
     stable = stabilise_lines(original_text, patched.decode(errors="surrogateescape"))
@@ -207,35 +214,46 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: bytes, work: Path
     orig = compile_unit(source, unit, work / "objects" / _obj_name(rel, "original"))
     times["original"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
+    say(f"checking {rel} against the kernel's own text")
+    fidelity = check_fidelity(orig.object_path, target, symtab, text=text)
+    fidelity.raise_on_mismatch()  # wrong source, config or compiler: nothing built on it holds
+    times["fidelity"] = round(time.monotonic() - t, 3)
+    t = time.monotonic()
     say(f"compiling {rel} (patched)")
     new = compile_unit(source, unit, work / "objects" / _obj_name(rel, "patched"),
                        text=stable.encode(errors="surrogateescape"))
     times["patched"] = round(time.monotonic() - t, 3)
     diff = diff_objects(read_object(orig.object_path), read_object(new.object_path))
-    return UnitReport(rel, diff, times)
+    return UnitReport(rel, diff, times, fidelity.resolved)
 
 
-def _position(name: str, symbols: Callable[[str], list[int]]) -> int | None:
-    positions = symbols(name)
-    return None if len(positions) <= 1 else _unresolved(name, positions)
+class _Sympos:
+    """Which kernel symbol a name in one unit means: 0 when the name is unique in vmlinux, the
+    position the fidelity check found for this file's own copy, else an error saying so."""
+
+    def __init__(self, unit: UnitReport, symtab: SymbolTable):
+        self.unit, self.symtab = unit, symtab
+
+    def __call__(self, name: str, local: bool) -> int:
+        candidates = self.symtab.lookup(name)
+        if not candidates:
+            raise BuildError(f"{self.unit.path}: {name} is used by the changed code but the kernel has no such "
+                             f"symbol (inlined or optimised away in the shipped kernel?)")
+        if len(candidates) == 1:
+            return 0
+        if local and name in self.unit.resolved:
+            return self.unit.resolved[name]
+        raise BuildError(f"{self.unit.path}: {len(candidates)} kernel symbols are named {name} and the "
+                         f"fidelity check could not tell which one this file's is")
 
 
-def _unresolved(name: str, positions: list[int]) -> int:
-    raise BuildError(f"{len(positions)} kernel symbols are named {name}: which one this file defines "
-                     f"cannot be told yet (the fidelity check will resolve it)")
-
-
-def _resolver(unit: str, exported: set[str], symbols: Callable[[str], list[int]]):
+def _resolver(unit: str, exported: set[str], sympos: _Sympos):
     def resolve(name: str, local: bool) -> KlpSymbol | None:
         if not local and name in exported:
             return None
         if name == "__fentry__" or name.startswith("__x86_") or name == "__stack_chk_fail":
             return None  # exported helpers every module uses
-        positions = symbols(name)
-        if not positions:
-            raise BuildError(f"{unit}: {name} is used by the changed code but the kernel has no such symbol "
-                             f"(inlined or optimised away in the shipped kernel?)")
-        return KlpSymbol(name, VMLINUX, 0 if len(positions) == 1 else _unresolved(name, positions))
+        return KlpSymbol(name, VMLINUX, sympos(name, local))
     return resolve
 
 
@@ -247,11 +265,3 @@ def _write_cmd_file(work: Path, obj: str) -> None:
         f"{target}: $(deps_{target})\n\n$(deps_{target}):\n")
 
 
-def _default_symbols(target: TargetKernel, say: Callable[[str], None]) -> Callable[[str], list[int]]:
-    from dynamos.kernel.symtab import lab_symbol_table
-
-    table = lab_symbol_table(target, progress=say)
-
-    def positions(name: str) -> list[int]:
-        return [i + 1 for i, _ in enumerate(table.lookup(name))]
-    return positions
