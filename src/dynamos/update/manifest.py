@@ -605,24 +605,42 @@ def _check_sympos(table: dict[str, Any], where: str, line: int | None, check: _C
     return sympos
 
 
+def _tables(data: dict[str, Any], key: str, check: _Checker) -> list[tuple[int, dict[str, Any], str, int | None]]:
+    """The ``[[key]]`` tables as (index, table, "[[key]] #n", header line), each checked to be a table."""
+    tpath = (key,)
+    tables = data.get(key, [])
+    if isinstance(tables, dict):
+        raise check.fail(f"{key} must be an array of tables: write [[{key}]], not [{key}]",
+                         check.lines.table(tpath, 0))
+    if not isinstance(tables, list):
+        raise check.fail(f"{key} must be an array of tables ([[{key}]])", check.lines.key((), 0, key))
+    out = []
+    for index, table in enumerate(tables):
+        where = f"[[{key}]] #{index + 1}"
+        if not isinstance(table, dict):
+            raise check.fail(f"{where} must be a table, got {_toml_type(table)}", check.lines.table(tpath, 0))
+        out.append((index, table, where, check.lines.table(tpath, index)))
+    return out
+
+
+def _identifier(check: _Checker, table: dict[str, Any], key: str, where: str, tpath: tuple[str, ...],
+                index: int) -> str:
+    """A required key holding a C identifier (a kernel symbol or an edition)."""
+    value = check.string(table, key, where, tpath, index, required=True)
+    assert value is not None
+    problem = _check_symbol(value)
+    if problem:
+        raise check.fail(f"{where}: {key} {value!r} {problem}", check.lines.key(tpath, index, key))
+    return value
+
+
 def _validate_symbols(data: dict[str, Any], check: _Checker) -> tuple[SymbolSpec, ...]:
     lines = check.lines
     tpath = ("symbol",)
-    tables = data.get("symbol", [])
-    if not isinstance(tables, list):
-        raise check.fail("symbol must be an array of tables: write [[symbol]], not [symbol]", lines.table(tpath, 0))
     symbols: dict[str, SymbolSpec] = {}
-    for index, table in enumerate(tables):
-        where = f"[[symbol]] #{index + 1}"
-        if not isinstance(table, dict):
-            raise check.fail(f"{where} must be a table, got {_toml_type(table)}", lines.table(tpath, 0))
+    for index, table, where, header in _tables(data, "symbol", check):
         check.reject_unknown(table, SYMBOL_KEYS, where, tpath, index)
-        header = lines.table(tpath, index)
-        name = check.string(table, "name", where, tpath, index, required=True)
-        assert name is not None
-        problem = _check_symbol(name)
-        if problem:
-            raise check.fail(f"{where}: name {name!r} {problem}", lines.key(tpath, index, "name"))
+        name = _identifier(check, table, "name", where, tpath, index)
         obj = _check_object(check.string(table, "object", where, tpath, index, required=False), where,
                             lines.key(tpath, index, "object"), check)
         sympos = _check_sympos(table, where, lines.key(tpath, index, "sympos"), check)
@@ -637,12 +655,8 @@ def _validate_functions(data: dict[str, Any], check: _Checker) -> tuple[Function
     tpath = ("function",)
     if "function" not in data:
         raise check.fail("no [[function]] table: an update must replace at least one function", None)
-    tables = data["function"]
-    if isinstance(tables, dict):
-        raise check.fail(
-            "function must be an array of tables: write [[function]], not [function]", lines.table(tpath, 0)
-        )
-    if not isinstance(tables, list) or not tables:
+    tables = _tables(data, "function", check)
+    if not tables:
         raise check.fail(
             "function must be a non-empty array of tables ([[function]])", lines.key((), 0, "function")
         )
@@ -650,24 +664,10 @@ def _validate_functions(data: dict[str, Any], check: _Checker) -> tuple[Function
     functions: list[FunctionSpec] = []
     seen_targets: dict[tuple[str, str, int], FunctionSpec] = {}
     seen_editions: dict[str, FunctionSpec] = {}
-    for index, table in enumerate(tables):
-        where = f"[[function]] #{index + 1}"
-        if not isinstance(table, dict):
-            raise check.fail(f"{where} must be a table, got {_toml_type(table)}", lines.table(tpath, 0))
+    for index, table, where, header in tables:
         check.reject_unknown(table, FUNCTION_KEYS, where, tpath, index)
-        header = lines.table(tpath, index)
-
-        name = check.string(table, "name", where, tpath, index, required=True)
-        assert name is not None
-        problem = _check_symbol(name)
-        if problem:
-            raise check.fail(f"{where}: name {name!r} {problem}", lines.key(tpath, index, "name"))
-
-        edition = check.string(table, "edition", where, tpath, index, required=True)
-        assert edition is not None
-        problem = _check_symbol(edition)
-        if problem:
-            raise check.fail(f"{where}: edition {edition!r} {problem}", lines.key(tpath, index, "edition"))
+        name = _identifier(check, table, "name", where, tpath, index)
+        edition = _identifier(check, table, "edition", where, tpath, index)
 
         obj = _check_object(check.string(table, "object", where, tpath, index, required=False), where,
                             lines.key(tpath, index, "object"), check)
