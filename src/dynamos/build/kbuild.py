@@ -275,24 +275,34 @@ def _describe_step(kind: str, path: str, build_dir: Path) -> str:
     return "resolving symbols (modpost)"
 
 
-def _run_make(build_dir: Path, source: UpdateSource, target: TargetKernel,
-              say: Callable[[str], None]) -> str:
-    cmd = ["make", "-C", str(target.headers_dir), f"M={build_dir}", f"-j{MAKE_JOBS}", "modules"]
+def stream_make(cmd: list[str], env: dict[str, str], on_line: Callable[[str], None]) -> tuple[int, str]:
+    """Run make with its output merged, each line passed to ``on_line`` as it comes (progress);
+    returns the exit status and the whole log, command first."""
     lines = ["$ " + " ".join(cmd)]
     try:
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, env=_make_env()) as proc:
+                              stdin=subprocess.DEVNULL, env=env) as proc:
             assert proc.stdout is not None
             for raw in proc.stdout:
                 line = raw.decode("utf-8", "replace").rstrip("\n")
                 lines.append(line)
-                step = _KBUILD_STEP_RE.match(line)
-                if step:
-                    say(_describe_step(step.group(1), step.group(2), build_dir))
+                on_line(line)
             status = proc.wait()
-    except FileNotFoundError as e:  # removed between the toolchain check and now
+    except FileNotFoundError as e:  # make removed between the toolchain check and now
         raise BuildError(f"cannot run make: {e}") from e
-    log = "\n".join(lines) + "\n"
+    return status, "\n".join(lines) + "\n"
+
+
+def _run_make(build_dir: Path, source: UpdateSource, target: TargetKernel,
+              say: Callable[[str], None]) -> str:
+    cmd = ["make", "-C", str(target.headers_dir), f"M={build_dir}", f"-j{MAKE_JOBS}", "modules"]
+
+    def step(line: str) -> None:
+        m = _KBUILD_STEP_RE.match(line)
+        if m:
+            say(_describe_step(m.group(1), m.group(2), build_dir))
+
+    status, log = stream_make(cmd, _make_env(), step)
     log_path = build_dir / BUILD_LOG
     log_path.write_text(log)
     if status != 0:

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dynamos.build.kbuild import MAKE_JOBS, error_lines
+from dynamos.build.kbuild import MAKE_JOBS, error_lines, stream_make
 from dynamos.errors import BuildError, TargetError
 from dynamos.target import TargetKernel, cache_root, debian_version
 
@@ -405,21 +405,13 @@ def _run_make(cmd: list[str], settings: dict[str, object], say: Callable[[str], 
     """Run make, reporting each Kbuild step (``CC fs/proc/cmdline.o``); returns status and log."""
     extra = settings.get("env", {})
     assert isinstance(extra, dict)
-    lines = ["$ " + " ".join(cmd)]
-    try:
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                              env=make_env(extra=extra)) as proc:
-            assert proc.stdout is not None
-            for raw in proc.stdout:
-                line = raw.decode("utf-8", "replace").rstrip("\n")
-                lines.append(line)
-                step = _STEP_RE.match(line)
-                if step:
-                    say(f"{label}: {step.group(1)} {step.group(2)}")
-            status = proc.wait()
-    except FileNotFoundError as e:
-        raise BuildError(f"cannot run make: {e}") from e
-    return status, "\n".join(lines) + "\n"
+
+    def step(line: str) -> None:
+        m = _STEP_RE.match(line)
+        if m:
+            say(f"{label}: {m.group(1)} {m.group(2)}")
+
+    return stream_make(cmd, make_env(extra=extra), step)
 
 
 def _configure_and_prepare(source: KernelSource, target: TargetKernel, settings: dict[str, object],
