@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dynamos.build.cgen import generate_kbuild, generate_livepatch_source
+from dynamos.build.elf import RelocatableElf
 from dynamos.build.extract import extract_functions
 from dynamos.build.fidelity import KernelText, check_fidelity, kernel_text
 from dynamos.build.kbuild import BUILD_LOG, _build_lock, _write_package, link_module
@@ -51,6 +52,7 @@ class UnitReport:
     diff: DiffResult
     seconds: dict[str, float] = field(default_factory=dict)
     resolved: dict[str, int] = field(default_factory=dict)  # static name -> sympos of this file's copy
+    object: str = VMLINUX  # vmlinux, or the loadable module the file is built into
 
 
 @dataclass
@@ -150,8 +152,10 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
     with _build_lock(work):
         shutil.rmtree(work, ignore_errors=True)
         (work / "objects").mkdir(parents=True)
+        config = _read_config(source.tree / ".config")
         for rel in files:
-            units.append(_compile_and_diff(source, rel, patched[rel], work, target, symtab, image_text, say))
+            obj = module_of(source.tree, rel, config) or VMLINUX
+            units.append(_compile_and_diff(source, rel, patched[rel], work, target, symtab, image_text, say, obj))
         phases["compile+diff"] = round(time.monotonic() - t, 3)
         refused = [(u.path, r) for u in units for r in u.diff.refused]
         if refused:
@@ -169,7 +173,7 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
             keep = {c.name for c in unit.diff.changed} | {c.name for c in unit.diff.new}
             if not keep:
                 continue
-            sympos = _Sympos(unit, symtab)
+            sympos = _Sympos(unit, symtab, _module_symbols(target, unit.object))
             ext = extract_functions((work / "objects" / _obj_name(unit.path, "patched")).read_bytes(), keep,
                                     {c.name for c in unit.diff.new_data}, _resolver(unit.path, exported, sympos))
             obj = f"{_obj_name(unit.path, 'ext')}"
@@ -178,8 +182,8 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
             extracted.append(obj)
             placeholders.update(ext.klp_placeholders)
             for c in unit.diff.changed:
-                pos = sympos(c.name, local=True)
-                functions.append(FunctionSpec(name=c.name, edition=ext.editions[c.name], object=VMLINUX,
+                pos = sympos.position(c.name, local=True)
+                functions.append(FunctionSpec(name=c.name, edition=ext.editions[c.name], object=unit.object,
                                               sympos=pos or None))
         update = UpdateSource(directory=work, name=update_name, description=f"dynamos update from {patch.name}",
                               functions=tuple(functions), c_files=())
@@ -199,12 +203,51 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
                       phases)
 
 
+_OBJ_LINE_RE = re.compile(r"^\s*obj-\$\((CONFIG_[A-Za-z0-9_]+)\)\s*[+:]?=\s*(.*)$")
+_COMPOSITE_RE = re.compile(r"^\s*([A-Za-z0-9_-]+)-(?:y|objs|\$\(CONFIG_[A-Za-z0-9_]+\))\s*[+:]?=\s*(.*)$")
+
+
+def module_of(tree: Path, rel: str, config: dict[str, str]) -> str | None:
+    """The loadable module a source file is built into under the target's config, or None when
+    it is built into vmlinux. Reads the directory's Kbuild/Makefile (``obj-$(CONFIG_X) += m.o``,
+    ``m-y += file.o``): enough for the common layouts, and a wrong answer fails loudly later
+    (livepatch finds no such function in that object)."""
+    directory = (tree / rel).parent
+    makefile = next((directory / n for n in ("Kbuild", "Makefile") if (directory / n).is_file()), None)
+    if makefile is None:
+        return None
+    text = makefile.read_text(errors="replace").replace("\\\n", " ")
+    obj = Path(rel).with_suffix(".o").name
+    owners = {obj[:-2]}  # a single-file module is named after its file
+    for line in text.splitlines():
+        m = _COMPOSITE_RE.match(line)
+        if m and obj in m.group(2).split():
+            owners.add(m.group(1))
+    for line in text.splitlines():
+        m = _OBJ_LINE_RE.match(line)
+        if not m:
+            continue
+        for item in m.group(2).split():
+            if item.endswith(".o") and item[:-2] in owners and config.get(m.group(1)) == "m":
+                return item[:-2].replace("-", "_")
+    return None
+
+
+def _read_config(path: Path) -> dict[str, str]:
+    config = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("CONFIG_") and "=" in line:
+            key, _, value = line.partition("=")
+            config[key] = value
+    return config
+
+
 def _obj_name(rel: str, kind: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", rel.removesuffix(".c")) + f"_{kind}.o"
 
 
 def _compile_and_diff(source: KernelSource, rel: str, patched: bytes, work: Path, target: TargetKernel,
-                      symtab: SymbolTable, text: KernelText, say: Callable[[str], None]) -> UnitReport:
+                      symtab: SymbolTable, text: KernelText, say: Callable[[str], None], obj: str) -> UnitReport:
     unit = rel.removesuffix(".c") + ".o"
     original_text = (source.tree / rel).read_text(errors="surrogateescape")
     stable = stabilise_lines(original_text, patched.decode(errors="surrogateescape"))
@@ -214,27 +257,50 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: bytes, work: Path
     orig = compile_unit(source, unit, work / "objects" / _obj_name(rel, "original"))
     times["original"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
-    say(f"checking {rel} against the kernel's own text")
-    fidelity = check_fidelity(orig.object_path, target, symtab, text=text)
-    fidelity.raise_on_mismatch()  # wrong source, config or compiler: nothing built on it holds
-    times["fidelity"] = round(time.monotonic() - t, 3)
+    resolved: dict[str, int] = {}
+    if obj == VMLINUX:  # module text is not checked yet: the shipped .ko is not read for it
+        say(f"checking {rel} against the kernel's own text")
+        fidelity = check_fidelity(orig.object_path, target, symtab, text=text)
+        fidelity.raise_on_mismatch()  # wrong source, config or compiler: nothing built on it holds
+        resolved = fidelity.resolved
+        times["fidelity"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
     say(f"compiling {rel} (patched)")
     new = compile_unit(source, unit, work / "objects" / _obj_name(rel, "patched"),
                        text=stable.encode(errors="surrogateescape"))
     times["patched"] = round(time.monotonic() - t, 3)
     diff = diff_objects(read_object(orig.object_path), read_object(new.object_path))
-    return UnitReport(rel, diff, times, fidelity.resolved)
+    return UnitReport(rel, diff, times, resolved, obj)
+
+
+def _module_symbols(target: TargetKernel, module: str) -> list[str] | None:
+    """Names defined in the shipped module, in symbol-table order (None for vmlinux)."""
+    if module == VMLINUX:
+        return None
+    obj = RelocatableElf.parse(target.module_path(module).read_bytes(), f"{module}.ko")
+    return [s.name for s in obj.symbols if s.name and s.shndx != 0]
 
 
 class _Sympos:
-    """Which kernel symbol a name in one unit means: 0 when the name is unique in vmlinux, the
-    position the fidelity check found for this file's own copy, else an error saying so."""
+    """Where a name one unit uses lives in the kernel, and which of its namesakes it is."""
 
-    def __init__(self, unit: UnitReport, symtab: SymbolTable):
-        self.unit, self.symtab = unit, symtab
+    def __init__(self, unit: UnitReport, symtab: SymbolTable, module_symbols: list[str] | None):
+        self.unit, self.symtab, self.module_symbols = unit, symtab, module_symbols
 
-    def __call__(self, name: str, local: bool) -> int:
+    def object_of(self, name: str, local: bool) -> str:
+        """A module's own file-locals and globals live in the module; everything else in vmlinux."""
+        if self.module_symbols is not None and (local or name in self.module_symbols):
+            return self.unit.object
+        return VMLINUX
+
+    def position(self, name: str, local: bool) -> int:
+        """0 when the name is unique in its object, else this file's copy's sympos."""
+        if self.object_of(name, local) != VMLINUX:
+            count = self.module_symbols.count(name) if self.module_symbols else 0
+            if count > 1:
+                raise BuildError(f"{self.unit.path}: {count} symbols of module {self.unit.object} are named "
+                                 f"{name}: telling them apart is not supported yet")
+            return 0
         candidates = self.symtab.lookup(name)
         if not candidates:
             raise BuildError(f"{self.unit.path}: {name} is used by the changed code but the kernel has no such "
@@ -249,11 +315,13 @@ class _Sympos:
 
 def _resolver(unit: str, exported: set[str], sympos: _Sympos):
     def resolve(name: str, local: bool) -> KlpSymbol | None:
-        if not local and name in exported:
-            return None
+        obj = sympos.object_of(name, local)
+        if obj == VMLINUX and not local and name in exported:
+            return None  # the module loader links it (a module's own exports stay livepatch
+            # symbols: linking them would make the update depend on the module being loaded)
         if name == "__fentry__" or name.startswith("__x86_") or name == "__stack_chk_fail":
             return None  # exported helpers every module uses
-        return KlpSymbol(name, VMLINUX, sympos(name, local))
+        return KlpSymbol(name, obj, sympos.position(name, local))
     return resolve
 
 
