@@ -221,7 +221,8 @@ def test_change_in_a_loadable_module(guest, patch_package, target, order):
     """binfmt_misc is a module in Debian's kernel: the update patches it whether it is loaded
     before the update is applied or only after (livepatch patches it as it loads)."""
     pkg = patch_package("binfmt-status", {"fs/binfmt_misc.c": [
-        ('char *s = enabled ? "enabled\\n" : "disabled\\n";', 'char *s = enabled ? "enabled (patched)\\n" : "disabled\\n";')]})
+        ('char *s = enabled ? "enabled\\n" : "disabled\\n";',
+         'char *s = enabled ? "enabled (patched)\\n" : "disabled\\n";')]})
     module = str(target.module_path("binfmt_misc"))
     status = "mkdir -p /tmp/bm && mount -t binfmt_misc none /tmp/bm && cat /tmp/bm/status; umount /tmp/bm"
     if order == "module-first":
