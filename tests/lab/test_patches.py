@@ -169,6 +169,21 @@ def test_static_function_with_same_named_twins(guest, patch_package):
     assert guest.read("/proc/cpuinfo").count("processor\t:") == 2
 
 
+def test_static_key_user(guest, patch_package):
+    # prctl inlines mmap_lock tracepoints: its jump-label entries (exported static keys)
+    # travel with it and the kernel patches them in the update's copy as it loads.
+    pkg = patch_package("prctl-timerslack", {"kernel/sys.c": [
+        ("\t\t\terror = current->timer_slack_ns;\n\t\tbreak;\n\tcase PR_SET_TIMERSLACK:",
+         "\t\t\terror = current->timer_slack_ns + 1;\n\t\tbreak;\n\tcase PR_SET_TIMERSLACK:")]})
+    read = [sys.executable, "-c", "import ctypes; print(ctypes.CDLL(None).prctl(30, 0, 0, 0, 0))"]
+    before = int(guest.run(*read).stdout)
+    with applied(guest, pkg) as r:
+        assert "__x64_sys_prctl" in [f["name"] for f in r["functions"]]  # __do_sys_prctl is inlined there
+        assert int(guest.run(*read).stdout) == before + 1
+        assert guest.sh("cat /proc/self/status >/dev/null && echo ok").strip() == "ok"  # mmap_lock users run
+    assert int(guest.run(*read).stdout) == before
+
+
 @pytest.mark.parametrize("name, edits, reason", [
     ("init-change", {"fs/proc/cmdline.c": [
         ('proc_create_single("cmdline", 0,', 'proc_create_single("cmdline", 0444,')]}, "__init"),

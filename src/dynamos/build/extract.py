@@ -55,12 +55,13 @@ TABLES: dict[str, tuple[int, int]] = {
     ".static_call_sites": (8, 0),  # static call sites: addr, key
     ".ibt_endbr_seal": (4, 0),  # objtool: sealable ENDBR sites
     ".smp_locks": (4, 0),  # LOCK prefixes the kernel may patch out on a uniprocessor
+    "__jump_table": (16, 0),  # static keys: code, target, key (exported keys only, see below)
 }
+JUMP_TABLE_KEY_OFFSET = 8
 PARALLEL_TABLES = {".orc_unwind": (".orc_unwind_ip", 6)}  # name: (driving table, entry size)
 
 # Sections whose kept entries would need help the builder does not give yet: refused.
 REFUSED_TABLES = {
-    "__jump_table": "static keys / jump labels in changed code are not handled yet",
     ".altinstr_aux": "alternative auxiliary code is not handled yet",
 }
 
@@ -121,6 +122,8 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
                 converted.add(r.sym)
         obj.set_relocations(ri, relas)
 
+    _check_jump_keys(obj, relas_of, klp)
+
     dropped = []
     strtab, shstrtab = obj.sections[obj.symtab_index].link, obj.header[13]
     for i, sec in enumerate(obj.sections):
@@ -146,6 +149,20 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
             sym.info = (STB_GLOBAL << 4) | STT_FUNC
     _locals_first(obj)
     return Extraction(obj.to_bytes(), editions, dict(sorted(klp.items())), sorted(dropped))
+
+
+def _check_jump_keys(obj: RelocatableElf, relas_of: dict[int, int], klp: dict[str, KlpSymbol]) -> None:
+    """The kernel reads a module's jump table as the module loads, before livepatch resolves its
+    symbols: a static key reached through a livepatch relocation would be read unresolved. Keys
+    the module loader links (exported ones) are fine."""
+    index = obj.section_index("__jump_table")
+    if index is None or index not in relas_of:
+        return
+    for r in obj.relocations(relas_of[index]):
+        name = obj.symbols[r.sym].name
+        if r.offset % TABLES["__jump_table"][0] == JUMP_TABLE_KEY_OFFSET and name in klp:
+            raise BuildError(f"the changed code uses static key {klp[name].name}, which the kernel does not "
+                             f"export: jump labels on it cannot be carried by a livepatch module yet")
 
 
 def _kept_sections(obj: RelocatableElf, functions: set[str], new_data: set[str]) -> set[int]:
