@@ -120,6 +120,20 @@ def _normalise_shares(shares: Sequence[str]) -> list[str]:
     return kept
 
 
+# Where the guest's init puts tmpfs over the host's directories (see init.sh).
+GUEST_TMPFS = ("/tmp", "/run", "/var/tmp", "/var/log", "/var/lib", "/var/cache")
+
+
+def _needed_shares() -> list[str]:
+    """Host directories the guest must see but would not through the root share because the
+    guest covers them with tmpfs: the agent's own code and the interpreter's environment, when
+    dynamos runs from a checkout or venv under /tmp (as CI does)."""
+    import dynamos
+
+    wanted = [str(Path(dynamos.__file__).resolve().parents[1]), sys.prefix]
+    return [p for p in wanted if any(p == t or p.startswith(t + "/") for t in GUEST_TMPFS)]
+
+
 def _agent_files() -> tuple[Path, Path]:
     here = Path(__file__).resolve().parent
     return here / "agent.py", here / "init.sh"
@@ -204,7 +218,7 @@ class Lab:
         if state_dir.exists():
             shutil.rmtree(state_dir)
         state_dir.mkdir(parents=True)
-        shares = _normalise_shares(config.shares)
+        shares = _normalise_shares([*config.shares, *_needed_shares()])
         initrd = state_dir / "initramfs.cpio"
         initrd.write_bytes(_lab_initramfs(target, shares, config.root_cache))
         argv = _qemu_argv(target, config, accel, state_dir, initrd, shares)
@@ -254,6 +268,9 @@ class Lab:
                     data = conn.recv(65536)
                 except TimeoutError:
                     continue
+                except OSError:  # the guest went down: QEMU closed the channel
+                    proc.wait(timeout=10)
+                    raise LabError(self._boot_failure(f"the guest stopped (QEMU status {proc.returncode})")) from None
                 for kind, payload in reader.feed(data):
                     if kind == P.HELLO:
                         return P.decode(payload)
