@@ -26,7 +26,7 @@ from dynamos.build.kbuild import BUILD_LOG, _build_lock, _write_package, link_mo
 from dynamos.build.klp import KlpSymbol, exported_symbols
 from dynamos.build.linemap import stabilise_lines
 from dynamos.build.objdiff import DiffResult, diff_objects, read_object
-from dynamos.build.source import KernelSource, compile_unit, prepare_source
+from dynamos.build.source import KernelSource, compile_unit, prepare_source, read_config
 from dynamos.errors import BuildError
 from dynamos.kernel.symtab import SymbolTable, lab_symbol_table
 from dynamos.target import TargetKernel, cache_root
@@ -152,7 +152,7 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
     with _build_lock(work):
         shutil.rmtree(work, ignore_errors=True)
         (work / "objects").mkdir(parents=True)
-        config = _read_config(source.tree / ".config")
+        config = read_config(source.tree / ".config")
         for rel in files:
             obj = module_of(source.tree, rel, config) or VMLINUX
             units.append(_compile_and_diff(source, rel, patched[rel], work, target, symtab, image_text, say, obj))
@@ -231,15 +231,6 @@ def module_of(tree: Path, rel: str, config: dict[str, str]) -> str | None:
             if item.endswith(".o") and item[:-2] in owners and config.get(m.group(1)) == "m":
                 return item[:-2].replace("-", "_")
     return None
-
-
-def _read_config(path: Path) -> dict[str, str]:
-    config = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("CONFIG_") and "=" in line:
-            key, _, value = line.partition("=")
-            config[key] = value
-    return config
 
 
 def _obj_name(rel: str, kind: str) -> str:

@@ -238,7 +238,7 @@ def _check_tools(settings: dict[str, object], target: TargetKernel) -> None:
     for tool, package in _TOOLS.items():
         if shutil.which(tool) is None:
             missing[tool] = package
-    config = _read_config(target.headers_dir / ".config")
+    config = read_config(target.headers_dir / ".config")
     if config.get("CONFIG_PAHOLE_VERSION", "0") not in ("0", "") and shutil.which("pahole") is None:
         missing["pahole"] = "dwarves"
     for header, package in _HOST_HEADERS.items():
@@ -440,7 +440,8 @@ def _configure_and_prepare(source: KernelSource, target: TargetKernel, settings:
                           f"not the target's {target.release!r}")
 
 
-def _read_config(path: Path) -> dict[str, str]:
+def read_config(path: Path) -> dict[str, str]:
+    """A kernel .config as {CONFIG_X: value}; options "is not set" read as "n"."""
     values: dict[str, str] = {}
     for m in _CONFIG_RE.finditer(path.read_text(errors="replace")):
         if m.group(1):
@@ -452,7 +453,7 @@ def _read_config(path: Path) -> dict[str, str]:
 
 def _compare_config(shipped: Path, ours: Path, release: str, say: Callable[[str], None]) -> None:
     """``olddefconfig`` must keep the target's config as is; a change means another toolchain."""
-    want, got = _read_config(shipped), _read_config(ours)
+    want, got = read_config(shipped), read_config(ours)
     changed = sorted(k for k in set(want) | set(got) if want.get(k, "n") != got.get(k, "n"))
     for key in [k for k in changed if k in _TEXT_ONLY_OPTIONS]:
         say(f"warning: {key} is {got.get(key)} here, {want.get(key)} in {release}'s build")
