@@ -57,6 +57,15 @@ class Guest:
     def status(self) -> dict:
         return json.loads(self.dynamos("status", "--json").stdout)
 
+    def load_module(self, path: str) -> None:
+        """Load a plain kernel module (a test module, or one of the lab kernel's own)."""
+        self.run(sys.executable, "-c", "import sys; from dynamos.kernel import LibcSyscalls; "
+                 "LibcSyscalls().init_module(open(sys.argv[1], 'rb').read())", path)
+
+    def unload_module(self, name: str) -> None:
+        self.run(sys.executable, "-c", "import sys; from dynamos.kernel import LibcSyscalls; "
+                 "LibcSyscalls().delete_module(sys.argv[1])", name)
+
 
 @pytest.fixture(scope="session")
 def target():

@@ -109,20 +109,9 @@ def stall_module(target, workdir) -> str:
     return str(out / "dynamos_stall.ko")
 
 
-def _load_module(guest, path: str) -> None:
-    guest.run(sys.executable, "-c",
-              "import sys; from dynamos.kernel import LibcSyscalls; "
-              "LibcSyscalls().init_module(open(sys.argv[1], 'rb').read())", path)
-
-
-def _unload_module(guest, name: str) -> None:
-    guest.run(sys.executable, "-c",
-              "import sys; from dynamos.kernel import LibcSyscalls; LibcSyscalls().delete_module(sys.argv[1])", name)
-
-
 def test_blocked_transition_is_reverted_and_blocker_named(guest, build, stall_module):
     pkg = build(LAB_UPDATES / "stall-breaker")
-    _load_module(guest, stall_module)
+    guest.load_module(stall_module)
     try:
         found = guest.sh("grep -lx dynamos-stall /proc/[0-9]*/comm 2>/dev/null; true").split()
         assert len(found) == 1, found
@@ -137,7 +126,7 @@ def test_blocked_transition_is_reverted_and_blocker_named(guest, build, stall_mo
         assert guest.livepatches() == []
         assert "stall_breaker" not in guest.modules()
     finally:
-        _unload_module(guest, "dynamos_stall")
+        guest.unload_module("dynamos_stall")
 
 
 def test_package_for_another_release_is_refused(guest, workdir):

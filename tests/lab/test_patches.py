@@ -221,16 +221,6 @@ def test_cli_explain(tree, workdir):
     assert "changed   cmdline_proc_show" in r.stdout and "unchanged" in r.stdout
 
 
-def _module_load(guest, path: str) -> None:
-    guest.run(sys.executable, "-c", "import sys; from dynamos.kernel import LibcSyscalls; "
-              "LibcSyscalls().init_module(open(sys.argv[1], 'rb').read())", path)
-
-
-def _module_unload(guest, name: str) -> None:
-    guest.run(sys.executable, "-c", "import sys; from dynamos.kernel import LibcSyscalls; "
-              "LibcSyscalls().delete_module(sys.argv[1])", name)
-
-
 @pytest.mark.parametrize("order", ["module-first", "update-first"])
 def test_change_in_a_loadable_module(guest, patch_package, target, order):
     """binfmt_misc is a module in Debian's kernel: the update patches it whether it is loaded
@@ -241,14 +231,14 @@ def test_change_in_a_loadable_module(guest, patch_package, target, order):
     module = str(target.module_path("binfmt_misc"))
     status = "mkdir -p /tmp/bm && mount -t binfmt_misc none /tmp/bm && cat /tmp/bm/status; umount /tmp/bm"
     if order == "module-first":
-        _module_load(guest, module)
+        guest.load_module(module)
     try:
         with applied(guest, pkg) as r:
             assert [(f["name"], f["object"]) for f in r["functions"]] == [("bm_status_read", "binfmt_misc")]
             if order == "update-first":
                 assert any("binfmt_misc is not loaded" in n for n in r["notes"]), r["notes"]
-                _module_load(guest, module)
+                guest.load_module(module)
             assert guest.sh(status).strip() == "enabled (patched)"
         assert guest.sh(status).strip() == "enabled"
     finally:
-        _module_unload(guest, "binfmt_misc")
+        guest.unload_module("binfmt_misc")
