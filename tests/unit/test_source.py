@@ -71,7 +71,7 @@ def test_prepared_tree_is_the_targets(source: KernelSource, target: TargetKernel
     for rel in ("include/generated/utsrelease.h", "include/generated/package.h",
                 "include/generated/autoconf.h", "include/generated/compile.h"):
         assert (source.tree / rel).read_bytes() == (target.headers_dir / rel).read_bytes(), rel
-    assert source_mod._read_config(source.tree / ".config") == source_mod._read_config(
+    assert source_mod.read_config(source.tree / ".config") == source_mod.read_config(
         target.headers_dir / ".config")
     # Ready sources come straight from the cache.
     assert prepare_source(target) == source
