@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dynamos.errors import DynamosError
 from dynamos.lab import Lab, LabConfig, lab_session
-from dynamos.lab.vm import default_shares
+from dynamos.lab.vm import choose_accel, default_shares
 from dynamos.target import DEFAULT_LAB_KERNEL, cache_root, fetch_target
 
 DEMO_EXAMPLE = "cmdline-banner"
@@ -100,7 +100,8 @@ def run_demo(kernel: str = DEFAULT_LAB_KERNEL, progress: Callable[[str], None] |
             return str(built["result"].package_path)
 
         package = step(f"build {source.name} against {kernel} headers", build)
-        config = LabConfig(kernel=kernel, shares=default_shares())
+        accel = step("choose accelerator (KVM only if a probe boot proves it)", lambda: choose_accel(target, progress))
+        config = LabConfig(kernel=kernel, shares=default_shares(), accel=accel)
         t0 = time.monotonic()
         with lab_session(config, progress=progress) as lab:
             report.steps.append(Step(f"boot lab ({lab.info['accel']})", round(time.monotonic() - t0, 3), True))
