@@ -82,28 +82,25 @@ def _build_patch(args: argparse.Namespace, target, output: Path, progress: Progr
 
 
 # ----- live operations -------------------------------------------------------------------------
-def cmd_apply(args: argparse.Namespace) -> int:
-    from dynamos import kernel
-
-    progress = Progress(args.json)
-    result = kernel.apply(Path(args.package), timeout=args.timeout, progress=progress)
-    if args.json:
+def _present(result, as_json: bool) -> int:
+    """An apply/revert result: its JSON for scripts, its one-line description for people."""
+    if as_json:
         _print_json(result.to_json())
     else:
         print(result.describe())
     return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from dynamos import kernel
+
+    return _present(kernel.apply(Path(args.package), timeout=args.timeout, progress=Progress(args.json)), args.json)
 
 
 def cmd_revert(args: argparse.Namespace) -> int:
     from dynamos import kernel
 
-    progress = Progress(args.json)
-    result = kernel.revert(args.name, timeout=args.timeout, progress=progress)
-    if args.json:
-        _print_json(result.to_json())
-    else:
-        print(result.describe())
-    return 0
+    return _present(kernel.revert(args.name, timeout=args.timeout, progress=Progress(args.json)), args.json)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -142,14 +142,13 @@ def build_update(source_dir: Path | str, target: TargetKernel, output: Path | No
     author_files = _author_files(source)
 
     build_dir = build_dir_for(source, target).absolute()
-    with _build_lock(build_dir):
+    with build_lock(build_dir):
         _prepare_build_dir(build_dir, source, author_files)
         linked = link_module(build_dir, source, target, say)
 
     package_path = None
     if output is not None:
-        package_path = _write_package(Path(output), source, target, linked.vermagic, linked.module, linked.log,
-                                      linked.klp_symbols)
+        package_path = write_package_of(Path(output), source, target, linked)
         say(f"wrote {package_path}")
     return BuildResult(module_path=linked.module_path, module=linked.module, vermagic=linked.vermagic,
                        build_log=linked.log, build_dir=build_dir, seconds=time.monotonic() - started,
@@ -228,7 +227,7 @@ def _author_files(source: UpdateSource) -> list[Path]:
 
 
 @contextmanager
-def _build_lock(build_dir: Path) -> Iterator[None]:
+def build_lock(build_dir: Path) -> Iterator[None]:
     """Serialise builds of the same update for the same kernel: they share a directory."""
     build_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(build_dir.parent / f".{build_dir.name}.lock", "w") as lock:
@@ -340,13 +339,14 @@ def _check_module(module: bytes, module_path: Path, target: TargetKernel) -> str
     return vermagic
 
 
-def _write_package(output: Path, source: UpdateSource, target: TargetKernel, vermagic: str,
-                   module: bytes, log: str, klp_symbols: list[KlpSymbol]) -> Path:
+def write_package_of(output: Path, source: UpdateSource, target: TargetKernel, linked: LinkedModule) -> Path:
+    """The update package of a linked module: into ``output`` (a file, or a directory to name it in)."""
     from dynamos.update.package import package_filename, write_package
 
     path = output / package_filename(source.name, target.release) if output.is_dir() else output
-    return write_package(path, source=source, kernel_release=target.release, vermagic=vermagic,
-                         module=module, build_log=log, klp_symbols=[s.to_json() for s in klp_symbols])
+    return write_package(path, source=source, kernel_release=target.release, vermagic=linked.vermagic,
+                         module=linked.module, build_log=linked.log,
+                         klp_symbols=[s.to_json() for s in linked.klp_symbols])
 
 
 def _klp_symbols(module: bytes, source: UpdateSource, target: TargetKernel) -> list[KlpSymbol]:

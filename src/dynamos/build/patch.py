@@ -22,7 +22,7 @@ from dynamos.build.cgen import generate_kbuild, generate_livepatch_source
 from dynamos.build.elf import RelocatableElf
 from dynamos.build.extract import extract_functions
 from dynamos.build.fidelity import KernelText, check_fidelity, kernel_text
-from dynamos.build.kbuild import BUILD_LOG, _build_lock, _write_package, link_module
+from dynamos.build.kbuild import BUILD_LOG, build_lock, link_module, write_package_of
 from dynamos.build.klp import KlpSymbol, exported_symbols
 from dynamos.build.linemap import stabilise_lines
 from dynamos.build.objdiff import DiffResult, diff_objects, read_object
@@ -149,7 +149,7 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
 
     work = cache_root() / "builds" / f"patch-{update_name}-{target.release}"
     units: list[UnitReport] = []
-    with _build_lock(work):
+    with build_lock(work):
         shutil.rmtree(work, ignore_errors=True)
         (work / "objects").mkdir(parents=True)
         config = read_config(source.tree / ".config")
@@ -196,8 +196,7 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
 
     package_path = None
     if output is not None:
-        package_path = _write_package(Path(output), update, target, linked.vermagic, linked.module, linked.log,
-                                      linked.klp_symbols)
+        package_path = write_package_of(Path(output), update, target, linked)
         say(f"wrote {package_path}")
     return PatchBuild(update_name, package_path, units, linked.klp_symbols, round(time.monotonic() - started, 3),
                       phases)
