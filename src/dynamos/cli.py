@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -126,6 +127,97 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         rows.append([u["name"], "dynamos" if u.get("dynamos") else "other", state, funcs])
     print(_table(rows, ["UPDATE", "BY", "STATE", "FUNCTIONS"]))
+    for u in data["updates"]:
+        for f in u.get("editions", []):
+            print(f"\n{u['name']} {f['function']}: route {'; '.join(f['route'])}")
+            print(_table([[e["index"], e["name"], e["calls"], e["in_flight"], "live" if e["live"] else "retired"]
+                          for e in f["editions"]], ["EDITION", "NAME", "CALLS", "IN-FLIGHT", "STATE"]))
+    return 0
+
+
+# ----- editions --------------------------------------------------------------------------------
+def cmd_switch(args: argparse.Namespace) -> int:
+    from dynamos.kernel.editions import Selector, switch
+
+    pids = tuple(int(p) for p in args.pids.split(",") if p) if args.pids is not None else None
+    selector = Selector(pids=pids, cgroup=args.cgroup, cpus=args.cpus, share=args.share)
+    control = switch(args.update, args.function, args.edition, selector, reset=args.reset)
+    if args.json:
+        _print_json(control.to_json())
+    else:
+        print(f"{control.update} {control.function}: route {'; '.join(control.route())}")
+    return 0
+
+
+def cmd_retire(args: argparse.Namespace) -> int:
+    from dynamos.kernel.editions import RetireTimeout, retire
+
+    try:
+        result = retire(args.update, args.function, args.edition, timeout=args.timeout,
+                        progress=Progress(args.json))
+    except RetireTimeout as e:
+        if args.json:
+            _print_json(e.result.to_json())
+        for holder in e.result.holders:
+            print(f"  {holder['comm']} (pid {holder['pid']}, tid {holder['tid']}):", file=sys.stderr)
+            for frame in holder["stack"]:
+                print(f"    {frame}", file=sys.stderr)
+        raise
+    if args.json:
+        _print_json(result.to_json())
+    else:
+        print(f"{result.update} {result.function}: edition {result.edition} ({result.name}) retired; "
+              f"no call left in it after {result.seconds:.2f} s")
+    return 0
+
+
+def _monitor_table(rows) -> str:
+    def ns(value) -> str:
+        if value is None:
+            return "-"
+        return f"{value / 1000:.1f}us" if value >= 1000 else f"{value:.0f}ns"
+
+    return _table([[r.update, r.function, f"{r.edition}:{r.name}", r.calls, r.in_flight, ns(r.mean_ns),
+                    ns(r.p50_ns), ns(r.p99_ns)] for r in rows],
+                  ["UPDATE", "FUNCTION", "EDITION", "CALLS", "IN-FLIGHT", "MEAN", "P50<", "P99<"])
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from dynamos.monitor import build_monitor, monitor_rows
+
+    if args.show:
+        if args.functions:
+            raise DynamosError("monitor --show takes no function names (it shows every monitored function)")
+        while True:
+            rows = monitor_rows(update=args.update)
+            if args.json:
+                _print_json([r.to_json() for r in rows])
+                return 0
+            text = _monitor_table(rows) if rows else "no monitored functions (start with: dynamos monitor FUNCTION)"
+            if args.once:
+                print(text)
+                return 0
+            print("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S ") + "dynamos monitor (Ctrl-C to stop)\n" + text,
+                  flush=True)
+            time.sleep(args.interval)
+    if not args.functions:
+        raise DynamosError("monitor: name the kernel functions to watch, or use --show")
+    from dynamos import kernel
+    from dynamos.target import resolve_target
+
+    progress = Progress(args.json)
+    target = resolve_target(args.kernel, progress)
+    output = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="dynamos-monitor-"))
+    built = build_monitor(args.functions, target, output, name=args.name, progress=progress)
+    if args.build_only:
+        print(built.package_path)
+        return 0
+    result = kernel.apply(built.package_path, timeout=args.timeout, progress=progress)
+    if args.json:
+        _print_json(result.to_json())
+    else:
+        print(result.describe())
+        print("watch with: dynamos monitor --show; remove with: dynamos revert " + result.name)
     return 0
 
 
@@ -278,6 +370,41 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("name", nargs="?")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("switch", help="choose which edition of a multi-edition function serves calls")
+    p.add_argument("update")
+    p.add_argument("function", help="kernel function (as in 'dynamos status UPDATE')")
+    p.add_argument("edition", nargs="?", help="edition number (0 = the kernel's original) or name")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--pids", metavar="P,...", help="only calls from these pids/tgids")
+    which.add_argument("--cgroup", metavar="PATH", help="only calls from tasks in this cgroup v2 (or below)")
+    which.add_argument("--cpus", metavar="LIST", help="only calls on these CPUs, e.g. 0-1,3")
+    which.add_argument("--share", type=float, metavar="PCT", help="this percentage of calls, spread evenly")
+    which.add_argument("--reset", action="store_true", help="back to the route the update was loaded with")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_switch)
+
+    p = sub.add_parser("retire", help="take an edition out of service and wait for its calls to finish")
+    p.add_argument("update")
+    p.add_argument("function")
+    p.add_argument("edition")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_retire)
+
+    p = sub.add_parser("monitor", help="count and time calls of kernel functions (a monitoring update)")
+    p.add_argument("functions", nargs="*", metavar="FUNCTION", help="NAME or MODULE:NAME")
+    p.add_argument("--show", action="store_true", help="show monitored functions (refreshing; --json: once)")
+    p.add_argument("--update", help="with --show: only this update")
+    p.add_argument("--once", action="store_true", help="with --show: print the table once")
+    p.add_argument("--interval", type=float, default=1.0, metavar="S")
+    p.add_argument("--name", help="update name (default: monitor-<function>)")
+    p.add_argument("--kernel", metavar="REL", help="target kernel release (default: the running kernel)")
+    p.add_argument("-o", "--output", help="where to keep the package")
+    p.add_argument("--build-only", action="store_true", help="build the package, do not apply it")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_monitor)
 
     p = sub.add_parser("demo", help="boot the lab and show a live update applied and reverted")
     p.add_argument("--kernel", default=DEFAULT_LAB_KERNEL, metavar="REL")

@@ -8,9 +8,19 @@ links both into one module. Everything here is text in, text out, so it is unit-
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
+from dynamos.build.klp import KlpSymbol
 from dynamos.errors import ManifestError
 from dynamos.update.manifest import FunctionSpec, UpdateSource
+
+if TYPE_CHECKING:
+    from dynamos.build.btf import Prototype
+
+RUNTIME_HEADER = "dynamos_editions.h"
+# x86-64 'call __fentry__' / its NOP: the ftrace site edition 0 enters the original code past.
+FTRACE_SITE_SIZE = 5
 
 # Editions are emitted as bare C identifiers, so anything else would let a manifest inject C.
 _C_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -79,30 +89,141 @@ def _func_entry(f: FunctionSpec) -> list[str]:
     return lines
 
 
-def generate_livepatch_source(source: UpdateSource) -> str:
+def thunk_target(f: FunctionSpec) -> KlpSymbol:
+    """The kernel function edition 0 jumps into, always resolved by livepatch: the loader must
+    not bind a module's function (the module may load later) or the wrong namesake."""
+    return KlpSymbol(f.name, f.object, f.sympos or 0)
+
+
+def _dispatcher_source(index: int, f: FunctionSpec, proto: Prototype, ftrace_site: int) -> list[str]:
+    """Edition 0's thunk, the function's runtime descriptor and its dispatcher."""
+    original = f.original
+    fn = f"dynamos_fn_{index}"
+    names = [f.name, *f.editions]
+    args = proto.argument_list()
+    returns = proto.return_type != "void"
+    out = [
+        f"/* {f.object} {f.name}: edition 0 is the kernel's own code, entered past its ftrace site. */",
+        *proto.forward_declarations,
+        proto.declaration(original, "extern") + ";",
+        "asm(\".pushsection .text, \\\"ax\\\", @progbits\\n\"",
+        f'    "\\t.globl {original}\\n"',
+        f'    "\\t.type {original}, @function\\n"',
+        f'    "{original}:\\n"',
+        f'    "\\tjmp {thunk_target(f).placeholder} + {ftrace_site + FTRACE_SITE_SIZE}\\n"',
+        '    "\\tint3\\n"',
+        f'    "\\t.size {original}, . - {original}\\n"',
+        '    ".popsection\\n");',
+    ]
+    for edition in f.editions:
+        out.append(proto.declaration(edition, "extern") + ";")
+    if f.policy:
+        out.append(_handler_declaration(proto, f.policy) + ";")
+    out += [
+        f"static const char *const {fn}_editions[] = {{ {', '.join(c_string(n) for n in names)} }};",
+        f"static struct dynamos_function {fn} = {{",
+        f"\t.name = {c_string(f.name)},",
+        f"\t.dir = {c_string(f.control_name)},",
+        f"\t.nr_editions = {len(names)},",
+        f"\t.edition_names = {fn}_editions,",
+        f"\t.initial_edition = {f.default_edition},",
+        f"\t.has_handler = {'true' if f.policy else 'false'},",
+        f"\t.monitor = {'true' if f.monitor else 'false'},",
+        f"\t.original = (void *){original},",
+        f"\t.ftrace_site = {ftrace_site},",
+        "};",
+        "",
+        "static noinline " + proto.declaration(f.edition),
+        "{",
+        f"\tstruct dynamos_function *fn = &{fn};",
+        *([f"\t{proto.return_type} ret;"] if returns else []),
+        *(["\tu64 start;"] if f.monitor else []),
+        "\tint edition;",
+        "",
+        "\tpreempt_disable_notrace();",
+        "\tedition = dynamos_route_edition(fn);",
+        *([ "\tif (edition == DYNAMOS_ASK_HANDLER)", f"\t\tedition = {f.policy}({args});"] if f.policy else []),
+        "\tedition = dynamos_settle_edition(fn, edition);",
+        "\tdynamos_call_begins(fn, edition);",
+        "\tpreempt_enable_notrace();",
+        *(["\tstart = local_clock();"] if f.monitor else []),
+        "\tswitch (edition) {",
+    ]
+    assign = "ret = " if returns else ""
+    for number, edition in enumerate(f.editions, start=1):
+        out.append(f"\tcase {number}: {assign}{edition}({args}); break;")
+    out += [
+        f"\tdefault: {assign}{original}({args}); break;",
+        "\t}",
+        *(["\tdynamos_record_latency(fn, edition, start);"] if f.monitor else []),
+        "\tdynamos_call_ends(fn, edition);",
+        *(["\treturn ret;"] if returns else []),
+        "}",
+        "",
+    ]
+    return out
+
+
+def _handler_declaration(proto: Prototype, handler: str) -> str:
+    """The adaptation handler takes the function's arguments and returns an edition number."""
+    decl = proto.declaration(handler, "extern")
+    return "extern int " + decl[decl.index(handler):]
+
+
+def generate_livepatch_source(source: UpdateSource, prototypes: Mapping[FunctionSpec, Prototype] | None = None,
+                              ftrace_site: int = 0) -> str:
     """The C of the module's main translation unit: one klp_patch over every edition.
 
-    Editions are declared ``extern void f(void)``: only their address is taken here, and the
-    author's own prototypes live in their separately compiled files.
+    Single editions are declared ``extern void f(void)``: only their address is taken here,
+    and the author's own prototypes live in their separately compiled files. Multi-edition
+    functions get a dispatcher with the kernel function's exact prototype (``prototypes``,
+    from BTF); ``ftrace_site`` is the offset of the ftrace call in a kernel function.
     """
     _check_editions(source)
+    dispatched = [f for f in source.functions if f.dispatched]
+    missing = [f.name for f in dispatched if prototypes is None or f not in prototypes]
+    if missing:
+        raise ValueError(f"no prototype for multi-edition functions {', '.join(missing)}")
     out: list[str] = [
         f"/* Generated by dynamos for update {source.name}: do not edit. */",
         "",
         "#include <linux/kernel.h>",
         "#include <linux/module.h>",
         "#include <linux/livepatch.h>",
+        *([f'#include "{RUNTIME_HEADER}"'] if dispatched else []),
         "",
-        "/* Editions, defined in the update source's own C files. */",
     ]
-    for edition in dict.fromkeys(f.edition for f in source.functions):
-        out.append(f"extern void {edition}(void);")
-    out.append("")
+    singles = list(dict.fromkeys(f.edition for f in source.functions if not f.dispatched))
+    if singles:
+        out.append("/* Editions, defined in the update source's own C files. */")
+        out.extend(f"extern void {edition}(void);" for edition in singles)
+        out.append("")
+    for index, f in enumerate(source.functions):
+        if f.dispatched:
+            assert prototypes is not None
+            out.extend(_dispatcher_source(index, f, prototypes[f], ftrace_site))
+    if dispatched:
+        out.append("static struct dynamos_function *dynamos_functions[] = {")
+        out.extend(f"\t&dynamos_fn_{i}," for i, f in enumerate(source.functions) if f.dispatched)
+        out.append("};")
+        out.append("")
 
-    object_arrays: list[tuple[str, str | None]] = []
+    object_arrays: list[tuple[str, str | None, str | None]] = []
     for index, obj in enumerate(source.objects):
         array = f"dynamos_funcs_{index}_{_c_ident_part(obj)}"
-        object_arrays.append((array, klp_object_name(obj)))
+        checked = [i for i, f in enumerate(source.functions) if f.dispatched and f.object == obj]
+        pre_patch = f"dynamos_pre_patch_{index}" if checked else None
+        object_arrays.append((array, klp_object_name(obj), pre_patch))
+        if pre_patch:
+            out.append(f"/* Before {obj} is patched, with its relocations applied: check edition 0's way in. */")
+            out.append(f"static struct dynamos_function *{pre_patch}_functions[] = {{")
+            out.extend(f"\t&dynamos_fn_{i}," for i in checked)
+            out.append("};")
+            out.append(f"static int {pre_patch}(struct klp_object *obj)")
+            out.append("{")
+            out.append(f"\treturn dynamos_check_entries({pre_patch}_functions, {len(checked)});")
+            out.append("}")
+            out.append("")
         out.append(f"/* Functions replaced in {obj}. */")
         out.append(f"static struct klp_func {array}[] = {{")
         for f in source.functions:
@@ -113,10 +234,12 @@ def generate_livepatch_source(source: UpdateSource) -> str:
         out.append("")
 
     out.append("static struct klp_object dynamos_objects[] = {")
-    for array, kname in object_arrays:
+    for array, kname, pre_patch in object_arrays:
         out.append("\t{")
         out.append(f"\t\t.name = {'NULL' if kname is None else c_string(kname)},")
         out.append(f"\t\t.funcs = {array},")
+        if pre_patch:
+            out.append(f"\t\t.callbacks.pre_patch = {pre_patch},")
         out.append("\t},")
     out.append("\t{ }")
     out.append("};")
@@ -133,17 +256,43 @@ def generate_livepatch_source(source: UpdateSource) -> str:
     description = source.description or f"dynamos update {source.name}"
     if "\0" in description:  # .modinfo entries end at NUL: the rest would read as another entry
         raise ManifestError("update.description must not contain NUL characters", path=source.manifest_path)
+    if dispatched:
+        count = "ARRAY_SIZE(dynamos_functions)"
+        out.extend([
+            "static int __init dynamos_update_init(void)",
+            "{",
+            f"\tint err = dynamos_runtime_init(THIS_MODULE, dynamos_functions, {count});",
+            "",
+            "\tif (err)",
+            "\t\treturn err;",
+            "\terr = klp_enable_patch(&dynamos_patch);",
+            "\tif (err)",
+            f"\t\tdynamos_runtime_exit(dynamos_functions, {count});",
+            "\treturn err;",
+            "}",
+            "",
+            "/* Livepatch lets the module go only once the patch is disabled: no call is in a dispatcher. */",
+            "static void __exit dynamos_update_exit(void)",
+            "{",
+            f"\tdynamos_runtime_exit(dynamos_functions, {count});",
+            "}",
+            "",
+            "MODULE_INFO(dynamos_runtime, __stringify(DYNAMOS_RUNTIME_VERSION));",
+        ])
+    else:
+        out.extend([
+            "static int __init dynamos_update_init(void)",
+            "{",
+            "\treturn klp_enable_patch(&dynamos_patch);",
+            "}",
+            "",
+            "/* Livepatch lets the module go only once the patch is disabled: nothing is left to undo. */",
+            "static void __exit dynamos_update_exit(void)",
+            "{",
+            "}",
+            "",
+        ])
     out.extend([
-        "static int __init dynamos_update_init(void)",
-        "{",
-        "\treturn klp_enable_patch(&dynamos_patch);",
-        "}",
-        "",
-        "/* Livepatch lets the module go only once the patch is disabled: nothing is left to undo. */",
-        "static void __exit dynamos_update_exit(void)",
-        "{",
-        "}",
-        "",
         "module_init(dynamos_update_init);",
         "module_exit(dynamos_update_exit);",
         'MODULE_LICENSE("GPL");',

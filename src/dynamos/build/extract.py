@@ -209,7 +209,7 @@ def _make_external(obj: RelocatableElf, sym_index: int, resolve: Resolver, klp: 
             raise BuildError(f"file-local symbol {sym.name} must be resolved in the kernel")
         sym.shndx, sym.value, sym.size = SHN_UNDEF, 0, 0
         return
-    placeholder = f"dynamos_klp__{where.object}__{where.name}__{where.sympos}"
+    placeholder = where.placeholder
     klp[placeholder] = where
     sym.name, sym.shndx, sym.value, sym.size = placeholder, SHN_UNDEF, 0, 0
     sym.info = STB_GLOBAL << 4

@@ -22,7 +22,7 @@ from pathlib import Path
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from dynamos.build.cgen import generate_kbuild, generate_livepatch_source
+from dynamos.build.cgen import generate_kbuild, generate_livepatch_source, thunk_target
 from dynamos.build.klp import KlpSymbol, convert_to_klp, exported_symbols, klp_symbols_needed
 from dynamos.errors import BuildError
 from dynamos.target import TargetKernel, cache_root
@@ -143,8 +143,8 @@ def build_update(source_dir: Path | str, target: TargetKernel, output: Path | No
 
     build_dir = build_dir_for(source, target).absolute()
     with build_lock(build_dir):
-        _prepare_build_dir(build_dir, source, author_files)
-        linked = link_module(build_dir, source, target, say)
+        _prepare_build_dir(build_dir, source, author_files, target)
+        linked = link_module(build_dir, source, target, say, thunk_placeholders(source))
 
     package_path = None
     if output is not None:
@@ -219,7 +219,7 @@ def _author_files(source: UpdateSource) -> list[Path]:
         if not _FILE_STEM_RE.match(c_file.stem):
             raise BuildError("C file name cannot be used in a Kbuild object list "
                              "(use letters, digits, '_', '-', '.')", path=c_file)
-    if not source.c_files:
+    if not source.c_files and any(f.author_functions for f in source.functions):
         raise BuildError("the update source has no .c file holding the editions", path=source.directory)
     headers = [h for h in source.directory.rglob("*.h")
                if not any(part.startswith(".") for part in h.relative_to(source.directory).parts)]
@@ -235,7 +235,14 @@ def build_lock(build_dir: Path) -> Iterator[None]:
         yield
 
 
-def _prepare_build_dir(build_dir: Path, source: UpdateSource, author_files: list[Path]) -> None:
+def thunk_placeholders(source: UpdateSource) -> dict[str, KlpSymbol]:
+    """Kernel functions that multi-edition dispatchers enter (edition 0), by placeholder name."""
+    targets = [thunk_target(f) for f in source.functions if f.dispatched]
+    return {t.placeholder: t for t in targets}
+
+
+def _prepare_build_dir(build_dir: Path, source: UpdateSource, author_files: list[Path],
+                       target: TargetKernel) -> None:
     shutil.rmtree(build_dir, ignore_errors=True)
     author_dir = build_dir / AUTHOR_SUBDIR
     author_dir.mkdir(parents=True)
@@ -244,9 +251,20 @@ def _prepare_build_dir(build_dir: Path, source: UpdateSource, author_files: list
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source.directory / rel, dest)
     main_object = main_object_name(source)
-    (build_dir / main_object).with_suffix(".c").write_text(generate_livepatch_source(source))
+    extra_objects: list[str] = []
+    if any(f.dispatched for f in source.functions):
+        from dynamos.build import editions
+
+        main_c = generate_livepatch_source(source, editions.dispatcher_prototypes(source, target),
+                                           editions.ftrace_site(target))
+        for name, text in editions.runtime_files().items():
+            (build_dir / name).write_text(text)
+        extra_objects.append(editions.RUNTIME_OBJECT)
+    else:
+        main_c = generate_livepatch_source(source)
+    (build_dir / main_object).with_suffix(".c").write_text(main_c)
     author_objects = [f"{AUTHOR_SUBDIR}/{c.stem}.o" for c in source.c_files]
-    (build_dir / "Kbuild").write_text(generate_kbuild(source, main_object, author_objects))
+    (build_dir / "Kbuild").write_text(generate_kbuild(source, main_object, [*extra_objects, *author_objects]))
 
 
 def _make_env() -> dict[str, str]:

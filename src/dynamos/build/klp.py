@@ -35,6 +35,11 @@ class KlpSymbol:
     def klp_name(self) -> str:
         return f".klp.sym.{self.object}.{self.name},{self.sympos}"
 
+    @property
+    def placeholder(self) -> str:
+        """A name generated code links against, standing for this symbol until convert_to_klp."""
+        return f"dynamos_klp__{self.object}__{self.name}__{self.sympos}"
+
     def to_json(self) -> dict:
         return {"name": self.name, "object": self.object, "sympos": self.sympos}
 

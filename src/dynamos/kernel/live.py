@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dynamos.errors import DynamosError, PackageError, RefusedError, TransitionError
+from dynamos.kernel import editions
 from dynamos.kernel import livepatch as lp
 from dynamos.kernel.actionlog import ActionLog, default_log_path, now_iso
 from dynamos.kernel.modules import (
@@ -242,6 +243,7 @@ class UpdateStatus:
     update: str | None = None  # dynamos update name
     package: str | None = None
     applied: str | None = None  # ISO time dynamos applied it
+    editions: list[dict[str, Any]] = field(default_factory=list)  # multi-edition functions' controls
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -260,6 +262,8 @@ class UpdateStatus:
             value = getattr(self, key)
             if value is not None:
                 data[key] = value
+        if self.editions:
+            data["editions"] = self.editions
         return data
 
 
@@ -275,7 +279,11 @@ class KernelStatus:
                       "objects": [{"name": "vmlinux", "patched": true}],
                       "functions": [{"name": "f", "object": "vmlinux", "sympos"?: 2, "patched": true}],
                       "tasks_pending": [{"pid": 1, "comm": "init", "tid"?: 2}],
-                      "update"?: "fix-x", "package"?: "/path/fix-x.dpkg", "applied"?: "ISO time"}]}
+                      "update"?: "fix-x", "package"?: "/path/fix-x.dpkg", "applied"?: "ISO time",
+                      "editions"?: [{"function": "pipe_write", "route": ["default 1"],
+                                     "editions": [{"index": 0, "name": "pipe_write", "calls": 7,
+                                                   "in_flight": 0, "live": true}],
+                                     "latency"?: [{"edition": 0, "calls": 7, "total_ns": 900, ...}]}]}]}
 
     ``sympos`` appears when the update named one or sysfs shows a position other than 1.
     An entry with ``enabled`` false and ``module_loaded`` true is a disabled or replaced
@@ -968,6 +976,7 @@ class LiveKernel:
             update=record.get("update") if record else None,
             package=record.get("package") if record else None,
             applied=record.get("applied") if record else None,
+            editions=[f.to_json() for f in editions.functions_of(patch.name, self.root)],
         )
 
     def _leftover_status(self, name: str) -> UpdateStatus:

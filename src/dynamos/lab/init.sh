@@ -28,6 +28,7 @@ mkdir -p $R/dev/pts; mount -t devpts -o newinstance,ptmxmode=0666 devpts $R/dev/
 mount -t tracefs tracefs $R/sys/kernel/tracing 2>/dev/null
 mount -t securityfs securityfs $R/sys/kernel/security 2>/dev/null
 mount -t debugfs debugfs $R/sys/kernel/debug 2>/dev/null
+mount -t cgroup2 cgroup2 $R/sys/fs/cgroup 2>/dev/null || say "cannot mount cgroup2"
 # Extra shares (working directory, caches): rw, uncached so host changes show at once.
 i=0
 for path in $SHARES; do
@@ -38,6 +39,8 @@ for path in $SHARES; do
 done
 hostname dynamos-lab
 say "agent starting"
+# Commands in the guest use the host's dynamos cache (shared at the same path).
+export HOME=/root DYNAMOS_CACHE
 chroot $R $AGENT_PYTHON -S -E $AGENT_PATH
 say "agent exited with status $?"
 poweroff -f

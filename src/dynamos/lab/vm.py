@@ -483,6 +483,7 @@ def _lab_initramfs(target: TargetKernel, shares: list[str], root_cache: str) -> 
         f"AGENT_PYTHON={shlex.quote(os.path.realpath(sys.executable))}",
         f"AGENT_PATH={shlex.quote(str(agent))}",
         f"ROOT_CACHE={shlex.quote(root_cache)}",
+        f"DYNAMOS_CACHE={shlex.quote(str(cache_root()))}",
     ]) + "\n"
     base = cached_initramfs(target, init.read_text(), cache_root() / "initramfs")
     return base.read_bytes() + files_cpio({"lab.conf": conf.encode()})

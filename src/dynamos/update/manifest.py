@@ -18,6 +18,13 @@ Schema (``update.toml``)::
     edition = "cmdline_proc_show_v2"  # required: non-static C function in a *.c file
     object = "vmlinux"          # optional: "vmlinux" or a module name
     sympos = 1                  # optional: position among same-named symbols
+
+    [[function]]                # several editions live at once, switched at run time
+    name = "pipe_write"
+    editions = ["pipe_write_v2", "pipe_write_v3"]  # editions 1, 2...; 0 is the kernel's original
+    default = 1                 # optional: edition serving calls at load (1; 0 with no editions)
+    policy = "pick_pipe_write"  # optional: adaptation handler, a C function returning the edition
+    monitor = true              # optional: count calls and time them per edition
 """
 
 from __future__ import annotations
@@ -46,6 +53,44 @@ class FunctionSpec:
     object: str = VMLINUX  # "vmlinux" or a module name as the kernel knows it ('-' -> '_')
     sympos: int | None = None  # position among same-named symbols, when ambiguous
     line: int | None = None  # line of the [[function]] table in update.toml
+    editions: tuple[str, ...] = ()  # multi-edition function: editions 1.. (``edition`` is the dispatcher)
+    policy: str | None = None  # adaptation handler: C function choosing the edition per call
+    default_edition: int = 1  # edition serving calls when the update loads
+    monitor: bool = False  # count and time calls per edition
+
+    @property
+    def dispatched(self) -> bool:
+        """Whether calls go through a dispatcher choosing among editions (0 = the original)."""
+        return bool(self.editions) or self.monitor
+
+    @property
+    def control_name(self) -> str:
+        """The function's directory under /sys/module/<update>/dynamos/ (livepatch's spelling)."""
+        name = self.name if self.object == VMLINUX else f"{self.object}:{self.name}"
+        return f"{name},{self.sympos}" if self.sympos else name
+
+    @property
+    def original(self) -> str:
+        """For a multi-edition function: the C function that runs the kernel's own code."""
+        return dispatcher_name(self.name, self.object, self.sympos, role="original")
+
+    @property
+    def author_functions(self) -> tuple[str, ...]:
+        """C functions the update source must define for this function."""
+        if not self.dispatched:
+            return (self.edition,)
+        return self.editions + ((self.policy,) if self.policy else ())
+
+
+def dispatcher_name(name: str, obj: str = VMLINUX, sympos: int | None = None, role: str = "dispatch") -> str:
+    """Generated names of a multi-edition function: ``dynamos_dispatch__pipe_write`` is what
+    livepatch redirects the function to; ``dynamos_original__pipe_write`` (role "original")
+    enters the kernel's own code, and editions may call it."""
+    parts = [f"dynamos_{role}", *([obj] if obj != VMLINUX else []), name, *([str(sympos)] if sympos else [])]
+    return "__".join(parts)
+
+
+MAX_EDITIONS = 15  # the runtime's DYNAMOS_MAX_EDITIONS less edition 0
 
 
 @dataclass(frozen=True)
@@ -110,7 +155,7 @@ _C_KEYWORDS = frozenset(
 )
 
 UPDATE_KEYS = ("name", "description", "kernel", "replace")
-FUNCTION_KEYS = ("name", "edition", "object", "sympos")
+FUNCTION_KEYS = ("name", "edition", "editions", "default", "policy", "monitor", "object", "sympos")
 SYMBOL_KEYS = ("name", "object", "sympos")
 TOP_LEVEL_KEYS = ("update", "function", "symbol")
 
@@ -518,7 +563,7 @@ def load_update_source(directory: Path | str) -> UpdateSource:
     symbols = _validate_symbols(data, check)
 
     c_files = tuple(sorted(p for p in directory.glob("*.c") if p.is_file()))
-    if not c_files:
+    if not c_files and any(f.author_functions for f in functions):
         raise ManifestError(
             "no .c files in update source: the editions named in update.toml must be defined in C",
             path=directory,
@@ -667,13 +712,14 @@ def _validate_functions(data: dict[str, Any], check: _Checker) -> tuple[Function
     for index, table, where, header in tables:
         check.reject_unknown(table, FUNCTION_KEYS, where, tpath, index)
         name = _identifier(check, table, "name", where, tpath, index)
-        edition = _identifier(check, table, "edition", where, tpath, index)
-
         obj = _check_object(check.string(table, "object", where, tpath, index, required=False), where,
                             lines.key(tpath, index, "object"), check)
         sympos = _check_sympos(table, where, lines.key(tpath, index, "sympos"), check)
-
-        spec = FunctionSpec(name=name, edition=edition, object=obj, sympos=sympos, line=header)
+        if "editions" in table or table.get("monitor") is not None or "policy" in table or "default" in table:
+            spec = _multi_edition_function(check, table, where, index, name, obj, sympos, header)
+        else:
+            edition = _identifier(check, table, "edition", where, tpath, index)
+            spec = FunctionSpec(name=name, edition=edition, object=obj, sympos=sympos, line=header)
 
         # livepatch treats sympos 0 (unset) and 1 alike for a unique symbol, and refuses an
         # ambiguous symbol without sympos: either way the two entries would patch one function.
@@ -687,16 +733,69 @@ def _validate_functions(data: dict[str, Any], check: _Checker) -> tuple[Function
                 header,
             )
         seen_targets[target] = spec
-        if edition in seen_editions:
-            first = seen_editions[edition]
-            raise check.fail(
-                f"{where}: edition {edition!r} is already used for {first.object} function "
-                f"{first.name!r} (line {first.line}); each function needs its own edition",
-                lines.key(tpath, index, "edition"),
-            )
-        seen_editions[edition] = spec
+        key = "editions" if spec.editions else "edition"
+        for edition in spec.author_functions if spec.dispatched else (spec.edition,):
+            if edition in seen_editions:
+                first = seen_editions[edition]
+                raise check.fail(
+                    f"{where}: edition {edition!r} is already used for {first.object} function "
+                    f"{first.name!r} (line {first.line}); each function needs its own edition",
+                    lines.key(tpath, index, key if edition in spec.editions or key == "edition" else "policy"),
+                )
+            seen_editions[edition] = spec
         functions.append(spec)
     return tuple(functions)
+
+
+def _multi_edition_function(check: _Checker, table: dict[str, Any], where: str, index: int, name: str,
+                            obj: str, sympos: int | None, header: int | None) -> FunctionSpec:
+    """A [[function]] with ``editions`` (and/or ``monitor``): served through a dispatcher."""
+    tpath = ("function",)
+    lines = check.lines
+
+    def fail(message: str, key: str) -> ManifestError:
+        return check.fail(f"{where}: {message}", lines.key(tpath, index, key))
+
+    if "edition" in table:
+        raise fail("give either edition (one replacement) or editions (several, switched at run time), "
+                   "not both", "edition")
+    monitor = table.get("monitor", False)
+    if not isinstance(monitor, bool):
+        raise fail(f"monitor must be true or false, got {_toml_type(monitor)} {monitor!r}", "monitor")
+    editions = table.get("editions", [])
+    if not isinstance(editions, list) or not all(isinstance(e, str) for e in editions):
+        raise fail(f"editions must be an array of C function names, got {editions!r}", "editions")
+    if not editions and not monitor:
+        raise fail("editions is empty: name at least one edition (edition 0 is the kernel's original), "
+                   "or set monitor = true to only watch the original", "editions")
+    if len(editions) > MAX_EDITIONS:
+        raise fail(f"{len(editions)} editions; at most {MAX_EDITIONS} besides the original", "editions")
+    for edition in editions:
+        problem = _check_symbol(edition)
+        if problem:
+            raise fail(f"edition {edition!r} {problem}", "editions")
+    duplicates = sorted({e for e in editions if editions.count(e) > 1})
+    if duplicates:
+        raise fail(f"editions lists {', '.join(duplicates)} more than once", "editions")
+
+    policy = check.string(table, "policy", where, tpath, index, required=False)
+    if policy == "default":
+        policy = None
+    elif policy is not None:
+        problem = _check_symbol(policy)
+        if problem:
+            raise fail(f"policy {policy!r} {problem} (use \"default\" or the name of a C adaptation "
+                       "handler returning the edition)", "policy")
+        if policy in editions:
+            raise fail(f"policy {policy!r} is also listed as an edition", "policy")
+
+    default = table.get("default", 1 if editions else 0)
+    if not isinstance(default, int) or isinstance(default, bool) or not 0 <= default <= len(editions):
+        raise fail(f"default must be an edition number from 0 (the original) to {len(editions)}, "
+                   f"got {default!r}", "default")
+    return FunctionSpec(name=name, edition=dispatcher_name(name, obj, sympos), object=obj, sympos=sympos,
+                        line=header, editions=tuple(editions), policy=policy, default_edition=default,
+                        monitor=monitor)
 
 
 def _validate_editions(
@@ -714,30 +813,39 @@ def _validate_editions(
 
     searched = ", ".join(p.name for p in c_files)
     for index, spec in enumerate(functions):
-        where = f"[[function]] #{index + 1}"
-        line = check.lines.key(("function",), index, "edition")
-        decls = by_name.get(spec.edition, [])
-        # Linkage is per file: one 'static' declaration makes every later one in that file static.
-        static_in = {d.path: d for d in reversed(decls) if d.is_static}
-        definitions = [d for d in decls if d.is_definition]
-        linkable = [d for d in definitions if d.path not in static_in]
-        if len(linkable) > 1:
-            places = ", ".join(f"{d.path.name}:{d.line}" for d in linkable)
-            raise check.fail(f"{where}: edition {spec.edition!r} is defined more than once: {places}", line)
-        if linkable:
-            continue
-        if definitions:
-            static = static_in[definitions[0].path]
-            what = "defined" if static.is_definition else "declared"
-            raise ManifestError(
-                f"edition {spec.edition!r} (for {spec.object} function {spec.name!r}, update.toml line "
-                f"{line}) is {what} static; remove 'static' so the livepatch code can link to it",
-                path=static.path,
-                line=static.line,
-            )
-        declared = f" (only declared, at {decls[0].path.name}:{decls[0].line})" if decls else ""
-        raise check.fail(
-            f"{where}: edition {spec.edition!r} is not defined in any .c file{declared} "
-            f"(searched: {searched})",
-            line,
+        for edition in spec.author_functions:
+            key = "policy" if edition == spec.policy else "editions" if spec.dispatched else "edition"
+            _validate_edition(spec, edition, index, key, by_name, searched, check)
+
+
+def _validate_edition(spec: FunctionSpec, edition: str, index: int, key: str,
+                      by_name: dict[str, list[CDeclaration]], searched: str, check: _Checker) -> None:
+    """One C function the update names must be defined once in its C files, with external linkage."""
+    where = f"[[function]] #{index + 1}"
+    role = "adaptation handler" if key == "policy" else "edition"
+    line = check.lines.key(("function",), index, key)
+    decls = by_name.get(edition, [])
+    # Linkage is per file: one 'static' declaration makes every later one in that file static.
+    static_in = {d.path: d for d in reversed(decls) if d.is_static}
+    definitions = [d for d in decls if d.is_definition]
+    linkable = [d for d in definitions if d.path not in static_in]
+    if len(linkable) > 1:
+        places = ", ".join(f"{d.path.name}:{d.line}" for d in linkable)
+        raise check.fail(f"{where}: {role} {edition!r} is defined more than once: {places}", line)
+    if linkable:
+        return
+    if definitions:
+        static = static_in[definitions[0].path]
+        what = "defined" if static.is_definition else "declared"
+        raise ManifestError(
+            f"{role} {edition!r} (for {spec.object} function {spec.name!r}, update.toml line "
+            f"{line}) is {what} static; remove 'static' so the livepatch code can link to it",
+            path=static.path,
+            line=static.line,
         )
+    declared = f" (only declared, at {decls[0].path.name}:{decls[0].line})" if decls else ""
+    raise check.fail(
+        f"{where}: {role} {edition!r} is not defined in any .c file{declared} "
+        f"(searched: {searched})",
+        line,
+    )

@@ -1,0 +1,87 @@
+"""Build support for multi-edition functions: prototypes from BTF, the runtime's C, ftrace sites.
+
+A dispatcher must forward every argument and the return value exactly, so its prototype is
+read from the target kernel's own BTF, never from the author's C or a guess. The runtime C
+(``dynamos/runtime``) is compiled into each update module that has a dispatcher.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+from dynamos.build.btf import BtfTypes, Prototype
+from dynamos.build.source import read_config
+from dynamos.errors import BuildError
+from dynamos.target import TargetKernel, extract_vmlinux
+from dynamos.update.manifest import VMLINUX, FunctionSpec, UpdateSource
+
+RUNTIME_DIR = Path(__file__).resolve().parent.parent / "runtime"
+RUNTIME_SOURCE = "dynamos_editions.c"
+RUNTIME_HEADER = "dynamos_editions.h"
+# Inside the build dir the runtime is compiled as this object, apart from the author's files.
+RUNTIME_OBJECT = "dynamos_runtime.o"
+RUNNING_BTF = Path("/sys/kernel/btf/vmlinux")
+
+
+def runtime_files() -> dict[str, str]:
+    """Build-dir file name -> text of the edition runtime shipped in every dispatching module."""
+    return {
+        RUNTIME_HEADER: (RUNTIME_DIR / RUNTIME_HEADER).read_text(),
+        RUNTIME_OBJECT.replace(".o", ".c"): (RUNTIME_DIR / RUNTIME_SOURCE).read_text(),
+    }
+
+
+def ftrace_site(target: TargetKernel) -> int:
+    """Offset of the ftrace call in a function: after the 4-byte ENDBR when the kernel uses IBT."""
+    config = target.config if target.config and target.config.is_file() else target.headers_dir / ".config"
+    if not config.is_file():
+        raise BuildError(f"no kernel config for {target.release} (looked at {config}): cannot tell where "
+                         "a function's ftrace site is")
+    return 4 if read_config(config).get("CONFIG_X86_KERNEL_IBT") == "y" else 0
+
+
+@functools.lru_cache(maxsize=8)
+def _btf_of(path: Path, base_path: Path | None) -> BtfTypes:
+    base = _btf_of(base_path, None) if base_path else None
+    if path == RUNNING_BTF:
+        return BtfTypes.from_bytes(path.read_bytes())
+    return BtfTypes.from_elf(path, base=base)
+
+
+def _vmlinux_btf_path(target: TargetKernel) -> Path:
+    if target.image is not None:
+        return extract_vmlinux(target)
+    if os.uname().release == target.release and RUNNING_BTF.is_file():
+        return RUNNING_BTF
+    raise BuildError(f"no BTF for kernel {target.release}: multi-edition functions need the kernel's "
+                     "type information (build with --kernel to use a fetched kernel image)")
+
+
+def prototype_of(f: FunctionSpec, target: TargetKernel) -> Prototype:
+    """The kernel function's prototype, from vmlinux BTF or its module's split BTF."""
+    vmlinux = _vmlinux_btf_path(target)
+    if f.object == VMLINUX:
+        return _btf_of(vmlinux, None).prototype(f.name)
+    try:
+        module = target.module_path(f.object)
+    except Exception as e:
+        raise BuildError(f"cannot read the prototype of {f.object} function {f.name}: {e}") from e
+    return _btf_of(module, vmlinux).prototype(f.name)
+
+
+def dispatcher_prototypes(source: UpdateSource, target: TargetKernel) -> dict[FunctionSpec, Prototype]:
+    """Prototypes of every function the update serves through a dispatcher."""
+    out: dict[FunctionSpec, Prototype] = {}
+    for f in source.functions:
+        if f.dispatched:
+            try:
+                out[f] = prototype_of(f, target)
+            except BuildError as e:
+                raise BuildError(f"{e.message} (needed for the editions of {f.name})", path=source.manifest_path,
+                                 line=f.line) from e
+            if out[f].variadic:
+                raise BuildError(f"{f.name} takes variable arguments (...): a dispatcher cannot forward them",
+                                 path=source.manifest_path, line=f.line)
+    return out

@@ -1,0 +1,406 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * dynamos edition runtime: control files and route changes (the fast path is in the header).
+ *
+ * Route commands, one per write to .../route (what `dynamos switch` writes):
+ *   default E          edition E serves every call no rule takes
+ *   pids E P[,P...]    calls from these pids or tgids go to E
+ *   cgroup E ID LEVEL  calls from tasks in the cgroup v2 with this id (at this depth) or below
+ *   cpus E LIST        calls on these CPUs ("0-1,3")
+ *   share E BP         this many basis points of the calls (1/10000), spread evenly
+ *   handler on|off     consult the update's adaptation handler after the rules
+ *   reset              the route the update was loaded with
+ * A rule replaces an earlier one of the same kind for the same edition; rules are tried in
+ * the order they were first given. Routing to a retired edition brings it back into service.
+ */
+#include <linux/module.h>
+#include <linux/kernel.h>
+#include <linux/slab.h>
+#include <linux/string.h>
+#include <linux/sysfs.h>
+#include <linux/mutex.h>
+#include "dynamos_editions.h"
+
+#define DYNAMOS_NOP5 "\x0f\x1f\x44\x00\x00"
+#define DYNAMOS_X86_CALL 0xe8
+#define DYNAMOS_X86_JMP 0xe9
+
+static struct dynamos_function *kobj_function(struct kobject *kobj)
+{
+	return container_of(kobj, struct dynamos_function, kobj);
+}
+
+static bool edition_is_live(struct dynamos_function *fn, int edition)
+{
+	return edition >= 0 && edition < fn->nr_editions && !test_bit(edition, &fn->retired);
+}
+
+static ssize_t editions_show(struct kobject *kobj, struct kobj_attribute *attr, char *buf)
+{
+	struct dynamos_function *fn = kobj_function(kobj);
+	ssize_t len = 0;
+	int edition, cpu;
+
+	for (edition = 0; edition < fn->nr_editions; edition++) {
+		u64 calls = 0;
+		long in_flight = 0;
+
+		for_each_possible_cpu(cpu) {
+			struct dynamos_cpu_stats *stats = per_cpu_ptr(fn->stats, cpu);
+
+			calls += READ_ONCE(stats->calls[edition]);
+			in_flight += READ_ONCE(stats->in_flight[edition]);
+		}
+		len += sysfs_emit_at(buf, len, "%d %s %llu %ld %s\n", edition, fn->edition_names[edition],
+				     calls, in_flight, edition_is_live(fn, edition) ? "live" : "retired");
+	}
+	return len;
+}
+
+static ssize_t latency_show(struct kobject *kobj, struct kobj_attribute *attr, char *buf)
+{
+	struct dynamos_function *fn = kobj_function(kobj);
+	ssize_t len = 0;
+	int edition, bucket, cpu;
+
+	for (edition = 0; edition < fn->nr_editions; edition++) {
+		u64 total = 0;
+
+		for_each_possible_cpu(cpu)
+			total += READ_ONCE(per_cpu_ptr(fn->stats, cpu)->latency_ns[edition]);
+		len += sysfs_emit_at(buf, len, "%d %llu", edition, total);
+		for (bucket = 0; bucket < DYNAMOS_LATENCY_BUCKETS; bucket++) {
+			u64 count = 0;
+
+			for_each_possible_cpu(cpu)
+				count += READ_ONCE(per_cpu_ptr(fn->stats, cpu)->latency[edition][bucket]);
+			len += sysfs_emit_at(buf, len, " %llu", count);
+		}
+		len += sysfs_emit_at(buf, len, "\n");
+	}
+	return len;
+}
+
+static ssize_t route_show(struct kobject *kobj, struct kobj_attribute *attr, char *buf)
+{
+	struct dynamos_function *fn = kobj_function(kobj);
+	const struct dynamos_route *route;
+	ssize_t len = 0;
+	int i, j;
+
+	mutex_lock(&fn->lock);
+	route = rcu_dereference_protected(fn->route, lockdep_is_held(&fn->lock));
+	len += sysfs_emit_at(buf, len, "default %d\n", route->default_edition);
+	if (fn->has_handler)
+		len += sysfs_emit_at(buf, len, "handler %s\n", route->handler ? "on" : "off");
+	for (i = 0; i < route->nr_rules; i++) {
+		const struct dynamos_rule *rule = &route->rules[i];
+
+		switch (rule->kind) {
+		case DYNAMOS_RULE_PIDS:
+			len += sysfs_emit_at(buf, len, "pids %d ", rule->edition);
+			for (j = 0; j < rule->pids.count; j++)
+				len += sysfs_emit_at(buf, len, "%s%d", j ? "," : "", rule->pids.ids[j]);
+			len += sysfs_emit_at(buf, len, "\n");
+			break;
+		case DYNAMOS_RULE_CGROUP:
+			len += sysfs_emit_at(buf, len, "cgroup %d %llu %d\n", rule->edition,
+					     rule->cgroup.id, rule->cgroup.level);
+			break;
+		case DYNAMOS_RULE_CPUS:
+			len += sysfs_emit_at(buf, len, "cpus %d %*pbl\n", rule->edition,
+					     cpumask_pr_args(&rule->cpus));
+			break;
+		case DYNAMOS_RULE_SHARE:
+			len += sysfs_emit_at(buf, len, "share %d %u\n", rule->edition, rule->share);
+			break;
+		}
+	}
+	mutex_unlock(&fn->lock);
+	return len;
+}
+
+static int parse_edition(struct dynamos_function *fn, const char *word, int *edition)
+{
+	int err = kstrtoint(word, 10, edition);
+
+	if (err)
+		return err;
+	if (*edition < 0 || *edition >= fn->nr_editions) {
+		pr_warn("dynamos: %s has no edition %d (it has 0..%d)\n", fn->name, *edition,
+			fn->nr_editions - 1);
+		return -ERANGE;
+	}
+	return 0;
+}
+
+static int parse_pids(char *list, struct dynamos_rule *rule)
+{
+	char *item;
+	int err;
+
+	rule->pids.count = 0;
+	while ((item = strsep(&list, ",")) != NULL) {
+		if (!*item)
+			continue;
+		if (rule->pids.count == DYNAMOS_MAX_PIDS)
+			return -E2BIG;
+		err = kstrtoint(item, 10, &rule->pids.ids[rule->pids.count]);
+		if (err)
+			return err;
+		if (rule->pids.ids[rule->pids.count] <= 0)
+			return -EINVAL;
+		rule->pids.count++;
+	}
+	return rule->pids.count ? 0 : -EINVAL;
+}
+
+/* Parse one rule command ("pids 2 10,11") into @rule. */
+static int parse_rule(struct dynamos_function *fn, char *verb, char *rest, struct dynamos_rule *rule)
+{
+	char *word = strsep(&rest, " ");
+	char *arg;
+	int err;
+
+	memset(rule, 0, sizeof(*rule));
+	if (!word || !rest)
+		return -EINVAL;
+	err = parse_edition(fn, word, &rule->edition);
+	if (err)
+		return err;
+	if (!strcmp(verb, "pids")) {
+		rule->kind = DYNAMOS_RULE_PIDS;
+		return parse_pids(rest, rule);
+	}
+	if (!strcmp(verb, "cgroup")) {
+		rule->kind = DYNAMOS_RULE_CGROUP;
+		arg = strsep(&rest, " ");
+		if (!arg || !rest)
+			return -EINVAL;
+		err = kstrtou64(arg, 10, &rule->cgroup.id);
+		if (!err)
+			err = kstrtoint(rest, 10, &rule->cgroup.level);
+		return err ? err : (rule->cgroup.level < 0 ? -EINVAL : 0);
+	}
+	if (!strcmp(verb, "cpus")) {
+		rule->kind = DYNAMOS_RULE_CPUS;
+		return cpulist_parse(rest, &rule->cpus);
+	}
+	if (!strcmp(verb, "share")) {
+		rule->kind = DYNAMOS_RULE_SHARE;
+		err = kstrtouint(rest, 10, &rule->share);
+		return err ? err : (rule->share > DYNAMOS_SHARE_SCALE ? -ERANGE : 0);
+	}
+	return -EINVAL;
+}
+
+static void add_rule(struct dynamos_route *route, const struct dynamos_rule *rule, int *err)
+{
+	int i;
+
+	for (i = 0; i < route->nr_rules; i++) {
+		if (route->rules[i].kind == rule->kind && route->rules[i].edition == rule->edition) {
+			route->rules[i] = *rule;
+			return;
+		}
+	}
+	if (route->nr_rules == DYNAMOS_MAX_RULES) {
+		*err = -ENOSPC;
+		return;
+	}
+	route->rules[route->nr_rules++] = *rule;
+}
+
+static void initial_route(struct dynamos_function *fn, struct dynamos_route *route)
+{
+	memset(route, 0, sizeof(*route));
+	route->default_edition = fn->initial_edition;
+	route->handler = fn->has_handler;
+}
+
+/* Apply one command to a copy of the route and publish the copy. */
+static int change_route(struct dynamos_function *fn, char *command)
+{
+	struct dynamos_route *old, *route;
+	struct dynamos_rule rule;
+	char *verb = strsep(&command, " ");
+	int err = 0, edition = -1;
+
+	route = kmalloc(sizeof(*route), GFP_KERNEL);
+	if (!route)
+		return -ENOMEM;
+	mutex_lock(&fn->lock);
+	old = rcu_dereference_protected(fn->route, lockdep_is_held(&fn->lock));
+	*route = *old;
+	if (!strcmp(verb, "reset") && !command) {
+		initial_route(fn, route);
+		edition = route->default_edition;
+	} else if (!strcmp(verb, "default") && command) {
+		err = parse_edition(fn, command, &edition);
+		route->default_edition = edition;
+	} else if (!strcmp(verb, "handler") && command && fn->has_handler) {
+		if (!strcmp(command, "on") || !strcmp(command, "off"))
+			route->handler = !strcmp(command, "on");
+		else
+			err = -EINVAL;
+	} else {
+		err = parse_rule(fn, verb, command, &rule);
+		if (!err) {
+			edition = rule.edition;
+			add_rule(route, &rule, &err);
+		}
+	}
+	if (err) {
+		mutex_unlock(&fn->lock);
+		kfree(route);
+		return err;
+	}
+	if (edition > 0)
+		clear_bit(edition, &fn->retired);
+	rcu_assign_pointer(fn->route, route);
+	mutex_unlock(&fn->lock);
+	kfree_rcu(old, rcu);
+	return 0;
+}
+
+static ssize_t route_store(struct kobject *kobj, struct kobj_attribute *attr, const char *buf, size_t count)
+{
+	struct dynamos_function *fn = kobj_function(kobj);
+	char *command = kstrndup(buf, count, GFP_KERNEL);
+	int err;
+
+	if (!command)
+		return -ENOMEM;
+	err = change_route(fn, strim(command));
+	kfree(command);
+	return err ? err : count;
+}
+
+static ssize_t retire_store(struct kobject *kobj, struct kobj_attribute *attr, const char *buf, size_t count)
+{
+	struct dynamos_function *fn = kobj_function(kobj);
+	int edition, err = kstrtoint(buf, 10, &edition);
+
+	if (err)
+		return err;
+	if (edition <= 0 || edition >= fn->nr_editions)
+		return -ERANGE;		/* edition 0, the kernel's own code, always stays selectable */
+	set_bit(edition, &fn->retired);
+	/* Every call that picked the edition before the bit was seen is now counted in flight. */
+	synchronize_rcu();
+	return count;
+}
+
+static struct kobj_attribute editions_attr = __ATTR(editions, 0400, editions_show, NULL);
+static struct kobj_attribute route_attr = __ATTR(route, 0600, route_show, route_store);
+static struct kobj_attribute retire_attr = __ATTR(retire, 0200, NULL, retire_store);
+static struct kobj_attribute latency_attr = __ATTR(latency, 0400, latency_show, NULL);
+
+static struct attribute *function_attrs[] = {
+	&editions_attr.attr, &route_attr.attr, &retire_attr.attr, NULL,
+};
+
+static void function_release(struct kobject *kobj)
+{
+	/* The function structures are static data of the update module; nothing to free here. */
+}
+
+static struct kobj_type function_ktype = {
+	.release = function_release,
+	.sysfs_ops = &kobj_sysfs_ops,
+};
+
+static struct kobject *dynamos_dir;
+
+static void free_function(struct dynamos_function *fn)
+{
+	if (fn->kobj_added)
+		kobject_put(&fn->kobj);
+	fn->kobj_added = false;
+	kfree(rcu_dereference_protected(fn->route, true));
+	RCU_INIT_POINTER(fn->route, NULL);
+	free_percpu(fn->stats);
+	fn->stats = NULL;
+}
+
+static int init_function(struct dynamos_function *fn)
+{
+	struct dynamos_route *route;
+	int err;
+
+	if (fn->nr_editions < 1 || fn->nr_editions > DYNAMOS_MAX_EDITIONS)
+		return -EINVAL;
+	mutex_init(&fn->lock);
+	fn->retired = 0;
+	fn->stats = alloc_percpu(struct dynamos_cpu_stats);
+	route = kmalloc(sizeof(*route), GFP_KERNEL);
+	if (!fn->stats || !route) {
+		kfree(route);
+		return -ENOMEM;
+	}
+	initial_route(fn, route);
+	RCU_INIT_POINTER(fn->route, route);
+	err = kobject_init_and_add(&fn->kobj, &function_ktype, dynamos_dir, "%s", fn->dir);
+	fn->kobj_added = true;		/* even on failure the reference must be put */
+	if (!err)
+		err = sysfs_create_files(&fn->kobj, (const struct attribute *const *)function_attrs);
+	if (!err && fn->monitor)
+		err = sysfs_create_file(&fn->kobj, &latency_attr.attr);
+	return err;
+}
+
+/* Set up every multi-edition function and its control files, before the patch is enabled. */
+int dynamos_runtime_init(struct module *mod, struct dynamos_function **fns, int count)
+{
+	int i, err = 0;
+
+	dynamos_dir = kobject_create_and_add("dynamos", &mod->mkobj.kobj);
+	if (!dynamos_dir)
+		return -ENOMEM;
+	for (i = 0; i < count && !err; i++)
+		err = init_function(fns[i]);
+	if (err) {
+		pr_err("dynamos: cannot set up editions of %s: %d\n", fns[i - 1]->name, err);
+		dynamos_runtime_exit(fns, count);
+	}
+	return err;
+}
+
+void dynamos_runtime_exit(struct dynamos_function **fns, int count)
+{
+	int i;
+
+	for (i = 0; i < count; i++)
+		free_function(fns[i]);
+	kobject_put(dynamos_dir);
+	dynamos_dir = NULL;
+}
+
+/*
+ * Edition 0 jumps into the kernel function just past its ftrace call site. Before the patch
+ * goes live (livepatch has applied the thunks' relocations by now), check that the site is
+ * where the build expected it: a 5-byte NOP, or a call when something already traces it.
+ */
+int dynamos_check_entries(struct dynamos_function **fns, int count)
+{
+	int i;
+
+	for (i = 0; i < count; i++) {
+		const u8 *thunk = fns[i]->original;
+		const u8 *site;
+		s32 rel;
+
+		if (thunk[0] != DYNAMOS_X86_JMP) {
+			pr_err("dynamos: edition 0 of %s: unexpected thunk\n", fns[i]->name);
+			return -EINVAL;
+		}
+		memcpy(&rel, thunk + 1, sizeof(rel));
+		site = thunk + 5 + rel - 5;
+		if (site[0] != DYNAMOS_X86_CALL && memcmp(site, DYNAMOS_NOP5, 5)) {
+			pr_err("dynamos: %s has no ftrace call site at offset %u (found %5ph); refusing to enter its original code\n",
+			       fns[i]->name, fns[i]->ftrace_site, site);
+			return -EINVAL;
+		}
+	}
+	return 0;
+}

@@ -1,0 +1,187 @@
+/* SPDX-License-Identifier: GPL-2.0-only */
+/*
+ * dynamos edition runtime: several editions of one kernel function live at once.
+ *
+ * Livepatch redirects the kernel function to a generated dispatcher; the dispatcher asks the
+ * function's route which edition serves this call, counts the call, runs the edition and
+ * counts it out again. Edition 0 is the kernel's own code, entered past its ftrace call site.
+ *
+ * The fast path takes no lock, allocates nothing and never sleeps: the route is an immutable
+ * snapshot replaced whole under RCU, and counters are per CPU. A call picks its edition with
+ * preemption disabled and marks itself in flight before preemption is enabled again, so once
+ * a writer has published a new route and waited one RCU grace period, every call that could
+ * still pick an old edition is visible in that edition's in-flight count.
+ *
+ * Control files (root only) live in /sys/module/<update>/dynamos/<function>/:
+ *   editions   "index name calls in_flight live|retired" per edition
+ *   route      the route as commands; writing one command changes it (see dynamos_editions.c)
+ *   retire     write an edition index: no new call reaches it (waits one grace period)
+ *   latency    with monitor: "index total_ns count_bucket0 ... count_bucketN" per edition,
+ *              bucket b counting calls that took [2^b, 2^(b+1)) ns (bucket 0 also holds 0 ns)
+ */
+#ifndef DYNAMOS_EDITIONS_H
+#define DYNAMOS_EDITIONS_H
+
+#include <linux/types.h>
+#include <linux/cpumask.h>
+#include <linux/kobject.h>
+#include <linux/percpu.h>
+#include <linux/preempt.h>
+#include <linux/rcupdate.h>
+#include <linux/sched.h>
+#include <linux/sched/clock.h>
+#include <linux/cgroup.h>
+#include <linux/bitops.h>
+#include <linux/livepatch.h>
+
+#define DYNAMOS_RUNTIME_VERSION 1
+#define DYNAMOS_MAX_EDITIONS 16		/* edition 0 included */
+#define DYNAMOS_MAX_RULES 8
+#define DYNAMOS_MAX_PIDS 16
+#define DYNAMOS_LATENCY_BUCKETS 40	/* 2^40 ns is 18 minutes: enough for any call */
+#define DYNAMOS_SHARE_SCALE 10000	/* shares are given in basis points */
+#define DYNAMOS_ASK_HANDLER (-1)
+
+enum dynamos_rule_kind {
+	DYNAMOS_RULE_PIDS = 1,
+	DYNAMOS_RULE_CGROUP,
+	DYNAMOS_RULE_CPUS,
+	DYNAMOS_RULE_SHARE,
+};
+
+struct dynamos_rule {
+	int kind;
+	int edition;
+	union {
+		struct {
+			int count;
+			pid_t ids[DYNAMOS_MAX_PIDS];
+		} pids;
+		struct {
+			u64 id;		/* cgroup v2 id: the inode number of its directory */
+			int level;	/* depth below the root cgroup */
+		} cgroup;
+		unsigned int share;	/* basis points of the calls */
+		struct cpumask cpus;
+	};
+};
+
+/* Immutable once published: a change builds a new route and swaps the pointer. */
+struct dynamos_route {
+	struct rcu_head rcu;
+	int default_edition;
+	bool handler;			/* consult the author's adaptation handler */
+	int nr_rules;
+	struct dynamos_rule rules[DYNAMOS_MAX_RULES];
+};
+
+struct dynamos_cpu_stats {
+	u64 calls[DYNAMOS_MAX_EDITIONS];
+	long in_flight[DYNAMOS_MAX_EDITIONS];	/* per-CPU sums may go negative; the total cannot */
+	u64 share_seq;				/* calls seen by share rules on this CPU */
+	u64 latency_ns[DYNAMOS_MAX_EDITIONS];
+	u64 latency[DYNAMOS_MAX_EDITIONS][DYNAMOS_LATENCY_BUCKETS];
+};
+
+struct dynamos_function {
+	/* set by the generated code */
+	const char *name;		/* kernel function */
+	const char *dir;		/* control directory name: name, or "name,sympos" */
+	int nr_editions;		/* edition 0 included */
+	const char *const *edition_names;
+	int initial_edition;
+	bool has_handler;
+	bool monitor;
+	void *original;			/* edition 0's entry thunk: "jmp <function> + <ftrace site end>" */
+	unsigned int ftrace_site;	/* offset of the ftrace call site in the kernel function */
+	/* runtime state */
+	struct dynamos_route __rcu *route;
+	unsigned long retired;		/* bit per edition; edition 0 never */
+	struct dynamos_cpu_stats __percpu *stats;
+	struct kobject kobj;
+	struct mutex lock;		/* serialises route writers */
+	bool kobj_added;
+};
+
+static __always_inline bool dynamos_rule_matches(struct dynamos_function *fn, const struct dynamos_rule *rule)
+{
+	struct task_struct *task = current;
+	struct cgroup *cgrp;
+	unsigned int share;
+	u64 seq;
+	int i;
+
+	switch (rule->kind) {
+	case DYNAMOS_RULE_PIDS:
+		for (i = 0; i < rule->pids.count; i++)
+			if (rule->pids.ids[i] == task->pid || rule->pids.ids[i] == task->tgid)
+				return true;
+		return false;
+	case DYNAMOS_RULE_CGROUP:
+		cgrp = task_dfl_cgroup(task);
+		return cgrp->level >= rule->cgroup.level &&
+		       cgroup_id(cgrp->ancestors[rule->cgroup.level]) == rule->cgroup.id;
+	case DYNAMOS_RULE_CPUS:
+		return cpumask_test_cpu(smp_processor_id(), &rule->cpus);
+	case DYNAMOS_RULE_SHARE:
+		/* Deterministic: call n of a CPU is taken when n * share crosses a multiple of SCALE. */
+		share = rule->share;
+		seq = this_cpu_inc_return(fn->stats->share_seq);
+		return (seq * share) / DYNAMOS_SHARE_SCALE != ((seq - 1) * share) / DYNAMOS_SHARE_SCALE;
+	}
+	return false;
+}
+
+/* The edition the route picks for this call, or DYNAMOS_ASK_HANDLER. Preemption is off. */
+static __always_inline int dynamos_route_edition(struct dynamos_function *fn)
+{
+	const struct dynamos_route *route = rcu_dereference_sched(fn->route);
+	int i;
+
+	for (i = 0; i < route->nr_rules; i++)
+		if (dynamos_rule_matches(fn, &route->rules[i]))
+			return route->rules[i].edition;
+	return route->handler ? DYNAMOS_ASK_HANDLER : route->default_edition;
+}
+
+/* Make a choice safe to run: unknown or retired editions fall back to the default, then to 0. */
+static __always_inline int dynamos_settle_edition(struct dynamos_function *fn, int edition)
+{
+	const struct dynamos_route *route;
+
+	if (likely(edition >= 0 && edition < fn->nr_editions && !test_bit(edition, &fn->retired)))
+		return edition;
+	route = rcu_dereference_sched(fn->route);
+	edition = route->default_edition;
+	if (edition >= 0 && edition < fn->nr_editions && !test_bit(edition, &fn->retired))
+		return edition;
+	return 0;
+}
+
+static __always_inline void dynamos_call_begins(struct dynamos_function *fn, int edition)
+{
+	this_cpu_inc(fn->stats->calls[edition]);
+	this_cpu_inc(fn->stats->in_flight[edition]);
+}
+
+static __always_inline void dynamos_call_ends(struct dynamos_function *fn, int edition)
+{
+	this_cpu_dec(fn->stats->in_flight[edition]);
+}
+
+static __always_inline void dynamos_record_latency(struct dynamos_function *fn, int edition, u64 start)
+{
+	u64 took = local_clock() - start;
+	int bucket = took ? fls64(took) - 1 : 0;
+
+	if (bucket >= DYNAMOS_LATENCY_BUCKETS)
+		bucket = DYNAMOS_LATENCY_BUCKETS - 1;
+	this_cpu_add(fn->stats->latency_ns[edition], took);
+	this_cpu_inc(fn->stats->latency[edition][bucket]);
+}
+
+int dynamos_runtime_init(struct module *mod, struct dynamos_function **fns, int count);
+void dynamos_runtime_exit(struct dynamos_function **fns, int count);
+int dynamos_check_entries(struct dynamos_function **fns, int count);
+
+#endif /* DYNAMOS_EDITIONS_H */

@@ -1,0 +1,214 @@
+"""Multi-edition functions: manifest schema, dispatcher generation, control-file parsing, and a
+real build of the example against the lab kernel's headers and BTF."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+from dynamos.build.btf import Param, Prototype
+from dynamos.build.cgen import generate_livepatch_source
+from dynamos.build.kbuild import build_update, read_modinfo
+from dynamos.errors import ManifestError, RefusedError
+from dynamos.kernel.editions import (
+    Latency,
+    Selector,
+    function_control,
+    parse_editions,
+    parse_latency,
+)
+from dynamos.monitor import monitor_manifest, monitor_name
+from dynamos.target import DEFAULT_LAB_KERNEL, fetch_target
+from dynamos.update.manifest import load_update_source
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cmdline-editions"
+
+PIPE_WRITE = Prototype(
+    name="pipe_write", return_type="long",
+    params=(Param("iocb", "struct kiocb *iocb"), Param("from", "struct iov_iter *from")),
+    variadic=False, forward_declarations=("struct iov_iter;", "struct kiocb;"))
+SCHEDULE = Prototype(name="schedule", return_type="void", params=(), variadic=False, forward_declarations=())
+
+
+def source(tmp_path: Path, functions: str, c: str = "") -> Path:
+    directory = tmp_path / "src"
+    directory.mkdir(exist_ok=True)
+    (directory / "update.toml").write_text('[update]\nname = "pipes"\ndescription = "d"\n\n' + functions)
+    if c:
+        (directory / "e.c").write_text(c)
+    return directory
+
+
+EDITIONS_C = "long w2(void *a, void *b) { return 0; }\nlong w3(void *a, void *b) { return 0; }\n"
+
+
+# --- manifest ----------------------------------------------------------------------------------
+
+
+def test_editions_manifest_loads(tmp_path: Path) -> None:
+    d = source(tmp_path, '[[function]]\nname = "pipe_write"\neditions = ["w2", "w3"]\npolicy = "pick"\n'
+                         'default = 2\nmonitor = true\n', EDITIONS_C + "int pick(void *a, void *b) { return 1; }\n")
+    (f,) = load_update_source(d).functions
+    assert f.editions == ("w2", "w3") and f.policy == "pick" and f.default_edition == 2 and f.monitor
+    assert f.dispatched and f.edition == "dynamos_dispatch__pipe_write"
+    assert f.original == "dynamos_original__pipe_write"
+    assert f.author_functions == ("w2", "w3", "pick")
+
+
+def test_default_edition_is_the_first_new_one_and_policy_default_means_none(tmp_path: Path) -> None:
+    d = source(tmp_path, '[[function]]\nname = "pipe_write"\neditions = ["w2"]\npolicy = "default"\n', EDITIONS_C)
+    (f,) = load_update_source(d).functions
+    assert f.default_edition == 1 and f.policy is None and not f.monitor
+
+
+def test_monitor_only_function_needs_no_c(tmp_path: Path) -> None:
+    d = source(tmp_path, '[[function]]\nname = "vfs_read"\nmonitor = true\nsympos = 2\n')
+    (f,) = load_update_source(d).functions
+    assert f.editions == () and f.default_edition == 0 and f.author_functions == ()
+    assert f.edition == "dynamos_dispatch__vfs_read__2" and f.control_name == "vfs_read,2"
+
+
+@pytest.mark.parametrize("body, message, line", [
+    ('editions = ["w2"]\nedition = "w3"\n', "either edition", 8),
+    ("editions = []\n", "editions is empty", 7),
+    ('editions = ["w2", "w2"]\n', "more than once", 7),
+    ('editions = ["w2"]\ndefault = 2\n', "default must be an edition number from 0 (the original) to 1", 8),
+    ('editions = ["w2"]\nmonitor = "yes"\n', "monitor must be true or false", 8),
+    ('editions = ["w2"]\npolicy = "w2"\n', "also listed as an edition", 8),
+    ('editions = ["w2", 3]\n', "array of C function names", 7),
+    ('editions = ["not-c"]\n', "is not a C identifier", 7),
+    ('editions = ["w2"]\npolicy = "nosuch"\n', "adaptation handler 'nosuch' is not defined", 8),
+    ('editions = ["w2", "w4"]\n', "edition 'w4' is not defined", 7),
+])
+def test_bad_editions_name_the_line(tmp_path: Path, body: str, message: str, line: int) -> None:
+    d = source(tmp_path, '[[function]]\nname = "pipe_write"\n' + body, EDITIONS_C)
+    with pytest.raises(ManifestError) as info:
+        load_update_source(d)
+    assert message in str(info.value)
+    assert info.value.line == line and info.value.path == d / "update.toml"
+
+
+def test_too_many_editions(tmp_path: Path) -> None:
+    names = [f"e{i}" for i in range(16)]
+    c = "".join(f"long {n}(void) {{ return 0; }}\n" for n in names)
+    d = source(tmp_path, f'[[function]]\nname = "pipe_write"\neditions = {names!r}\n'.replace("'", '"'), c)
+    with pytest.raises(ManifestError, match="16 editions; at most 15"):
+        load_update_source(d)
+
+
+# --- C generation -------------------------------------------------------------------------------
+
+
+def generated(tmp_path: Path, functions: str, c: str, prototypes: dict[str, Prototype], site: int = 0) -> str:
+    src = load_update_source(source(tmp_path, functions, c))
+    return generate_livepatch_source(src, {f: prototypes[f.name] for f in src.functions if f.dispatched}, site)
+
+
+def test_dispatcher_forwards_arguments_and_return_value(tmp_path: Path) -> None:
+    text = generated(tmp_path, '[[function]]\nname = "pipe_write"\neditions = ["w2", "w3"]\n', EDITIONS_C,
+                     {"pipe_write": PIPE_WRITE})
+    assert "static noinline long dynamos_dispatch__pipe_write(struct kiocb *iocb, struct iov_iter *from)" in text
+    assert "case 1: ret = w2(iocb, from); break;" in text
+    assert "case 2: ret = w3(iocb, from); break;" in text
+    assert "default: ret = dynamos_original__pipe_write(iocb, from); break;" in text
+    assert "jmp dynamos_klp__vmlinux__pipe_write__0 + 5" in text
+    assert ".new_func = (void *)dynamos_dispatch__pipe_write," in text
+    assert ".callbacks.pre_patch = dynamos_pre_patch_0," in text
+    assert "dynamos_runtime_init(THIS_MODULE, dynamos_functions" in text
+    assert "local_clock" not in text.split("dynamos_dispatch__pipe_write(")[1]  # not monitored
+    assert "extern long w2(struct kiocb *iocb, struct iov_iter *from);" in text
+
+
+def test_dispatcher_of_void_function_with_handler_monitor_and_ibt(tmp_path: Path) -> None:
+    c = "void s2(void) {}\nint pick(void) { return 1; }\n"
+    text = generated(tmp_path, '[[function]]\nname = "schedule"\neditions = ["s2"]\npolicy = "pick"\n'
+                               "monitor = true\n", c, {"schedule": SCHEDULE}, site=4)
+    body = text.split("dynamos_dispatch__schedule(void)")[1]
+    assert "ret" not in body.split("}")[0].replace("return", "")
+    assert "edition = pick();" in body and "extern int pick(void);" in text
+    assert "start = local_clock();" in body and "dynamos_record_latency(fn, edition, start);" in body
+    assert "jmp dynamos_klp__vmlinux__schedule__0 + 9" in text  # past ENDBR and the ftrace call
+    assert ".has_handler = true," in text and ".monitor = true," in text
+
+
+def test_generation_needs_every_prototype(tmp_path: Path) -> None:
+    src = load_update_source(source(tmp_path, '[[function]]\nname = "pipe_write"\neditions = ["w2"]\n', EDITIONS_C))
+    with pytest.raises(ValueError, match="no prototype for multi-edition functions pipe_write"):
+        generate_livepatch_source(src)
+
+
+# --- control files ------------------------------------------------------------------------------
+
+
+def test_parse_editions_and_latency() -> None:
+    states = parse_editions("0 pipe_write 10 0 live\n1 w2 5 -1 retired\n")
+    assert [(s.index, s.name, s.calls, s.in_flight, s.live) for s in states] == [
+        (0, "pipe_write", 10, 0, True), (1, "w2", 5, -1, False)]
+    (lat,) = parse_latency("0 3000 " + " ".join(["0"] * 9 + ["2", "1"] + ["0"] * 29) + "\n")
+    assert lat.calls == 3 and lat.mean_ns == 1000
+    assert lat.percentile_ns(0.5) == 1024 and lat.percentile_ns(0.99) == 2048
+    assert Latency(0, 0, (0,) * 40).percentile_ns(0.5) is None
+
+
+def test_selector_commands() -> None:
+    assert Selector().command(2) == "default 2"
+    assert Selector(pids=(10, 11)).command(1) == "pids 1 10,11"
+    assert Selector(cpus="0-1").command(0) == "cpus 0 0-1"
+    assert Selector(share=12.5).command(2) == "share 2 1250"
+    with pytest.raises(RefusedError, match="one selector per switch"):
+        Selector(pids=(1,), share=5).command(1)
+    with pytest.raises(RefusedError, match="percentage"):
+        Selector(share=150).command(1)
+    with pytest.raises(RefusedError, match="positive process ids"):
+        Selector(pids=(0,)).command(1)
+
+
+def test_function_control_names_what_exists(tmp_path: Path) -> None:
+    with pytest.raises(RefusedError, match="no update named pipes is loaded"):
+        function_control("pipes", "pipe_write", tmp_path)
+    (tmp_path / "sys/module/pipes").mkdir(parents=True)
+    with pytest.raises(RefusedError, match="has no multi-edition functions"):
+        function_control("pipes", "pipe_write", tmp_path)
+    for name in ("pipe_write", "c_start,1", "c_start,2"):
+        (tmp_path / "sys/module/pipes/dynamos" / name).mkdir(parents=True)
+    assert function_control("pipes", "pipe_write", tmp_path).function == "pipe_write"
+    assert function_control("pipes", "c_start,2", tmp_path).function == "c_start,2"
+    with pytest.raises(RefusedError, match="c_start is ambiguous"):
+        function_control("pipes", "c_start", tmp_path)
+    with pytest.raises(RefusedError, match=r"its functions: c_start,1, c_start,2, pipe_write"):
+        function_control("pipes", "pipe_read", tmp_path)
+
+
+def test_monitor_manifest_is_a_valid_update(tmp_path: Path) -> None:
+    assert monitor_name(["vfs_read"]) == "monitor-vfs-read"
+    assert monitor_name(["vfs_read", "binfmt_misc:load_misc_binary"]) == "monitor-vfs-read-and-1"
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "update.toml").write_text(monitor_manifest(["vfs_read", "binfmt_misc:load_misc_binary"], "mon"))
+    functions = load_update_source(d).functions
+    assert [(f.name, f.object, f.monitor, f.editions) for f in functions] == [
+        ("vfs_read", "vmlinux", True, ()), ("load_misc_binary", "binfmt_misc", True, ())]
+    with pytest.raises(ManifestError, match="not a function name"):
+        monitor_manifest(["vfs read"], "mon")
+
+
+# --- a real build -------------------------------------------------------------------------------
+
+
+def test_example_builds_with_dispatcher_runtime_and_livepatch_thunk(tmp_path: Path) -> None:
+    target = fetch_target(DEFAULT_LAB_KERNEL)
+    result = build_update(EXAMPLE, target, output=tmp_path)
+    info = read_modinfo(result.module)
+    assert info["dynamos_runtime"] == "1" and info["livepatch"] == "Y"
+    elf = ELFFile(open(result.module_path, "rb"))
+    names = {s.name: s for s in elf.get_section_by_name(".symtab").iter_symbols()}
+    assert "dynamos_dispatch__cmdline_proc_show" in names
+    assert "dynamos_original__cmdline_proc_show" in names
+    # Edition 0 jumps into the kernel function: resolved by livepatch, never by the loader.
+    assert ".klp.sym.vmlinux.cmdline_proc_show,0" in names
+    assert not any(n.startswith("dynamos_klp__") for n in names)
+    assert any(s.name.startswith(".klp.rela.vmlinux.") for s in elf.iter_sections())
+    assert os.path.getsize(result.package_path) > 0
