@@ -10,8 +10,8 @@
  *   share E BP         this many basis points of the calls (1/10000), spread evenly
  *   handler on|off     consult the update's adaptation handler after the rules
  *   reset              the route the update was loaded with
- * A rule replaces an earlier one of the same kind for the same edition; rules are tried in
- * the order they were first given. Routing to a retired edition brings it back into service.
+ * A rule replaces an earlier one of the same kind that routes to the same edition or selects
+ * the same calls (the same pids, cgroup or CPUs); rules are tried in the order first given. Routing to a retired edition brings it back into service.
  */
 #include <linux/module.h>
 #include <linux/kernel.h>
@@ -194,12 +194,29 @@ static int parse_rule(struct dynamos_function *fn, char *verb, char *rest, struc
 	return -EINVAL;
 }
 
+/* Whether two rules of one kind select the same calls. */
+static bool same_selector(const struct dynamos_rule *a, const struct dynamos_rule *b)
+{
+	switch (a->kind) {
+	case DYNAMOS_RULE_PIDS:
+		return a->pids.count == b->pids.count &&
+		       !memcmp(a->pids.ids, b->pids.ids, a->pids.count * sizeof(pid_t));
+	case DYNAMOS_RULE_CGROUP:
+		return a->cgroup.id == b->cgroup.id;
+	case DYNAMOS_RULE_CPUS:
+		return cpumask_equal(&a->cpus, &b->cpus);
+	}
+	return false;
+}
+
 static void add_rule(struct dynamos_route *route, const struct dynamos_rule *rule, int *err)
 {
 	int i;
 
 	for (i = 0; i < route->nr_rules; i++) {
-		if (route->rules[i].kind == rule->kind && route->rules[i].edition == rule->edition) {
+		const struct dynamos_rule *old = &route->rules[i];
+
+		if (old->kind == rule->kind && (old->edition == rule->edition || same_selector(old, rule))) {
 			route->rules[i] = *rule;
 			return;
 		}

@@ -78,7 +78,7 @@ struct dynamos_route {
 struct dynamos_cpu_stats {
 	u64 calls[DYNAMOS_MAX_EDITIONS];
 	long in_flight[DYNAMOS_MAX_EDITIONS];	/* per-CPU sums may go negative; the total cannot */
-	u64 share_seq;				/* calls seen by share rules on this CPU */
+	u64 share_seq[DYNAMOS_MAX_RULES];	/* calls each share rule saw on this CPU */
 	u64 latency_ns[DYNAMOS_MAX_EDITIONS];
 	u64 latency[DYNAMOS_MAX_EDITIONS][DYNAMOS_LATENCY_BUCKETS];
 };
@@ -103,7 +103,8 @@ struct dynamos_function {
 	bool kobj_added;
 };
 
-static __always_inline bool dynamos_rule_matches(struct dynamos_function *fn, const struct dynamos_rule *rule)
+static __always_inline bool dynamos_rule_matches(struct dynamos_function *fn, const struct dynamos_rule *rule,
+						 int slot)
 {
 	struct task_struct *task = current;
 	struct cgroup *cgrp;
@@ -126,7 +127,7 @@ static __always_inline bool dynamos_rule_matches(struct dynamos_function *fn, co
 	case DYNAMOS_RULE_SHARE:
 		/* Deterministic: call n of a CPU is taken when n * share crosses a multiple of SCALE. */
 		share = rule->share;
-		seq = this_cpu_inc_return(fn->stats->share_seq);
+		seq = this_cpu_inc_return(fn->stats->share_seq[slot]);
 		return (seq * share) / DYNAMOS_SHARE_SCALE != ((seq - 1) * share) / DYNAMOS_SHARE_SCALE;
 	}
 	return false;
@@ -139,7 +140,7 @@ static __always_inline int dynamos_route_edition(struct dynamos_function *fn)
 	int i;
 
 	for (i = 0; i < route->nr_rules; i++)
-		if (dynamos_rule_matches(fn, &route->rules[i]))
+		if (dynamos_rule_matches(fn, &route->rules[i], i))
 			return route->rules[i].edition;
 	return route->handler ? DYNAMOS_ASK_HANDLER : route->default_edition;
 }
