@@ -122,7 +122,10 @@ class Agent:
                     data = os.read(self.fd, 65536)
                     if not data:
                         # Host went away: stop the command rather than run unattended.
-                        os.killpg(pid, signal.SIGKILL)
+                        try:
+                            os.killpg(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
                         time.sleep(0.01)
                         continue
                     for kind, payload in self.reader.feed(data):
@@ -136,7 +139,10 @@ class Agent:
                             stdin_open = False
                         elif kind == P.SIGNAL:
                             try:
-                                os.killpg(pid, int(P.decode(payload)["signal"]))
+                                try:
+                                    os.killpg(pid, int(P.decode(payload)["signal"]))
+                                except ProcessLookupError:
+                                    pass
                             except ProcessLookupError:
                                 pass
                         elif kind == P.RESIZE and use_pty:

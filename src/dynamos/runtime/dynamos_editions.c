@@ -42,17 +42,17 @@ static ssize_t editions_show(struct kobject *kobj, struct kobj_attribute *attr, 
 	int edition, cpu;
 
 	for (edition = 0; edition < fn->nr_editions; edition++) {
-		u64 calls = 0;
-		long in_flight = 0;
+		u64 entered = 0, left = 0;
 
-		for_each_possible_cpu(cpu) {
-			struct dynamos_cpu_stats *stats = per_cpu_ptr(fn->stats, cpu);
-
-			calls += READ_ONCE(stats->calls[edition]);
-			in_flight += READ_ONCE(stats->in_flight[edition]);
-		}
-		len += sysfs_emit_at(buf, len, "%d %s %llu %ld %s\n", edition, fn->edition_names[edition],
-				     calls, in_flight, edition_is_live(fn, edition) ? "live" : "retired");
+		/* Sum what left before what entered: a call counted out is then always counted in. */
+		for_each_possible_cpu(cpu)
+			left += READ_ONCE(per_cpu_ptr(fn->stats, cpu)->left[edition]);
+		smp_rmb();
+		for_each_possible_cpu(cpu)
+			entered += READ_ONCE(per_cpu_ptr(fn->stats, cpu)->entered[edition]);
+		len += sysfs_emit_at(buf, len, "%d %s %llu %lld %s\n", edition, fn->edition_names[edition],
+				     entered, (s64)(entered - left),
+				     edition_is_live(fn, edition) ? "live" : "retired");
 	}
 	return len;
 }

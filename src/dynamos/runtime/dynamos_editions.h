@@ -76,8 +76,10 @@ struct dynamos_route {
 };
 
 struct dynamos_cpu_stats {
-	u64 calls[DYNAMOS_MAX_EDITIONS];
-	long in_flight[DYNAMOS_MAX_EDITIONS];	/* per-CPU sums may go negative; the total cannot */
+	/* Calls that entered and left each edition here: one increment each way, and the
+	 * difference of the totals is the calls in flight (a call may leave on another CPU). */
+	u64 entered[DYNAMOS_MAX_EDITIONS];
+	u64 left[DYNAMOS_MAX_EDITIONS];
 	u64 share_seq[DYNAMOS_MAX_RULES];	/* calls each share rule saw on this CPU */
 	u64 latency_ns[DYNAMOS_MAX_EDITIONS];
 	u64 latency[DYNAMOS_MAX_EDITIONS][DYNAMOS_LATENCY_BUCKETS];
@@ -161,13 +163,12 @@ static __always_inline int dynamos_settle_edition(struct dynamos_function *fn, i
 
 static __always_inline void dynamos_call_begins(struct dynamos_function *fn, int edition)
 {
-	this_cpu_inc(fn->stats->calls[edition]);
-	this_cpu_inc(fn->stats->in_flight[edition]);
+	this_cpu_inc(fn->stats->entered[edition]);
 }
 
 static __always_inline void dynamos_call_ends(struct dynamos_function *fn, int edition)
 {
-	this_cpu_dec(fn->stats->in_flight[edition]);
+	this_cpu_inc(fn->stats->left[edition]);
 }
 
 static __always_inline void dynamos_record_latency(struct dynamos_function *fn, int edition, u64 start)
