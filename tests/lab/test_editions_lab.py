@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from dynamos.monitor import build_monitor
-
 from .conftest import EXAMPLES, LAB_UPDATES
 
 pytestmark = pytest.mark.lab
@@ -112,10 +110,12 @@ def test_share_policy_over_ten_thousand_calls(guest, build):
     assert f["route"] == ["default 1", "share 2 1000"]
 
 
-def test_monitor_counts_every_call_and_times_them(guest, target, workdir):
-    package = build_monitor(["cmdline_proc_show"], target, workdir, name="monitor-cmdline").package_path
-    guest.dynamos("apply", str(package))
+def test_monitor_counts_every_call_and_times_them(guest, workdir):
+    """`dynamos monitor` run on the target itself: writes, builds (BTF prototype, in the guest) and applies."""
+    out = guest.dynamos("monitor", "cmdline_proc_show", "--name", "monitor-cmdline", "-o", str(workdir),
+                        timeout=600).stdout.decode()
     try:
+        assert "applied monitor-cmdline" in out and "dynamos revert monitor-cmdline" in out
         guest.run(sys.executable, "-c", "for _ in range(500): open('/proc/cmdline').read()")
         (row,) = json.loads(guest.dynamos("monitor", "--show", "--json").stdout)
         table = guest.dynamos("monitor", "--show", "--once").stdout.decode()

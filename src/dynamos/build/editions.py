@@ -79,7 +79,9 @@ def dispatcher_prototypes(source: UpdateSource, target: TargetKernel) -> dict[Fu
             try:
                 out[f] = prototype_of(f, target)
             except BuildError as e:
-                raise BuildError(f"{e.message} (needed for the editions of {f.name})", path=source.manifest_path,
+                raise BuildError(f"{e.message}: the dispatcher of {f.name} needs its exact prototype, which "
+                                 "dynamos takes only from the kernel's BTF (pahole leaves out a few functions, "
+                                 "e.g. argument-less SYSCALL_DEFINE0 wrappers)", path=source.manifest_path,
                                  line=f.line) from e
             if out[f].variadic:
                 raise BuildError(f"{f.name} takes variable arguments (...): a dispatcher cannot forward them",
