@@ -52,7 +52,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else Path.cwd()
     if args.patch:
         return _build_patch(args, target, output, progress)
-    result = build_update(Path(args.source), target, output=output, progress=progress)
+    result = build_update(Path(args.source), target, output=output, progress=progress,
+                          module_dirs=[Path(d) for d in args.module_dir or []])
     if args.json:
         _print_json({"package": str(result.package_path), "kernel": target.release,
                      "vermagic": result.vermagic, "seconds": round(result.seconds, 3),
@@ -348,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --patch: say per function why it is in the update, per refusal why")
     p.add_argument("-o", "--output", help="package file or directory (default: current directory)")
     p.add_argument("--kernel", metavar="REL", help="target kernel release (default: the running kernel)")
+    p.add_argument("--module-dir", action="append", metavar="DIR",
+                   help="directory of out-of-tree modules the update patches (their BTF gives prototypes)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_build)
 

@@ -108,7 +108,7 @@ def build(target, workdir):
     """Build an update source (a dir, or a dict of files to write) into a package on the host."""
     built: dict[str, Path] = {}
 
-    def _build(source: Path | dict[str, str], name: str | None = None) -> Path:
+    def _build(source: Path | dict[str, str], name: str | None = None, module_dirs: tuple[Path, ...] = ()) -> Path:
         if isinstance(source, dict):
             assert name, "a generated source needs a name"
             src = workdir / "src" / name
@@ -121,7 +121,7 @@ def build(target, workdir):
         if key not in built:
             out = workdir / "packages"
             out.mkdir(exist_ok=True)
-            built[key] = build_update(src, target, output=out).package_path
+            built[key] = build_update(src, target, output=out, module_dirs=module_dirs).package_path
         return built[key]
 
     return _build

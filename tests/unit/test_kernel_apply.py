@@ -55,7 +55,7 @@ def test_apply_success(tmp_path: Path) -> None:
     assert (result.name, result.livepatch_name, result.kernel) == ("fix-x", "fix_x", "6.1.0-56-amd64")
     assert result.functions == [{"name": "cmdline_proc_show", "object": "vmlinux",
                                  "edition": "cmdline_proc_show_v2"}]
-    assert set(result.phases) == {"verify", "preflight", "load", "transition", "unload"}
+    assert set(result.phases) == {"verify", "preflight", "load", "transition", "switch", "unload"}
     assert result.phases["transition"] == pytest.approx(0.3)
     assert result.seconds >= result.phases["transition"]
     # progress: every task starts unpatched, then they all switch; reported once (no change)

@@ -95,7 +95,8 @@ def thunk_target(f: FunctionSpec) -> KlpSymbol:
     return KlpSymbol(f.name, f.object, f.sympos or 0)
 
 
-def _dispatcher_source(index: int, f: FunctionSpec, proto: Prototype, ftrace_site: int) -> list[str]:
+def _dispatcher_source(index: int, f: FunctionSpec, proto: Prototype, ftrace_site: int,
+                       global_switch: bool) -> list[str]:
     """Edition 0's thunk, the function's runtime descriptor and its dispatcher."""
     original = f.original
     fn = f"dynamos_fn_{index}"
@@ -126,7 +127,8 @@ def _dispatcher_source(index: int, f: FunctionSpec, proto: Prototype, ftrace_sit
         f"\t.dir = {c_string(f.control_name)},",
         f"\t.nr_editions = {len(names)},",
         f"\t.edition_names = {fn}_editions,",
-        f"\t.initial_edition = {f.default_edition},",
+        f"\t.initial_edition = {0 if global_switch else f.default_edition},",
+        f"\t.global_edition = {f.default_edition},",
         f"\t.has_handler = {'true' if f.policy else 'false'},",
         f"\t.monitor = {'true' if f.monitor else 'false'},",
         f"\t.original = (void *){original},",
@@ -201,10 +203,18 @@ def generate_livepatch_source(source: UpdateSource, prototypes: Mapping[Function
     for index, f in enumerate(source.functions):
         if f.dispatched:
             assert prototypes is not None
-            out.extend(_dispatcher_source(index, f, prototypes[f], ftrace_site))
+            out.extend(_dispatcher_source(index, f, prototypes[f], ftrace_site, source.consistency == "global"))
     if dispatched:
         out.append("static struct dynamos_function *dynamos_functions[] = {")
         out.extend(f"\t&dynamos_fn_{i}," for i, f in enumerate(source.functions) if f.dispatched)
+        out.append("};")
+        out.append("")
+    if source.consistency == "global":
+        out.append("/* Global consistency: every function moves to its edition at one instant. */")
+        if source.transfer:
+            out.append(f"extern void {source.transfer}(bool to_new);")
+        out.append("static struct dynamos_global dynamos_global_state = {")
+        out.append(f"\t.transfer = {source.transfer or 'NULL'},")
         out.append("};")
         out.append("")
 
@@ -261,7 +271,8 @@ def generate_livepatch_source(source: UpdateSource, prototypes: Mapping[Function
         out.extend([
             "static int __init dynamos_update_init(void)",
             "{",
-            f"\tint err = dynamos_runtime_init(THIS_MODULE, dynamos_functions, {count});",
+            f"\tint err = dynamos_runtime_init(THIS_MODULE, dynamos_functions, {count}, "
+            f"{'&dynamos_global_state' if source.consistency == 'global' else 'NULL'});",
             "",
             "\tif (err)",
             "\t\treturn err;",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from dynamos.build.btf import BtfTypes, Prototype
@@ -59,25 +60,37 @@ def _vmlinux_btf_path(target: TargetKernel) -> Path:
                      "type information (build with --kernel to use a fetched kernel image)")
 
 
-def prototype_of(f: FunctionSpec, target: TargetKernel) -> Prototype:
+def _module_file(obj: str, target: TargetKernel, module_dirs: Sequence[Path]) -> Path:
+    """A module's file: first in ``module_dirs`` (out-of-tree modules), then the target's tree."""
+    for directory in module_dirs:
+        for name in dict.fromkeys((obj, obj.replace("_", "-"))):
+            for suffix in (".ko", ".ko.xz", ".ko.gz"):
+                if (Path(directory) / (name + suffix)).is_file():
+                    return Path(directory) / (name + suffix)
+    return target.module_path(obj)
+
+
+def prototype_of(f: FunctionSpec, target: TargetKernel, module_dirs: Sequence[Path] = ()) -> Prototype:
     """The kernel function's prototype, from vmlinux BTF or its module's split BTF."""
     vmlinux = _vmlinux_btf_path(target)
     if f.object == VMLINUX:
         return _btf_of(vmlinux, None).prototype(f.name)
     try:
-        module = target.module_path(f.object)
+        module = _module_file(f.object, target, module_dirs)
     except Exception as e:
-        raise BuildError(f"cannot read the prototype of {f.object} function {f.name}: {e}") from e
+        raise BuildError(f"cannot read the prototype of {f.object} function {f.name}: {e} (an out-of-tree "
+                         "module's directory can be named with --module-dir)") from e
     return _btf_of(module, vmlinux).prototype(f.name)
 
 
-def dispatcher_prototypes(source: UpdateSource, target: TargetKernel) -> dict[FunctionSpec, Prototype]:
+def dispatcher_prototypes(source: UpdateSource, target: TargetKernel,
+                          module_dirs: Sequence[Path] = ()) -> dict[FunctionSpec, Prototype]:
     """Prototypes of every function the update serves through a dispatcher."""
     out: dict[FunctionSpec, Prototype] = {}
     for f in source.functions:
         if f.dispatched:
             try:
-                out[f] = prototype_of(f, target)
+                out[f] = prototype_of(f, target, module_dirs)
             except BuildError as e:
                 raise BuildError(f"{e.message}: the dispatcher of {f.name} needs its exact prototype, which "
                                  "dynamos takes only from the kernel's BTF (pahole leaves out a few functions, "

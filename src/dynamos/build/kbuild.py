@@ -14,7 +14,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,11 +127,13 @@ def _say_nothing(_message: str) -> None:
 
 
 def build_update(source_dir: Path | str, target: TargetKernel, output: Path | None = None,
-                 progress: Callable[[str], None] | None = None) -> BuildResult:
+                 progress: Callable[[str], None] | None = None,
+                 module_dirs: Sequence[Path] = ()) -> BuildResult:
     """Build the update source in ``source_dir`` into a livepatch module for ``target``.
 
     With ``output`` (a file, or a directory to put the package in) also write the update
-    package. Every failure raises BuildError (ManifestError for an invalid update source).
+    package. ``module_dirs`` hold out-of-tree modules the update patches (for their BTF).
+    Every failure raises BuildError (ManifestError for an invalid update source).
     """
     started = time.monotonic()
     say = progress or _say_nothing
@@ -143,7 +145,7 @@ def build_update(source_dir: Path | str, target: TargetKernel, output: Path | No
 
     build_dir = build_dir_for(source, target).absolute()
     with build_lock(build_dir):
-        _prepare_build_dir(build_dir, source, author_files, target)
+        _prepare_build_dir(build_dir, source, author_files, target, module_dirs)
         linked = link_module(build_dir, source, target, say, thunk_placeholders(source))
 
     package_path = None
@@ -242,7 +244,7 @@ def thunk_placeholders(source: UpdateSource) -> dict[str, KlpSymbol]:
 
 
 def _prepare_build_dir(build_dir: Path, source: UpdateSource, author_files: list[Path],
-                       target: TargetKernel) -> None:
+                       target: TargetKernel, module_dirs: Sequence[Path] = ()) -> None:
     shutil.rmtree(build_dir, ignore_errors=True)
     author_dir = build_dir / AUTHOR_SUBDIR
     author_dir.mkdir(parents=True)
@@ -255,7 +257,7 @@ def _prepare_build_dir(build_dir: Path, source: UpdateSource, author_files: list
     if any(f.dispatched for f in source.functions):
         from dynamos.build import editions
 
-        main_c = generate_livepatch_source(source, editions.dispatcher_prototypes(source, target),
+        main_c = generate_livepatch_source(source, editions.dispatcher_prototypes(source, target, module_dirs),
                                            editions.ftrace_site(target))
         for name, text in editions.runtime_files().items():
             (build_dir / name).write_text(text)

@@ -120,6 +120,9 @@ class FunctionControl:
 
     def command(self, line: str) -> None:
         """Write one route command; the runtime swaps the route atomically for new calls."""
+        if (self.path.parent / "global").exists():
+            raise RefusedError(f"{self.update} has global consistency: its functions change editions "
+                               "together, at apply and revert, not one by one")
         try:
             with open(self.path / "route", "w") as f:
                 f.write(line)

@@ -125,7 +125,7 @@ class BlockedTransition(TransitionError):
 # Results
 
 
-PHASES = ("verify", "preflight", "load", "transition", "unload")
+PHASES = ("verify", "preflight", "load", "transition", "switch", "unload")
 PROGRESS_EVERY = 1.0  # seconds between progress reports while nothing changes
 
 
@@ -133,7 +133,7 @@ PROGRESS_EVERY = 1.0  # seconds between progress reports while nothing changes
 class Progress:
     """Reported on every poll of a transition, for progress bars."""
 
-    phase: str  # "transition" (applying), "revert", "restore" (undoing a stuck revert)
+    phase: str  # "transition" (applying), "revert", "restore" (undoing a stuck revert), "switch" (global)
     name: str  # livepatch name
     pending: int  # tasks not yet switched to the target state
     elapsed: float
@@ -141,6 +141,8 @@ class Progress:
 
     def __str__(self) -> str:
         """A progress line, so a callback that only prints strings works too."""
+        if self.phase == "switch":
+            return f"{self.name}: switching every function at one instant (all CPUs stopped)"
         doing = {"transition": "transition", "revert": "reverting", "restore": "restoring"}.get(
             self.phase, self.phase)
         return (f"{self.name}: {doing}, {self.pending} task(s) not switched yet "
@@ -675,6 +677,9 @@ class LiveKernel:
             t = timed("load", t)
             self._complete_transition(pkg.livepatch_name, timeout, revert_timeout, progress)
             t = timed("transition", t)
+            if getattr(pkg, "consistency", "per-task") == "global":
+                self._switch_globally(pkg.livepatch_name, True, timeout, revert_timeout, progress, notes)
+                t = timed("switch", t)
             replaced: list[str] = []
             if pkg.replace:
                 replaced = self._unload_replaced(sorted(before - {pkg.livepatch_name}), notes)
@@ -819,6 +824,8 @@ class LiveKernel:
             patch = self._revert_preflight(lp_name, notes)
             now = self.sys.monotonic()
             phases["preflight"], t = round(now - t, 6), now
+            if patch is not None and self._global_state(lp_name) == "new":
+                self._switch_globally(lp_name, False, timeout, restore_timeout, progress, notes)
             if patch is not None:
                 self._disable(patch, timeout, restore_timeout, progress)
                 self._wait_gone(lp_name, self.unload_timeout)
@@ -846,6 +853,45 @@ class LiveKernel:
         details["notes"] = notes
         self.log.record("revert", lp_name, "ok", result.seconds, details)
         return result
+
+    def _global_state(self, name: str) -> str | None:
+        """"new"/"old" for an update with global consistency, None otherwise."""
+        try:
+            text = (editions.control_root(name, self.root) / "global").read_text()
+        except OSError:
+            return None
+        return dict(line.split(" ", 1) for line in text.splitlines() if " " in line).get("state")
+
+    def _switch_globally(self, name: str, to_new: bool, timeout: float, undo_timeout: float,
+                         progress: ProgressCallback | None, notes: list[str]) -> None:
+        """Move every function of a global update to its new editions (or back) at one instant.
+
+        Forward, a failure reverts and unloads the update (every task ran the original code
+        throughout); backward, it leaves the update applied as it was.
+        """
+        path = editions.control_root(name, self.root) / "global"
+        if progress:
+            progress(Progress("switch", name, 0, 0.0, timeout))
+        try:
+            self.sys.write_attribute(os.fspath(path), f"{'new' if to_new else 'old'} {int(timeout * 1000)}".encode())
+        except OSError as e:
+            state = dict(line.split(" ", 1) for line in path.read_text().splitlines() if " " in line) \
+                if path.exists() else {}
+            holders = [h for f in editions.functions_of(name, self.root) for ed in f.editions()
+                       for h in editions.tasks_in(ed.name, self.root)]
+            who = "; ".join(f"{h['comm']} (pid {h['pid']}) in {h['stack'][0] if h['stack'] else '?'}"
+                            for h in holders) or "no task shows one on its stack now"
+            why = (f"the global switch found calls in flight for {timeout:g}s "
+                   f"({state.get('last_busy', os.strerror(e.errno or 0))}); tasks: {who}")
+            if to_new:
+                raise self._undo_load(name, undo_timeout, why, progress) from e
+            raise RefusedError(f"{name}: revert refused, nothing was changed (the new editions still "
+                               f"serve every call): {why}") from e
+        state = self._global_state(name)
+        stats = dict(line.split(" ", 1) for line in path.read_text().splitlines() if " " in line)
+        notes.append(f"global switch to the {'new' if to_new else 'original'} editions: state {state}, "
+                     f"longest all-CPU stop {int(stats.get('longest_stop_ns', '0')) / 1000:.0f} us "
+                     f"after {stats.get('attempts', '?')} attempt(s)")
 
     def _revert_preflight(self, lp_name: str, notes: list[str]) -> lp.Livepatch | None:
         """The patch to disable (None: only a leftover module to unload), or RefusedError."""

@@ -19,11 +19,15 @@
 #include <linux/string.h>
 #include <linux/sysfs.h>
 #include <linux/mutex.h>
+#include <linux/delay.h>
+#include <linux/stop_machine.h>
 #include "dynamos_editions.h"
 
 #define DYNAMOS_NOP5 "\x0f\x1f\x44\x00\x00"
 #define DYNAMOS_X86_CALL 0xe8
 #define DYNAMOS_X86_JMP 0xe9
+
+static struct dynamos_global *dynamos_global;	/* set when the update has global consistency */
 
 static struct dynamos_function *kobj_function(struct kobject *kobj)
 {
@@ -283,9 +287,12 @@ static int change_route(struct dynamos_function *fn, char *command)
 static ssize_t route_store(struct kobject *kobj, struct kobj_attribute *attr, const char *buf, size_t count)
 {
 	struct dynamos_function *fn = kobj_function(kobj);
-	char *command = kstrndup(buf, count, GFP_KERNEL);
+	char *command;
 	int err;
 
+	if (dynamos_global)
+		return -EPERM;	/* its editions change together, through .../dynamos/global */
+	command = kstrndup(buf, count, GFP_KERNEL);
 	if (!command)
 		return -ENOMEM;
 	err = change_route(fn, strim(command));
@@ -328,6 +335,149 @@ static struct kobj_type function_ktype = {
 };
 
 static struct kobject *dynamos_dir;
+static struct dynamos_function **global_fns;
+static int global_count;
+
+static s64 edition_in_flight(struct dynamos_function *fn, int edition)
+{
+	u64 entered = 0, left = 0;
+	int cpu;
+
+	for_each_possible_cpu(cpu)
+		left += READ_ONCE(per_cpu_ptr(fn->stats, cpu)->left[edition]);
+	smp_rmb();
+	for_each_possible_cpu(cpu)
+		entered += READ_ONCE(per_cpu_ptr(fn->stats, cpu)->entered[edition]);
+	return entered - left;
+}
+
+struct global_switch {
+	bool to_new;
+	struct dynamos_route **routes;	/* prepared for each function, published by the switch */
+	u64 check_ns;
+};
+
+/*
+ * With every other CPU stopped, interrupts off: no task can be between choosing an edition
+ * and counting itself in (that window runs with preemption disabled), so an in-flight count
+ * of zero everywhere means no task is inside any edition of the update, the kernel's code
+ * reached as edition 0 included: livepatch's completed transition sends every call through
+ * a dispatcher.
+ */
+static int global_switch_stopped(void *data)
+{
+	struct global_switch *sw = data;
+	u64 start = local_clock();
+	int i, e;
+
+	for (i = 0; i < global_count; i++) {
+		for (e = 0; e < global_fns[i]->nr_editions; e++) {
+			s64 busy = edition_in_flight(global_fns[i], e);
+
+			if (busy) {
+				snprintf(dynamos_global->last_busy, sizeof(dynamos_global->last_busy),
+					 "%s edition %d: %lld call(s) in flight", global_fns[i]->name, e, busy);
+				return -EBUSY;
+			}
+		}
+	}
+	if (dynamos_global->transfer)
+		dynamos_global->transfer(sw->to_new);
+	for (i = 0; i < global_count; i++) {
+		struct dynamos_route *old = rcu_dereference_protected(global_fns[i]->route, true);
+
+		rcu_assign_pointer(global_fns[i]->route, sw->routes[i]);
+		sw->routes[i] = old;	/* freed by the caller after a grace period */
+	}
+	sw->check_ns = local_clock() - start;
+	return 0;
+}
+
+static int global_switch(bool to_new, unsigned int timeout_ms)
+{
+	struct global_switch sw = { .to_new = to_new };
+	unsigned long deadline = jiffies + msecs_to_jiffies(timeout_ms);
+	unsigned int backoff_ms = 1;
+	int i, err;
+
+	if (dynamos_global->on_new == to_new)
+		return 0;
+	sw.routes = kcalloc(global_count, sizeof(*sw.routes), GFP_KERNEL);
+	if (!sw.routes)
+		return -ENOMEM;
+	for (i = 0; i < global_count; i++) {
+		struct dynamos_function *fn = global_fns[i];
+
+		sw.routes[i] = kmalloc(sizeof(*sw.routes[i]), GFP_KERNEL);
+		if (!sw.routes[i]) {
+			err = -ENOMEM;
+			goto out;
+		}
+		mutex_lock(&fn->lock);
+		*sw.routes[i] = *rcu_dereference_protected(fn->route, lockdep_is_held(&fn->lock));
+		mutex_unlock(&fn->lock);
+		sw.routes[i]->default_edition = to_new ? fn->global_edition : 0;
+	}
+	for (i = 0; i < global_count; i++)
+		mutex_lock(&global_fns[i]->lock);	/* no route writer may race the switch */
+	for (;;) {
+		u64 start = local_clock(), took;
+
+		dynamos_global->attempts++;
+		err = stop_machine(global_switch_stopped, &sw, NULL);
+		took = local_clock() - start;
+		dynamos_global->last_stop_ns = took;
+		dynamos_global->longest_stop_ns = max(dynamos_global->longest_stop_ns, took);
+		if (err != -EBUSY || time_after(jiffies, deadline))
+			break;
+		msleep(backoff_ms);
+		backoff_ms = min(backoff_ms * 2, 64U);
+	}
+	for (i = global_count - 1; i >= 0; i--)
+		mutex_unlock(&global_fns[i]->lock);
+	if (!err) {
+		dynamos_global->on_new = to_new;
+		dynamos_global->switches++;
+		dynamos_global->longest_check_ns = max(dynamos_global->longest_check_ns, sw.check_ns);
+		dynamos_global->last_busy[0] = 0;
+		synchronize_rcu();	/* the old routes may still be read by calls that began before */
+	}
+out:
+	for (i = 0; i < global_count; i++)
+		kfree(sw.routes[i]);	/* the old routes after a switch, the unused new ones otherwise */
+	kfree(sw.routes);
+	return err;
+}
+
+static ssize_t global_show(struct kobject *kobj, struct kobj_attribute *attr, char *buf)
+{
+	struct dynamos_global *g = dynamos_global;
+	ssize_t len;
+
+	mutex_lock(&g->lock);
+	len = sysfs_emit(buf, "state %s\nswitches %u\nattempts %u\nlongest_stop_ns %llu\n"
+			 "longest_check_ns %llu\nlast_stop_ns %llu\nlast_busy %s\n",
+			 g->on_new ? "new" : "old", g->switches, g->attempts, g->longest_stop_ns,
+			 g->longest_check_ns, g->last_stop_ns, g->last_busy[0] ? g->last_busy : "-");
+	mutex_unlock(&g->lock);
+	return len;
+}
+
+static ssize_t global_store(struct kobject *kobj, struct kobj_attribute *attr, const char *buf, size_t count)
+{
+	char word[8];
+	unsigned int timeout_ms;
+	int err;
+
+	if (sscanf(buf, "%7s %u", word, &timeout_ms) != 2 || (strcmp(word, "new") && strcmp(word, "old")))
+		return -EINVAL;
+	mutex_lock(&dynamos_global->lock);
+	err = global_switch(!strcmp(word, "new"), timeout_ms);
+	mutex_unlock(&dynamos_global->lock);
+	return err ? err : count;
+}
+
+static struct kobj_attribute global_attr = __ATTR(global, 0600, global_show, global_store);
 
 static void free_function(struct dynamos_function *fn)
 {
@@ -367,7 +517,8 @@ static int init_function(struct dynamos_function *fn)
 }
 
 /* Set up every multi-edition function and its control files, before the patch is enabled. */
-int dynamos_runtime_init(struct module *mod, struct dynamos_function **fns, int count)
+int dynamos_runtime_init(struct module *mod, struct dynamos_function **fns, int count,
+			 struct dynamos_global *global)
 {
 	int i, err = 0;
 
@@ -378,8 +529,15 @@ int dynamos_runtime_init(struct module *mod, struct dynamos_function **fns, int 
 		err = init_function(fns[i]);
 	if (err) {
 		pr_err("dynamos: cannot set up editions of %s: %d\n", fns[i - 1]->name, err);
-		dynamos_runtime_exit(fns, count);
+	} else if (global) {
+		mutex_init(&global->lock);
+		dynamos_global = global;
+		global_fns = fns;
+		global_count = count;
+		err = sysfs_create_file(dynamos_dir, &global_attr.attr);
 	}
+	if (err)
+		dynamos_runtime_exit(fns, count);
 	return err;
 }
 
@@ -391,6 +549,7 @@ void dynamos_runtime_exit(struct dynamos_function **fns, int count)
 		free_function(fns[i]);
 	kobject_put(dynamos_dir);
 	dynamos_dir = NULL;
+	dynamos_global = NULL;
 }
 
 /*

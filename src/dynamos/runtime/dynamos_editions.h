@@ -18,6 +18,10 @@
  *   retire     write an edition index: no new call reaches it (waits one grace period)
  *   latency    with monitor: "index total_ns count_bucket0 ... count_bucketN" per edition,
  *              bucket b counting calls that took [2^b, 2^(b+1)) ns (bucket 0 also holds 0 ns)
+ * and, for an update with global consistency, /sys/module/<update>/dynamos/global:
+ *   read       "state old|new", "switches N", "attempts N", "longest_stop_ns N",
+ *              "longest_check_ns N", "last_stop_ns N", "last_busy TEXT"
+ *   write      "new TIMEOUT_MS" or "old TIMEOUT_MS" (-EBUSY when in-flight calls never drained)
  */
 #ifndef DYNAMOS_EDITIONS_H
 #define DYNAMOS_EDITIONS_H
@@ -92,6 +96,7 @@ struct dynamos_function {
 	int nr_editions;		/* edition 0 included */
 	const char *const *edition_names;
 	int initial_edition;
+	int global_edition;		/* with global consistency: the edition the switch moves to */
 	bool has_handler;
 	bool monitor;
 	void *original;			/* edition 0's entry thunk: "jmp <function> + <ftrace site end>" */
@@ -182,7 +187,28 @@ static __always_inline void dynamos_record_latency(struct dynamos_function *fn, 
 	this_cpu_inc(fn->stats->latency[edition][bucket]);
 }
 
-int dynamos_runtime_init(struct module *mod, struct dynamos_function **fns, int count);
+/*
+ * Global consistency: the update loads with every function on edition 0 (the kernel's code),
+ * so livepatch's per-task transition changes nothing anyone can see; then one write to
+ * .../dynamos/global moves every function to its new edition at one instant, with all CPUs
+ * stopped, after checking that no call is in flight in any edition of the update. A busy
+ * check is retried with backoff until the given timeout. The author's transfer hook runs in
+ * the same instant, to convert shared data to the new editions' format (and back).
+ */
+struct dynamos_global {
+	void (*transfer)(bool to_new);	/* may be NULL; runs with all CPUs stopped: no sleeping */
+	bool on_new;			/* every function is on its global edition */
+	unsigned int switches;
+	unsigned int attempts;		/* stop_machine rounds, failed ones included */
+	u64 longest_stop_ns;		/* whole stop_machine() call, seen by the caller */
+	u64 longest_check_ns;		/* check + switch with every CPU stopped */
+	u64 last_stop_ns;
+	char last_busy[96];		/* what was in flight at the last failed attempt */
+	struct mutex lock;
+};
+
+int dynamos_runtime_init(struct module *mod, struct dynamos_function **fns, int count,
+			 struct dynamos_global *global);
 void dynamos_runtime_exit(struct dynamos_function **fns, int count);
 int dynamos_check_entries(struct dynamos_function **fns, int count);
 

@@ -12,6 +12,8 @@ Schema (``update.toml``)::
     description = "..."         # required
     kernel = "6.1.0-56-amd64"   # optional: release the update is written for
     replace = true              # optional: atomic replace of earlier updates
+    consistency = "global"      # optional: "per-task" (livepatch's, default) or "global"
+    transfer = "convert_state"  # optional, global: void convert_state(bool to_new), all CPUs stopped
 
     [[function]]                # one or more
     name = "cmdline_proc_show"  # required: kernel function to replace
@@ -29,6 +31,7 @@ Schema (``update.toml``)::
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import tomllib
@@ -119,6 +122,8 @@ class UpdateSource:
     kernel: str | None = None  # release it is written for; None means the target's release
     replace: bool = False  # atomic replace of earlier updates (cumulative)
     symbols: tuple[SymbolSpec, ...] = ()  # [[symbol]]: where non-exported symbols live
+    consistency: str = "per-task"  # or "global": every function moves to its edition at one instant
+    transfer: str | None = None  # global: C hook converting shared data at that instant
 
     @property
     def manifest_path(self) -> Path:
@@ -154,7 +159,8 @@ _C_KEYWORDS = frozenset(
     _Noreturn _Static_assert _Thread_local asm typeof""".split()
 )
 
-UPDATE_KEYS = ("name", "description", "kernel", "replace")
+UPDATE_KEYS = ("name", "description", "kernel", "replace", "consistency", "transfer")
+CONSISTENCY_MODELS = ("per-task", "global")
 FUNCTION_KEYS = ("name", "edition", "editions", "default", "policy", "monitor", "object", "sympos")
 SYMBOL_KEYS = ("name", "object", "sympos")
 TOP_LEVEL_KEYS = ("update", "function", "symbol")
@@ -559,7 +565,10 @@ def load_update_source(directory: Path | str) -> UpdateSource:
         raise check.fail(f"unknown top-level key {key!r} ({advice})", lines.key((), 0, key))
 
     name, description, kernel, replace = _validate_update(data, check)
+    consistency, transfer = _validate_consistency(data["update"], check)
     functions = _validate_functions(data, check)
+    if consistency == "global":
+        functions = tuple(_dispatched(f) for f in functions)
     symbols = _validate_symbols(data, check)
 
     c_files = tuple(sorted(p for p in directory.glob("*.c") if p.is_file()))
@@ -569,6 +578,10 @@ def load_update_source(directory: Path | str) -> UpdateSource:
             path=directory,
         )
     _validate_editions(functions, c_files, check)
+    if transfer is not None:
+        hook = FunctionSpec(name="[update] transfer", edition=transfer)
+        _validate_edition(hook, transfer, 0, "transfer", _c_functions_by_name(c_files),
+                          ", ".join(p.name for p in c_files), check, table=("update",))
 
     return UpdateSource(
         directory=directory,
@@ -579,7 +592,33 @@ def load_update_source(directory: Path | str) -> UpdateSource:
         kernel=kernel,
         replace=replace,
         symbols=symbols,
+        consistency=consistency,
+        transfer=transfer,
     )
+
+
+def _validate_consistency(upd: dict[str, Any], check: _Checker) -> tuple[str, str | None]:
+    tpath = ("update",)
+    consistency = check.string(upd, "consistency", "[update]", tpath, 0, required=False) or "per-task"
+    if consistency not in CONSISTENCY_MODELS:
+        raise check.fail(f"[update] consistency {consistency!r} is not one of {', '.join(CONSISTENCY_MODELS)}",
+                         check.lines.key(tpath, 0, "consistency"))
+    transfer = check.string(upd, "transfer", "[update]", tpath, 0, required=False)
+    if transfer is not None:
+        problem = _check_symbol(transfer)
+        if problem:
+            raise check.fail(f"[update] transfer {transfer!r} {problem}", check.lines.key(tpath, 0, "transfer"))
+        if consistency != "global":
+            raise check.fail("[update] transfer runs at the global switch: it needs consistency = \"global\"",
+                             check.lines.key(tpath, 0, "transfer"))
+    return consistency, transfer
+
+
+def _dispatched(f: FunctionSpec) -> FunctionSpec:
+    """Under global consistency every function goes through a dispatcher, single editions too."""
+    if f.dispatched:
+        return f
+    return dataclasses.replace(f, editions=(f.edition,), edition=dispatcher_name(f.name, f.object, f.sympos))
 
 
 def _validate_update(data: dict[str, Any], check: _Checker) -> tuple[str, str, str | None, bool]:
@@ -806,11 +845,7 @@ def _validate_editions(
     The generated livepatch code refers to editions from its own translation unit, so a
     ``static`` edition (or one declared static anywhere in its file) would not link.
     """
-    by_name: dict[str, list[CDeclaration]] = {}
-    for c_file in c_files:
-        for decl in find_c_functions(c_file):
-            by_name.setdefault(decl.name, []).append(decl)
-
+    by_name = _c_functions_by_name(c_files)
     searched = ", ".join(p.name for p in c_files)
     for index, spec in enumerate(functions):
         for edition in spec.author_functions:
@@ -818,12 +853,21 @@ def _validate_editions(
             _validate_edition(spec, edition, index, key, by_name, searched, check)
 
 
+def _c_functions_by_name(c_files: tuple[Path, ...]) -> dict[str, list[CDeclaration]]:
+    by_name: dict[str, list[CDeclaration]] = {}
+    for c_file in c_files:
+        for decl in find_c_functions(c_file):
+            by_name.setdefault(decl.name, []).append(decl)
+    return by_name
+
+
 def _validate_edition(spec: FunctionSpec, edition: str, index: int, key: str,
-                      by_name: dict[str, list[CDeclaration]], searched: str, check: _Checker) -> None:
+                      by_name: dict[str, list[CDeclaration]], searched: str, check: _Checker,
+                      table: tuple[str, ...] = ("function",)) -> None:
     """One C function the update names must be defined once in its C files, with external linkage."""
-    where = f"[[function]] #{index + 1}"
-    role = "adaptation handler" if key == "policy" else "edition"
-    line = check.lines.key(("function",), index, key)
+    where = f"[[function]] #{index + 1}" if table == ("function",) else f"[{table[0]}]"
+    role = {"policy": "adaptation handler", "transfer": "transfer hook"}.get(key, "edition")
+    line = check.lines.key(table, index, key)
     decls = by_name.get(edition, [])
     # Linkage is per file: one 'static' declaration makes every later one in that file static.
     static_in = {d.path: d for d in reversed(decls) if d.is_static}

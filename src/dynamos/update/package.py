@@ -60,7 +60,10 @@ _MANIFEST_SCHEMA: dict[str, type | tuple[type, ...]] = {
     "digests": dict,
     "klp_symbols": list,
     "manifest_sha256": str,
+    "consistency": str,
 }
+# Keys a package may lack (written before they existed): their default.
+_MANIFEST_DEFAULTS: dict[str, Any] = {"consistency": "per-task"}
 _FUNCTION_SCHEMA: dict[str, type | tuple[type, ...]] = {
     "name": str,
     "edition": str,
@@ -116,6 +119,11 @@ class UpdatePackage:
         return self.manifest["replace"]
 
     @property
+    def consistency(self) -> str:
+        """"per-task" (livepatch's model) or "global" (every function switched at one instant)."""
+        return self.manifest.get("consistency", _MANIFEST_DEFAULTS["consistency"])
+
+    @property
     def klp_symbols(self) -> list[dict[str, Any]]:
         """Non-exported symbols the module reaches through livepatch relocations
         (``{"name", "object", "sympos"}``): checked against kallsyms before loading."""
@@ -156,6 +164,7 @@ def _build_manifest(
         "kernel_release": kernel_release,
         "vermagic": vermagic,
         "replace": source.replace,
+        "consistency": source.consistency,
         "functions": [
             {"name": f.name, "edition": f.edition, "object": f.object, "sympos": f.sympos}
             for f in source.functions
@@ -319,13 +328,15 @@ def _check_manifest(manifest: Any, path: Path) -> None:
     if fmt != FORMAT_VERSION:
         newer = " (written by a newer dynamos: upgrade)" if fmt > FORMAT_VERSION else ""
         raise bad(f"package format {fmt} is not supported; this dynamos reads format {FORMAT_VERSION}{newer}")
-    missing = [k for k in _MANIFEST_SCHEMA if k not in manifest]
+    missing = [k for k in _MANIFEST_SCHEMA if k not in manifest and k not in _MANIFEST_DEFAULTS]
     if missing:
         raise bad(f"missing key(s) {', '.join(missing)}")
     unknown = sorted(k for k in manifest if k not in _MANIFEST_SCHEMA)
     if unknown:
         raise bad(f"unknown key(s) {', '.join(unknown)}")
     for key, types in _MANIFEST_SCHEMA.items():
+        if key not in manifest:
+            continue
         value = manifest[key]
         if not isinstance(value, types) or (types is not bool and isinstance(value, bool)):
             raise bad(f"{key} has the wrong type ({type(value).__name__} {value!r})")
@@ -336,6 +347,8 @@ def _check_manifest(manifest: Any, path: Path) -> None:
         raise bad(
             f"vermagic {manifest['vermagic']!r} does not match kernel_release {manifest['kernel_release']!r}"
         )
+    if manifest.get("consistency", "per-task") not in ("per-task", "global"):
+        raise bad(f"consistency {manifest['consistency']!r} is not per-task or global")
     if not manifest["functions"]:
         raise bad("functions is empty")
     for i, func in enumerate(manifest["functions"]):
