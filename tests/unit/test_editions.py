@@ -212,3 +212,39 @@ def test_example_builds_with_dispatcher_runtime_and_livepatch_thunk(tmp_path: Pa
     assert not any(n.startswith("dynamos_klp__") for n in names)
     assert any(s.name.startswith(".klp.rela.vmlinux.") for s in elf.iter_sections())
     assert os.path.getsize(result.package_path) > 0
+
+
+# --- global consistency -------------------------------------------------------------------------
+
+
+def test_global_update_sends_every_function_through_a_dispatcher(tmp_path: Path) -> None:
+    c = EDITIONS_C + "void convert(_Bool to_new) {}\n"
+    d = tmp_path / "g"
+    d.mkdir()
+    (d / "update.toml").write_text('[update]\nname = "g"\ndescription = "d"\nconsistency = "global"\n'
+                                   'transfer = "convert"\n\n[[function]]\nname = "pipe_write"\nedition = "w2"\n')
+    (d / "e.c").write_text(c)
+    src = load_update_source(d)
+    (f,) = src.functions
+    assert src.consistency == "global" and src.transfer == "convert"
+    assert f.dispatched and f.editions == ("w2",) and f.default_edition == 1
+    text = generate_livepatch_source(src, {f: PIPE_WRITE})
+    assert ".initial_edition = 0," in text and ".global_edition = 1," in text  # loads on the original
+    assert "extern void convert(bool to_new);" in text and ".transfer = convert," in text
+    assert "dynamos_functions, ARRAY_SIZE(dynamos_functions), &dynamos_global_state);" in text
+
+
+@pytest.mark.parametrize("update, message", [
+    ('consistency = "total"\n', "consistency 'total' is not one of per-task, global"),
+    ('transfer = "convert"\n', "it needs consistency = \"global\""),
+    ('consistency = "global"\ntransfer = "nosuch"\n', "transfer hook 'nosuch' is not defined"),
+])
+def test_bad_consistency_settings(tmp_path: Path, update: str, message: str) -> None:
+    d = tmp_path / "g"
+    d.mkdir()
+    (d / "update.toml").write_text(f'[update]\nname = "g"\ndescription = "d"\n{update}\n'
+                                   '[[function]]\nname = "pipe_write"\nedition = "w2"\n')
+    (d / "e.c").write_text(EDITIONS_C + "void convert(_Bool to_new) {}\n")
+    with pytest.raises(ManifestError, match=message) as info:
+        load_update_source(d)
+    assert info.value.line == 3 + update.count("\n")  # the offending key is the last one given
