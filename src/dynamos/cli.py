@@ -96,7 +96,41 @@ def _present(result, as_json: bool) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     from dynamos import kernel
 
+    if args.check:
+        report = kernel.LiveKernel().check(Path(args.package))
+        if args.json:
+            _print_json(report)
+            return 0
+        print(f"{report['update']}: would apply to {report['kernel']} ({report['consistency']} consistency); "
+              "nothing was loaded")
+        for note in report["notes"]:
+            print(f"  note: {note}")
+        for b in report["predicted_blockers"]:
+            print(f"  would wait for {b['comm']} (pid {b['pid']}, tid {b['tid']}): {', '.join(b['functions'])} "
+                  "on its stack:")
+            for frame in b["stack"]:
+                print(f"      {frame}")
+        if not report["predicted_blockers"]:
+            print("  no task has a function of the update on its stack now")
+        return 0
     return _present(kernel.apply(Path(args.package), timeout=args.timeout, progress=Progress(args.json)), args.json)
+
+
+def cmd_blockers(args: argparse.Namespace) -> int:
+    from dynamos import kernel
+
+    found = kernel.LiveKernel().transition_blockers(args.name)
+    if args.json:
+        _print_json({name: [b.to_json() for b in blockers] for name, blockers in found.items()})
+        return 0
+    if not found:
+        print("no live update is in transition" if args.name is None else f"{args.name} is not in transition")
+        return 0
+    for name, blockers in found.items():
+        print(f"{name}: {len(blockers)} task(s) not switched yet")
+        for b in blockers:
+            print("  " + b.describe())
+    return 0
 
 
 def cmd_revert(args: argparse.Namespace) -> int:
@@ -358,8 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("package")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S",
                    help="transition deadline; past it the update is reverted and unloaded")
+    p.add_argument("--check", action="store_true",
+                   help="verify and preflight only, and name the tasks that would hold up the transition")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("blockers", help="tasks not yet switched by a live update in transition, with stacks")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_blockers)
 
     p = sub.add_parser("revert", help="disable and unload a live update")
     p.add_argument("name")

@@ -129,6 +129,31 @@ def test_blocked_transition_is_reverted_and_blocker_named(guest, build, stall_mo
         guest.unload_module("dynamos_stall")
 
 
+def test_check_predicts_blockers_and_blockers_lists_them_mid_transition(guest, build, stall_module):
+    pkg = build(LAB_UPDATES / "stall-breaker")
+    guest.load_module(stall_module)
+    try:
+        report = json.loads(guest.dynamos("apply", str(pkg), "--check", "--json").stdout)
+        assert guest.livepatches() == []  # --check loads nothing
+        (blocker,) = report["predicted_blockers"]
+        assert blocker["comm"] == "dynamos-stall" and blocker["functions"] == ["dynamos_stall_loop"]
+        assert any("] dynamos_stall_loop+" in frame for frame in blocker["stack"]), blocker["stack"]
+        # While an apply waits on the thread, `blockers` names it with its stack.
+        guest.sh(f"setsid {sys.executable} -m dynamos apply {pkg} --timeout 25 >/tmp/stalled.out 2>&1 "
+                 "</dev/null & sleep 6")
+        listed = json.loads(guest.dynamos("blockers", "--json").stdout)
+        assert list(listed) == ["stall_breaker"]
+        assert [b["comm"] for b in listed["stall_breaker"]] == ["dynamos-stall"]
+        text = guest.dynamos("blockers", "stall-breaker").stdout.decode()
+        assert "1 task(s) not switched yet" in text and "dynamos_stall_loop" in text
+        guest.sh("while [ -d /sys/kernel/livepatch/stall_breaker ] || grep -q stall_breaker /proc/modules; "
+                 "do sleep 1; done", timeout=90)
+        assert "reverted and unloaded" in guest.read("/tmp/stalled.out")
+    finally:
+        guest.unload_module("dynamos_stall")
+    assert json.loads(guest.dynamos("blockers", "--json").stdout) == {}
+
+
 def test_package_for_another_release_is_refused(guest, workdir):
     out = workdir / "other-release"
     out.mkdir()

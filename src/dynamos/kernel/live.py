@@ -381,6 +381,34 @@ class LiveKernel:
             )
         return found
 
+    def predicted_blockers(self, pkg: Any) -> tuple[list[tuple[lp.Blocker, list[str]]], list[str]]:
+        """Tasks that now have a function the update replaces on their stack, and a note on them."""
+        names = {_function_fields(f)[0] for f in pkg.functions}
+        found = lp.tasks_in_functions(self.root, names)
+        if not found:
+            return found, []
+        who = "; ".join(f"{b.comm} (pid {b.pid}) in {', '.join(hits)}" for b, hits in found[:5])
+        more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+        return found, [f"{len(found)} task(s) have a function of the update on their stack now and will hold "
+                       f"up the transition until they leave it: {who}{more}"]
+
+    def check(self, package_path: Path | str) -> dict[str, Any]:
+        """What ``apply`` would do, without loading anything: verification, preflight, blockers."""
+        pkg = self._read_package(Path(package_path))
+        notes = self.preflight(pkg)
+        found, _ = self.predicted_blockers(pkg)
+        return {"update": pkg.name, "livepatch_name": pkg.livepatch_name, "kernel": pkg.kernel_release,
+                "consistency": getattr(pkg, "consistency", "per-task"), "notes": notes,
+                "predicted_blockers": [{**b.to_json(), "functions": hits} for b, hits in found]}
+
+    def transition_blockers(self, name: str | None = None) -> dict[str, list[lp.Blocker]]:
+        """Tasks not yet switched, per livepatch in transition (or just ``name``)."""
+        out = {}
+        for patch in lp.read_livepatches(self.root):
+            if patch.transition and (name is None or patch.name == normalize_name(name)):
+                out[patch.name] = lp.blockers(self.root, patch.target_state)
+        return out
+
     def preflight(self, pkg: Any) -> list[str]:
         """Check that ``pkg`` can be applied to this kernel without changing anything.
 
@@ -666,6 +694,7 @@ class LiveKernel:
             label = pkg.livepatch_name
             details["update"] = pkg.name
             notes = self.preflight(pkg)
+            notes += self.predicted_blockers(pkg)[1]
             t = timed("preflight", t)
             before = set(lp.livepatch_names(self.root))
             functions = [_function_json(f) for f in pkg.functions]

@@ -213,3 +213,24 @@ def blockers(root: Path, target: int) -> list[Blocker]:
         stack = tuple(line.strip() for line in (text or "").splitlines() if line.strip())
         found.append(Blocker(t.pid, t.tid, t.comm, stack))
     return found
+
+
+def tasks_in_functions(root: Path, functions: set[str]) -> list[tuple[Blocker, list[str]]]:
+    """Tasks whose kernel stack now shows one of ``functions``, each with the names it shows.
+
+    Before an update loads, these are the tasks its transition will have to wait for: livepatch
+    switches a task only when no function being replaced is on its stack.
+    """
+    found = []
+    for pid_dir in (root / "proc").glob("[0-9]*"):
+        for task_dir in pid_dir.glob("task/[0-9]*"):
+            text = _read_text(task_dir / "stack")
+            if not text:
+                continue
+            stack = tuple(line.strip() for line in text.splitlines() if line.strip())
+            names = [frame.split(" ", 1)[-1].split("+", 1)[0] for frame in stack]
+            hits = sorted({n for n in names if n in functions})
+            if hits:
+                comm = (_read_text(task_dir / "comm") or "?").strip()
+                found.append((Blocker(int(pid_dir.name), int(task_dir.name), comm, stack), hits))
+    return sorted(found, key=lambda item: (item[0].pid, item[0].tid))
