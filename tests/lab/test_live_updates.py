@@ -140,7 +140,8 @@ def test_check_predicts_blockers_and_blockers_lists_them_mid_transition(guest, b
         assert any("] dynamos_stall_loop+" in frame for frame in blocker["stack"]), blocker["stack"]
         # While an apply waits on the thread, `blockers` names it with its stack.
         guest.sh(f"setsid {sys.executable} -m dynamos apply {pkg} --timeout 25 >/tmp/stalled.out 2>&1 "
-                 "</dev/null & sleep 6")
+                 "</dev/null & for i in $(seq 120); do "
+                 "[ -e /sys/kernel/livepatch/stall_breaker/transition ] && break; sleep 0.5; done; sleep 1")
         listed = json.loads(guest.dynamos("blockers", "--json").stdout)
         assert list(listed) == ["stall_breaker"]
         assert [b["comm"] for b in listed["stall_breaker"]] == ["dynamos-stall"]
