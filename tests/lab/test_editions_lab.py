@@ -4,6 +4,7 @@ call under load, per pid, per cgroup, by share and by an adaptation handler; mon
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -199,3 +200,40 @@ def test_switch_cli_routes_and_status_shows_counts(guest, build):
         assert "cmdline_show_tag_two" in text and "IN-FLIGHT" in text
     finally:
         guest.dynamos("revert", "cmdline-editions")
+
+
+@pytest.fixture(scope="session")
+def pipe_children(workdir) -> str:
+    """A small C program that starts short-lived children writing to a pipe (built on the host)."""
+    out = workdir / "pipe_children"
+    subprocess.run(["gcc", "-O2", "-o", str(out), str(Path(__file__).parent / "programs" / "pipe_children.c")],
+                   check=True)
+    return str(out)
+
+
+def pipe_bytes(guest) -> dict:
+    lines = guest.read("/proc/dynamos_pipe_bytes").splitlines()
+    head = {k: int(v) for k, v in (line.split() for line in lines[:3])}
+    tasks = {int(line.split()[1]): int(line.split()[3]) for line in lines[3:]}
+    return {**head, "tasks": tasks}
+
+
+def test_shadow_data_per_task_created_on_demand_freed_at_exit_and_on_revert(guest, build, pipe_children):
+    """DynAMOS' shadow data example: bytes written to pipes per task, no leak over 10,000 tasks."""
+    guest.dynamos("apply", str(build(EXAMPLES / "pipe-bytes")))
+    try:
+        before = pipe_bytes(guest)
+        # A task's own count: this shell writes 6 bytes into a pipe, then reads its shadow.
+        own = guest.sh("printf abcdef | cat >/dev/null; grep -c . /proc/dynamos_pipe_bytes")
+        assert int(own) >= 3
+        r = guest.run(pipe_children, "10000", timeout=600)
+        assert r.stdout.decode().strip() == "30000"
+        after = pipe_bytes(guest)
+    finally:
+        guest.dynamos("revert", "pipe-bytes")
+    assert after["created"] - before["created"] >= 10000  # every child got its shadow on its first write
+    assert after["freed_at_exit"] - before["freed_at_exit"] >= 10000  # and lost it when it exited
+    assert after["live"] - before["live"] <= 2, (before, after)  # no leak: at most the test's own tasks
+    assert after["live"] == len(after["tasks"])
+    assert guest.run("test", "-e", "/proc/dynamos_pipe_bytes", check=False).status != 0
+    assert "dynamos pipe-bytes: reverted, freed" in guest.sh("dmesg | tail -5")

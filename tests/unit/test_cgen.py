@@ -155,7 +155,7 @@ def test_klp_object_name() -> None:
 def test_kbuild_lists_main_and_author_objects() -> None:
     text = generate_kbuild(make_source(FunctionSpec("f", "f_v2")), "net_fix_main.o", ["src/a.o", "src/b.o"])
     lines = [x for x in text.splitlines() if not x.startswith("#")]
-    assert lines == ["obj-m := net_fix.o", "net_fix-y := net_fix_main.o src/a.o src/b.o"]
+    assert lines == ["obj-m := net_fix.o", "net_fix-y := net_fix_main.o src/a.o src/b.o", "ccflags-y += -I$(src)"]
 
 
 @pytest.mark.parametrize("objects", [["net_fix.o"], ["src/a.c"], ["src/a.o", "src/a.o"]])

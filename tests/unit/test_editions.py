@@ -24,7 +24,8 @@ from dynamos.monitor import monitor_manifest, monitor_name
 from dynamos.target import DEFAULT_LAB_KERNEL, fetch_target
 from dynamos.update.manifest import load_update_source
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cmdline-editions"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLE = EXAMPLES / "cmdline-editions"
 
 PIPE_WRITE = Prototype(
     name="pipe_write", return_type="long",
@@ -248,3 +249,41 @@ def test_bad_consistency_settings(tmp_path: Path, update: str, message: str) -> 
     with pytest.raises(ManifestError, match=message) as info:
         load_update_source(d)
     assert info.value.line == 3 + update.count("\n")  # the offending key is the last one given
+
+
+# --- hooks, states, shadow data -----------------------------------------------------------------
+
+
+def test_hooks_and_states_become_callbacks_and_klp_states(tmp_path: Path) -> None:
+    d = source(tmp_path, '[[function]]\nname = "pipe_write"\nedition = "w2"\n\n[hooks]\npre_patch = "up"\n'
+                         'post_unpatch = "down"\n\n[[state]]\nid = 3\nversion = 2\n',
+               EDITIONS_C + "int up(void) { return 0; }\nvoid down(void) {}\n")
+    src = load_update_source(d)
+    assert src.hooks == (("pre_patch", "up"), ("post_unpatch", "down")) and src.states == ((3, 2),)
+    text = generate_livepatch_source(src)
+    assert "extern int up(void);" in text and "extern void down(void);" in text
+    assert "err = up();" in text and ".callbacks.pre_patch = dynamos_pre_patch_0," in text
+    assert ".callbacks.post_unpatch = dynamos_post_unpatch_0," in text
+    assert "{ .id = 3, .version = 2 }," in text and ".states = dynamos_states," in text
+
+
+@pytest.mark.parametrize("tables, message", [
+    ('[hooks]\nafter = "up"\n', "unknown key 'after'"),
+    ('[hooks]\npre_patch = "nosuch"\n', "pre_patch hook 'nosuch' is not defined"),
+    ("[[state]]\nid = 1\n", "version must be a positive integer"),
+    ("[[state]]\nid = 1\nversion = 1\n[[state]]\nid = 1\nversion = 2\n", "state id 1 is given twice"),
+])
+def test_bad_hooks_and_states(tmp_path: Path, tables: str, message: str) -> None:
+    d = source(tmp_path, '[[function]]\nname = "pipe_write"\nedition = "w2"\n\n' + tables,
+               EDITIONS_C + "int up(void) { return 0; }\n")
+    with pytest.raises(ManifestError, match=message):
+        load_update_source(d)
+
+
+def test_shadow_helpers_compile_into_updates_that_include_them(tmp_path: Path) -> None:
+    result = build_update(EXAMPLES / "pipe-bytes", fetch_target(DEFAULT_LAB_KERNEL), output=tmp_path)
+    names = {s.name for s in ELFFile(open(result.module_path, "rb")).get_section_by_name(".symtab").iter_symbols()}
+    assert {"dynamos_shadow_count", "dynamos_shadow_free_all", "pipe_write_accounted"} <= names
+    plain = build_update(EXAMPLE, fetch_target(DEFAULT_LAB_KERNEL), output=tmp_path)
+    names = {s.name for s in ELFFile(open(plain.module_path, "rb")).get_section_by_name(".symtab").iter_symbols()}
+    assert "dynamos_shadow_count" not in names  # only updates that use shadow data carry it

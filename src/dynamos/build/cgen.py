@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from dynamos.build.klp import KlpSymbol
 from dynamos.errors import ManifestError
-from dynamos.update.manifest import FunctionSpec, UpdateSource
+from dynamos.update.manifest import VMLINUX, FunctionSpec, UpdateSource
 
 if TYPE_CHECKING:
     from dynamos.build.btf import Prototype
@@ -218,22 +218,48 @@ def generate_livepatch_source(source: UpdateSource, prototypes: Mapping[Function
         out.append("};")
         out.append("")
 
-    object_arrays: list[tuple[str, str | None, str | None]] = []
+    hooks = dict(source.hooks)
+    hook_object = VMLINUX if VMLINUX in source.objects else source.objects[0]
+    if hooks:
+        out.append("/* State-transfer hooks of the update source (livepatch callbacks). */")
+        for key, function in hooks.items():
+            out.append(f"extern {'int' if key == 'pre_patch' else 'void'} {function}(void);")
+        out.append("")
+    object_arrays: list[tuple[str, str | None, dict[str, str]]] = []
     for index, obj in enumerate(source.objects):
         array = f"dynamos_funcs_{index}_{_c_ident_part(obj)}"
         checked = [i for i, f in enumerate(source.functions) if f.dispatched and f.object == obj]
-        pre_patch = f"dynamos_pre_patch_{index}" if checked else None
-        object_arrays.append((array, klp_object_name(obj), pre_patch))
-        if pre_patch:
-            out.append(f"/* Before {obj} is patched, with its relocations applied: check edition 0's way in. */")
-            out.append(f"static struct dynamos_function *{pre_patch}_functions[] = {{")
-            out.extend(f"\t&dynamos_fn_{i}," for i in checked)
-            out.append("};")
-            out.append(f"static int {pre_patch}(struct klp_object *obj)")
+        callbacks: dict[str, str] = {}
+        if checked or (obj == hook_object and "pre_patch" in hooks):
+            callbacks["pre_patch"] = f"dynamos_pre_patch_{index}"
+            out.append(f"/* Before {obj} is patched, with its relocations applied: check edition 0's way in, "
+                       "then the author's pre_patch hook may veto. */")
+            if checked:
+                out.append(f"static struct dynamos_function *dynamos_pre_patch_{index}_functions[] = {{")
+                out.extend(f"\t&dynamos_fn_{i}," for i in checked)
+                out.append("};")
+            out.append(f"static int dynamos_pre_patch_{index}(struct klp_object *obj)")
             out.append("{")
-            out.append(f"\treturn dynamos_check_entries({pre_patch}_functions, {len(checked)});")
+            out.append("\tint err = 0;")
+            out.append("")
+            if checked:
+                out.append(f"\terr = dynamos_check_entries(dynamos_pre_patch_{index}_functions, {len(checked)});")
+            if obj == hook_object and "pre_patch" in hooks:
+                out.append("\tif (!err)")
+                out.append(f"\t\terr = {hooks['pre_patch']}();")
+            out.append("\treturn err;")
             out.append("}")
             out.append("")
+        if obj == hook_object:
+            for key in ("post_patch", "pre_unpatch", "post_unpatch"):
+                if key in hooks:
+                    callbacks[key] = f"dynamos_{key}_{index}"
+                    out.append(f"static void dynamos_{key}_{index}(struct klp_object *obj)")
+                    out.append("{")
+                    out.append(f"\t{hooks[key]}();")
+                    out.append("}")
+                    out.append("")
+        object_arrays.append((array, klp_object_name(obj), callbacks))
         out.append(f"/* Functions replaced in {obj}. */")
         out.append(f"static struct klp_func {array}[] = {{")
         for f in source.functions:
@@ -244,20 +270,29 @@ def generate_livepatch_source(source: UpdateSource, prototypes: Mapping[Function
         out.append("")
 
     out.append("static struct klp_object dynamos_objects[] = {")
-    for array, kname, pre_patch in object_arrays:
+    for array, kname, callbacks in object_arrays:
         out.append("\t{")
         out.append(f"\t\t.name = {'NULL' if kname is None else c_string(kname)},")
         out.append(f"\t\t.funcs = {array},")
-        if pre_patch:
-            out.append(f"\t\t.callbacks.pre_patch = {pre_patch},")
+        for key, function in callbacks.items():
+            out.append(f"\t\t.callbacks.{key} = {function},")
         out.append("\t},")
     out.append("\t{ }")
     out.append("};")
     out.append("")
 
+    if source.states:
+        out.append("/* System states this update sets up; a replacing update must know them (klp_state). */")
+        out.append("static struct klp_state dynamos_states[] = {")
+        out.extend(f"\t{{ .id = {sid}, .version = {version} }}," for sid, version in source.states)
+        out.append("\t{ }")
+        out.append("};")
+        out.append("")
     out.append("static struct klp_patch dynamos_patch = {")
     out.append("\t.mod = THIS_MODULE,")
     out.append("\t.objs = dynamos_objects,")
+    if source.states:
+        out.append("\t.states = dynamos_states,")
     if source.replace:
         out.append("\t.replace = true,")
     out.append("};")
@@ -334,4 +369,6 @@ def generate_kbuild(source: UpdateSource, main_object: str, author_objects: list
         f"# Generated by dynamos for update {source.name}: do not edit.\n"
         f"obj-m := {module}\n"
         f"{source.livepatch_name}-y := {' '.join(parts)}\n"
+        "# The update's C may include the headers dynamos ships (dynamos_shadow.h).\n"
+        "ccflags-y += -I$(src)\n"
     )

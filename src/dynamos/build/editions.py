@@ -24,6 +24,8 @@ RUNTIME_HEADER = "dynamos_editions.h"
 # Inside the build dir the runtime is compiled as this object, apart from the author's files.
 RUNTIME_OBJECT = "dynamos_runtime.o"
 RUNNING_BTF = Path("/sys/kernel/btf/vmlinux")
+SHADOW_HEADER = "dynamos_shadow.h"  # shadow-data helpers any update's C may include
+SHADOW_OBJECT = "dynamos_shadow_data.o"
 
 
 def runtime_files() -> dict[str, str]:

@@ -264,6 +264,14 @@ def _prepare_build_dir(build_dir: Path, source: UpdateSource, author_files: list
         extra_objects.append(editions.RUNTIME_OBJECT)
     else:
         main_c = generate_livepatch_source(source)
+    from dynamos.build import editions as runtime
+
+    (build_dir / runtime.SHADOW_HEADER).write_text((runtime.RUNTIME_DIR / runtime.SHADOW_HEADER).read_text())
+    if any(runtime.SHADOW_HEADER in (source.directory / rel).read_text(errors="replace")
+           for rel in author_files if rel.suffix in (".c", ".h")):
+        (build_dir / runtime.SHADOW_OBJECT.replace(".o", ".c")).write_text(
+            (runtime.RUNTIME_DIR / "dynamos_shadow.c").read_text())
+        extra_objects.append(runtime.SHADOW_OBJECT)
     (build_dir / main_object).with_suffix(".c").write_text(main_c)
     author_objects = [f"{AUTHOR_SUBDIR}/{c.stem}.o" for c in source.c_files]
     (build_dir / "Kbuild").write_text(generate_kbuild(source, main_object, [*extra_objects, *author_objects]))

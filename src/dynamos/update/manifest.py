@@ -124,6 +124,8 @@ class UpdateSource:
     symbols: tuple[SymbolSpec, ...] = ()  # [[symbol]]: where non-exported symbols live
     consistency: str = "per-task"  # or "global": every function moves to its edition at one instant
     transfer: str | None = None  # global: C hook converting shared data at that instant
+    hooks: tuple[tuple[str, str], ...] = ()  # (livepatch callback, C function): state transfer hooks
+    states: tuple[tuple[int, int], ...] = ()  # (id, version): system states this update sets up (klp_state)
 
     @property
     def manifest_path(self) -> Path:
@@ -163,7 +165,9 @@ UPDATE_KEYS = ("name", "description", "kernel", "replace", "consistency", "trans
 CONSISTENCY_MODELS = ("per-task", "global")
 FUNCTION_KEYS = ("name", "edition", "editions", "default", "policy", "monitor", "object", "sympos")
 SYMBOL_KEYS = ("name", "object", "sympos")
-TOP_LEVEL_KEYS = ("update", "function", "symbol")
+TOP_LEVEL_KEYS = ("update", "function", "symbol", "hooks", "state")
+HOOK_KEYS = ("pre_patch", "post_patch", "pre_unpatch", "post_unpatch")
+STATE_KEYS = ("id", "version")
 
 
 # --- line numbers for TOML keys -------------------------------------------------------------
@@ -561,7 +565,7 @@ def load_update_source(directory: Path | str) -> UpdateSource:
         elif hint:
             advice = f"did you mean {hint[0]!r}?"
         else:
-            advice = "expected only [update], [[function]] and [[symbol]] tables"
+            advice = "expected only [update], [[function]], [[symbol]], [hooks] and [[state]] tables"
         raise check.fail(f"unknown top-level key {key!r} ({advice})", lines.key((), 0, key))
 
     name, description, kernel, replace = _validate_update(data, check)
@@ -578,10 +582,16 @@ def load_update_source(directory: Path | str) -> UpdateSource:
             path=directory,
         )
     _validate_editions(functions, c_files, check)
+    hooks = _validate_hooks(data, check)
+    states = _validate_states(data, check)
+    by_name = _c_functions_by_name(c_files)
+    searched = ", ".join(p.name for p in c_files)
     if transfer is not None:
         hook = FunctionSpec(name="[update] transfer", edition=transfer)
-        _validate_edition(hook, transfer, 0, "transfer", _c_functions_by_name(c_files),
-                          ", ".join(p.name for p in c_files), check, table=("update",))
+        _validate_edition(hook, transfer, 0, "transfer", by_name, searched, check, table=("update",))
+    for key, function in hooks:
+        _validate_edition(FunctionSpec(name=f"[hooks] {key}", edition=function), function, 0, key, by_name,
+                          searched, check, table=("hooks",))
 
     return UpdateSource(
         directory=directory,
@@ -594,7 +604,44 @@ def load_update_source(directory: Path | str) -> UpdateSource:
         symbols=symbols,
         consistency=consistency,
         transfer=transfer,
+        hooks=hooks,
+        states=states,
     )
+
+
+def _validate_hooks(data: dict[str, Any], check: _Checker) -> tuple[tuple[str, str], ...]:
+    """[hooks]: livepatch callbacks run with the update's first object (vmlinux when patched)."""
+    table = data.get("hooks", {})
+    if not isinstance(table, dict):
+        raise check.fail("hooks must be a table ([hooks])", check.lines.key((), 0, "hooks"))
+    check.reject_unknown(table, HOOK_KEYS, "[hooks]", ("hooks",), 0)
+    out = []
+    for key in HOOK_KEYS:
+        function = check.string(table, key, "[hooks]", ("hooks",), 0, required=False)
+        if function is not None:
+            problem = _check_symbol(function)
+            if problem:
+                raise check.fail(f"[hooks] {key} {function!r} {problem}", check.lines.key(("hooks",), 0, key))
+            out.append((key, function))
+    return tuple(out)
+
+
+def _validate_states(data: dict[str, Any], check: _Checker) -> tuple[tuple[int, int], ...]:
+    """[[state]]: system states (klp_state) this update sets up, each an id and a version."""
+    out: dict[int, int] = {}
+    for index, table, where, header in _tables(data, "state", check):
+        check.reject_unknown(table, STATE_KEYS, where, ("state",), index)
+        values = []
+        for key in STATE_KEYS:
+            value = table.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "id" else 1):
+                raise check.fail(f"{where}: {key} must be a {'non-negative' if key == 'id' else 'positive'} "
+                                 f"integer, got {value!r}", check.lines.key(("state",), index, key) or header)
+            values.append(value)
+        if values[0] in out:
+            raise check.fail(f"{where}: state id {values[0]} is given twice", header)
+        out[values[0]] = values[1]
+    return tuple(out.items())
 
 
 def _validate_consistency(upd: dict[str, Any], check: _Checker) -> tuple[str, str | None]:
@@ -867,6 +914,8 @@ def _validate_edition(spec: FunctionSpec, edition: str, index: int, key: str,
     """One C function the update names must be defined once in its C files, with external linkage."""
     where = f"[[function]] #{index + 1}" if table == ("function",) else f"[{table[0]}]"
     role = {"policy": "adaptation handler", "transfer": "transfer hook"}.get(key, "edition")
+    if table == ("hooks",):
+        role = f"{key} hook"
     line = check.lines.key(table, index, key)
     decls = by_name.get(edition, [])
     # Linkage is per file: one 'static' declaration makes every later one in that file static.
