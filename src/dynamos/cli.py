@@ -113,7 +113,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
         if not report["predicted_blockers"]:
             print("  no task has a function of the update on its stack now")
         return 0
-    return _present(kernel.apply(Path(args.package), timeout=args.timeout, progress=Progress(args.json)), args.json)
+    if args.force:
+        print("dynamos: warning: --force: if the transition is still blocked at the timeout, the blocking "
+              "tasks are switched without the safety check and may keep running the old code; the update's "
+              "module can then never be unloaded", file=sys.stderr)
+    return _present(kernel.apply(Path(args.package), timeout=args.timeout, progress=Progress(args.json),
+                                 force=args.force), args.json)
 
 
 def cmd_blockers(args: argparse.Namespace) -> int:
@@ -394,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transition deadline; past it the update is reverted and unloaded")
     p.add_argument("--check", action="store_true",
                    help="verify and preflight only, and name the tasks that would hold up the transition")
+    p.add_argument("--force", action="store_true",
+                   help="at the timeout, force the transition instead of reverting (unsafe: the module can "
+                        "never be unloaded); never the default")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_apply)
 

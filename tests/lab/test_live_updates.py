@@ -12,9 +12,11 @@ import pytest
 
 from dynamos.build import build_update
 from dynamos.errors import PackageError, RefusedError, TransitionError
-from dynamos.target import fetch_target
+from dynamos.lab import Lab, LabConfig
+from dynamos.lab.vm import labs_dir
+from dynamos.target import cache_root, fetch_target
 
-from .conftest import EXAMPLES, LAB_MODULES, LAB_UPDATES
+from .conftest import EXAMPLES, LAB_MODULES, LAB_UPDATES, REPO, Guest
 
 pytestmark = pytest.mark.lab
 
@@ -284,3 +286,26 @@ def test_unknown_non_exported_symbol_is_refused(guest, build):
     assert r.status == RefusedError.exit_status
     assert "dynamos_no_such_variable" in r.stderr.decode() and "not in vmlinux" in r.stderr.decode()
     assert guest.modules() == before
+
+
+def test_force_is_opt_in_switches_the_blocker_and_pins_the_module(target, workdir, build, stall_module):
+    """In a lab of its own: a forced livepatch's module can never be unloaded."""
+    pkg = build(LAB_UPDATES / "stall-breaker")
+    config = LabConfig(kernel=target.release, shares=[str(REPO), str(workdir), str(cache_root())])
+    lab = Lab.boot(config, state_dir=labs_dir() / f"pytest-force-{workdir.name}")
+    try:
+        guest = Guest(lab)
+        guest.load_module(stall_module)
+        r = guest.dynamos("apply", str(pkg), "--timeout", "3", "--force", "--json")
+        applied = json.loads(r.stdout)
+        assert b"--force: if the transition is still blocked" in r.stderr
+        (note,) = [n for n in applied["notes"] if n.startswith("FORCED")]
+        assert "dynamos-stall" in note and "can never be unloaded" in note
+        assert guest.livepatches() == ["stall_breaker"]
+        assert guest.read("/sys/kernel/livepatch/stall_breaker/transition").strip() == "0"
+        r = guest.dynamos("revert", "stall-breaker", check=False)
+        assert r.status != 0 and b"could not be unloaded" in r.stderr
+        assert guest.livepatches() == [] and "stall_breaker" in guest.modules()  # disabled, pinned
+    finally:
+        lab.kill()
+        lab.discard()

@@ -75,10 +75,11 @@ def preflight(pkg: Any) -> list[str]:
 
 
 def apply(
-    package_path: Path | str, timeout: float = 30.0, progress: Callable[[Progress], None] | None = None
+    package_path: Path | str, timeout: float = 30.0, progress: Callable[[Progress], None] | None = None,
+    force: bool = False,
 ) -> ApplyResult:
-    """Apply an update package to the running kernel."""
-    return LiveKernel().apply(package_path, timeout=timeout, progress=progress)
+    """Apply an update package to the running kernel (``force``: see LiveKernel.apply)."""
+    return LiveKernel().apply(package_path, timeout=timeout, progress=progress, force=force)
 
 
 def revert(

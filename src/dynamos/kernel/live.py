@@ -665,11 +665,14 @@ class LiveKernel:
         progress: ProgressCallback | None = None,
         *,
         revert_timeout: float | None = None,
+        force: bool = False,
     ) -> ApplyResult:
         """Apply an update package: verify, preflight, load, transition (reverting on timeout).
 
         ``timeout`` bounds the transition; ``revert_timeout`` (default: ``timeout``) bounds the
-        reversal that follows a timeout.
+        reversal that follows a timeout. With ``force``, a transition still blocked at the
+        timeout is forced instead (livepatch's ``force``): the tasks named in the notes may
+        still run the old code, and the module can never be unloaded.
         """
         revert_timeout = timeout if revert_timeout is None else revert_timeout
         phases = dict.fromkeys(PHASES, 0.0)
@@ -704,7 +707,8 @@ class LiveKernel:
             loading = True
             self._load(pkg)
             t = timed("load", t)
-            self._complete_transition(pkg.livepatch_name, timeout, revert_timeout, progress)
+            self._complete_transition(pkg.livepatch_name, timeout, revert_timeout, progress,
+                                      force_notes=notes if force else None)
             t = timed("transition", t)
             if getattr(pkg, "consistency", "per-task") == "global":
                 self._switch_globally(pkg.livepatch_name, True, timeout, revert_timeout, progress, notes)
@@ -784,11 +788,21 @@ class LiveKernel:
             )
 
     def _complete_transition(
-        self, name: str, timeout: float, revert_timeout: float, progress: ProgressCallback | None
+        self, name: str, timeout: float, revert_timeout: float, progress: ProgressCallback | None,
+        force_notes: list[str] | None = None,
     ) -> None:
-        """Wait for the forward transition; on timeout, interruption or any error, revert and unload."""
+        """Wait for the forward transition; on timeout, interruption or any error, revert and
+        unload (with ``force_notes``, force a timed-out transition and note who was forced)."""
         try:
             done = self._wait_transition(name, timeout, "transition", progress)
+            if not done and force_notes is not None:
+                forced = lp.blockers(self.root, 1)
+                lp.write_force(self.sys, self.root, name)
+                done = self._wait_transition(name, revert_timeout, "transition", progress)
+                who = "; ".join(f"{b.comm} (pid {b.pid})" for b in forced) or "none left by then"
+                force_notes.append(f"FORCED after {timeout:g}s: tasks switched without the stack check "
+                                   f"may still run the replaced code: {who}; this update's module can never "
+                                   "be unloaded (revert disables it only)")
         except BaseException as e:
             # Ctrl-C, or a failing progress callback: never leave the update half applied.
             # The callback is not called again: it may be what failed.

@@ -111,6 +111,14 @@ def read_livepatches(root: Path) -> list[Livepatch]:
     return [p for p in patches if p is not None]
 
 
+def write_force(syscalls: Syscalls, root: Path, name: str) -> None:
+    """Write ``force``: every task not yet switched is switched without the stack check.
+
+    livepatch then keeps the module forever (it cannot know that no task still runs old code).
+    """
+    syscalls.write_attribute(os.fspath(livepatch_root(root) / name / "force"), b"1")
+
+
 def write_enabled(syscalls: Syscalls, root: Path, name: str, value: bool) -> None:
     """Write ``enabled``; writing the opposite of the target reverses a transition in flight.
 
