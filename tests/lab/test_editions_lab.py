@@ -4,6 +4,7 @@ call under load, per pid, per cgroup, by share and by an adaptation handler; mon
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -237,3 +238,41 @@ def test_shadow_data_per_task_created_on_demand_freed_at_exit_and_on_revert(gues
     assert after["live"] == len(after["tasks"])
     assert guest.run("test", "-e", "/proc/dynamos_pipe_bytes", check=False).status != 0
     assert "dynamos pipe-bytes: reverted, freed" in guest.sh("dmesg | tail -5")
+
+
+def test_runtime_replaced_live_keeps_route_and_counters(guest, build, workdir):
+    """Updating the updater: a cumulative update with its own copy of the edition runtime takes
+    over the running one's route and counters, and the calls keep being counted across."""
+    src = workdir / "src" / "cmdline-editions-next"
+    shutil.copytree(EXAMPLES / "cmdline-editions", src, dirs_exist_ok=True)
+    toml = (src / "update.toml").read_text().replace('name = "cmdline-editions"',
+                                                     'name = "cmdline-editions-next"\nreplace = true')
+    (src / "update.toml").write_text(toml)
+    read_100 = "for _ in range(100): open('/proc/cmdline').read()"
+    guest.dynamos("apply", str(build(EXAMPLES / "cmdline-editions")))
+    try:
+        guest.dynamos("switch", "cmdline-editions", "cmdline_proc_show", "2")
+        guest.dynamos("switch", "cmdline-editions", "cmdline_proc_show", "1", "--share", "50")
+        guest.run(sys.executable, "-c", read_100)
+        before = editions_of(guest, "cmdline-editions")
+        guest.dynamos("apply", str(build(src)))
+        assert "cmdline_editions" not in guest.modules()  # the old runtime is gone
+        taken = editions_of(guest, "cmdline-editions-next")
+        guest.run(sys.executable, "-c", read_100)
+        after = editions_of(guest, "cmdline-editions-next")
+        tags = guest.run(sys.executable, "-c", "print(sorted({open('/proc/cmdline').read()[:11] "
+                         "for _ in range(40)}))").stdout.decode()
+        log = guest.sh("dmesg | grep 'taking over route and counters' | tail -1")
+    finally:
+        guest.sh("true")
+        for name in ("cmdline-editions-next", "cmdline-editions"):
+            if name.replace("-", "_") in guest.livepatches() or name.replace("-", "_") in guest.modules():
+                guest.dynamos("revert", name)
+    assert before["route"] == ["default 2", "share 1 5000"]
+    assert taken["route"] == before["route"]  # the policy stays
+    calls = {e["index"]: e["calls"] for e in before["editions"]}
+    assert sum(calls.values()) == 100 and calls[1] == 50 and calls[2] == 50
+    assert [e["calls"] for e in taken["editions"]] == [calls[0], calls[1], calls[2]]  # counts carried over
+    assert sum(e["calls"] for e in after["editions"]) == 200  # and kept counting
+    assert "[edition 1]" in tags and "[edition 2]" in tags
+    assert "cmdline_proc_show: taking over route and counters from runtime version 1" in log

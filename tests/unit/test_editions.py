@@ -232,7 +232,7 @@ def test_global_update_sends_every_function_through_a_dispatcher(tmp_path: Path)
     text = generate_livepatch_source(src, {f: PIPE_WRITE})
     assert ".initial_edition = 0," in text and ".global_edition = 1," in text  # loads on the original
     assert "extern void convert(bool to_new);" in text and ".transfer = convert," in text
-    assert "dynamos_functions, ARRAY_SIZE(dynamos_functions), &dynamos_global_state);" in text
+    assert "dynamos_functions, ARRAY_SIZE(dynamos_functions), &dynamos_global_state, false);" in text
 
 
 @pytest.mark.parametrize("update, message", [

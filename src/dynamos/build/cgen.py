@@ -250,8 +250,20 @@ def generate_livepatch_source(source: UpdateSource, prototypes: Mapping[Function
             out.append("\treturn err;")
             out.append("}")
             out.append("")
+        if checked or (obj == hook_object and "post_patch" in hooks):
+            callbacks["post_patch"] = f"dynamos_post_patch_{index}"
+            out.append(f"/* {obj} is patched and every task switched: no call runs in a predecessor's "
+                       "dispatchers any more. */")
+            out.append(f"static void dynamos_post_patch_{index}(struct klp_object *obj)")
+            out.append("{")
+            if checked:
+                out.append(f"\tdynamos_takeover_complete(dynamos_pre_patch_{index}_functions, {len(checked)});")
+            if obj == hook_object and "post_patch" in hooks:
+                out.append(f"\t{hooks['post_patch']}();")
+            out.append("}")
+            out.append("")
         if obj == hook_object:
-            for key in ("post_patch", "pre_unpatch", "post_unpatch"):
+            for key in ("pre_unpatch", "post_unpatch"):
                 if key in hooks:
                     callbacks[key] = f"dynamos_{key}_{index}"
                     out.append(f"static void dynamos_{key}_{index}(struct klp_object *obj)")
@@ -307,7 +319,8 @@ def generate_livepatch_source(source: UpdateSource, prototypes: Mapping[Function
             "static int __init dynamos_update_init(void)",
             "{",
             f"\tint err = dynamos_runtime_init(THIS_MODULE, dynamos_functions, {count}, "
-            f"{'&dynamos_global_state' if source.consistency == 'global' else 'NULL'});",
+            f"{'&dynamos_global_state' if source.consistency == 'global' else 'NULL'}, "
+            f"{'true' if source.replace else 'false'});",
             "",
             "\tif (err)",
             "\t\treturn err;",

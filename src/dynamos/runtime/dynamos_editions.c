@@ -21,7 +21,17 @@
 #include <linux/mutex.h>
 #include <linux/delay.h>
 #include <linux/stop_machine.h>
+#include <linux/jhash.h>
 #include "dynamos_editions.h"
+
+/* The registry's shadow variables: a constant never dereferenced, and ids apart from authors'. */
+#define DYNAMOS_REGISTRY_OBJ ((void *)0x64796e616d6f7331UL)
+#define DYNAMOS_REGISTRY_ID(fn) (0x6479000000000000UL | jhash((fn)->dir, strlen((fn)->dir), 0))
+
+struct dynamos_registration {
+	unsigned int version;			/* DYNAMOS_RUNTIME_VERSION of the owner */
+	struct dynamos_function *owner;
+};
 
 #define DYNAMOS_NOP5 "\x0f\x1f\x44\x00\x00"
 #define DYNAMOS_X86_CALL 0xe8
@@ -39,25 +49,51 @@ static bool edition_is_live(struct dynamos_function *fn, int edition)
 	return edition >= 0 && edition < fn->nr_editions && !test_bit(edition, &fn->retired);
 }
 
+/* Calls that entered and left an edition here; sums what left first, so left <= entered. */
+static void edition_counts(struct dynamos_function *fn, int edition, u64 *entered, u64 *left)
+{
+	int cpu;
+
+	*entered = *left = 0;
+	for_each_possible_cpu(cpu)
+		*left += READ_ONCE(per_cpu_ptr(fn->stats, cpu)->left[edition]);
+	smp_rmb();
+	for_each_possible_cpu(cpu)
+		*entered += READ_ONCE(per_cpu_ptr(fn->stats, cpu)->entered[edition]);
+}
+
+/* The same, with what a taken-over predecessor counted (its totals, or its live counts). */
+static void edition_totals(struct dynamos_function *fn, int edition, u64 *entered, u64 *left)
+{
+	struct dynamos_function *pred = fn->predecessor;
+	u64 pe, pl;
+
+	edition_counts(fn, edition, entered, left);
+	*entered += fn->base_entered[edition];
+	*left += fn->base_left[edition];
+	if (pred && edition < pred->nr_editions) {
+		edition_counts(pred, edition, &pe, &pl);
+		*entered += pe;
+		*left += pl;
+	}
+}
+
 static ssize_t editions_show(struct kobject *kobj, struct kobj_attribute *attr, char *buf)
 {
 	struct dynamos_function *fn = kobj_function(kobj);
 	ssize_t len = 0;
-	int edition, cpu;
+	int edition;
 
+	mutex_lock(&fn->lock);		/* the predecessor may be folded in meanwhile */
 	for (edition = 0; edition < fn->nr_editions; edition++) {
-		u64 entered = 0, left = 0;
+		u64 entered, left;
 
-		/* Sum what left before what entered: a call counted out is then always counted in. */
-		for_each_possible_cpu(cpu)
-			left += READ_ONCE(per_cpu_ptr(fn->stats, cpu)->left[edition]);
-		smp_rmb();
-		for_each_possible_cpu(cpu)
-			entered += READ_ONCE(per_cpu_ptr(fn->stats, cpu)->entered[edition]);
+		edition_totals(fn, edition, &entered, &left);
 		len += sysfs_emit_at(buf, len, "%d %s %llu %lld %s\n", edition, fn->edition_names[edition],
 				     entered, (s64)(entered - left),
 				     edition_is_live(fn, edition) ? "live" : "retired");
 	}
+	mutex_unlock(&fn->lock);
 	return len;
 }
 
@@ -340,14 +376,9 @@ static int global_count;
 
 static s64 edition_in_flight(struct dynamos_function *fn, int edition)
 {
-	u64 entered = 0, left = 0;
-	int cpu;
+	u64 entered, left;
 
-	for_each_possible_cpu(cpu)
-		left += READ_ONCE(per_cpu_ptr(fn->stats, cpu)->left[edition]);
-	smp_rmb();
-	for_each_possible_cpu(cpu)
-		entered += READ_ONCE(per_cpu_ptr(fn->stats, cpu)->entered[edition]);
+	edition_counts(fn, edition, &entered, &left);
 	return entered - left;
 }
 
@@ -479,8 +510,11 @@ static ssize_t global_store(struct kobject *kobj, struct kobj_attribute *attr, c
 
 static struct kobj_attribute global_attr = __ATTR(global, 0600, global_show, global_store);
 
+static void unregister_function(struct dynamos_function *fn);
+
 static void free_function(struct dynamos_function *fn)
 {
+	unregister_function(fn);
 	if (fn->kobj_added)
 		kobject_put(&fn->kobj);
 	fn->kobj_added = false;
@@ -490,7 +524,84 @@ static void free_function(struct dynamos_function *fn)
 	fn->stats = NULL;
 }
 
-static int init_function(struct dynamos_function *fn)
+/* Start from the route of the update now serving this function (its editions permitting). */
+static void take_over(struct dynamos_function *fn, struct dynamos_route *route)
+{
+	struct dynamos_registration *reg = klp_shadow_get(DYNAMOS_REGISTRY_OBJ, DYNAMOS_REGISTRY_ID(fn));
+	struct dynamos_function *pred;
+	int i, kept = 0;
+
+	if (!reg || !reg->owner || reg->version > DYNAMOS_RUNTIME_VERSION)
+		return;
+	pred = reg->owner;
+	mutex_lock(&pred->lock);
+	*route = *rcu_dereference_protected(pred->route, lockdep_is_held(&pred->lock));
+	mutex_unlock(&pred->lock);
+	route->handler = route->handler && fn->has_handler;
+	if (route->default_edition >= fn->nr_editions)
+		route->default_edition = 0;
+	for (i = 0; i < route->nr_rules; i++)
+		if (route->rules[i].edition < fn->nr_editions)
+			route->rules[kept++] = route->rules[i];
+	route->nr_rules = kept;
+	fn->retired = pred->retired & (BIT(fn->nr_editions) - 1);
+	fn->predecessor = pred;
+	fn->predecessor_version = reg->version;
+	pr_info("dynamos: %s: taking over route and counters from runtime version %u\n", fn->name, reg->version);
+}
+
+static int register_function(struct dynamos_function *fn)
+{
+	struct dynamos_registration *reg;
+
+	reg = klp_shadow_get_or_alloc(DYNAMOS_REGISTRY_OBJ, DYNAMOS_REGISTRY_ID(fn), sizeof(*reg), GFP_KERNEL,
+				      NULL, NULL);
+	if (!reg)
+		return -ENOMEM;
+	WRITE_ONCE(reg->version, DYNAMOS_RUNTIME_VERSION);
+	WRITE_ONCE(reg->owner, fn);
+	return 0;
+}
+
+static void unregister_function(struct dynamos_function *fn)
+{
+	struct dynamos_registration *reg = klp_shadow_get(DYNAMOS_REGISTRY_OBJ, DYNAMOS_REGISTRY_ID(fn));
+
+	if (!reg || reg->owner != fn)
+		return;
+	if (fn->predecessor) {
+		/* A takeover that never completed (its update failed): the predecessor serves on. */
+		WRITE_ONCE(reg->version, fn->predecessor_version);
+		WRITE_ONCE(reg->owner, fn->predecessor);
+	} else {
+		klp_shadow_free(DYNAMOS_REGISTRY_OBJ, DYNAMOS_REGISTRY_ID(fn), NULL);
+	}
+}
+
+/* After a takeover's transition no call runs in the predecessor: keep its totals, drop it. */
+void dynamos_takeover_complete(struct dynamos_function **fns, int count)
+{
+	int i, e;
+
+	for (i = 0; i < count; i++) {
+		struct dynamos_function *fn = fns[i], *pred = fn->predecessor;
+
+		if (!pred)
+			continue;
+		mutex_lock(&fn->lock);
+		for (e = 0; e < fn->nr_editions && e < pred->nr_editions; e++) {
+			u64 entered, left;
+
+			edition_counts(pred, e, &entered, &left);
+			fn->base_entered[e] += entered;
+			fn->base_left[e] += left;
+		}
+		fn->predecessor = NULL;
+		mutex_unlock(&fn->lock);
+	}
+}
+
+static int init_function(struct dynamos_function *fn, bool takeover)
 {
 	struct dynamos_route *route;
 	int err;
@@ -506,7 +617,15 @@ static int init_function(struct dynamos_function *fn)
 		return -ENOMEM;
 	}
 	initial_route(fn, route);
+	fn->predecessor = NULL;
+	memset(fn->base_entered, 0, sizeof(fn->base_entered));
+	memset(fn->base_left, 0, sizeof(fn->base_left));
+	if (takeover)
+		take_over(fn, route);
 	RCU_INIT_POINTER(fn->route, route);
+	err = register_function(fn);
+	if (err)
+		return err;
 	err = kobject_init_and_add(&fn->kobj, &function_ktype, dynamos_dir, "%s", fn->dir);
 	fn->kobj_added = true;		/* even on failure the reference must be put */
 	if (!err)
@@ -518,7 +637,7 @@ static int init_function(struct dynamos_function *fn)
 
 /* Set up every multi-edition function and its control files, before the patch is enabled. */
 int dynamos_runtime_init(struct module *mod, struct dynamos_function **fns, int count,
-			 struct dynamos_global *global)
+			 struct dynamos_global *global, bool takeover)
 {
 	int i, err = 0;
 
@@ -526,7 +645,7 @@ int dynamos_runtime_init(struct module *mod, struct dynamos_function **fns, int 
 	if (!dynamos_dir)
 		return -ENOMEM;
 	for (i = 0; i < count && !err; i++)
-		err = init_function(fns[i]);
+		err = init_function(fns[i], takeover);
 	if (err) {
 		pr_err("dynamos: cannot set up editions of %s: %d\n", fns[i - 1]->name, err);
 	} else if (global) {

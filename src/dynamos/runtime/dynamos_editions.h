@@ -108,6 +108,12 @@ struct dynamos_function {
 	struct kobject kobj;
 	struct mutex lock;		/* serialises route writers */
 	bool kobj_added;
+	/* Runtime takeover (a replacing update carrying a newer runtime): the descriptor this one
+	 * took the route from, counted in until its calls are over; then its totals, as a base. */
+	struct dynamos_function *predecessor;
+	unsigned int predecessor_version;
+	u64 base_entered[DYNAMOS_MAX_EDITIONS];
+	u64 base_left[DYNAMOS_MAX_EDITIONS];
 };
 
 static __always_inline bool dynamos_rule_matches(struct dynamos_function *fn, const struct dynamos_rule *rule,
@@ -207,8 +213,17 @@ struct dynamos_global {
 	struct mutex lock;
 };
 
+/*
+ * Updating the updater: every update registers, per function, the descriptor now serving it
+ * (a livepatch shadow variable keyed by a constant and the function's name: it outlives the
+ * module that wrote it). An update loaded with takeover (a replacing, cumulative one) starts
+ * from its predecessor's route and retired editions, counts the predecessor's calls in while
+ * both serve (during the transition), and folds its totals in once the transition is over.
+ * The registry entry records the runtime version: only versions this runtime knows are read.
+ */
 int dynamos_runtime_init(struct module *mod, struct dynamos_function **fns, int count,
-			 struct dynamos_global *global);
+			 struct dynamos_global *global, bool takeover);
+void dynamos_takeover_complete(struct dynamos_function **fns, int count);
 void dynamos_runtime_exit(struct dynamos_function **fns, int count);
 int dynamos_check_entries(struct dynamos_function **fns, int count);
 
