@@ -115,8 +115,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
         return 0
     if args.force:
         print("dynamos: warning: --force: if the transition is still blocked at the timeout, the blocking "
-              "tasks are switched without the safety check and may keep running the old code; the update's "
-              "module can then never be unloaded", file=sys.stderr)
+              "tasks are switched without the safety check and may keep running the old code; the modules "
+              "of updates it replaces can then never be unloaded", file=sys.stderr)
     return _present(kernel.apply(Path(args.package), timeout=args.timeout, progress=Progress(args.json),
                                  force=args.force), args.json)
 
@@ -400,8 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="verify and preflight only, and name the tasks that would hold up the transition")
     p.add_argument("--force", action="store_true",
-                   help="at the timeout, force the transition instead of reverting (unsafe: the module can "
-                        "never be unloaded); never the default")
+                   help="at the timeout, force the transition instead of reverting (unsafe: blocked tasks "
+                        "may keep running old code); never the default")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_apply)
 

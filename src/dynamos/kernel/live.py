@@ -672,7 +672,7 @@ class LiveKernel:
         ``timeout`` bounds the transition; ``revert_timeout`` (default: ``timeout``) bounds the
         reversal that follows a timeout. With ``force``, a transition still blocked at the
         timeout is forced instead (livepatch's ``force``): the tasks named in the notes may
-        still run the old code, and the module can never be unloaded.
+        still run the old code, and the modules of updates this one replaces stay loaded.
         """
         revert_timeout = timeout if revert_timeout is None else revert_timeout
         phases = dict.fromkeys(PHASES, 0.0)
@@ -801,8 +801,8 @@ class LiveKernel:
                 done = self._wait_transition(name, revert_timeout, "transition", progress)
                 who = "; ".join(f"{b.comm} (pid {b.pid})" for b in forced) or "none left by then"
                 force_notes.append(f"FORCED after {timeout:g}s: tasks switched without the stack check "
-                                   f"may still run the replaced code: {who}; this update's module can never "
-                                   "be unloaded (revert disables it only)")
+                                   f"may still run the replaced code: {who}; livepatch keeps the modules of "
+                                   "updates this one replaced loaded for good")
         except BaseException as e:
             # Ctrl-C, or a failing progress callback: never leave the update half applied.
             # The callback is not called again: it may be what failed.

@@ -18,6 +18,7 @@ import termios
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
+HOST_GONE_AFTER = 5.0  # seconds of a closed host side before a running command is killed
 import protocol as P  # noqa: E402
 
 PORT_NAME = "dynamos.ctl"
@@ -114,6 +115,8 @@ class Agent:
             streams[err_r] = P.STDERR
         stdin_open = True
         status: int | None = None
+        hung_up_since: float | None = None
+        killed = False
         while streams or status is None:
             rlist = [self.fd, *streams]
             ready, _, _ = select.select(rlist, [], [], 0.2)
@@ -121,13 +124,21 @@ class Agent:
                 if fd == self.fd:
                     data = os.read(self.fd, 65536)
                     if not data:
-                        # Host went away: stop the command rather than run unattended.
-                        try:
-                            os.killpg(pid, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
-                        time.sleep(0.01)
+                        # The host side of the port is closed: a host that went away, or the
+                        # previous command's connection closing just as this one started. Only
+                        # a hang-up that lasts stops the command (it must not run unattended).
+                        now = time.monotonic()
+                        if hung_up_since is None:
+                            hung_up_since = now
+                        elif now - hung_up_since > HOST_GONE_AFTER and not killed:
+                            try:
+                                os.killpg(pid, signal.SIGKILL)
+                            except ProcessLookupError:
+                                pass
+                            killed = True
+                        time.sleep(0.05)
                         continue
+                    hung_up_since = None
                     for kind, payload in self.reader.feed(data):
                         if kind == P.STDIN and stdin_open:
                             try:
@@ -139,10 +150,7 @@ class Agent:
                             stdin_open = False
                         elif kind == P.SIGNAL:
                             try:
-                                try:
-                                    os.killpg(pid, int(P.decode(payload)["signal"]))
-                                except ProcessLookupError:
-                                    pass
+                                os.killpg(pid, int(P.decode(payload)["signal"]))
                             except ProcessLookupError:
                                 pass
                         elif kind == P.RESIZE and use_pty:
