@@ -16,7 +16,7 @@ from typing import Any
 
 from dynamos.build.kbuild import BuildResult, build_update
 from dynamos.errors import ManifestError
-from dynamos.kernel.editions import FunctionControl, functions_of
+from dynamos.kernel.editions import FunctionControl, functions_of, normalize_name
 from dynamos.kernel.modules import loaded_modules
 from dynamos.target import TargetKernel
 from dynamos.update.manifest import MAX_NAME_LEN
@@ -88,7 +88,7 @@ def monitored(root: Path = Path("/")) -> list[FunctionControl]:
 def monitor_rows(root: Path = Path("/"), update: str | None = None) -> list[MonitorRow]:
     rows = []
     for control in monitored(root):
-        if update is not None and control.update != update.replace("-", "_"):
+        if update is not None and control.update != normalize_name(update):
             continue
         latency = {lat.edition: lat for lat in control.latency() or []}
         for state in control.editions():

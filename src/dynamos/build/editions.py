@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dynamos.build.btf import BtfTypes, Prototype
+from dynamos.build.cgen import RUNTIME_HEADER
 from dynamos.build.source import read_config
 from dynamos.errors import BuildError
 from dynamos.target import TargetKernel, extract_vmlinux
@@ -20,7 +21,6 @@ from dynamos.update.manifest import VMLINUX, FunctionSpec, UpdateSource
 
 RUNTIME_DIR = Path(__file__).resolve().parent.parent / "runtime"
 RUNTIME_SOURCE = "dynamos_editions.c"
-RUNTIME_HEADER = "dynamos_editions.h"
 # Inside the build dir the runtime is compiled as this object, apart from the author's files.
 RUNTIME_OBJECT = "dynamos_runtime.o"
 RUNNING_BTF = Path("/sys/kernel/btf/vmlinux")
@@ -34,6 +34,15 @@ def runtime_files() -> dict[str, str]:
         RUNTIME_HEADER: (RUNTIME_DIR / RUNTIME_HEADER).read_text(),
         RUNTIME_OBJECT.replace(".o", ".c"): (RUNTIME_DIR / RUNTIME_SOURCE).read_text(),
     }
+
+
+def shadow_files(used: bool) -> dict[str, str]:
+    """Build-dir file name -> text of the shadow-data helpers: the header always (any update may
+    include it), their object only when the update's C uses them."""
+    files = {SHADOW_HEADER: (RUNTIME_DIR / SHADOW_HEADER).read_text()}
+    if used:
+        files[SHADOW_OBJECT.replace(".o", ".c")] = (RUNTIME_DIR / "dynamos_shadow.c").read_text()
+    return files
 
 
 def ftrace_site(target: TargetKernel) -> int:

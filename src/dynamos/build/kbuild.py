@@ -253,25 +253,24 @@ def _prepare_build_dir(build_dir: Path, source: UpdateSource, author_files: list
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source.directory / rel, dest)
     main_object = main_object_name(source)
+    from dynamos.build import editions  # not at the top: editions -> source -> kbuild
+
+    files: dict[str, str] = {}
     extra_objects: list[str] = []
     if any(f.dispatched for f in source.functions):
-        from dynamos.build import editions
-
         main_c = generate_livepatch_source(source, editions.dispatcher_prototypes(source, target, module_dirs),
                                            editions.ftrace_site(target))
-        for name, text in editions.runtime_files().items():
-            (build_dir / name).write_text(text)
+        files.update(editions.runtime_files())
         extra_objects.append(editions.RUNTIME_OBJECT)
     else:
         main_c = generate_livepatch_source(source)
-    from dynamos.build import editions as runtime
-
-    (build_dir / runtime.SHADOW_HEADER).write_text((runtime.RUNTIME_DIR / runtime.SHADOW_HEADER).read_text())
-    if any(runtime.SHADOW_HEADER in (source.directory / rel).read_text(errors="replace")
-           for rel in author_files if rel.suffix in (".c", ".h")):
-        (build_dir / runtime.SHADOW_OBJECT.replace(".o", ".c")).write_text(
-            (runtime.RUNTIME_DIR / "dynamos_shadow.c").read_text())
-        extra_objects.append(runtime.SHADOW_OBJECT)
+    uses_shadow = any(editions.SHADOW_HEADER in (author_dir / rel).read_text(errors="replace")
+                      for rel in author_files if rel.suffix in (".c", ".h"))
+    files.update(editions.shadow_files(uses_shadow))
+    if uses_shadow:
+        extra_objects.append(editions.SHADOW_OBJECT)
+    for name, text in files.items():
+        (build_dir / name).write_text(text)
     (build_dir / main_object).with_suffix(".c").write_text(main_c)
     author_objects = [f"{AUTHOR_SUBDIR}/{c.stem}.o" for c in source.c_files]
     (build_dir / "Kbuild").write_text(generate_kbuild(source, main_object, [*extra_objects, *author_objects]))

@@ -12,12 +12,13 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dynamos.errors import RefusedError, TransitionError
+from dynamos.kernel import livepatch as lp
 
 CONTROL_DIR = "dynamos"
 SHARE_SCALE = 10000  # the runtime counts shares in basis points
@@ -157,6 +158,16 @@ def control_root(update: str, root: Path = Path("/")) -> Path:
     return root / "sys" / "module" / normalize_name(update) / CONTROL_DIR
 
 
+def global_switch_state(update: str, root: Path = Path("/")) -> dict[str, str] | None:
+    """The ``global`` control file of an update with global consistency (None for others):
+    ``state``, ``switches``, ``attempts``, ``longest_stop_ns``, ``last_busy``, ..."""
+    try:
+        text = (control_root(update, root) / "global").read_text()
+    except OSError:
+        return None
+    return dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
+
+
 def functions_of(update: str, root: Path = Path("/")) -> list[FunctionControl]:
     """Multi-edition functions of a loaded update; [] if it has none (or is not loaded)."""
     base = control_root(update, root)
@@ -268,23 +279,11 @@ class RetireResult:
                 "holders": self.holders}
 
 
-def tasks_in(function: str, root: Path = Path("/")) -> list[dict[str, Any]]:
-    """Tasks whose kernel stack shows ``function`` (to say who holds calls in flight)."""
-    out = []
-    proc = root / "proc"
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        for task in (entry / "task").glob("*"):
-            try:
-                stack = (task / "stack").read_text()
-            except OSError:
-                continue
-            if any(line.split(" ", 1)[-1].startswith(function + "+") for line in stack.splitlines()):
-                comm = (task / "comm").read_text().strip() if (task / "comm").exists() else "?"
-                out.append({"pid": int(entry.name), "tid": int(task.name), "comm": comm,
-                            "stack": [line.split(" ", 1)[-1] for line in stack.splitlines()]})
-    return out
+def tasks_in(functions: Iterable[str], root: Path = Path("/")) -> list[dict[str, Any]]:
+    """Tasks whose kernel stack shows one of ``functions`` (to say who holds calls in flight),
+    with frames as ``name+off/size [module]``."""
+    return [{**blocker.to_json(), "stack": [frame.split(" ", 1)[-1] for frame in blocker.stack]}
+            for blocker, _ in lp.tasks_in_functions(root, set(functions))]
 
 
 def retire(update: str, function: str, edition: str | int, timeout: float = 10.0,
@@ -313,7 +312,7 @@ def retire(update: str, function: str, edition: str | int, timeout: float = 10.0
             return RetireResult(control.update, control.function, index, state.name, True, 0, waited)
         if time.monotonic() >= deadline:
             result = RetireResult(control.update, control.function, index, state.name, False, state.in_flight,
-                                  waited, tasks_in(state.name, root))
+                                  waited, tasks_in([state.name], root))
             who = "; ".join(f"{h['comm']} (pid {h['pid']})" for h in result.holders) or "no task shows it"
             raise RetireTimeout(f"{control.update}: edition {index} ({state.name}) of {control.function} is "
                                 f"retired but {state.in_flight} call(s) still run in it after {timeout:g} s: "

@@ -867,7 +867,7 @@ class LiveKernel:
             patch = self._revert_preflight(lp_name, notes)
             now = self.sys.monotonic()
             phases["preflight"], t = round(now - t, 6), now
-            if patch is not None and self._global_state(lp_name) == "new":
+            if patch is not None and (editions.global_switch_state(lp_name, self.root) or {}).get("state") == "new":
                 self._switch_globally(lp_name, False, timeout, restore_timeout, progress, notes)
             if patch is not None:
                 self._disable(patch, timeout, restore_timeout, progress)
@@ -897,14 +897,6 @@ class LiveKernel:
         self.log.record("revert", lp_name, "ok", result.seconds, details)
         return result
 
-    def _global_state(self, name: str) -> str | None:
-        """"new"/"old" for an update with global consistency, None otherwise."""
-        try:
-            text = (editions.control_root(name, self.root) / "global").read_text()
-        except OSError:
-            return None
-        return dict(line.split(" ", 1) for line in text.splitlines() if " " in line).get("state")
-
     def _switch_globally(self, name: str, to_new: bool, timeout: float, undo_timeout: float,
                          progress: ProgressCallback | None, notes: list[str]) -> None:
         """Move every function of a global update to its new editions (or back) at one instant.
@@ -918,23 +910,20 @@ class LiveKernel:
         try:
             self.sys.write_attribute(os.fspath(path), f"{'new' if to_new else 'old'} {int(timeout * 1000)}".encode())
         except OSError as e:
-            state = dict(line.split(" ", 1) for line in path.read_text().splitlines() if " " in line) \
-                if path.exists() else {}
-            holders = [h for f in editions.functions_of(name, self.root) for ed in f.editions()
-                       for h in editions.tasks_in(ed.name, self.root)]
+            state = editions.global_switch_state(name, self.root) or {}
+            names = [ed.name for f in editions.functions_of(name, self.root) for ed in f.editions()]
             who = "; ".join(f"{h['comm']} (pid {h['pid']}) in {h['stack'][0] if h['stack'] else '?'}"
-                            for h in holders) or "no task shows one on its stack now"
+                            for h in editions.tasks_in(names, self.root)) or "no task shows one on its stack now"
             why = (f"the global switch found calls in flight for {timeout:g}s "
                    f"({state.get('last_busy', os.strerror(e.errno or 0))}); tasks: {who}")
             if to_new:
                 raise self._undo_load(name, undo_timeout, why, progress) from e
             raise RefusedError(f"{name}: revert refused, nothing was changed (the new editions still "
                                f"serve every call): {why}") from e
-        state = self._global_state(name)
-        stats = dict(line.split(" ", 1) for line in path.read_text().splitlines() if " " in line)
-        notes.append(f"global switch to the {'new' if to_new else 'original'} editions: state {state}, "
-                     f"longest all-CPU stop {int(stats.get('longest_stop_ns', '0')) / 1000:.0f} us "
-                     f"after {stats.get('attempts', '?')} attempt(s)")
+        stats = editions.global_switch_state(name, self.root) or {}
+        notes.append(f"global switch to the {'new' if to_new else 'original'} editions: state "
+                     f"{stats.get('state')}, longest all-CPU stop {int(stats.get('longest_stop_ns', '0')) / 1000:.0f} "
+                     f"us after {stats.get('attempts', '?')} attempt(s)")
 
     def _revert_preflight(self, lp_name: str, notes: list[str]) -> lp.Livepatch | None:
         """The patch to disable (None: only a leftover module to unload), or RefusedError."""

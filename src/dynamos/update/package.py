@@ -28,7 +28,7 @@ from typing import Any
 
 import dynamos
 from dynamos.errors import PackageError
-from dynamos.update.manifest import UpdateSource
+from dynamos.update.manifest import CONSISTENCY_MODELS, UpdateSource
 
 PACKAGE_SUFFIX = ".dynpkg"
 FORMAT_VERSION = 1
@@ -347,7 +347,7 @@ def _check_manifest(manifest: Any, path: Path) -> None:
         raise bad(
             f"vermagic {manifest['vermagic']!r} does not match kernel_release {manifest['kernel_release']!r}"
         )
-    if manifest.get("consistency", "per-task") not in ("per-task", "global"):
+    if manifest.get("consistency", _MANIFEST_DEFAULTS["consistency"]) not in CONSISTENCY_MODELS:
         raise bad(f"consistency {manifest['consistency']!r} is not per-task or global")
     if not manifest["functions"]:
         raise bad("functions is empty")
