@@ -8,6 +8,9 @@ cannot boot the lab fails them.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +21,7 @@ from dynamos.build import build_update
 from dynamos.demo import guest_env
 from dynamos.lab import Lab, LabConfig
 from dynamos.lab.vm import labs_dir
-from dynamos.target import DEFAULT_LAB_KERNEL, cache_root, fetch_target
+from dynamos.target import DEFAULT_LAB_KERNEL, cache_root, extract_vmlinux, fetch_target
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -125,3 +128,24 @@ def build(target, workdir):
         return built[key]
 
     return _build
+
+
+def build_test_module(target, workdir: Path, name: str) -> tuple[str, Path]:
+    """Build the test module ``name`` (tests/lab/modules) for the lab kernel: its .ko, and a
+    directory holding a copy of it with BTF.
+
+    Out-of-tree modules get no BTF from Debian's headers (Kbuild needs vmlinux for that), so
+    pahole writes it into a copy that only the build reads; the module loaded stays as built.
+    """
+    out = workdir / f"{name}-module"
+    if not (out / f"{name}.ko").is_file():
+        shutil.copytree(LAB_MODULES / name, out, dirs_exist_ok=True)
+        subprocess.run(["make", "-s", "-C", str(target.headers_dir), f"M={out}", "modules"], check=True,
+                       capture_output=True)
+    btf_dir = workdir / f"{name}-btf"
+    if not (btf_dir / f"{name}.ko").is_file():
+        btf_dir.mkdir(exist_ok=True)
+        shutil.copy(out / f"{name}.ko", btf_dir)
+        subprocess.run(["pahole", "-J", "--btf_base", str(extract_vmlinux(target)), str(btf_dir / f"{name}.ko")],
+                       check=True, capture_output=True, env={**os.environ, "LLVM_OBJCOPY": "objcopy"})
+    return str(out / f"{name}.ko"), btf_dir

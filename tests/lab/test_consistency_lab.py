@@ -5,9 +5,7 @@ refuses, naming the task, when they stay."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,9 +14,9 @@ import pytest
 
 from dynamos.lab import Lab, LabConfig
 from dynamos.lab.vm import labs_dir
-from dynamos.target import cache_root, extract_vmlinux
+from dynamos.target import cache_root
 
-from .conftest import LAB_MODULES, LAB_UPDATES, REPO, Guest
+from .conftest import LAB_UPDATES, REPO, Guest, build_test_module
 
 pytestmark = pytest.mark.lab
 
@@ -27,21 +25,8 @@ PARAMS = "/sys/module/dynamos_pair/parameters"
 
 @pytest.fixture(scope="session")
 def pair_module(target, workdir) -> tuple[str, Path]:
-    """The dynamos_pair test module, and a directory holding a copy of it with BTF.
-
-    Out-of-tree modules get no BTF from Debian's headers (Kbuild needs vmlinux for that), so
-    pahole writes it into a copy that only the build reads; the module loaded stays as built.
-    """
-    out = workdir / "pair-module"
-    shutil.copytree(LAB_MODULES / "dynamos_pair", out)
-    subprocess.run(["make", "-s", "-C", str(target.headers_dir), f"M={out}", "modules"], check=True,
-                   capture_output=True)
-    btf_dir = workdir / "pair-btf"
-    btf_dir.mkdir()
-    shutil.copy(out / "dynamos_pair.ko", btf_dir)
-    subprocess.run(["pahole", "-J", "--btf_base", str(extract_vmlinux(target)), str(btf_dir / "dynamos_pair.ko")],
-                   check=True, capture_output=True, env={**os.environ, "LLVM_OBJCOPY": "objcopy"})
-    return str(out / "dynamos_pair.ko"), btf_dir
+    """The dynamos_pair test module, and a directory holding a copy of it with BTF."""
+    return build_test_module(target, workdir, "dynamos_pair")
 
 
 def per_task_variant(workdir: Path) -> Path:

@@ -287,3 +287,64 @@ def test_shadow_helpers_compile_into_updates_that_include_them(tmp_path: Path) -
     plain = build_update(EXAMPLE, fetch_target(DEFAULT_LAB_KERNEL), output=tmp_path)
     names = {s.name for s in ELFFile(open(plain.module_path, "rb")).get_section_by_name(".symtab").iter_symbols()}
     assert "dynamos_shadow_count" not in names  # only updates that use shadow data carry it
+
+
+# --- kernel threads ----------------------------------------------------------------------------
+
+THREAD_MAIN = Prototype(name="loopd_main", return_type="int", params=(Param("data", "void *data"),),
+                        variadic=False, forward_declarations=())
+KTHREAD_C = ("int loop_v2(void *data) { return 0; }\nint stop_it(void) { return 0; }\n"
+             "int start_it(int (*fn)(void *)) { return 0; }\nint carry(bool to_new) { return 0; }\n")
+KTHREAD_TOML = ('[[function]]\nname = "loopd_main"\nedition = "loop_v2"\n\n'
+                '[[kthread]]\nfunction = "loopd_main"\nstop = "stop_it"\nstart = "start_it"\ntransfer = "carry"\n')
+
+
+def test_kthread_function_gets_a_dispatcher_a_thread_entry_and_restart_callbacks(tmp_path: Path) -> None:
+    (f,) = load_update_source(source(tmp_path, KTHREAD_TOML, KTHREAD_C)).functions
+    assert f.dispatched and f.editions == ("loop_v2",) and f.kthread is not None
+    assert (f.kthread.stop, f.kthread.start, f.kthread.transfer) == ("stop_it", "start_it", "carry")
+    text = generate_livepatch_source(load_update_source(tmp_path / "src"), {f: THREAD_MAIN})
+    assert "static noinline int dynamos_kthread__loopd_main(void *data)" in text
+    assert ".entry = dynamos_kthread__loopd_main," in text and ".transfer = carry," in text
+    assert ".kthread = &dynamos_fn_0_kthread," in text
+    # the thread runs the entry, livepatch redirects to the dispatcher: two different functions
+    assert ".new_func = (void *)dynamos_dispatch__loopd_main," in text
+    assert "err = dynamos_kthreads_to_new(dynamos_pre_patch_0_functions, 1);" in text
+    for key in ("pre_unpatch", "post_unpatch"):
+        assert f".callbacks.{key} = dynamos_{key}_0," in text
+    assert text.count("dynamos_kthreads_to_original(dynamos_pre_patch_0_functions, 1, obj);") == 2
+
+
+@pytest.mark.parametrize("tables, message", [
+    ('[[kthread]]\nfunction = "nosuch"\nstop = "stop_it"\nstart = "start_it"\n',
+     "function 'nosuch' is not replaced by any"),
+    ('[[kthread]]\nfunction = "loopd_main"\nstart = "start_it"\n', "missing required key 'stop'"),
+    ('[[kthread]]\nfunction = "loopd_main"\nstop = "stop_it"\nstart = "begin"\n', "start hook 'begin' is not defined"),
+    ('[[kthread]]\nfunction = "loopd_main"\nstop = "stop_it"\nstart = "start_it"\n' * 2, "already has a [[kthread]]"),
+    ('[[kthread]]\nfunction = "loopd_main"\nstop = "stop_it"\nstart = "start_it"\nwhen = 1\n', "unknown key 'when'"),
+])
+def test_bad_kthread_tables(tmp_path: Path, tables: str, message: str) -> None:
+    d = source(tmp_path, '[[function]]\nname = "loopd_main"\nedition = "loop_v2"\n\n' + tables, KTHREAD_C)
+    with pytest.raises(ManifestError, match=message.replace("[", r"\[")):
+        load_update_source(d)
+
+
+def test_kthread_restart_needs_per_task_consistency(tmp_path: Path) -> None:
+    d = tmp_path / "src"
+    d.mkdir()
+    (d / "update.toml").write_text('[update]\nname = "pipes"\ndescription = "d"\nconsistency = "global"\n\n'
+                                   + KTHREAD_TOML)
+    (d / "e.c").write_text(KTHREAD_C)
+    with pytest.raises(ManifestError, match="use consistency = \"per-task\"") as info:
+        load_update_source(d)
+    assert info.value.line == 10  # the [[kthread]] header
+
+
+def test_only_int_of_one_pointer_is_a_thread_function() -> None:
+    from dynamos.build.editions import _is_thread_function
+    assert _is_thread_function(THREAD_MAIN)
+    assert _is_thread_function(Prototype(name="kswapd", return_type="int", params=(Param("p", "void *p"),),
+                                         variadic=False, forward_declarations=()))
+    assert not _is_thread_function(PIPE_WRITE) and not _is_thread_function(SCHEDULE)
+    assert not _is_thread_function(Prototype(name="f", return_type="int", params=(Param("n", "int n"),),
+                                             variadic=False, forward_declarations=()))

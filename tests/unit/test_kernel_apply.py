@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from dynamos.errors import PackageError, RefusedError, TransitionError
-from dynamos.kernel import BlockedTransition, LiveKernel, Progress
+from dynamos.kernel import BlockedTransition, LiveKernel, PreflightRefused, Progress
 from dynamos.kernel.simulated import SimulatedKernel, SimulatedPackage, module_image
 
 STUCK_STACK = ["[<0>] msleep+0x2d/0x40", "[<0>] cmdline_proc_show+0x1c/0x60", "[<0>] seq_read_iter+0x11f/0x4a0"]
@@ -263,3 +263,36 @@ def test_unwritable_action_log_does_not_fail_apply(tmp_path: Path) -> None:
     h.kernel.log.path = tmp_path / "blocker" / "actions.log"
     assert h.kernel.apply(h.add("fix-x")).livepatch_name == "fix_x"
     assert h.kernel.blockers() == []
+
+
+# --- kernel threads whose main function is replaced -------------------------------------------
+
+KTHREAD_STACK = ["[<0>] schedule+0x3c/0xa0", "[<0>] cmdline_proc_show+0x1c/0x60", "[<0>] kthread+0xe8/0x110",
+                 "[<0>] ret_from_fork+0x1f/0x30"]
+
+
+def test_thread_main_loop_is_refused_before_loading_unless_the_update_restarts_it(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.sim.add_task(42, "loopd", KTHREAD_STACK)
+    with pytest.raises(PreflightRefused) as info:
+        h.kernel.apply(h.add("fix-x"), timeout=2.0)
+    assert [r.code for r in info.value.reasons] == ["kthread-loop"]
+    assert "kernel thread loopd (pid 42) runs cmdline_proc_show as its main function" in str(info.value)
+    assert h.syscalls("init_module") == []
+
+    path = h.add("fix-y")
+    h.packages[path].functions[0]["kthread"] = True
+    found, notes = h.kernel.predicted_blockers(h.packages[path])
+    assert [b.pid for b, _ in found] == [42]
+    assert notes == ["1 kernel thread(s) run a replaced function as their main loop and will be restarted onto "
+                     "the new edition by the update's hooks: loopd (pid 42) in cmdline_proc_show"]
+
+
+def test_a_kernel_thread_merely_calling_a_replaced_function_is_a_blocker_not_a_loop(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.sim.add_task(43, "workerd", ["[<0>] cmdline_proc_show+0x1c/0x60", "[<0>] worker_main+0x40/0x90",
+                                   "[<0>] kthread+0xe8/0x110", "[<0>] ret_from_fork+0x1f/0x30"])
+    path = h.add("fix-x")
+    found, notes = h.kernel.predicted_blockers(h.packages[path])
+    assert found[0][0].thread_function == "worker_main"
+    assert len(notes) == 1 and "workerd (pid 43) in cmdline_proc_show" in notes[0] and "hold up" in notes[0]

@@ -399,5 +399,13 @@ def test_manifest_function_malformed_is_refused(tmp_path: Path) -> None:
     path = build(tmp_path)
     edit_manifest(path, functions=[{"name": "f", "edition": "f_v2"}])
     assert read_error(path).message == (
-        "manifest.json: functions[0] must be an object with keys name, edition, object, sympos"
+        "manifest.json: functions[0] must be an object with keys name, edition, object, sympos, kthread "
+        "(kthread optional)"
     )
+
+
+def test_manifest_function_kthread_must_be_boolean(tmp_path: Path) -> None:
+    path = build(tmp_path)
+    edit_manifest(path, functions=[{"name": "f", "edition": "f_v2", "object": "vmlinux", "sympos": None,
+                                    "kthread": "yes"}])
+    assert read_error(path).message == "manifest.json: functions[0].kthread has the wrong type (str)"

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from dynamos.build.klp import KlpSymbol
 from dynamos.errors import ManifestError
-from dynamos.update.manifest import VMLINUX, FunctionSpec, UpdateSource
+from dynamos.update.manifest import VMLINUX, FunctionSpec, UpdateSource, dispatcher_name
 
 if TYPE_CHECKING:
     from dynamos.build.btf import Prototype
@@ -101,8 +101,6 @@ def _dispatcher_source(index: int, f: FunctionSpec, proto: Prototype, ftrace_sit
     original = f.original
     fn = f"dynamos_fn_{index}"
     names = [f.name, *f.editions]
-    args = proto.argument_list()
-    returns = proto.return_type != "void"
     out = [
         f"/* {f.object} {f.name}: edition 0 is the kernel's own code, entered past its ftrace site. */",
         *proto.forward_declarations,
@@ -120,6 +118,22 @@ def _dispatcher_source(index: int, f: FunctionSpec, proto: Prototype, ftrace_sit
         out.append(proto.declaration(edition, "extern") + ";")
     if f.policy:
         out.append(_handler_declaration(proto, f.policy) + ";")
+    if f.kthread:
+        entry = dispatcher_name(f.name, f.object, f.sympos, role="kthread")
+        restart = f.kthread
+        out += [
+            "/* The thread's main function: the author's hooks restart its thread onto an edition and back. */",
+            f"extern int {restart.stop}(void);",
+            f"extern int {restart.start}(int (*threadfn)(void *));",
+            *([f"extern int {restart.transfer}(bool to_new);"] if restart.transfer else []),
+            "static " + proto.declaration(entry) + ";",
+            f"static struct dynamos_kthread {fn}_kthread = {{",
+            f"\t.stop = {restart.stop},",
+            f"\t.start = {restart.start},",
+            f"\t.transfer = {restart.transfer or 'NULL'},",
+            f"\t.entry = {entry},",
+            "};",
+        ]
     out += [
         f"static const char *const {fn}_editions[] = {{ {', '.join(c_string(n) for n in names)} }};",
         f"static struct dynamos_function {fn} = {{",
@@ -133,15 +147,33 @@ def _dispatcher_source(index: int, f: FunctionSpec, proto: Prototype, ftrace_sit
         f"\t.monitor = {'true' if f.monitor else 'false'},",
         f"\t.original = (void *){original},",
         f"\t.ftrace_site = {ftrace_site},",
+        *([f"\t.kthread = &{fn}_kthread,"] if f.kthread else []),
         "};",
         "",
-        "static noinline " + proto.declaration(f.edition),
+    ]
+    out += _dispatcher_body(f, fn, proto, f.edition)
+    if f.kthread:
+        out.append("/* A copy of the dispatcher for the restarted thread: it is not livepatch's new function, so a")
+        out.append("   reversed transition does not wait for the thread that never leaves it. */")
+        out += _dispatcher_body(f, fn, proto, dispatcher_name(f.name, f.object, f.sympos, role="kthread"),
+                                ("\tWRITE_ONCE(fn->kthread->pid, current->pid);",))
+    return out
+
+
+def _dispatcher_body(f: FunctionSpec, fn: str, proto: Prototype, name: str, first: tuple[str, ...] = ()) -> list[str]:
+    """A dispatcher called ``name``: choose the edition, count the call in, run it, count it out.
+    ``first`` are statements run before anything else (the thread's copy records its pid)."""
+    args = proto.argument_list()
+    returns = proto.return_type != "void"
+    out = [
+        "static noinline " + proto.declaration(name),
         "{",
         f"\tstruct dynamos_function *fn = &{fn};",
         *([f"\t{proto.return_type} ret;"] if returns else []),
         *(["\tu64 start;"] if f.monitor else []),
         "\tint edition;",
         "",
+        *first,
         "\tpreempt_disable_notrace();",
         "\tedition = dynamos_route_edition(fn);",
         *([ "\tif (edition == DYNAMOS_ASK_HANDLER)", f"\t\tedition = {f.policy}({args});"] if f.policy else []),
@@ -155,7 +187,7 @@ def _dispatcher_source(index: int, f: FunctionSpec, proto: Prototype, ftrace_sit
     for number, edition in enumerate(f.editions, start=1):
         out.append(f"\tcase {number}: {assign}{edition}({args}); break;")
     out += [
-        f"\tdefault: {assign}{original}({args}); break;",
+        f"\tdefault: {assign}{f.original}({args}); break;",
         "\t}",
         *(["\tdynamos_record_latency(fn, edition, start);"] if f.monitor else []),
         "\tdynamos_call_ends(fn, edition);",
@@ -230,23 +262,33 @@ def generate_livepatch_source(source: UpdateSource, prototypes: Mapping[Function
         array = f"dynamos_funcs_{index}_{_c_ident_part(obj)}"
         checked = [i for i, f in enumerate(source.functions) if f.dispatched and f.object == obj]
         callbacks: dict[str, str] = {}
+        threads = any(source.functions[i].kthread for i in checked)
+        checked_array = f"dynamos_pre_patch_{index}_functions"
+        if checked:
+            out.append(f"static struct dynamos_function *{checked_array}[] = {{")
+            out.extend(f"\t&dynamos_fn_{i}," for i in checked)
+            out.append("};")
+            out.append("")
+        to_original = f"\tdynamos_kthreads_to_original({checked_array}, {len(checked)}, obj);"
         if checked or (obj == hook_object and "pre_patch" in hooks):
             callbacks["pre_patch"] = f"dynamos_pre_patch_{index}"
             out.append(f"/* Before {obj} is patched, with its relocations applied: check edition 0's way in, "
-                       "then the author's pre_patch hook may veto. */")
-            if checked:
-                out.append(f"static struct dynamos_function *dynamos_pre_patch_{index}_functions[] = {{")
-                out.extend(f"\t&dynamos_fn_{i}," for i in checked)
-                out.append("};")
+                       "restart kernel threads onto their editions, then the author's pre_patch hook may veto. */")
             out.append(f"static int dynamos_pre_patch_{index}(struct klp_object *obj)")
             out.append("{")
             out.append("\tint err = 0;")
             out.append("")
             if checked:
-                out.append(f"\terr = dynamos_check_entries(dynamos_pre_patch_{index}_functions, {len(checked)});")
+                out.append(f"\terr = dynamos_check_entries({checked_array}, {len(checked)});")
+            if threads:
+                out.append("\tif (!err)")
+                out.append(f"\t\terr = dynamos_kthreads_to_new({checked_array}, {len(checked)});")
             if obj == hook_object and "pre_patch" in hooks:
                 out.append("\tif (!err)")
                 out.append(f"\t\terr = {hooks['pre_patch']}();")
+                if threads:
+                    out.append("\tif (err)")
+                    out.append("\t" + to_original)
             out.append("\treturn err;")
             out.append("}")
             out.append("")
@@ -257,20 +299,29 @@ def generate_livepatch_source(source: UpdateSource, prototypes: Mapping[Function
             out.append(f"static void dynamos_post_patch_{index}(struct klp_object *obj)")
             out.append("{")
             if checked:
-                out.append(f"\tdynamos_takeover_complete(dynamos_pre_patch_{index}_functions, {len(checked)});")
+                out.append(f"\tdynamos_takeover_complete({checked_array}, {len(checked)});")
             if obj == hook_object and "post_patch" in hooks:
                 out.append(f"\t{hooks['post_patch']}();")
             out.append("}")
             out.append("")
-        if obj == hook_object:
-            for key in ("pre_unpatch", "post_unpatch"):
-                if key in hooks:
-                    callbacks[key] = f"dynamos_{key}_{index}"
-                    out.append(f"static void dynamos_{key}_{index}(struct klp_object *obj)")
-                    out.append("{")
-                    out.append(f"\t{hooks[key]}();")
-                    out.append("}")
-                    out.append("")
+        for key in ("pre_unpatch", "post_unpatch"):
+            author = hooks.get(key) if obj == hook_object else None
+            if not author and not threads:
+                continue
+            callbacks[key] = f"dynamos_{key}_{index}"
+            if threads and key == "pre_unpatch":
+                out.append("/* Threads go back to the kernel's code before unpatching; a reversed or cancelled "
+                           "transition only calls post_unpatch, so it tries again there. */")
+            out.append(f"static void dynamos_{key}_{index}(struct klp_object *obj)")
+            out.append("{")
+            if key == "pre_unpatch" and author:
+                out.append(f"\t{author}();")
+            if threads:
+                out.append(to_original)
+            if key == "post_unpatch" and author:
+                out.append(f"\t{author}();")
+            out.append("}")
+            out.append("")
         object_arrays.append((array, klp_object_name(obj), callbacks))
         out.append(f"/* Functions replaced in {obj}. */")
         out.append(f"static struct klp_func {array}[] = {{")

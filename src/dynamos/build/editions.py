@@ -110,4 +110,14 @@ def dispatcher_prototypes(source: UpdateSource, target: TargetKernel,
             if out[f].variadic:
                 raise BuildError(f"{f.name} takes variable arguments (...): a dispatcher cannot forward them",
                                  path=source.manifest_path, line=f.line)
+            if f.kthread and not _is_thread_function(out[f]):
+                raise BuildError(f"[[kthread]] {f.name} is declared {out[f].declaration(f.name)} in the kernel, "
+                                 "not int (void *): it is not a kernel thread's main function",
+                                 path=source.manifest_path, line=f.kthread.line)
     return out
+
+
+def _is_thread_function(proto: Prototype) -> bool:
+    """Whether ``proto`` is what kthread_run() takes: int (void *), any pointer argument."""
+    return proto.return_type == "int" and len(proto.params) == 1 and not proto.variadic \
+        and proto.params[0].decl.removesuffix(proto.params[0].name).rstrip().endswith("*")

@@ -75,6 +75,9 @@ REFUSALS: dict[str, str] = {
     "klp-ambiguous": "symbol {symbol} used by the update is ambiguous in {object}: {count} symbols have "
                      "that name; add [[symbol]] name = \"{symbol}\" with sympos (1..{count}) to update.toml",
     "klp-sympos-range": "symbol {symbol} has sympos {sympos}, but {object} has {count} symbol(s) of that name",
+    "kthread-loop": "kernel thread {comm} (pid {pid}) runs {function} as its main function, a loop it never "
+                    "leaves, so the transition would wait for it for ever; declare how to restart it "
+                    "([[kthread]] function = \"{function}\" with stop and start hooks in update.toml)",
     "ipmodify": "function {function} in {object} is already redirected by an ftrace user that is not "
                 "a livepatch (kretprobe or another patching tool); loading would fail with EBUSY",
 }
@@ -382,15 +385,37 @@ class LiveKernel:
         return found
 
     def predicted_blockers(self, pkg: Any) -> tuple[list[tuple[lp.Blocker, list[str]]], list[str]]:
-        """Tasks that now have a function the update replaces on their stack, and a note on them."""
+        """Tasks that now have a function the update replaces on their stack, and a note on them.
+
+        Kernel threads whose main function is replaced never leave it: the update restarts those
+        it declares ([[kthread]]), and is refused (PreflightRefused) for any other.
+        """
         names = {_function_fields(f)[0] for f in pkg.functions}
+        restarted = {_function_fields(f)[0] for f in pkg.functions if isinstance(f, Mapping) and f.get("kthread")}
         found = lp.tasks_in_functions(self.root, names)
-        if not found:
-            return found, []
-        who = "; ".join(f"{b.comm} (pid {b.pid}) in {', '.join(hits)}" for b, hits in found[:5])
-        more = f" and {len(found) - 5} more" if len(found) > 5 else ""
-        return found, [f"{len(found)} task(s) have a function of the update on their stack now and will hold "
-                       f"up the transition until they leave it: {who}{more}"]
+        notes: list[str] = []
+        loops: list[tuple[lp.Blocker, str]] = []
+        waiting = []
+        for blocker, hits in found:
+            main = blocker.thread_function
+            if main in names:
+                loops.append((blocker, main))
+            else:
+                waiting.append((blocker, hits))
+        refusals = [Refusal.make("kthread-loop", comm=b.comm, pid=b.pid, function=main)
+                    for b, main in loops if main not in restarted]
+        if refusals:
+            raise PreflightRefused(pkg.name, refusals)
+        if loops:
+            who = "; ".join(f"{b.comm} (pid {b.pid}) in {main}" for b, main in loops)
+            notes.append(f"{len(loops)} kernel thread(s) run a replaced function as their main loop and will be "
+                         f"restarted onto the new edition by the update's hooks: {who}")
+        if waiting:
+            who = "; ".join(f"{b.comm} (pid {b.pid}) in {', '.join(hits)}" for b, hits in waiting[:5])
+            more = f" and {len(waiting) - 5} more" if len(waiting) > 5 else ""
+            notes.append(f"{len(waiting)} task(s) have a function of the update on their stack now and will hold "
+                         f"up the transition until they leave it: {who}{more}")
+        return found, notes
 
     def check(self, package_path: Path | str) -> dict[str, Any]:
         """What ``apply`` would do, without loading anything: verification, preflight, blockers."""

@@ -164,6 +164,15 @@ class Blocker:
     comm: str
     stack: tuple[str, ...]
 
+    @property
+    def thread_function(self) -> str | None:
+        """For a kernel thread, its main function: the frame the generic ``kthread`` runs."""
+        names = [frame.split(" ", 1)[-1].split("+", 1)[0] for frame in self.stack]
+        if "kthread" not in names:
+            return None
+        at = names.index("kthread")
+        return names[at - 1] if at > 0 else None
+
     def describe(self) -> str:
         who = f"pid {self.pid}" + (f" (tid {self.tid})" if self.tid != self.pid else "")
         lines = [f"{who} {self.comm}"]

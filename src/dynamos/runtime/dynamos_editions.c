@@ -22,6 +22,7 @@
 #include <linux/delay.h>
 #include <linux/stop_machine.h>
 #include <linux/jhash.h>
+#include <linux/timekeeping.h>
 #include "dynamos_editions.h"
 
 /* The registry's shadow variables: a constant never dereferenced, and ids apart from authors'. */
@@ -351,6 +352,16 @@ static ssize_t retire_store(struct kobject *kobj, struct kobj_attribute *attr, c
 	return count;
 }
 
+static ssize_t thread_show(struct kobject *kobj, struct kobj_attribute *attr, char *buf)
+{
+	struct dynamos_kthread *k = kobj_function(kobj)->kthread;
+
+	return sysfs_emit(buf, "on %s\npid %d\nrestarts %u\nlast_restart_ns %llu\nlast_error %d\n",
+			  READ_ONCE(k->on_new) ? "new" : "original", READ_ONCE(k->pid), READ_ONCE(k->restarts),
+			  READ_ONCE(k->last_restart_ns), READ_ONCE(k->last_error));
+}
+
+static struct kobj_attribute thread_attr = __ATTR(thread, 0400, thread_show, NULL);
 static struct kobj_attribute editions_attr = __ATTR(editions, 0400, editions_show, NULL);
 static struct kobj_attribute route_attr = __ATTR(route, 0600, route_show, route_store);
 static struct kobj_attribute retire_attr = __ATTR(retire, 0200, NULL, retire_store);
@@ -632,6 +643,8 @@ static int init_function(struct dynamos_function *fn, bool takeover)
 		err = sysfs_create_files(&fn->kobj, (const struct attribute *const *)function_attrs);
 	if (!err && fn->monitor)
 		err = sysfs_create_file(&fn->kobj, &latency_attr.attr);
+	if (!err && fn->kthread)
+		err = sysfs_create_file(&fn->kobj, &thread_attr.attr);
 	return err;
 }
 
@@ -698,4 +711,103 @@ int dynamos_check_entries(struct dynamos_function **fns, int count)
 		}
 	}
 	return 0;
+}
+
+/*
+ * Move one kernel thread between the kernel's code and the update's: stop it, carry its state
+ * across, start it on the other side. Any failure puts it back where it was (state included)
+ * and returns the error; only when even that fails is the thread left stopped, said loudly.
+ */
+static int restart_kthread(struct dynamos_function *fn, bool to_new)
+{
+	struct dynamos_kthread *k = fn->kthread;
+	int (*there)(void *) = to_new ? k->entry : (int (*)(void *))fn->original;
+	int (*back)(void *) = to_new ? (int (*)(void *))fn->original : k->entry;
+	const char *side = to_new ? "the update's edition" : "the kernel's code";
+	u64 t0 = ktime_get_ns();
+	int err, undo;
+
+	if (k->on_new == to_new)
+		return 0;
+	err = k->stop();
+	if (err) {
+		pr_err("dynamos: %s: the thread's stop hook failed (%d); it keeps running %s\n", fn->name, err,
+		       to_new ? "the kernel's code" : "the update's edition");
+		goto out;
+	}
+	if (k->transfer) {
+		err = k->transfer(to_new);
+		if (err) {
+			pr_err("dynamos: %s: the state transfer failed (%d)\n", fn->name, err);
+			goto restore;
+		}
+	}
+	if (to_new)
+		__module_get(THIS_MODULE);	/* the thread is about to run this module's code */
+	err = k->start(there);
+	if (!err) {
+		if (!to_new)
+			module_put(THIS_MODULE);
+		WRITE_ONCE(k->on_new, to_new);
+		WRITE_ONCE(k->restarts, k->restarts + 1);
+		WRITE_ONCE(k->last_restart_ns, ktime_get_ns() - t0);
+		pr_info("dynamos: %s: thread restarted onto %s in %llu us\n", fn->name, side,
+			(ktime_get_ns() - t0) / 1000);
+		goto out;
+	}
+	if (to_new)
+		module_put(THIS_MODULE);
+	pr_err("dynamos: %s: the thread's start hook failed (%d) starting it on %s\n", fn->name, err, side);
+	if (k->transfer && k->transfer(!to_new))
+		pr_err("dynamos: %s: carrying the state back failed too\n", fn->name);
+restore:
+	undo = k->start(back);
+	if (undo)
+		pr_crit("dynamos: %s: the thread could not be restarted on either side (%d): it is stopped\n",
+			fn->name, undo);
+	else
+		pr_info("dynamos: %s: thread restarted back onto %s\n", fn->name,
+			to_new ? "the kernel's code" : "the update's edition");
+out:
+	WRITE_ONCE(k->last_error, err);
+	return err;
+}
+
+int dynamos_kthreads_to_new(struct dynamos_function **fns, int count)
+{
+	int i, err = 0;
+
+	for (i = 0; i < count && !err; i++)
+		if (fns[i]->kthread)
+			err = restart_kthread(fns[i], true);
+	if (err)
+		for (i -= 2; i >= 0; i--)	/* the failed one has put itself back already */
+			if (fns[i]->kthread)
+				restart_kthread(fns[i], false);
+	return err;
+}
+
+/*
+ * Called before unpatching and again after (a reversed or cancelled transition calls only the
+ * latter). When the patched module itself is going away, its exit has stopped its threads: there
+ * is nothing to restart, only the module reference to drop.
+ */
+void dynamos_kthreads_to_original(struct dynamos_function **fns, int count, struct klp_object *obj)
+{
+	bool going = obj && obj->mod && obj->mod->state == MODULE_STATE_GOING;
+	int i;
+
+	for (i = count - 1; i >= 0; i--) {
+		struct dynamos_kthread *k = fns[i]->kthread;
+
+		if (!k || !k->on_new)
+			continue;
+		if (going) {
+			WRITE_ONCE(k->on_new, false);
+			module_put(THIS_MODULE);
+		} else if (restart_kthread(fns[i], false)) {
+			pr_err("dynamos: %s: the thread still runs this update's code; the update module stays loaded\n",
+			       fns[i]->name);
+		}
+	}
 }

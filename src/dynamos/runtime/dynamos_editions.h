@@ -16,6 +16,8 @@
  *   editions   "index name calls in_flight live|retired" per edition
  *   route      the route as commands; writing one command changes it (see dynamos_editions.c)
  *   retire     write an edition index: no new call reaches it (waits one grace period)
+ *   thread     for a kernel thread's main function: "on new|original", "pid N", "restarts N",
+ *              "last_restart_ns N", "last_error N"
  *   latency    with monitor: "index total_ns count_bucket0 ... count_bucketN" per edition,
  *              bucket b counting calls that took [2^b, 2^(b+1)) ns (bucket 0 also holds 0 ns)
  * and, for an update with global consistency, /sys/module/<update>/dynamos/global:
@@ -89,6 +91,30 @@ struct dynamos_cpu_stats {
 	u64 latency[DYNAMOS_MAX_EDITIONS][DYNAMOS_LATENCY_BUCKETS];
 };
 
+/*
+ * A kernel thread whose main function the update replaces never leaves its loop, so livepatch's
+ * per-task switch would wait for it for ever. Instead the update restarts it, with the author's
+ * hooks: stop() stops the running thread(s) at a safe point of their loop (kthread_stop(), seen by
+ * the loop's kthread_should_stop() check); transfer(to_new), if given, carries their state into
+ * the form the other side expects; start(threadfn) starts them again running threadfn. On apply
+ * threadfn is a copy of the function's dispatcher (not livepatch's new function, so a reversed
+ * transition never waits for the thread); on revert it is edition 0, the kernel's own code. While
+ * a thread runs the update's code the runtime holds a reference on the update module, so the
+ * module cannot be unloaded under it even if restarting it back failed.
+ */
+struct dynamos_kthread {
+	int (*stop)(void);
+	int (*transfer)(bool to_new);	/* may be NULL */
+	int (*start)(int (*threadfn)(void *));
+	int (*entry)(void *);		/* the dispatcher's copy the restarted thread runs */
+	/* runtime state */
+	pid_t pid;			/* the thread that last entered the update's code */
+	bool on_new;
+	unsigned int restarts;
+	u64 last_restart_ns;		/* stop + transfer + start */
+	int last_error;
+};
+
 struct dynamos_function {
 	/* set by the generated code */
 	const char *name;		/* kernel function */
@@ -101,6 +127,7 @@ struct dynamos_function {
 	bool monitor;
 	void *original;			/* edition 0's entry thunk: "jmp <function> + <ftrace site end>" */
 	unsigned int ftrace_site;	/* offset of the ftrace call site in the kernel function */
+	struct dynamos_kthread *kthread; /* the function is a kernel thread's main function */
 	/* runtime state */
 	struct dynamos_route __rcu *route;
 	unsigned long retired;		/* bit per edition; edition 0 never */
@@ -226,5 +253,9 @@ int dynamos_runtime_init(struct module *mod, struct dynamos_function **fns, int 
 void dynamos_takeover_complete(struct dynamos_function **fns, int count);
 void dynamos_runtime_exit(struct dynamos_function **fns, int count);
 int dynamos_check_entries(struct dynamos_function **fns, int count);
+/* Restart the threads of those functions that are kernel threads' main functions: onto the
+ * update's code (all or none: on failure the ones restarted go back), or back to the kernel's. */
+int dynamos_kthreads_to_new(struct dynamos_function **fns, int count);
+void dynamos_kthreads_to_original(struct dynamos_function **fns, int count, struct klp_object *obj);
 
 #endif /* DYNAMOS_EDITIONS_H */

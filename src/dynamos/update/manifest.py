@@ -27,6 +27,13 @@ Schema (``update.toml``)::
     default = 1                 # optional: edition serving calls at load (1; 0 with no editions)
     policy = "pick_pipe_write"  # optional: adaptation handler, a C function returning the edition
     monitor = true              # optional: count calls and time them per edition
+
+    [[kthread]]                 # a kernel thread whose main function (a [[function]]) never returns
+    function = "kswapd"         # required: the [[function]] replacing the thread's main function
+    object = "vmlinux"          # optional: to tell same-named [[function]]s apart
+    stop = "stop_kswapds"       # required: int stop(void), stops the thread(s) at a safe point
+    start = "start_kswapds"     # required: int start(int (*threadfn)(void *)), starts them on threadfn
+    transfer = "carry_state"    # optional: int transfer(bool to_new), carries their state across
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ class FunctionSpec:
     policy: str | None = None  # adaptation handler: C function choosing the edition per call
     default_edition: int = 1  # edition serving calls when the update loads
     monitor: bool = False  # count and time calls per edition
+    kthread: KthreadRestart | None = None  # the main function of a kernel thread, restarted on apply/revert
 
     @property
     def dispatched(self) -> bool:
@@ -94,6 +102,26 @@ def dispatcher_name(name: str, obj: str = VMLINUX, sympos: int | None = None, ro
 
 
 MAX_EDITIONS = 15  # the runtime's DYNAMOS_MAX_EDITIONS less edition 0
+
+
+@dataclass(frozen=True)
+class KthreadRestart:
+    """How to move a kernel thread whose main function an update replaces onto the new code.
+
+    The thread never returns from its loop, so livepatch's per-task switch would wait for it
+    forever; instead the update stops it at a safe point of its loop, carries its state across
+    and starts it again running the other side's code (the author's three C hooks).
+    """
+
+    stop: str
+    start: str
+    transfer: str | None = None
+    line: int | None = None  # header line of the [[kthread]] table
+    index: int = 0  # which [[kthread]] table, for error lines
+
+    @property
+    def hooks(self) -> tuple[tuple[str, str], ...]:
+        return (("stop", self.stop), ("start", self.start)) + ((("transfer", self.transfer),) if self.transfer else ())
 
 
 @dataclass(frozen=True)
@@ -165,7 +193,8 @@ UPDATE_KEYS = ("name", "description", "kernel", "replace", "consistency", "trans
 CONSISTENCY_MODELS = ("per-task", "global")
 FUNCTION_KEYS = ("name", "edition", "editions", "default", "policy", "monitor", "object", "sympos")
 SYMBOL_KEYS = ("name", "object", "sympos")
-TOP_LEVEL_KEYS = ("update", "function", "symbol", "hooks", "state")
+KTHREAD_KEYS = ("function", "object", "stop", "start", "transfer")
+TOP_LEVEL_KEYS = ("update", "function", "symbol", "hooks", "state", "kthread")
 HOOK_KEYS = ("pre_patch", "post_patch", "pre_unpatch", "post_unpatch")
 STATE_KEYS = ("id", "version")
 
@@ -565,12 +594,13 @@ def load_update_source(directory: Path | str) -> UpdateSource:
         elif hint:
             advice = f"did you mean {hint[0]!r}?"
         else:
-            advice = "expected only [update], [[function]], [[symbol]], [hooks] and [[state]] tables"
+            advice = "expected only [update], [[function]], [[symbol]], [hooks], [[state]] and [[kthread]] tables"
         raise check.fail(f"unknown top-level key {key!r} ({advice})", lines.key((), 0, key))
 
     name, description, kernel, replace = _validate_update(data, check)
     consistency, transfer = _validate_consistency(data["update"], check)
     functions = _validate_functions(data, check)
+    functions = _validate_kthreads(data, functions, consistency, check)
     if consistency == "global":
         functions = tuple(_dispatched(f) for f in functions)
     symbols = _validate_symbols(data, check)
@@ -592,6 +622,11 @@ def load_update_source(directory: Path | str) -> UpdateSource:
     for key, function in hooks:
         _validate_edition(FunctionSpec(name=f"[hooks] {key}", edition=function), function, 0, key, by_name,
                           searched, check, table=("hooks",))
+    for f in functions:
+        if f.kthread is not None:
+            for key, function in f.kthread.hooks:
+                _validate_edition(FunctionSpec(name=f"[[kthread]] {f.name} {key}", edition=function), function,
+                                  f.kthread.index, key, by_name, searched, check, table=("kthread",))
 
     return UpdateSource(
         directory=directory,
@@ -623,6 +658,46 @@ def _validate_hooks(data: dict[str, Any], check: _Checker) -> tuple[tuple[str, s
             if problem:
                 raise check.fail(f"[hooks] {key} {function!r} {problem}", check.lines.key(("hooks",), 0, key))
             out.append((key, function))
+    return tuple(out)
+
+
+def _validate_kthreads(data: dict[str, Any], functions: tuple[FunctionSpec, ...], consistency: str,
+                       check: _Checker) -> tuple[FunctionSpec, ...]:
+    """[[kthread]]: restart strategies, each attached to the [[function]] replacing a thread's main
+    function. Such a function is served through a dispatcher: its edition 0 is the way back."""
+    tpath = ("kthread",)
+    out = list(functions)
+    for index, table, where, header in _tables(data, "kthread", check):
+        check.reject_unknown(table, KTHREAD_KEYS, where, tpath, index)
+        name = _identifier(check, table, "function", where, tpath, index)
+        obj_given = check.string(table, "object", where, tpath, index, required=False)
+        obj = _check_object(obj_given, where, check.lines.key(tpath, index, "object"), check)
+        hooks = {key: _identifier(check, table, key, where, tpath, index) for key in ("stop", "start")}
+        transfer = None
+        if "transfer" in table:
+            transfer = _identifier(check, table, "transfer", where, tpath, index)
+        matches = [i for i, f in enumerate(out) if f.name == name and (obj_given is None or f.object == obj)]
+        if not matches:
+            raise check.fail(f"{where}: function {name!r} is not replaced by any [[function]] of this update; "
+                             "a thread's main function is restarted onto its new edition, so it must have one",
+                             check.lines.key(tpath, index, "function"))
+        if len(matches) > 1:
+            raise check.fail(f"{where}: several [[function]]s replace {name!r}: add object = ... to say which",
+                             check.lines.key(tpath, index, "function"))
+        f = out[matches[0]]
+        if f.kthread is not None:
+            raise check.fail(f"{where}: {f.object} function {name!r} already has a [[kthread]] at line "
+                             f"{f.kthread.line}", header)
+        if consistency == "global":
+            raise check.fail(f"{where}: a restarted thread stays inside its main function for good, so a global "
+                             "switch (which waits until no call is in flight) could never happen: use "
+                             "consistency = \"per-task\"", header)
+        if f.monitor or f.policy:
+            raise check.fail(f"{where}: {name!r} runs once per thread, for ever: monitor and policy make no "
+                             "sense for it", header)
+        restart = KthreadRestart(stop=hooks["stop"], start=hooks["start"], transfer=transfer, line=header,
+                                 index=index)
+        out[matches[0]] = dataclasses.replace(_dispatched(f), kthread=restart)
     return tuple(out)
 
 
@@ -662,7 +737,8 @@ def _validate_consistency(upd: dict[str, Any], check: _Checker) -> tuple[str, st
 
 
 def _dispatched(f: FunctionSpec) -> FunctionSpec:
-    """Under global consistency every function goes through a dispatcher, single editions too."""
+    """Under global consistency every function goes through a dispatcher, single editions too; so does
+    a thread's main function, whose edition 0 is the way back on revert."""
     if f.dispatched:
         return f
     return dataclasses.replace(f, editions=(f.edition,), edition=dispatcher_name(f.name, f.object, f.sympos))
@@ -912,9 +988,9 @@ def _validate_edition(spec: FunctionSpec, edition: str, index: int, key: str,
                       by_name: dict[str, list[CDeclaration]], searched: str, check: _Checker,
                       table: tuple[str, ...] = ("function",)) -> None:
     """One C function the update names must be defined once in its C files, with external linkage."""
-    where = f"[[function]] #{index + 1}" if table == ("function",) else f"[{table[0]}]"
+    where = f"[[{table[0]}]] #{index + 1}" if table in (("function",), ("kthread",)) else f"[{table[0]}]"
     role = {"policy": "adaptation handler", "transfer": "transfer hook"}.get(key, "edition")
-    if table == ("hooks",):
+    if table in (("hooks",), ("kthread",)):
         role = f"{key} hook"
     line = check.lines.key(table, index, key)
     decls = by_name.get(edition, [])

@@ -69,7 +69,9 @@ _FUNCTION_SCHEMA: dict[str, type | tuple[type, ...]] = {
     "edition": str,
     "object": str,
     "sympos": (int, type(None)),
+    "kthread": bool,  # the main function of a kernel thread the update restarts
 }
+_FUNCTION_OPTIONAL = frozenset({"kthread"})
 
 
 def package_filename(name: str, release: str) -> str:
@@ -166,7 +168,8 @@ def _build_manifest(
         "replace": source.replace,
         "consistency": source.consistency,
         "functions": [
-            {"name": f.name, "edition": f.edition, "object": f.object, "sympos": f.sympos}
+            {"name": f.name, "edition": f.edition, "object": f.object, "sympos": f.sympos,
+             **({"kthread": True} if f.kthread else {})}
             for f in source.functions
         ],
         "created": created.astimezone(UTC).isoformat(timespec="seconds"),
@@ -352,10 +355,13 @@ def _check_manifest(manifest: Any, path: Path) -> None:
     if not manifest["functions"]:
         raise bad("functions is empty")
     for i, func in enumerate(manifest["functions"]):
-        if not isinstance(func, dict) or set(func) != set(_FUNCTION_SCHEMA):
-            raise bad(f"functions[{i}] must be an object with keys {', '.join(_FUNCTION_SCHEMA)}")
+        if not isinstance(func, dict) or not set(_FUNCTION_SCHEMA) - _FUNCTION_OPTIONAL <= set(func) \
+                or not set(func) <= set(_FUNCTION_SCHEMA):
+            raise bad(f"functions[{i}] must be an object with keys {', '.join(_FUNCTION_SCHEMA)} "
+                      f"({', '.join(sorted(_FUNCTION_OPTIONAL))} optional)")
         for key, types in _FUNCTION_SCHEMA.items():
-            if not isinstance(func[key], types) or isinstance(func[key], bool):
+            wrong_bool = types is not bool and isinstance(func.get(key), bool)
+            if key in func and (not isinstance(func[key], types) or wrong_bool):
                 raise bad(f"functions[{i}].{key} has the wrong type ({type(func[key]).__name__})")
 
     digests = manifest["digests"]
