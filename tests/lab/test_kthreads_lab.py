@@ -6,16 +6,18 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import LAB_UPDATES, Guest, build_test_module
+from .conftest import LAB_UPDATES, REPO, Guest, build_test_module
 
 pytestmark = pytest.mark.lab
 
 PARAMS = "/sys/module/dynamos_ticker/parameters"
+EXAMPLES = REPO / "examples"
 THREAD = "/sys/module/ticker_restart/dynamos/dynamos_ticker:dynamos_ticker_main/thread"
 
 
@@ -126,3 +128,78 @@ def test_failed_restart_leaves_the_thread_on_the_kernels_code_and_the_update_nev
     assert "ticker_restart" not in guest.modules()
     after = counting(guest, 1)  # the same count, carried back: no gap
     assert after["iterations"] > before["iterations"]
+
+
+@pytest.fixture
+def page_cache_file():
+    """A 700 MiB file the guest reads through the host root share (9p with cache=loose), so the
+    guest's page cache fills with clean, reclaimable pages. Sparse on the host: it costs no disk.
+    In the home directory because the lab mounts tmpfs over /tmp and /var/tmp."""
+    directory = Path(tempfile.mkdtemp(prefix="dynamos-reclaim-", dir=Path.home()))
+    path = directory / "cache.bin"
+    with open(path, "wb") as f:
+        f.truncate(700 << 20)
+    yield str(path)
+    shutil.rmtree(directory)
+
+
+def vmstat(guest: Guest) -> dict[str, int]:
+    return {k: int(v) for k, v in (line.split() for line in guest.read("/proc/vmstat").splitlines())}
+
+
+def kswapd_threads(guest: Guest) -> list[int]:
+    out = guest.sh("for d in /proc/[0-9]*; do case \"$(cat $d/comm 2>/dev/null)\" in kswapd*) echo ${d#/proc/};; "
+                   "esac; done; true")
+    return [int(p) for p in out.split()]
+
+
+# Rounds of memory pressure: fill the page cache, then take 700 MiB of anonymous memory (the lab
+# has 1 GiB), so kswapd must reclaim the cache for the allocation to succeed without an OOM kill.
+PRESSURE = """
+import subprocess, sys, time
+rounds = 0
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end or rounds < 2:
+    subprocess.run(["cat", sys.argv[1]], stdout=subprocess.DEVNULL, check=True)
+    hog = b"\\1" * (700 << 20)
+    del hog
+    rounds += 1
+print(rounds)
+"""
+
+
+def test_kswapd_replaced_live_under_memory_pressure_keeps_reclaiming(guest, build, page_cache_file):
+    pkg = build(EXAMPLES / "kswapd-restart")
+    [old_pid] = kswapd_threads(guest)
+    guest.sh(f"cat > /tmp/pressure.py <<'EOF'\n{PRESSURE}EOF\n"
+             f"({sys.executable} /tmp/pressure.py {page_cache_file} 20 > /tmp/pressure.out 2>&1; echo $? > /tmp/pressure.rc) "
+             "</dev/null >/dev/null 2>&1 &")
+    try:
+        time.sleep(3)  # the first round is filling the cache
+        before = vmstat(guest)
+        applied = json.loads(guest.dynamos("apply", str(pkg), "--json").stdout)
+        assert any(f"kswapd0 (pid {old_pid}) in kswapd" in n for n in applied["notes"]), applied["notes"]
+        [new_pid] = kswapd_threads(guest)
+        thread = dict(line.split(" ", 1) for line in guest.read("/sys/module/kswapd_restart/dynamos/kswapd/thread")
+                      .splitlines())
+        assert thread["on"] == "new" and int(thread["pid"]) == new_pid != old_pid, thread
+        guest.sh("while [ ! -e /tmp/pressure.rc ]; do sleep 1; done", timeout=300)
+        assert guest.read("/tmp/pressure.rc").strip() == "0", guest.read("/tmp/pressure.out")
+        after = vmstat(guest)
+        passes = int(guest.read("/sys/module/kswapd_restart/parameters/passes"))
+        reclaimed = after["pgsteal_kswapd"] - before["pgsteal_kswapd"]
+        assert passes > 0, "the new kswapd edition never reclaimed"
+        assert reclaimed > 0, "no page was reclaimed by kswapd after the restart"
+        assert after["oom_kill"] == before["oom_kill"], "memory pressure ended in an OOM kill"
+        assert kswapd_threads(guest) == [new_pid]
+    finally:
+        guest.sh("while [ ! -e /tmp/pressure.rc ]; do sleep 1; done; rm -f /tmp/pressure.*", timeout=300)
+        guest.dynamos("revert", "kswapd-restart", check=False)
+    [back_pid] = kswapd_threads(guest)
+    assert back_pid not in (old_pid, new_pid)
+    # the kernel's own kswapd, restarted at the revert, reclaims again
+    start = vmstat(guest)["pgsteal_kswapd"]
+    guest.run(sys.executable, "-c", PRESSURE, page_cache_file, "0", timeout=300)
+    assert vmstat(guest)["pgsteal_kswapd"] > start
+    print(f"kswapd restart: {passes} reclaim passes and {reclaimed} pages reclaimed by the new edition under "
+          f"pressure ({int(thread['last_restart_ns']) / 1000:.0f} us to restart); no OOM kill", file=sys.stderr)
