@@ -124,3 +124,36 @@ def test_global_switch_waits_for_calls_in_flight_and_refuses_naming_the_task(gue
     finally:
         guest.sh("pkill -x cat; sleep 0.5; rm -f /tmp/dynamos-fifo")
     guest.dynamos("revert", "pipe-read-global")
+
+
+def test_blocked_reader_is_signalled_so_the_transition_ends_before_livepatch_would_signal(guest, build, workdir):
+    """A reader asleep in pipe_read holds up the transition; livepatch signals such tasks only after
+    15 s, dynamos from 1 s on, so a 10 s timeout suffices both ways."""
+    src = workdir / "src" / "pipe-read-signal"
+    shutil.copytree(LAB_UPDATES / "pipe-read-global", src, dirs_exist_ok=True)
+    toml = (src / "update.toml").read_text().replace('consistency = "global"\n', "")
+    toml = toml.replace('name = "pipe-read-global"', 'name = "pipe-read-signal"')
+    (src / "update.toml").write_text(toml.replace('edition = "pipe_read_counted"', 'editions = ["pipe_read_counted"]'))
+    pkg = build(src)
+    guest.sh("rm -f /tmp/dynamos-fifo; mkfifo /tmp/dynamos-fifo; "
+             "setsid sh -c 'exec 3<>/tmp/dynamos-fifo; exec cat /tmp/dynamos-fifo' "
+             "</dev/null >/dev/null 2>&1 & sleep 1")
+    try:
+        reader = guest.sh("pidof cat").split()
+        assert len(reader) == 1
+        applied = json.loads(guest.dynamos("apply", str(pkg), "--timeout", "10", "--json").stdout)
+        assert any(f"cat (pid {reader[0]}) in pipe_read" in n for n in applied["notes"]), applied["notes"]
+        assert any(n.startswith("signalled the tasks still to switch at 1") for n in applied["notes"]), (
+            applied["notes"], applied["phases"])
+        assert applied["phases"]["transition"] < 10
+        assert guest.sh("pidof cat").split() == reader  # the fake signal restarted its read: still there
+        guest.sh("echo hello > /tmp/dynamos-fifo; sleep 0.5")
+        editions = guest.read("/sys/module/pipe_read_signal/dynamos/pipe_read/editions").splitlines()
+        assert int(editions[1].split()[2]) > 0  # the reader now reads through the new edition
+        r = json.loads(guest.dynamos("revert", "pipe-read-signal", "--timeout", "10", "--json").stdout)
+        assert r["phases"]["transition"] < 10
+        assert guest.sh("pidof cat").split() == reader
+    finally:
+        guest.sh("pkill -x cat; sleep 0.5; rm -f /tmp/dynamos-fifo")
+        if guest.livepatches():
+            guest.dynamos("revert", "pipe-read-signal")

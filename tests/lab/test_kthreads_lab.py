@@ -172,7 +172,8 @@ def test_kswapd_replaced_live_under_memory_pressure_keeps_reclaiming(guest, buil
     pkg = build(EXAMPLES / "kswapd-restart")
     [old_pid] = kswapd_threads(guest)
     guest.sh(f"cat > /tmp/pressure.py <<'EOF'\n{PRESSURE}EOF\n"
-             f"({sys.executable} /tmp/pressure.py {page_cache_file} 20 > /tmp/pressure.out 2>&1; echo $? > /tmp/pressure.rc) "
+             f"({sys.executable} /tmp/pressure.py {page_cache_file} 20 > /tmp/pressure.out 2>&1; "
+             "echo $? > /tmp/pressure.rc) "
              "</dev/null >/dev/null 2>&1 &")
     try:
         time.sleep(3)  # the first round is filling the cache

@@ -296,3 +296,19 @@ def test_a_kernel_thread_merely_calling_a_replaced_function_is_a_blocker_not_a_l
     found, notes = h.kernel.predicted_blockers(h.packages[path])
     assert found[0][0].thread_function == "worker_main"
     assert len(notes) == 1 and "workerd (pid 43) in cmdline_proc_show" in notes[0] and "hold up" in notes[0]
+
+
+def test_tasks_still_to_switch_are_signalled_on_a_schedule(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.sim.add_task(778, "reader", STUCK_STACK, blocked=True, wakes_on_signal=True)
+    result = h.kernel.apply(h.add("fix-x"), timeout=10)
+    assert h.syscalls("signal") == [("signal", "fix_x")]
+    assert "signalled the tasks still to switch at 1 s into the transition" in result.notes
+
+
+def test_signals_follow_a_doubling_schedule_until_the_timeout(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.sim.add_task(777, "stuckd", STUCK_STACK, blocked=True)
+    with pytest.raises(TransitionError):
+        h.kernel.apply(h.add("fix-x"), timeout=8, revert_timeout=0.5)
+    assert len(h.syscalls("signal")) == 3  # at 1, 3 and 7 s; not during the 0.5 s reversal

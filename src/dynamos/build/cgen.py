@@ -62,6 +62,43 @@ def klp_object_name(obj: str) -> str | None:
     return obj.replace("-", "_")  # the kernel names modules with '_' whatever the file says
 
 
+# Every update module carries this: a write to /sys/module/<update>/parameters/signal_blockers
+# does what livepatch itself does only every 15 s of a stalled transition (and 6.1 offers no
+# sysfs file for): a fake signal to each user task still waiting to switch, which takes it out of
+# an interruptible sleep through the signal path, where it switches; kernel threads are woken.
+SIGNAL_BLOCKERS_SOURCE = """\
+/* Signal the tasks a transition waits for; reading gives how many were signalled so far. */
+static unsigned long dynamos_signalled;
+
+static int dynamos_signal_blockers(const char *val, const struct kernel_param *kp)
+{
+\tstruct task_struct *g, *task;
+\tunsigned long count = 0;
+
+\trcu_read_lock();
+\tfor_each_process_thread(g, task) {
+\t\tif (!test_tsk_thread_flag(task, TIF_PATCH_PENDING))
+\t\t\tcontinue;
+\t\tif (task->flags & PF_KTHREAD)
+\t\t\twake_up_state(task, TASK_INTERRUPTIBLE);
+\t\telse
+\t\t\tset_notify_signal(task);
+\t\tcount++;
+\t}
+\trcu_read_unlock();
+\tdynamos_signalled += count;
+\treturn 0;
+}
+
+static const struct kernel_param_ops dynamos_signal_ops = {
+\t.set = dynamos_signal_blockers,
+\t.get = param_get_ulong,
+};
+module_param_cb(signal_blockers, &dynamos_signal_ops, &dynamos_signalled, 0600);
+MODULE_PARM_DESC(signal_blockers, "write: signal the tasks the transition waits for; read: tasks signalled");
+"""
+
+
 def _check_editions(source: UpdateSource) -> None:
     if not source.functions:
         raise ManifestError("the update replaces no function (add a [[function]] table)",
@@ -224,7 +261,10 @@ def generate_livepatch_source(source: UpdateSource, prototypes: Mapping[Function
         "#include <linux/kernel.h>",
         "#include <linux/module.h>",
         "#include <linux/livepatch.h>",
+        "#include <linux/sched/signal.h>",
         *([f'#include "{RUNTIME_HEADER}"'] if dispatched else []),
+        "",
+        *SIGNAL_BLOCKERS_SOURCE.splitlines(),
         "",
     ]
     singles = list(dict.fromkeys(f.edition for f in source.functions if not f.dispatched))

@@ -130,6 +130,9 @@ class BlockedTransition(TransitionError):
 
 PHASES = ("verify", "preflight", "load", "transition", "switch", "unload")
 PROGRESS_EVERY = 1.0  # seconds between progress reports while nothing changes
+# Tasks still to switch are signalled (the update module's signal_blockers) this long into a
+# transition, then again after twice as long each time: 1, 3, 7, 15 s... Livepatch itself waits 15 s.
+SIGNAL_AFTER = 1.0
 
 
 @dataclass
@@ -364,6 +367,7 @@ class LiveKernel:
         self.log = ActionLog(log_path if log_path is not None else default_log_path(self.root))
         self.records = UpdateRecords(self.root)
         self._read_package = read_package or _default_reader
+        self.signalled: list[float] = []  # when the last transition waited for signalled its blockers
 
     # -- checks -----------------------------------------------------------------------------
 
@@ -577,14 +581,23 @@ class LiveKernel:
     def _wait_transition(
         self, name: str, timeout: float, phase: str, progress: ProgressCallback | None
     ) -> bool:
-        """Poll until ``name``'s transition ends (or the patch is gone); False on timeout."""
+        """Poll until ``name``'s transition ends (or the patch is gone); False on timeout.
+
+        Tasks that have not switched are signalled on a schedule (``signalled`` records when)."""
         start = self.sys.monotonic()
         last: tuple[int, float] | None = None  # (pending, elapsed) last reported
+        self.signalled = []
+        next_signal, gap = SIGNAL_AFTER, SIGNAL_AFTER
         while True:
             patch = lp.read_livepatch(self.root, name)
             if patch is None or not patch.transition:
                 return True
             elapsed = self.sys.monotonic() - start
+            if elapsed >= next_signal:
+                if self._signal_blockers(name):
+                    self.signalled.append(round(elapsed, 1))
+                gap *= 2
+                next_signal += gap
             if progress is not None:
                 # Reported when the count changes, and at least every PROGRESS_EVERY seconds.
                 pending = len(lp.pending_tasks(self.root, patch.target_state))
@@ -594,6 +607,24 @@ class LiveKernel:
             if elapsed >= timeout:
                 return False
             self.sys.sleep(self.poll_interval)
+
+    def _signal_blockers(self, name: str) -> bool:
+        """Have update ``name``'s module signal the tasks still to switch (livepatch's fake
+        signal); False when it cannot (a module built before dynamos had this)."""
+        path = self.root / "sys/module" / name / "parameters/signal_blockers"
+        if not path.exists():
+            return False
+        try:
+            self.sys.write_attribute(os.fspath(path), b"1")
+        except OSError:
+            return False
+        return True
+
+    def _signal_notes(self) -> list[str]:
+        if not self.signalled:
+            return []
+        return [f"signalled the tasks still to switch at {', '.join(f'{s:g}' for s in self.signalled)} s "
+                "into the transition"]
 
     def _wait_gone(self, name: str, timeout: float) -> bool:
         """Wait for a disabled/replaced patch's sysfs directory to be freed (done asynchronously)."""
@@ -734,6 +765,7 @@ class LiveKernel:
             t = timed("load", t)
             self._complete_transition(pkg.livepatch_name, timeout, revert_timeout, progress,
                                       force_notes=notes if force else None)
+            notes += self._signal_notes()
             t = timed("transition", t)
             if getattr(pkg, "consistency", "per-task") == "global":
                 self._switch_globally(pkg.livepatch_name, True, timeout, revert_timeout, progress, notes)
@@ -896,6 +928,7 @@ class LiveKernel:
                 self._switch_globally(lp_name, False, timeout, restore_timeout, progress, notes)
             if patch is not None:
                 self._disable(patch, timeout, restore_timeout, progress)
+                notes += self._signal_notes()
                 self._wait_gone(lp_name, self.unload_timeout)
             now = self.sys.monotonic()
             phases["transition"], t = round(now - t, 6), now

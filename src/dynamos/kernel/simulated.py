@@ -38,6 +38,7 @@ class SimTask:
     stack: list[str]
     blocked: bool = False  # never switches patch state (sleeps in a patched function)
     state: int = -1
+    wakes_on_signal: bool = False  # a blocked task that livepatch's fake signal gets to switch
 
 
 @dataclass
@@ -106,8 +107,8 @@ class SimulatedKernel:
         self.render()
 
     def add_task(self, pid: int, comm: str, stack: list[str], tid: int | None = None,
-                 blocked: bool = False) -> SimTask:
-        task = SimTask(pid, tid if tid is not None else pid, comm, stack, blocked)
+                 blocked: bool = False, wakes_on_signal: bool = False) -> SimTask:
+        task = SimTask(pid, tid if tid is not None else pid, comm, stack, blocked, wakes_on_signal=wakes_on_signal)
         self.tasks.append(task)
         self.render()
         return task
@@ -170,7 +171,21 @@ class SimulatedKernel:
     # -- livepatch, one poll at a time ----------------------------------------------------
 
     def write_attribute(self, path: str, value: bytes) -> None:
-        """Act like livepatch's ``enabled_store``: synchronously start or reverse a transition."""
+        """Act like livepatch's ``enabled_store``: synchronously start or reverse a transition;
+        or like an update module's ``signal_blockers``: blocked tasks that wake on a signal switch."""
+        if Path(path).name == "signal_blockers":
+            module = Path(path).relative_to(self.root / "sys/module").parts[0]
+            if module not in self.modules:
+                raise OSError(errno.ENOENT, path)
+            self.calls.append(("signal", module))
+            for patch in self.patches.values():
+                if patch.transition:
+                    for t in self.tasks:
+                        if t.blocked and t.wakes_on_signal:
+                            t.blocked = False
+                            t.state = 1 if patch.enabled else 0
+            self.render()
+            return
         rel = Path(path).relative_to(self.root / "sys/kernel/livepatch")
         if len(rel.parts) != 2 or rel.parts[1] != "enabled" or rel.parts[0] not in self.patches:
             raise OSError(errno.ENOENT, path)
@@ -263,6 +278,13 @@ class SimulatedKernel:
         params = r / "sys/module/module/parameters"
         params.mkdir(parents=True, exist_ok=True)
         (params / "sig_enforce").write_text("Y\n" if self.sig_enforce else "N\n")
+        for d in (r / "sys/module").iterdir():
+            if d.name != "module" and d.name not in self.modules:
+                shutil.rmtree(d)
+        for m in self.modules.values():
+            if m.livepatch:  # every update module has the blocker signal parameter
+                (r / "sys/module" / m.name / "parameters").mkdir(parents=True, exist_ok=True)
+                (r / "sys/module" / m.name / "parameters/signal_blockers").write_text("0\n")
 
         tracing = r / "sys/kernel/tracing"
         if tracing.exists():
