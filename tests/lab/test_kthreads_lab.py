@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import LAB_UPDATES, REPO, Guest, build_test_module
+from .conftest import EXAMPLES, LAB_UPDATES, Guest, build_test_module
 
 pytestmark = pytest.mark.lab
 
 PARAMS = "/sys/module/dynamos_ticker/parameters"
-EXAMPLES = REPO / "examples"
 THREAD = "/sys/module/ticker_restart/dynamos/dynamos_ticker:dynamos_ticker_main/thread"
 
 

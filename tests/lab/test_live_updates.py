@@ -310,3 +310,34 @@ def test_force_is_opt_in_and_switches_the_blocker(target, workdir, build, stall_
     finally:
         lab.kill()
         lab.discard()
+
+
+def state_update(build, version: int):
+    """A cumulative update of /proc/version that sets up system state 7 at ``version``."""
+    name = f"state-v{version}"
+    return build({
+        "update.toml": f'[update]\nname = "{name}"\ndescription = "lab test"\nreplace = true\n\n'
+                       '[[function]]\nname = "version_proc_show"\nedition = "version_state"\n\n'
+                       f"[[state]]\nid = 7\nversion = {version}\n",
+        "e.c": "#include <linux/seq_file.h>\n"
+               "int version_state(struct seq_file *m, void *v)\n"
+               f'{{ seq_puts(m, "dynamos state v{version}\\n"); return 0; }}\n',
+    }, name)
+
+
+def test_cumulative_update_with_an_older_state_version_is_refused(guest, build):
+    guest.dynamos("apply", str(state_update(build, 2)))
+    try:
+        assert guest.read("/proc/version") == "dynamos state v2\n"
+        r = guest.dynamos("apply", str(state_update(build, 1)), check=False)
+        err = r.stderr.decode()
+        assert r.status == RefusedError.exit_status and "never loaded" in err, err
+        assert "not compatible" in err, err  # livepatch's own reason, quoted from the kernel log
+        assert guest.livepatches() == ["state_v2"] and "state_v1" not in guest.modules()
+        assert guest.read("/proc/version") == "dynamos state v2\n"
+        applied = json.loads(guest.dynamos("apply", str(state_update(build, 3)), "--json").stdout)
+        assert applied["replaced"] == ["state_v2"]
+        assert guest.livepatches() == ["state_v3"] and guest.read("/proc/version") == "dynamos state v3\n"
+    finally:
+        for name in guest.livepatches():
+            guest.dynamos("revert", name)
