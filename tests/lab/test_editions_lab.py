@@ -276,3 +276,32 @@ def test_runtime_replaced_live_keeps_route_and_counters(guest, build, workdir):
     assert sum(e["calls"] for e in after["editions"]) == 200  # and kept counting
     assert "[edition 1]" in tags and "[edition 2]" in tags
     assert "cmdline_proc_show: taking over route and counters from runtime version 1" in log
+
+
+def test_cumulative_update_takes_over_the_shadow_state_of_the_one_it_replaces(guest, build, workdir):
+    """pipe-bytes replaced by a cumulative update with the same klp_state: the per-task counts
+    in shadow data stay and are served by the new update's file; its revert frees them."""
+    v2 = workdir / "src" / "pipe-bytes-v2"
+    shutil.copytree(EXAMPLES / "pipe-bytes", v2, dirs_exist_ok=True)
+    toml = (v2 / "update.toml").read_text().replace('name = "pipe-bytes"', 'name = "pipe-bytes-v2"\nreplace = true')
+    (v2 / "update.toml").write_text(toml.replace("version = 1", "version = 2"))
+    guest.dynamos("apply", str(build(EXAMPLES / "pipe-bytes")))
+    try:
+        # a long-lived task that wrote 6 bytes: sh prints, then becomes sleep (same task)
+        guest.sh("(setsid sh -c 'printf abcdef; exec sleep 120' | cat) </dev/null >/dev/null 2>&1 & sleep 1")
+        [writer] = [pid for pid, n in pipe_bytes(guest)["tasks"].items() if n == 6
+                    and guest.read(f"/proc/{pid}/comm").strip() == "sleep"]
+        applied = json.loads(guest.dynamos("apply", str(build(v2)), "--json").stdout)
+        assert applied["replaced"] == ["pipe_bytes"] and guest.livepatches() == ["pipe_bytes_v2"]
+        assert "dynamos pipe-bytes: took over" in guest.sh("dmesg | tail -5")
+        taken = pipe_bytes(guest)
+        assert taken["tasks"][writer] == 6  # the count survived the replacement
+        assert taken["live"] == len(taken["tasks"])
+        guest.sh("printf abc | cat >/dev/null")
+        assert pipe_bytes(guest)["created"] >= 1  # the new update keeps counting
+    finally:
+        guest.sh("pkill -xf 'sleep 120'; true")
+        for name in guest.livepatches():
+            guest.dynamos("revert", name)
+    assert guest.run("test", "-e", "/proc/dynamos_pipe_bytes", check=False).status != 0
+    assert "dynamos pipe-bytes: reverted, freed" in guest.sh("dmesg | tail -5")

@@ -283,10 +283,10 @@ def test_bad_hooks_and_states(tmp_path: Path, tables: str, message: str) -> None
 def test_shadow_helpers_compile_into_updates_that_include_them(tmp_path: Path) -> None:
     result = build_update(EXAMPLES / "pipe-bytes", fetch_target(DEFAULT_LAB_KERNEL), output=tmp_path)
     names = {s.name for s in ELFFile(open(result.module_path, "rb")).get_section_by_name(".symtab").iter_symbols()}
-    assert {"dynamos_shadow_count", "dynamos_shadow_free_all", "pipe_write_accounted"} <= names
+    assert {"dynamos_shadow_live", "dynamos_shadow_free_all", "pipe_write_accounted"} <= names
     plain = build_update(EXAMPLE, fetch_target(DEFAULT_LAB_KERNEL), output=tmp_path)
     names = {s.name for s in ELFFile(open(plain.module_path, "rb")).get_section_by_name(".symtab").iter_symbols()}
-    assert "dynamos_shadow_count" not in names  # only updates that use shadow data carry it
+    assert "dynamos_shadow_live" not in names  # only updates that use shadow data carry it
 
 
 # --- kernel threads ----------------------------------------------------------------------------

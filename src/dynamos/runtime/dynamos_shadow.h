@@ -13,7 +13,9 @@
  *   dynamos_shadow_free(obj, id)              when the object goes away
  *   dynamos_shadow_free_all(id)               when the update goes away (a post_unpatch hook)
  *
- * dynamos_shadow_live(id) counts the shadows of an id this update holds, for leak checks.
+ * dynamos_shadow_live(id) counts the live shadows of an id (0..7), for leak checks. The counts
+ * are themselves a shadow variable, so like the shadows they outlive the module: a cumulative
+ * update that takes the shadows over (same klp_state) goes on with the same counts.
  */
 #ifndef DYNAMOS_SHADOW_H
 #define DYNAMOS_SHADOW_H
@@ -23,51 +25,14 @@
 
 #define DYNAMOS_SHADOW_IDS 8	/* ids 0..7 are counted */
 
-extern atomic_long_t dynamos_shadow_count[DYNAMOS_SHADOW_IDS];
-
-static inline int dynamos_shadow_counted(void *obj, void *shadow, void *ctor_data)
-{
-	unsigned long id = (unsigned long)ctor_data;
-
-	if (id < DYNAMOS_SHADOW_IDS)
-		atomic_long_inc(&dynamos_shadow_count[id]);
-	return 0;
-}
-
-static inline void dynamos_shadow_uncount(unsigned long id)
-{
-	if (id < DYNAMOS_SHADOW_IDS)
-		atomic_long_dec(&dynamos_shadow_count[id]);
-}
-
 static inline void *dynamos_shadow_get(void *obj, unsigned long id)
 {
 	return klp_shadow_get(obj, id);
 }
 
-static inline void *dynamos_shadow_get_or_zalloc(void *obj, unsigned long id, size_t size, gfp_t gfp)
-{
-	void *shadow = klp_shadow_get(obj, id);
-
-	if (shadow)
-		return shadow;
-	/* The allocation is zeroed by livepatch; the constructor only counts it. */
-	return klp_shadow_get_or_alloc(obj, id, size, gfp, dynamos_shadow_counted, (void *)id);
-}
-
-static inline void dynamos_shadow_free(void *obj, unsigned long id)
-{
-	if (klp_shadow_get(obj, id)) {
-		klp_shadow_free(obj, id, NULL);
-		dynamos_shadow_uncount(id);
-	}
-}
-
+void *dynamos_shadow_get_or_zalloc(void *obj, unsigned long id, size_t size, gfp_t gfp);
+void dynamos_shadow_free(void *obj, unsigned long id);
 void dynamos_shadow_free_all(unsigned long id);
-
-static inline long dynamos_shadow_live(unsigned long id)
-{
-	return id < DYNAMOS_SHADOW_IDS ? atomic_long_read(&dynamos_shadow_count[id]) : -1;
-}
+long dynamos_shadow_live(unsigned long id);
 
 #endif /* DYNAMOS_SHADOW_H */
