@@ -172,6 +172,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"\n{u['name']} {f['function']}: route {'; '.join(f['route'])}")
             print(_table([[e["index"], e["name"], e["calls"], e["in_flight"], "live" if e["live"] else "retired"]
                           for e in f["editions"]], ["EDITION", "NAME", "CALLS", "IN-FLIGHT", "STATE"]))
+            if "thread" in f:
+                t = f["thread"]
+                print(f"kernel thread: pid {t.get('pid')} on the {t.get('on')} code, {t.get('restarts')} restart(s), "
+                      f"last took {t.get('last_restart_ns', 0) / 1000:.0f} us")
     return 0
 
 

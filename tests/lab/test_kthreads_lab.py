@@ -103,7 +103,9 @@ def test_thread_restarted_onto_new_edition_with_its_count_and_back(guest, build,
     assert thread["on"] == "new" and int(thread["pid"]) == new_pid != old_pid, thread
     assert thread["restarts"] == "1" and thread["last_error"] == "0", thread
     # The thread runs the update's code: livepatch's transition finished all the same.
-    assert guest.status()["updates"][0]["transition"] is False
+    status = guest.status()["updates"][0]
+    assert status["transition"] is False
+    assert status["editions"][0]["thread"]["pid"] == new_pid and status["editions"][0]["thread"]["on"] == "new"
 
     guest.dynamos("revert", "ticker-restart")
     back = counting(guest, 1)

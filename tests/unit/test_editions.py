@@ -348,3 +348,16 @@ def test_only_int_of_one_pointer_is_a_thread_function() -> None:
     assert not _is_thread_function(PIPE_WRITE) and not _is_thread_function(SCHEDULE)
     assert not _is_thread_function(Prototype(name="f", return_type="int", params=(Param("n", "int n"),),
                                              variadic=False, forward_declarations=()))
+
+
+def test_thread_state_is_read_from_the_thread_control_file(tmp_path: Path) -> None:
+    from dynamos.kernel.editions import FunctionControl
+    d = tmp_path / "kswapd"
+    d.mkdir()
+    (d / "editions").write_text("0 kswapd 0 0 live\n1 kswapd_counted 1 1 live\n")
+    (d / "route").write_text("default 1\n")
+    control = FunctionControl("kswapd_restart", "kswapd", d)
+    assert control.thread() is None and "thread" not in control.to_json()
+    (d / "thread").write_text("on new\npid 190\nrestarts 1\nlast_restart_ns 1875542\nlast_error 0\n")
+    assert control.to_json()["thread"] == {"on": "new", "pid": 190, "restarts": 1, "last_restart_ns": 1875542,
+                                           "last_error": 0}

@@ -109,6 +109,14 @@ class FunctionControl:
             return None
         return parse_latency(self._read("latency"))
 
+    def thread(self) -> dict[str, Any] | None:
+        """For a kernel thread's main function: which side its thread runs ("new" or
+        "original"), the thread's pid, restarts, last restart's ns and error; else None."""
+        if not (self.path / "thread").exists():
+            return None
+        fields = dict(line.split(" ", 1) for line in self._read("thread").splitlines() if " " in line)
+        return {k: v if k == "on" else int(v) for k, v in fields.items()}
+
     def edition_index(self, edition: str | int) -> int:
         """An edition by number or by name (of the C function, or the kernel function for 0)."""
         states = self.editions()
@@ -140,6 +148,9 @@ class FunctionControl:
         latency = self.latency()
         if latency is not None:
             data["latency"] = [lat.to_json() for lat in latency]
+        thread = self.thread()
+        if thread is not None:
+            data["thread"] = thread
         return data
 
     def _read(self, name: str) -> str:

@@ -1,0 +1,84 @@
+"""The conventional cost the source-diff builder avoids: a full kernel build on this machine.
+
+kpatch-build and upstream klp-build compile the whole kernel (original and patched) to find what
+a patch changed; dynamos compiles the files the patch touches. This times one ``make vmlinux``
+(``--goal all``: modules too) from a clean copy of the same prepared tree, with the same config,
+compiler, flags and job count dynamos uses, against dynamos building the one-file lab patch
+(warm, median of ``--runs``) in the same invocation, and prints the ratio. It takes tens of
+minutes on 2 cores; ``--progress`` shows the Kbuild steps.
+
+Usage: python bench/bench_full_build.py [--goal vmlinux|all] [--runs N] [--json] [--progress]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dynamos.build.patch import build_from_patch
+from dynamos.build.source import _load_settings, _make_command, _run_make, prepare_source
+from dynamos.kernel.symtab import lab_symbol_table
+from dynamos.target import DEFAULT_LAB_KERNEL, fetch_target
+
+REPO = Path(__file__).resolve().parents[1]
+PATCH = REPO / "tests" / "lab" / "patches" / "proc-cmdline-string.patch"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--goal", choices=("vmlinux", "all"), default="vmlinux")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args()
+    target = fetch_target(DEFAULT_LAB_KERNEL)
+    lab_symbol_table(target)
+    source = prepare_source(target)
+    settings = _load_settings(source)
+    scratch = Path(tempfile.mkdtemp(prefix="dynamos-fullbuild-"))
+    try:
+        out = scratch / "packages"
+        out.mkdir()
+        warm = []
+        for _ in range(args.runs):
+            t0 = time.monotonic()
+            build_from_patch(PATCH, target, output=out, name="bench-warm")
+            warm.append(time.monotonic() - t0)
+        tree = scratch / source.tree.name
+        subprocess.run(["cp", "-a", str(source.tree), str(tree)], check=True)
+        count = 0
+
+        def step(line: str) -> None:
+            nonlocal count
+            count += 1
+            if args.progress and count % 100 == 0:
+                print(f"[{time.monotonic() - t0:7.0f}s] {count} steps: {line}", file=sys.stderr, flush=True)
+
+        t0 = time.monotonic()
+        status, log = _run_make(_make_command(tree, settings, args.goal), settings, step, "full build")
+        full = time.monotonic() - t0
+        if status != 0:
+            print(log[-4000:], file=sys.stderr)
+            return 1
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    results = {"goal": args.goal, "full_build_s": round(full, 1), "kbuild_steps": count,
+               "dynamos_warm_s": round(statistics.median(warm), 2), "runs": args.runs,
+               "ratio_full_to_dynamos": round(full / statistics.median(warm), 1)}
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for k, v in results.items():
+            print(f"{k:<24} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
