@@ -259,7 +259,9 @@ def test_edition_using_non_exported_symbols(guest, build):
     pkg = build(LAB_UPDATES / "loadavg-klp")
     from dynamos.update.package import read_package
 
-    assert sorted(s["name"] for s in read_package(pkg).klp_symbols) == ["get_avenrun", "nr_running", "nr_threads"]
+    # wake_up_state: every update's blocker signal (signal_blockers) uses it
+    assert sorted(s["name"] for s in read_package(pkg).klp_symbols) == [
+        "get_avenrun", "nr_running", "nr_threads", "wake_up_state"]
     guest.dynamos("apply", str(pkg))
     try:
         out = guest.sh("cat /proc/loadavg; ls -d /proc/[0-9]*/task/* | wc -l").split("\n")
