@@ -53,6 +53,13 @@ def main() -> int:
             warm.append(time.monotonic() - t0)
         tree = scratch / source.tree.name
         subprocess.run(["cp", "-a", str(source.tree), str(tree)], check=True)
+        # Debian's config signs modules with a key its own build supplies: a throwaway one, made
+        # as the kernel's certs/Makefile makes its default key, takes its place (code is unchanged).
+        key = tree / "output" / "signing_key.pem"
+        key.parent.mkdir(exist_ok=True)
+        subprocess.run(["openssl", "req", "-new", "-nodes", "-utf8", "-sha256", "-days", "36500", "-batch", "-x509",
+                        "-config", str(tree / "certs" / "default_x509.genkey"), "-outform", "PEM",
+                        "-out", str(key), "-keyout", str(key)], check=True, capture_output=True)
         count = 0
 
         def step(line: str) -> None:
