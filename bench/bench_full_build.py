@@ -13,7 +13,6 @@ Usage: python bench/bench_full_build.py [--goal vmlinux|all] [--runs N] [--json]
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -21,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _report import print_results  # bench/, on the path when a bench script runs
 
 from dynamos.build.patch import build_from_patch
 from dynamos.build.source import _load_settings, _make_command, _run_make, prepare_source
@@ -79,11 +80,7 @@ def main() -> int:
     results = {"goal": args.goal, "full_build_s": round(full, 1), "kbuild_steps": count,
                "dynamos_warm_s": round(statistics.median(warm), 2), "runs": args.runs,
                "ratio_full_to_dynamos": round(full / statistics.median(warm), 1)}
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        for k, v in results.items():
-            print(f"{k:<24} {v}")
+    print_results(results, args.json)
     return 0
 
 

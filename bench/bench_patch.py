@@ -12,12 +12,13 @@ Usage: python bench/bench_patch.py [--runs N] [--cold] [--json]
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from _report import print_results  # bench/, on the path when a bench script runs
 
 from dynamos.build.patch import build_from_patch
 from dynamos.build.source import compile_unit, prepare_source, source_root
@@ -53,11 +54,7 @@ def main() -> int:
     results.update(warm_s=round(statistics.median(warm), 2), baseline_one_compile_s=round(statistics.median(base), 2),
                    ratio=round(statistics.median(warm) / statistics.median(base), 2), runs=args.runs)
     shutil.rmtree(out, ignore_errors=True)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        for k, v in results.items():
-            print(f"{k:<24} {v}")
+    print_results(results, args.json)
     return 0
 
 

@@ -81,6 +81,11 @@ def parse_editions(text: str) -> list[EditionState]:
     return out
 
 
+def parse_key_values(text: str) -> dict[str, str]:
+    """A runtime control file of ``key value`` lines (``global``, ``thread``) as a dict."""
+    return dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
+
+
 def parse_latency(text: str) -> list[Latency]:
     out = []
     for line in text.splitlines():
@@ -114,8 +119,7 @@ class FunctionControl:
         "original"), the thread's pid, restarts, last restart's ns and error; else None."""
         if not (self.path / "thread").exists():
             return None
-        fields = dict(line.split(" ", 1) for line in self._read("thread").splitlines() if " " in line)
-        return {k: v if k == "on" else int(v) for k, v in fields.items()}
+        return {k: v if k == "on" else int(v) for k, v in parse_key_values(self._read("thread")).items()}
 
     def edition_index(self, edition: str | int) -> int:
         """An edition by number or by name (of the C function, or the kernel function for 0)."""
@@ -176,7 +180,7 @@ def global_switch_state(update: str, root: Path = Path("/")) -> dict[str, str] |
         text = (control_root(update, root) / "global").read_text()
     except OSError:
         return None
-    return dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
+    return parse_key_values(text)
 
 
 def functions_of(update: str, root: Path = Path("/")) -> list[FunctionControl]:

@@ -167,7 +167,7 @@ class Blocker:
     @property
     def thread_function(self) -> str | None:
         """For a kernel thread, its main function: the frame the generic ``kthread`` runs."""
-        names = [frame.split(" ", 1)[-1].split("+", 1)[0] for frame in self.stack]
+        names = [frame_function(frame) for frame in self.stack]
         if "kthread" not in names:
             return None
         at = names.index("kthread")
@@ -181,6 +181,11 @@ class Blocker:
 
     def to_json(self) -> dict:
         return {"pid": self.pid, "tid": self.tid, "comm": self.comm, "stack": list(self.stack)}
+
+
+def frame_function(frame: str) -> str:
+    """The function of a ``/proc/<pid>/stack`` frame: ``[<0>] pipe_read+0x1c/0x60`` -> ``pipe_read``."""
+    return frame.split(" ", 1)[-1].split("+", 1)[0]
 
 
 def _read_text(path: Path) -> str | None:
@@ -245,7 +250,7 @@ def tasks_in_functions(root: Path, functions: set[str]) -> list[tuple[Blocker, l
             if not text:
                 continue
             stack = tuple(line.strip() for line in text.splitlines() if line.strip())
-            names = [frame.split(" ", 1)[-1].split("+", 1)[0] for frame in stack]
+            names = [frame_function(frame) for frame in stack]
             hits = sorted({n for n in names if n in functions})
             if hits:
                 comm = (_read_text(task_dir / "comm") or "?").strip()
