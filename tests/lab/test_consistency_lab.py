@@ -12,11 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dynamos.lab import Lab, LabConfig
-from dynamos.lab.vm import labs_dir
-from dynamos.target import cache_root
-
-from .conftest import LAB_UPDATES, REPO, Guest, build_test_module
+from .conftest import LAB_UPDATES, build_test_module
+from .conftest import uniprocessor_guest as conftest_uniprocessor_guest
 
 pytestmark = pytest.mark.lab
 
@@ -47,19 +44,11 @@ def counters(guest) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def uniprocessor_guest(target, workdir):
-    """A one-CPU lab for the dynamos_pair tests.
-
-    With two TCG vCPUs, livepatching this module's functions while its threads call them in a
-    tight loop intermittently hangs the calling thread at the function's ftrace site (a soft
-    lockup), with a plain livepatch edition as well as with dispatchers; on one vCPU it never
-    did. Until that is understood, these tests run where it does not happen.
-    """
-    state_dir = labs_dir() / f"pytest-up-{Path(workdir).name}"
-    config = LabConfig(kernel=target.release, cpus=1, shares=[str(REPO), str(workdir), str(cache_root())])
-    lab = Lab.boot(config, state_dir=state_dir)
-    yield Guest(lab)
-    lab.kill()
-    lab.discard()
+    """The dynamos_pair tests' lab: with two vCPUs, livepatching this module's functions while
+    its threads call them in a tight loop intermittently hangs a thread at the function's ftrace
+    site (see conftest.uniprocessor_guest)."""
+    with conftest_uniprocessor_guest(target, workdir, "up") as guest:
+        yield guest
 
 
 def test_global_consistency_never_mixes_formats_across_applies(uniprocessor_guest, build, workdir, pair_module):
