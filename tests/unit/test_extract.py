@@ -90,3 +90,63 @@ def test_missing_function_is_an_error(tmp_path: Path):
 def test_local_symbol_must_resolve(tmp_path: Path):
     with pytest.raises(BuildError, match="file-local symbol .* must be resolved"):
         extract_functions(compile_c(tmp_path, SOURCE), {"show"}, set(), lambda name, local: None)
+
+
+def test_undefined_symbols_only_left_behind_code_uses_are_dropped(tmp_path: Path):
+    text = SOURCE + "int unused_extern(void);\nint third(void) { return unused_extern(); }\n"
+    e = extract_functions(compile_c(tmp_path, text), {"show"}, set(), resolve)
+    names = {s.name for s in ELFFile(io.BytesIO(e.object)).get_section_by_name(".symtab").iter_symbols()}
+    assert "unused_extern" not in names and "exported_fn" in names
+
+
+# Two functions with an alternative each, whose replacement calls a different function.
+ALTERNATIVES = """
+void show_target(void);
+void other_target(void);
+#define ALT(repl) asm volatile("661:\\n\\t.skip 5, 0x90\\n662:\\n" \\
+    ".pushsection .altinstructions,\\"a\\"\\n .long 661b - .\\n .long 663f - .\\n .word 0\\n" \\
+    " .byte 662b-661b\\n .byte 664f-663f\\n.popsection\\n" \\
+    ".pushsection .altinstr_replacement,\\"ax\\"\\n663:\\n\\t" repl "\\n664:\\n.popsection\\n")
+int show(int v) { ALT("call show_target"); return v; }
+int other(int v) { ALT("call other_target"); return v + 1; }
+"""
+
+
+def test_replacement_code_of_left_behind_alternatives_asks_for_nothing(tmp_path: Path):
+    e = extract_functions(compile_c(tmp_path, ALTERNATIVES), {"show"}, set(), resolve)
+    assert [k.name for k in e.klp_placeholders.values()] == ["show_target"]
+    elf = ELFFile(io.BytesIO(e.object))
+    assert len(list(elf.get_section_by_name(".rela.altinstr_replacement").iter_relocations())) == 1
+    assert elf.get_section_by_name(".altinstructions")["sh_size"] == 12
+
+
+JUMP_LABEL = """
+struct static_key { int enabled; };
+extern struct static_key the_key;
+int printk(const char *fmt, ...);
+static inline int key_on(void)
+{
+    asm goto("1: .byte 0x0f,0x1f,0x44,0x00,0x00\\n\\t.pushsection __jump_table, \\"aw\\"\\n\\t.balign 8\\n\\t"
+             ".long 1b - ., %l[yes] - .\\n\\t.quad %c0 - .\\n\\t.popsection" : : "i"(&the_key) : : yes);
+    return 0;
+yes:
+    return 1;
+}
+int user(int x) { return key_on() ? printk("on %d\\n", x) : x; }
+"""
+
+
+@pytest.mark.parametrize("where, refused", [("vmlinux", False), ("crc_t10dif", True)])
+def test_jump_labels_on_keys_livepatch_resolves_before_the_jump_table_is_read(tmp_path: Path, where: str,
+                                                                             refused: bool):
+    def resolve_key(name: str, local: bool) -> KlpSymbol | None:
+        return KlpSymbol(name, where) if name == "the_key" else resolve(name, local)
+
+    if refused:
+        with pytest.raises(BuildError, match="static key the_key of module crc_t10dif"):
+            extract_functions(compile_c(tmp_path, JUMP_LABEL), {"user"}, set(), resolve_key)
+        return
+    e = extract_functions(compile_c(tmp_path, JUMP_LABEL), {"user"}, set(), resolve_key)
+    assert KlpSymbol("the_key", "vmlinux") in e.klp_placeholders.values()
+    elf = ELFFile(io.BytesIO(e.object))
+    assert elf.get_section_by_name("__jump_table")["sh_size"] == 16

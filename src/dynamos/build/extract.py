@@ -28,7 +28,7 @@ from dynamos.build.elf import (
     RelocatableElf,
     Section,
 )
-from dynamos.build.klp import SHN_LIVEPATCH, KlpSymbol
+from dynamos.build.klp import SHN_LIVEPATCH, VMLINUX, KlpSymbol
 from dynamos.errors import BuildError
 
 STT_OBJECT, STT_FUNC, STT_SECTION, STT_FILE = 1, 2, 3, 4
@@ -55,9 +55,9 @@ TABLES: dict[str, tuple[int, int]] = {
     ".static_call_sites": (8, 0),  # static call sites: addr, key
     ".ibt_endbr_seal": (4, 0),  # objtool: sealable ENDBR sites
     ".smp_locks": (4, 0),  # LOCK prefixes the kernel may patch out on a uniprocessor
-    "__jump_table": (16, 0),  # static keys: code, target, key (exported keys only, see below)
+    "__jump_table": (16, 0),  # static keys: code, target, key (keys of vmlinux only: _check_jump_keys)
 }
-JUMP_TABLE_KEY_OFFSET = 8
+KEY_OFFSETS = {"__jump_table": 8, ".static_call_sites": 4}  # where an entry names its key
 PARALLEL_TABLES = {".orc_unwind": (".orc_unwind_ip", 6)}  # name: (driving table, entry size)
 
 # Sections whose kept entries would need help the builder does not give yet: refused.
@@ -98,6 +98,7 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
             raise BuildError(f"section {name} has entries in the changed code: {reason}")
     tables = {i for i, s in enumerate(obj.sections) if s.name in TABLES or s.name in PARALLEL_TABLES}
     _filter_tables(obj, relas_of, keep)
+    _prune_replacements(obj, relas_of)
 
     klp: dict[str, KlpSymbol] = {}  # placeholder name -> kernel symbol
     named_at = _named_symbol_lookup(obj)
@@ -108,9 +109,14 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
             continue
         relas = obj.relocations(ri)
         for r in relas:
+            sym = obj.symbols[r.sym]
+            if sym.shndx == SHN_UNDEF and sym.name and r.sym not in converted:
+                # Defined in another file: exported (the loader links it), else which object has it.
+                _make_external(obj, r.sym, resolve, klp)
+                converted.add(r.sym)
+                continue
             if _is_kept(obj, r.sym, keep):
                 continue
-            sym = obj.symbols[r.sym]
             if sym.info & 0xF == STT_SECTION:
                 found = named_at(sym.shndx, r.addend)
                 if found is None:
@@ -135,8 +141,17 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
             dropped.append(sec.name)
         _empty(sec)
 
+    referenced = {r.sym for i, sec in enumerate(obj.sections) if sec.type == SHT_RELA
+                  for r in obj.relocations(i)}
+    still_used = {obj.symbols[i].name for i in referenced}
     editions = {}
     for i, sym in enumerate(obj.symbols):
+        if sym.shndx == SHN_UNDEF and sym.name and i not in referenced:
+            # Used only by code left behind: nothing for the loader or livepatch to look up.
+            if sym.name not in still_used:
+                klp.pop(sym.name, None)
+            sym.name, sym.value, sym.size, sym.info = "", 0, 0, STB_LOCAL << 4
+            continue
         if i in converted or _is_special_index(sym.shndx):
             continue
         if sym.shndx not in keep:
@@ -152,17 +167,20 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
 
 
 def _check_jump_keys(obj: RelocatableElf, relas_of: dict[int, int], klp: dict[str, KlpSymbol]) -> None:
-    """The kernel reads a module's jump table as the module loads, before livepatch resolves its
-    symbols: a static key reached through a livepatch relocation would be read unresolved. Keys
-    the module loader links (exported ones) are fine."""
-    index = obj.section_index("__jump_table")
-    if index is None or index not in relas_of:
-        return
-    for r in obj.relocations(relas_of[index]):
-        name = obj.symbols[r.sym].name
-        if r.offset % TABLES["__jump_table"][0] == JUMP_TABLE_KEY_OFFSET and name in klp:
-            raise BuildError(f"the changed code uses static key {klp[name].name}, which the kernel does not "
-                             f"export: jump labels on it cannot be carried by a livepatch module yet")
+    """The kernel registers a module's jump labels and static calls as the module loads.
+    Livepatch writes the relocations to vmlinux symbols before that (klp_apply_section_relocs
+    from the loader), so a key of vmlinux, exported or not, is linked in time; a key of a module
+    is resolved only once that module is patched, too late for those tables, and is refused."""
+    for table, what in (("__jump_table", "static key"), (".static_call_sites", "static call")):
+        index = obj.section_index(table)
+        if index is None or index not in relas_of:
+            continue
+        for r in obj.relocations(relas_of[index]):
+            key = klp.get(obj.symbols[r.sym].name)
+            if r.offset % TABLES[table][0] == KEY_OFFSETS[table] and key and key.object != VMLINUX:
+                raise BuildError(f"the changed code uses {what} {key.name} of module {key.object}: the kernel "
+                                 f"reads a livepatch module's {table} before it resolves that module's "
+                                 f"symbols, so it cannot be carried by an update")
 
 
 def _kept_sections(obj: RelocatableElf, functions: set[str], new_data: set[str]) -> set[int]:
@@ -272,6 +290,28 @@ def _filter_tables(obj: RelocatableElf, relas_of: dict[int, int], keep: set[int]
         if idx is not None:
             sec = obj.sections[idx]
             sec.data = b"".join(sec.data[i * size:(i + 1) * size] for i in kept_entries.get(driver, []))
+
+
+ALT_REPL_OFFSET, ALT_REPL_LEN = 4, 11  # struct alt_instr: repl_offset (s32), replacementlen (u8)
+
+
+def _prune_replacements(obj: RelocatableElf, relas_of: dict[int, int]) -> None:
+    """``.altinstr_replacement`` holds the replacement code of every alternative in the file; only
+    the parts kept ``.altinstructions`` entries point at run in the update. Drop the relocations of
+    the other parts, or the update would ask the kernel for symbols only left-behind code uses."""
+    alt, repl = obj.section_index(".altinstructions"), obj.section_index(".altinstr_replacement")
+    if repl is None or repl not in relas_of:
+        return
+    size = TABLES[".altinstructions"][0]
+    ranges = []
+    if alt is not None and alt in relas_of:
+        data = obj.sections[alt].data
+        for r in obj.relocations(relas_of[alt]):
+            if r.offset % size == ALT_REPL_OFFSET and obj.symbols[r.sym].shndx == repl:
+                start = r.addend + obj.symbols[r.sym].value
+                ranges.append((start, start + data[r.offset - ALT_REPL_OFFSET + ALT_REPL_LEN]))
+    ri = relas_of[repl]
+    obj.set_relocations(ri, [r for r in obj.relocations(ri) if any(a <= r.offset < b for a, b in ranges)])
 
 
 def _empty(sec: Section) -> None:
