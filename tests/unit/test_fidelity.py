@@ -33,6 +33,7 @@ from dynamos.build.fidelity import (
     compare_masked,
     read_object_unit,
 )
+from dynamos.build.modimage import module_image
 from dynamos.errors import BuildError, TargetError
 from dynamos.kernel.symtab import SymbolTable, check_link_time, kallsyms_path, lab_symbol_table
 from dynamos.target import TargetKernel
@@ -407,3 +408,28 @@ def test_every_status_has_a_description() -> None:
     for status in Status:
         f = FunctionCheck("f", 10, ".text.f", status, (CandidateCheck(BASE, 1, "t", Comparison(10, 0, 3, 4)),))
         assert f.describe().startswith("f: ")
+
+
+def module_of(directory: Path, objects: list[bytes]) -> bytes:
+    """The objects linked the way a .ko is: ``ld -r`` into one relocatable file."""
+    paths = []
+    for i, data in enumerate(objects):
+        paths.append(directory / f"part{i}.o")
+        paths[-1].write_bytes(data)
+    subprocess.run(["ld", "-r", "-o", str(directory / "m.ko"), *map(str, paths)], check=True)
+    return (directory / "m.ko").read_bytes()
+
+
+def test_a_unit_of_a_module_matches_the_shipped_module_and_finds_its_twins(units: dict[str, bytes],
+                                                                           tmp_path: Path) -> None:
+    b_whole = compile_unit(tmp_path / "b", "b", UNIT_B, flags=[])
+    symtab, text = module_image(module_of(tmp_path, [b_whole, units["a_whole"]]), "m")
+    report = check(units["a"], (text, symtab), against="module m")
+    assert report.ok and not report.ambiguous, report.summary()
+    # b's copies come first in the module's table: a's are sympos 2, told apart as in vmlinux
+    assert (report.resolved["show"], report.resolved["lookup"], report.resolved["twin"]) == (2, 2, 2)
+    assert report.summary().startswith("object against module m:")
+    # References were relocated: a call that lands elsewhere in the module is a difference.
+    twisted = UNIT_A.replace("int tail(int x) { return neighbour(x + 1); }", "int tail(int x) { return use_a(x + 1); }")
+    bad = check(compile_unit(tmp_path / "twisted", "a", twisted), (text, symtab))
+    assert [f.name for f in bad.mismatches] == ["tail"], bad.summary()

@@ -584,7 +584,7 @@ def retarget_branches(expected: bytearray, kernel: bytes, masks: list[tuple[int,
 @dataclass
 class FidelityReport:
     unit: str
-    release: str
+    against: str  # "kernel <release>", or the module the unit was compared with
     functions: dict[str, FunctionCheck] = field(default_factory=dict)
     passes: int = 0  # resolution passes until nothing more was learnt
     learnt: int = 0  # addresses learnt from matched functions and data
@@ -623,11 +623,11 @@ class FidelityReport:
 
     def summary(self) -> str:
         counts = ", ".join(f"{len(self._with(s))} {s.value}" for s in Status)
-        return f"{self.unit} against {self.release}: {counts}"
+        return f"{self.unit} against {self.against}: {counts}"
 
     def to_json(self) -> dict:
         return {
-            "unit": self.unit, "release": self.release, "ok": self.ok, "resolved": self.resolved,
+            "unit": self.unit, "against": self.against, "ok": self.ok, "resolved": self.resolved,
             "functions": {f.name: {"status": f.status.value, "sympos": f.sympos, "addr": f.addr,
                                    "candidates": len(f.candidates), "detail": f.describe()}
                           for f in self.functions.values()},
@@ -638,8 +638,8 @@ class FidelityReport:
         if self.ok:
             return
         lines = [f.describe() for f in self.mismatches]
-        raise BuildError(f"fidelity check failed: {len(lines)} function(s) of {self.unit} differ from kernel "
-                         f"{self.release} (wrong source, config or compiler):\n  " + "\n  ".join(lines[:20]))
+        raise BuildError(f"fidelity check failed: {len(lines)} function(s) of {self.unit} differ from "
+                         f"{self.against} (wrong source, config or compiler):\n  " + "\n  ".join(lines[:20]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -708,11 +708,13 @@ class _Resolver:
 
 
 def check_fidelity(original_object: Path | bytes, target: TargetKernel, symtab: SymbolTable,
-                   functions: Iterable[str] | None = None, *, text: KernelText | None = None) -> FidelityReport:
+                   functions: Iterable[str] | None = None, *, text: KernelText | None = None,
+                   against: str | None = None) -> FidelityReport:
     """Compare every function of a compiled original with the target's text (see module docstring).
 
     ``functions`` limits the report to those names (every function and data object of the unit
-    still helps to resolve the others). ``text`` saves reopening vmlinux for each object.
+    still helps to resolve the others). ``text`` saves reopening vmlinux for each object, or is a
+    module's image (``modimage``) with ``symtab`` its table; ``against`` names it in messages.
     """
     if isinstance(original_object, bytes):
         data, unit_name = original_object, "object"
@@ -724,7 +726,7 @@ def check_fidelity(original_object: Path | bytes, target: TargetKernel, symtab: 
     if missing:
         raise BuildError(f"{unit_name} defines no function {', '.join(missing)}")
     checker = _Checker(unit, symtab, text or kernel_text(target))
-    report = FidelityReport(unit_name, target.release)
+    report = FidelityReport(unit_name, against or f"kernel {target.release}")
     report.passes = checker.learn()
     report.learnt = len(checker.resolver.learnt)
     for name in wanted:

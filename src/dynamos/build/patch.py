@@ -25,6 +25,7 @@ from dynamos.build.fidelity import KernelText, check_fidelity, kernel_text
 from dynamos.build.kbuild import BUILD_LOG, build_lock, link_module, write_package_of
 from dynamos.build.klp import KlpSymbol, exported_symbols
 from dynamos.build.linemap import stabilise_lines
+from dynamos.build.modimage import module_image
 from dynamos.build.objdiff import DiffResult, diff_objects, read_object
 from dynamos.build.source import KernelSource, compile_unit, prepare_source, read_config
 from dynamos.errors import BuildError
@@ -53,6 +54,7 @@ class UnitReport:
     seconds: dict[str, float] = field(default_factory=dict)
     resolved: dict[str, int] = field(default_factory=dict)  # static name -> sympos of this file's copy
     object: str = VMLINUX  # vmlinux, or the loadable module the file is built into
+    fidelity: str = ""  # what the compiled original was compared with, and how it went
 
 
 @dataclass
@@ -69,6 +71,8 @@ class PatchBuild:
         lines = []
         for unit in self.units:
             lines.append(f"{unit.path}:")
+            if unit.fidelity:
+                lines.append(f"  checked   {unit.fidelity}")
             for c in unit.diff.changed:
                 lines.append(f"  changed   {c.name}: {c.reason}")
             for c in unit.diff.new:
@@ -247,20 +251,24 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: bytes, work: Path
     orig = compile_unit(source, unit, work / "objects" / _obj_name(rel, "original"))
     times["original"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
-    resolved: dict[str, int] = {}
-    if obj == VMLINUX:  # module text is not checked yet: the shipped .ko is not read for it
+    if obj == VMLINUX:
         say(f"checking {rel} against the kernel's own text")
         fidelity = check_fidelity(orig.object_path, target, symtab, text=text)
-        fidelity.raise_on_mismatch()  # wrong source, config or compiler: nothing built on it holds
-        resolved = fidelity.resolved
-        times["fidelity"] = round(time.monotonic() - t, 3)
+    else:
+        say(f"checking {rel} against the shipped module {obj}")
+        module_symtab, module_text = module_image(target.module_path(obj).read_bytes(), obj)
+        fidelity = check_fidelity(orig.object_path, target, module_symtab, text=module_text,
+                                  against=f"module {obj} of kernel {target.release}")
+    fidelity.raise_on_mismatch()  # wrong source, config or compiler: nothing built on it holds
+    resolved = fidelity.resolved
+    times["fidelity"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
     say(f"compiling {rel} (patched)")
     new = compile_unit(source, unit, work / "objects" / _obj_name(rel, "patched"),
                        text=stable.encode(errors="surrogateescape"))
     times["patched"] = round(time.monotonic() - t, 3)
     diff = diff_objects(read_object(orig.object_path), read_object(new.object_path))
-    return UnitReport(rel, diff, times, resolved, obj)
+    return UnitReport(rel, diff, times, resolved, obj, fidelity.summary())
 
 
 def _module_symbols(target: TargetKernel, module: str) -> list[str] | None:
@@ -287,10 +295,12 @@ class _Sympos:
         """0 when the name is unique in its object, else this file's copy's sympos."""
         if self.object_of(name, local) != VMLINUX:
             count = self.module_symbols.count(name) if self.module_symbols else 0
-            if count > 1:
-                raise BuildError(f"{self.unit.path}: {count} symbols of module {self.unit.object} are named "
-                                 f"{name}: telling them apart is not supported yet")
-            return 0
+            if count <= 1:
+                return 0
+            if local and name in self.unit.resolved:
+                return self.unit.resolved[name]  # the fidelity check found this file's copy
+            raise BuildError(f"{self.unit.path}: {count} symbols of module {self.unit.object} are named "
+                             f"{name} and the fidelity check could not tell which one this file's is")
         candidates = self.symtab.lookup(name)
         if not candidates:
             raise BuildError(f"{self.unit.path}: {name} is used by the changed code but the kernel has no such "
@@ -299,6 +309,9 @@ class _Sympos:
             return 0
         if local and name in self.unit.resolved:
             return self.unit.resolved[name]
+        globals_ = [c for c in candidates if c.type.isupper()]
+        if not local and len(globals_) == 1:
+            return self.symtab.sympos(globals_[0])  # a global, with file-local namesakes elsewhere
         raise BuildError(f"{self.unit.path}: {len(candidates)} kernel symbols are named {name} and the "
                          f"fidelity check could not tell which one this file's is")
 

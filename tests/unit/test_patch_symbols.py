@@ -1,0 +1,59 @@
+"""Which kernel symbol a name the changed code uses stands for (object and livepatch sympos)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dynamos.build.klp import KlpSymbol
+from dynamos.build.objdiff import DiffResult
+from dynamos.build.patch import UnitReport, _resolver, _Sympos
+from dynamos.errors import BuildError
+from dynamos.kernel.symtab import SymbolTable
+
+KALLSYMS = """\
+ffffffff81000000 t state_show
+ffffffff81000100 T state_show
+ffffffff81000200 t twin
+ffffffff81000300 t twin
+ffffffff81000400 T printk
+ffffffff81000500 D nr_threads
+"""
+
+
+def sympos(path: str = "kernel/x.c", resolved: dict[str, int] | None = None, module: str = "vmlinux",
+           module_symbols: list[str] | None = None) -> _Sympos:
+    unit = UnitReport(path, DiffResult(), resolved=resolved or {}, object=module)
+    return _Sympos(unit, SymbolTable.parse(KALLSYMS), module_symbols)
+
+
+def test_a_global_with_file_local_namesakes_elsewhere_is_the_global() -> None:
+    assert sympos().position("state_show", local=False) == 2
+
+
+def test_a_file_local_twin_needs_the_fidelity_checks_answer() -> None:
+    assert sympos(resolved={"twin": 2}).position("twin", local=True) == 2
+    with pytest.raises(BuildError, match="2 kernel symbols are named twin"):
+        sympos().position("twin", local=True)
+
+
+def test_a_name_the_kernel_lacks_is_refused_at_build_time() -> None:
+    with pytest.raises(BuildError, match="kernel/x.c: gone is used by the changed code but the kernel has no"):
+        sympos().position("gone", local=False)
+
+
+def test_module_twins_resolve_through_the_fidelity_check() -> None:
+    names = ["metadata_show", "metadata_store", "metadata_show"]
+    found = sympos("drivers/md/md.c", {"metadata_show": 1}, "md_mod", names)
+    assert found.object_of("metadata_show", local=True) == "md_mod"
+    assert found.position("metadata_show", local=True) == 1
+    assert found.position("metadata_store", local=True) == 0  # unique in its module
+    with pytest.raises(BuildError, match="2 symbols of module md_mod are named metadata_show"):
+        sympos("drivers/md/md.c", {}, "md_mod", names).position("metadata_show", local=True)
+
+
+def test_exported_names_are_left_to_the_loader_and_the_rest_become_livepatch_symbols() -> None:
+    resolve = _resolver("kernel/x.c", {"printk"}, sympos())
+    assert resolve("printk", False) is None
+    assert resolve("__x86_return_thunk", False) is None
+    assert resolve("nr_threads", False) == KlpSymbol("nr_threads", "vmlinux", 0)
+    assert resolve("state_show", False) == KlpSymbol("state_show", "vmlinux", 2)
