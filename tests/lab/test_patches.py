@@ -14,6 +14,7 @@ import pytest
 from dynamos.build.patch import build_from_patch
 from dynamos.build.source import prepare_source
 from dynamos.errors import BuildError
+from dynamos.update.package import read_package
 
 pytestmark = pytest.mark.lab
 
@@ -184,6 +185,64 @@ def test_static_key_user(guest, patch_package):
     assert int(guest.run(*read).stdout) == before
 
 
+def test_module_function_with_a_same_named_twin_in_the_same_module(guest, patch_package, target):
+    # md-mod.ko links md.c and md-bitmap.c, and each has a static metadata_show: the sysfs files
+    # md/metadata_version and md/bitmap/metadata. The fidelity check, run against the shipped
+    # md-mod.ko, tells which one is md.c's, and only that one is replaced.
+    pkg = patch_package("md-metadata", {"drivers/md/md.c": [
+        ('mddev->metadata_type);\n\telse\n\t\treturn sprintf(page, "none\\n");',
+         'mddev->metadata_type);\n\telse\n\t\treturn sprintf(page, "none (patched)\\n");')]})
+    md = "/sys/block/md9/md"
+    guest.load_module(str(target.module_path("md_mod")))
+    try:
+        guest.sh("echo md9 > /sys/module/md_mod/parameters/new_array")
+        assert guest.read(f"{md}/metadata_version").strip() == "none"
+        assert guest.read(f"{md}/bitmap/metadata").strip() == "internal"
+        with applied(guest, pkg) as r:
+            (func,) = r["functions"]
+            assert (func["name"], func["object"]) == ("metadata_show", "md_mod") and func["sympos"] in (1, 2), func
+            assert guest.read(f"{md}/metadata_version").strip() == "none (patched)"
+            assert guest.read(f"{md}/bitmap/metadata").strip() == "internal"  # the twin is untouched
+        assert guest.read(f"{md}/metadata_version").strip() == "none"
+    finally:
+        guest.unload_module("md_mod")
+
+
+def test_jump_label_on_a_non_exported_static_key(guest, patch_package):
+    # sysctl_schedstats reads sched_schedstats, a static key vmlinux does not export, through a
+    # jump label. The update's copy must be registered with that key as it loads, or turning the
+    # key on would leave the copy's branch where it was: the sysctl would keep reading 0.
+    pkg = patch_package("schedstats-seven", {"kernel/sched/core.c": [
+        ("\tint state = static_branch_likely(&sched_schedstats);\n",
+         "\tint state = static_branch_likely(&sched_schedstats) ? 7 : 0;\n")]})
+    assert "sched_schedstats" in [s["name"] for s in read_package(pkg).klp_symbols]  # not linked by the loader
+    sysctl = "/proc/sys/kernel/sched_schedstats"
+    assert guest.read(sysctl).strip() == "0"
+    try:
+        with applied(guest, pkg) as r:
+            assert [f["name"] for f in r["functions"]] == ["sysctl_schedstats"]
+            assert guest.read(sysctl).strip() == "0"
+            guest.sh(f"echo 1 > {sysctl}")  # static_branch_enable: the kernel repatches every site
+            assert guest.read(sysctl).strip() == "7"
+            guest.sh(f"echo 0 > {sysctl}")
+            assert guest.read(sysctl).strip() == "0"
+            guest.sh(f"echo 1 > {sysctl}")  # left on across the revert: the key outlives the update
+        assert guest.read(sysctl).strip() == "1"
+    finally:
+        guest.sh(f"echo 0 > {sysctl}")
+
+
+def test_jump_label_on_a_module_static_key_is_refused(tree, target, workdir):
+    """A key defined in a loadable module is resolved only when livepatch patches that module,
+    after the kernel has read the update's jump table: refused, naming the key."""
+    # dm-bufio's lock helpers test no_sleep_enabled, a static key of dm-bufio.ko itself.
+    patch = make_patch(tree, workdir / "module-key.patch", {"drivers/md/dm-bufio.c": [
+        ("\t\treturn mutex_trylock(&c->lock);", "\t\treturn !dm_bufio_in_request() && mutex_trylock(&c->lock);")]})
+    with pytest.raises(BuildError) as e:
+        build_from_patch(patch, target, output=None, name="module-key")
+    assert "static key no_sleep_enabled of module dm_bufio" in str(e.value), e.value
+
+
 @pytest.mark.parametrize("name, edits, reason", [
     ("init-change", {"fs/proc/cmdline.c": [
         ('proc_create_single("cmdline", 0,', 'proc_create_single("cmdline", 0444,')]}, "__init"),
@@ -219,6 +278,8 @@ def test_cli_explain(tree, workdir):
                        cwd=REPO, env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"})
     assert r.returncode == 0, r.stderr
     assert "changed   cmdline_proc_show" in r.stdout and "unchanged" in r.stdout
+    checked = next(line for line in r.stdout.splitlines() if line.startswith("  checked   "))
+    assert "against kernel 6.1.0-56-amd64:" in checked and " 0 mismatch" in checked, checked
 
 
 @pytest.mark.parametrize("order", ["module-first", "update-first"])
