@@ -70,7 +70,7 @@ def _build_patch(args: argparse.Namespace, target, output: Path, progress: Progr
     if args.json:
         _print_json({"package": str(result.package_path), "kernel": target.release, "seconds": result.seconds,
                      "phases": result.phases,
-                     "units": [{"path": u.path, "object": u.object, "fidelity": u.fidelity,
+                     "units": [{"path": u.path, "touched": u.touched, "object": u.object, "fidelity": u.fidelity,
                                 "resolved": u.resolved,
                                 "changed": [c.__dict__ for c in u.diff.changed],
                                 "new": [c.__dict__ for c in u.diff.new],

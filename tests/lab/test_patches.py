@@ -208,6 +208,20 @@ def test_module_function_with_a_same_named_twin_in_the_same_module(guest, patch_
         guest.unload_module("md_mod")
 
 
+def test_patch_to_a_file_compiled_by_including_it(guest, patch_package):
+    # 6.1 builds kernel/sched/debug.c as part of build_utility.c (#include "debug.c"): that unit
+    # is compiled, with the patched debug.c, and the new line shifts no other function into the
+    # update. proc_sched_show_task also reads sched_schedstats through a jump label.
+    line = "dynamos: a line from kernel/sched/debug.c"
+    pkg = patch_package("sched-debug", {"kernel/sched/debug.c": [
+        ("\tP(se.nr_migrations);\n", f'\tP(se.nr_migrations);\n\tSEQ_printf(m, "{line}\\n");\n')]})
+    assert line not in guest.read("/proc/self/sched")
+    with applied(guest, pkg) as r:
+        assert [f["name"] for f in r["functions"]] == ["proc_sched_show_task"]
+        assert line in guest.read("/proc/self/sched")
+    assert line not in guest.read("/proc/self/sched")
+
+
 def test_jump_label_on_a_non_exported_static_key(guest, patch_package):
     # sysctl_schedstats reads sched_schedstats, a static key vmlinux does not export, through a
     # jump label. The update's copy must be registered with that key as it loads, or turning the

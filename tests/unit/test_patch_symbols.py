@@ -6,7 +6,7 @@ import pytest
 
 from dynamos.build.klp import KlpSymbol
 from dynamos.build.objdiff import DiffResult
-from dynamos.build.patch import UnitReport, _resolver, _Sympos
+from dynamos.build.patch import UnitReport, _resolver, _Sympos, translation_units_of
 from dynamos.errors import BuildError
 from dynamos.kernel.symtab import SymbolTable
 
@@ -57,3 +57,14 @@ def test_exported_names_are_left_to_the_loader_and_the_rest_become_livepatch_sym
     assert resolve("__x86_return_thunk", False) is None
     assert resolve("nr_threads", False) == KlpSymbol("nr_threads", "vmlinux", 0)
     assert resolve("state_show", False) == KlpSymbol("state_show", "vmlinux", 2)
+
+
+def test_a_file_included_by_others_is_compiled_through_them(tmp_path) -> None:
+    sched = tmp_path / "kernel" / "sched"
+    sched.mkdir(parents=True)
+    (sched / "debug.c").write_text("int x;\n")
+    (sched / "build_utility.c").write_text('#include "sched.h"\n# include "debug.c"\n')
+    (sched / "build_policy.c").write_text('#include "idle.c"\n/* #include "debug.c" in a comment */\n')
+    (sched / "core.c").write_text("int y;\n")
+    assert translation_units_of(tmp_path, "kernel/sched/debug.c") == ["kernel/sched/build_utility.c"]
+    assert translation_units_of(tmp_path, "kernel/sched/core.c") == ["kernel/sched/core.c"]

@@ -150,7 +150,7 @@ def test_killed_compile_is_recovered(source: KernelSource, tmp_path: Path) -> No
     """A compile killed while the patched text was in place: the next use of the tree puts it back."""
     before = tree_snapshot(source)
     path = source.tree / CMDLINE
-    source_mod._write_journal(source, CMDLINE, before[0], path.stat())
+    source_mod._write_journal(source, "fs/proc/cmdline.o", {CMDLINE: (before[0], path.stat())})
     path.write_bytes(b"/* left behind by a killed compile */\n")
     try:
         compile_unit(source, CMDLINE, tmp_path / "after.o")
@@ -158,6 +158,20 @@ def test_killed_compile_is_recovered(source: KernelSource, tmp_path: Path) -> No
         source_mod._recover(source)  # keep the cached tree pristine even if the assertion below fails
     assert tree_snapshot(source) == before
     assert ".text.cmdline_proc_show" in sections(tmp_path / "after.o")
+
+
+def test_a_patched_file_the_unit_includes(source: KernelSource, tmp_path: Path) -> None:
+    """kernel/sched/debug.c is compiled as part of build_utility.c: patched through ``sources``."""
+    debug = source.tree / "kernel/sched/debug.c"
+    before = debug.read_bytes(), debug.stat().st_mtime_ns
+    patched = before[0].replace(b"\tP(se.nr_migrations);\n",
+                                b'\tP(se.nr_migrations);\n\tSEQ_printf(m, "from an included file\\n");\n', 1)
+    unit = compile_unit(source, "kernel/sched/build_utility.c", tmp_path / "bu.o",
+                        sources={"kernel/sched/debug.c": patched})
+    assert unit.patched
+    assert any(b"from an included file" in data for data in sections(unit.object_path).values())
+    assert (debug.read_bytes(), debug.stat().st_mtime_ns) == before
+    assert not (source.tree / "kernel/sched/build_utility.o").exists()
 
 
 def test_unprepared_source_is_refused(tmp_path: Path) -> None:

@@ -55,6 +55,7 @@ class UnitReport:
     resolved: dict[str, int] = field(default_factory=dict)  # static name -> sympos of this file's copy
     object: str = VMLINUX  # vmlinux, or the loadable module the file is built into
     fidelity: str = ""  # what the compiled original was compared with, and how it went
+    touched: list[str] = field(default_factory=list)  # the patched files it compiles (itself, or included)
 
 
 @dataclass
@@ -70,7 +71,8 @@ class PatchBuild:
         """Per function, why it is in the update; per refused change, why it cannot be."""
         lines = []
         for unit in self.units:
-            lines.append(f"{unit.path}:")
+            via = [t for t in unit.touched if t != unit.path]
+            lines.append(f"{unit.path}:" + (f" (includes {', '.join(via)})" if via else ""))
             if unit.fidelity:
                 lines.append(f"  checked   {unit.fidelity}")
             for c in unit.diff.changed:
@@ -157,9 +159,14 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
         shutil.rmtree(work, ignore_errors=True)
         (work / "objects").mkdir(parents=True)
         config = read_config(source.tree / ".config")
+        touching: dict[str, list[str]] = {}  # translation unit -> the patched files it compiles
         for rel in files:
-            obj = module_of(source.tree, rel, config) or VMLINUX
-            units.append(_compile_and_diff(source, rel, patched[rel], work, target, symtab, image_text, say, obj))
+            for unit in translation_units_of(source.tree, rel):
+                touching.setdefault(unit, []).append(rel)
+        for unit, touched in touching.items():
+            obj = module_of(source.tree, unit, config) or VMLINUX
+            units.append(_compile_and_diff(source, unit, {rel: patched[rel] for rel in touched}, work, target,
+                                           symtab, image_text, say, obj))
         phases["compile+diff"] = round(time.monotonic() - t, 3)
         refused = [(u.path, r) for u in units for r in u.diff.refused]
         if refused:
@@ -236,15 +243,28 @@ def module_of(tree: Path, rel: str, config: dict[str, str]) -> str | None:
     return None
 
 
+def translation_units_of(tree: Path, rel: str) -> list[str]:
+    """The units that compile ``rel``: the .c files of its directory that ``#include`` it (6.1
+    builds most of kernel/sched/ as build_policy.c and build_utility.c), else ``rel`` itself."""
+    path = tree / rel
+    included = re.compile(rf'^[ \t]*#[ \t]*include[ \t]+"{re.escape(path.name)}"', re.M)
+    return sorted(p.relative_to(tree).as_posix() for p in path.parent.glob("*.c")
+                  if p != path and included.search(p.read_text(errors="replace"))) or [rel]
+
+
 def _obj_name(rel: str, kind: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", rel.removesuffix(".c")) + f"_{kind}.o"
 
 
-def _compile_and_diff(source: KernelSource, rel: str, patched: bytes, work: Path, target: TargetKernel,
+def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes], work: Path, target: TargetKernel,
                       symtab: SymbolTable, text: KernelText, say: Callable[[str], None], obj: str) -> UnitReport:
+    """Compile unit ``rel`` as shipped (checked against the target) and with ``patched`` files."""
     unit = rel.removesuffix(".c") + ".o"
-    original_text = (source.tree / rel).read_text(errors="surrogateescape")
-    stable = stabilise_lines(original_text, patched.decode(errors="surrogateescape"))
+    stable = {}
+    for path, content in patched.items():
+        original_text = (source.tree / path).read_text(errors="surrogateescape")
+        stable[path] = stabilise_lines(original_text, content.decode(errors="surrogateescape")
+                                       ).encode(errors="surrogateescape")
     times = {}
     t = time.monotonic()
     say(f"compiling {rel} (original)")
@@ -264,11 +284,10 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: bytes, work: Path
     times["fidelity"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
     say(f"compiling {rel} (patched)")
-    new = compile_unit(source, unit, work / "objects" / _obj_name(rel, "patched"),
-                       text=stable.encode(errors="surrogateescape"))
+    new = compile_unit(source, unit, work / "objects" / _obj_name(rel, "patched"), sources=stable)
     times["patched"] = round(time.monotonic() - t, 3)
     diff = diff_objects(read_object(orig.object_path), read_object(new.object_path))
-    return UnitReport(rel, diff, times, resolved, obj, fidelity.summary())
+    return UnitReport(rel, diff, times, resolved, obj, fidelity.summary(), sorted(patched))
 
 
 def _module_symbols(target: TargetKernel, module: str) -> list[str] | None:

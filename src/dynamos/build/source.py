@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -547,55 +547,61 @@ def _resolve_unit(source: KernelSource, relpath: str) -> tuple[str, str]:
 
 
 def compile_unit(source: KernelSource, relpath: str, out: Path, *, text: bytes | None = None,
+                 sources: Mapping[str, bytes] | None = None,
                  extra_cflags: Sequence[str] = DEFAULT_EXTRA_CFLAGS,
                  progress: Callable[[str], None] | None = None) -> CompiledUnit:
     """Compile one translation unit of the target's source into ``out`` (a file, or a directory).
 
-    With ``text``, the unit is the file with that content (the patched version): it is put in
-    place for the compile and the original content and mtime are restored afterwards, whatever
-    happens. The tree's own object and its ``.cmd`` file are removed after every compile, so
-    Kbuild never takes a patched object for the current one.
+    With ``text``, the unit is the file with that content (the patched version); ``sources``
+    gives patched contents for other files of the tree too (a ``.c`` file the unit includes).
+    They are put in place for the compile and the original contents and mtimes are restored
+    afterwards, whatever happens. The tree's own object and its ``.cmd`` file are removed after
+    every compile, so Kbuild never takes a patched object for the current one.
     """
     say = progress or _say_nothing
     started = time.monotonic()
     settings = _load_settings(source)
     src_rel, obj_rel = _resolve_unit(source, relpath)
+    replaced = dict(sources or {})
+    if text is not None:
+        replaced[src_rel] = text
+    for rel in replaced:
+        _resolve_unit(source, rel)  # inside the tree, and there
     out = Path(out)
     if out.is_dir():
         out = out / Path(obj_rel).name
     cmd_settings = _with_cflags(settings, extra_cflags)
     cmd = _make_command(source.tree, cmd_settings, obj_rel)
-    src_path = source.tree / src_rel
     obj_path = source.tree / obj_rel
     obj_dir = obj_path.parent
-    kind = "patched" if text is not None else "original"
+    kind = "patched" if replaced else "original"
     with _tree_lock(source.release):
         _recover(source)
         before = set(os.listdir(obj_dir))
-        original = src_path.read_bytes()
-        stat = src_path.stat()
+        originals = {rel: ((source.tree / rel).read_bytes(), (source.tree / rel).stat()) for rel in replaced}
         _remove_object(obj_path)
         try:
-            if text is not None:
-                _write_journal(source, src_rel, original, stat)
-                src_path.write_bytes(text)
+            if replaced:
+                _write_journal(source, obj_rel, originals)
+                for rel, content in replaced.items():
+                    (source.tree / rel).write_bytes(content)
             say(f"compiling {kind} {src_rel}")
             status, log = _run_make(cmd, cmd_settings, say, f"compiling {kind}")
             if status != 0 or not obj_path.is_file():
-                raise _compile_error(log, src_rel, kind, source.release, status)
+                raise _compile_error(log, [src_rel, *replaced], kind, source.release, status)
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(obj_path, out)
         finally:
-            if text is not None:
-                src_path.write_bytes(original)
-                os.utime(src_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-                _journal_path(source).unlink(missing_ok=True)
+            for rel, (content, stat) in originals.items():
+                (source.tree / rel).write_bytes(content)
+                os.utime(source.tree / rel, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+            _journal_path(source).unlink(missing_ok=True)
             _remove_object(obj_path)
             for name in set(os.listdir(obj_dir)) - before:  # temporaries of this compile (.d, .tmp_*)
                 leftover = obj_dir / name
                 if leftover.is_file() or leftover.is_symlink():
                     leftover.unlink()
-    return CompiledUnit(object_path=out, source_path=src_rel, patched=text is not None,
+    return CompiledUnit(object_path=out, source_path=src_rel, patched=bool(replaced),
                         seconds=time.monotonic() - started, command=cmd, log=log)
 
 
@@ -603,25 +609,28 @@ def _journal_path(source: KernelSource) -> Path:
     return source.tree.parent / JOURNAL
 
 
-def _write_journal(source: KernelSource, src_rel: str, original: bytes, stat: os.stat_result) -> None:
-    """Record a file's original content before replacing it, for _recover after a hard kill."""
-    record = {"path": src_rel, "atime_ns": stat.st_atime_ns, "mtime_ns": stat.st_mtime_ns,
-              "content": original.hex()}
+def _write_journal(source: KernelSource, obj_rel: str, originals: Mapping[str, tuple[bytes, os.stat_result]]) -> None:
+    """Record files' original contents before replacing them, for _recover after a hard kill."""
+    record = {"object": obj_rel,
+              "files": [{"path": rel, "atime_ns": stat.st_atime_ns, "mtime_ns": stat.st_mtime_ns,
+                         "content": content.hex()} for rel, (content, stat) in originals.items()]}
     tmp = _journal_path(source).with_suffix(".tmp")
     tmp.write_text(json.dumps(record))
     os.replace(tmp, _journal_path(source))
 
 
 def _recover(source: KernelSource) -> None:
-    """Put back a file a killed compile_unit left patched (its finally never ran)."""
+    """Put back files a killed compile_unit left patched (its finally never ran)."""
     journal = _journal_path(source)
     if not journal.is_file():
         return
     record = json.loads(journal.read_text())
-    src_path = source.tree / record["path"]
-    src_path.write_bytes(bytes.fromhex(record["content"]))
-    os.utime(src_path, ns=(record["atime_ns"], record["mtime_ns"]))
-    _remove_object(src_path.with_suffix(".o"))
+    files = record.get("files", [record])  # one file, as journals were written before includes
+    for f in files:
+        src_path = source.tree / f["path"]
+        src_path.write_bytes(bytes.fromhex(f["content"]))
+        os.utime(src_path, ns=(f["atime_ns"], f["mtime_ns"]))
+    _remove_object(source.tree / record.get("object", Path(files[0]["path"]).with_suffix(".o").as_posix()))
     journal.unlink()
 
 
@@ -631,14 +640,14 @@ def _remove_object(obj_path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _compile_error(log: str, src_rel: str, kind: str, release: str, status: int) -> BuildError:
+def _compile_error(log: str, files: Sequence[str], kind: str, release: str, status: int) -> BuildError:
     errors = error_lines(log) or [line for line in log.splitlines() if line.strip()][-15:]
-    line = None
+    path, line = files[0], None
     for text in errors:
         m = _GCC_ERROR_RE.match(text)
-        if m and m.group("file") == src_rel:
-            line = int(m.group("line"))
+        if m and m.group("file") in files:
+            path, line = m.group("file"), int(m.group("line"))
             break
     what = "failed" if status != 0 else "produced no object"
-    return BuildError(f"compiling the {kind} {src_rel} for kernel {release} {what}:\n" + "\n".join(errors),
-                      path=src_rel, line=line)
+    return BuildError(f"compiling the {kind} {files[0]} for kernel {release} {what}:\n" + "\n".join(errors),
+                      path=path, line=line)
