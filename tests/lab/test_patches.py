@@ -222,6 +222,24 @@ def test_patch_to_a_file_compiled_by_including_it(guest, patch_package):
     assert line not in guest.read("/proc/self/sched")
 
 
+def test_patch_to_a_local_header_and_its_user(guest, patch_package):
+    # fs/proc/fd.h is included by base.c and fd.c: both units are compiled, and the helper added
+    # to the header (shifting everything below it) changes fd.c's seq_show only.
+    pkg = patch_package("fdinfo-origin", {
+        "fs/proc/fd.h": [("#include <linux/fs.h>\n",
+                          "#include <linux/fs.h>\n\nstatic inline void proc_fdinfo_show_origin(struct seq_file *m)\n"
+                          "{\n\tseq_puts(m, \"origin:\\tdynamos\\n\");\n}\n")],
+        "fs/proc/fd.c": [("\t\t   file_inode(file)->i_ino);\n",
+                          "\t\t   file_inode(file)->i_ino);\n\tproc_fdinfo_show_origin(m);\n")]})
+    assert "origin:" not in guest.read("/proc/self/fdinfo/0")
+    with applied(guest, pkg) as r:
+        (func,) = r["functions"]
+        assert func["name"] == "seq_show" and func["sympos"], func  # one of several seq_show
+        assert "origin:\tdynamos\n" in guest.read("/proc/self/fdinfo/0")
+        assert "pos:" in guest.read("/proc/self/fdinfo/0")
+    assert "origin:" not in guest.read("/proc/self/fdinfo/0")
+
+
 def test_jump_label_on_a_non_exported_static_key(guest, patch_package):
     # sysctl_schedstats reads sched_schedstats, a static key vmlinux does not export, through a
     # jump label. The update's copy must be registered with that key as it loads, or turning the

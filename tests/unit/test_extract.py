@@ -150,3 +150,9 @@ def test_jump_labels_on_keys_livepatch_resolves_before_the_jump_table_is_read(tm
     assert KlpSymbol("the_key", "vmlinux") in e.klp_placeholders.values()
     elf = ELFFile(io.BytesIO(e.object))
     assert elf.get_section_by_name("__jump_table")["sh_size"] == 16
+
+
+def test_a_gcc_clone_gets_an_edition_with_a_c_name(tmp_path: Path):
+    text = 'int clone(int x) __asm__("helper.constprop.0");\nint clone(int x) { return x * 7; }\n'
+    e = extract_functions(compile_c(tmp_path, text), {"helper.constprop.0"}, set(), resolve)
+    assert e.editions == {"helper.constprop.0": "dynamos_edition__helper_constprop_0"}

@@ -68,3 +68,20 @@ def test_a_file_included_by_others_is_compiled_through_them(tmp_path) -> None:
     (sched / "core.c").write_text("int y;\n")
     assert translation_units_of(tmp_path, "kernel/sched/debug.c") == ["kernel/sched/build_utility.c"]
     assert translation_units_of(tmp_path, "kernel/sched/core.c") == ["kernel/sched/core.c"]
+
+
+def test_a_local_header_reaches_the_units_of_every_file_including_it(tmp_path) -> None:
+    proc = tmp_path / "fs" / "proc"
+    proc.mkdir(parents=True)
+    (proc / "fd.h").write_text("static inline int f(void) { return 1; }\n")
+    (proc / "fd.c").write_text('#include <linux/fs.h>\n#include "fd.h"\n')
+    (proc / "base.c").write_text('#include "internal.h"\n')
+    (proc / "internal.h").write_text('#include "fd.h"\n')
+    (tmp_path / "fs" / "other.c").write_text('#include "proc/fd.h"\n')
+    (tmp_path / "fs" / "unrelated.c").write_text('#include "fd.h"  /* fs/fd.h, its own */\n')
+    (tmp_path / "fs" / "fd.h").write_text("\n")
+    assert translation_units_of(tmp_path, "fs/proc/fd.h") == ["fs/other.c", "fs/proc/base.c", "fs/proc/fd.c"]
+    (tmp_path / "drivers").mkdir()
+    (tmp_path / "drivers" / "x.c").write_text('#include "fd.h"\n')  # no drivers/fd.h: an -I path
+    with pytest.raises(BuildError, match='drivers/x.c includes "fd.h" through the compiler\'s include path'):
+        translation_units_of(tmp_path, "fs/proc/fd.h")

@@ -159,8 +159,9 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
             # the module loader has nothing to look up.
             sym.name, sym.shndx, sym.value, sym.size, sym.info = "", SHN_UNDEF, 0, 0, STB_LOCAL << 4
         elif sym.info & 0xF == STT_FUNC and sym.name in functions:
-            editions[sym.name] = edition_prefix + sym.name
-            sym.name = edition_prefix + sym.name
+            # gcc's clones (``foo.constprop.0``) are kernel functions too; their edition needs a C name.
+            editions[sym.name] = edition_prefix + re.sub(r"[^A-Za-z0-9_]", "_", sym.name)
+            sym.name = editions[sym.name]
             sym.info = (STB_GLOBAL << 4) | STT_FUNC
     _locals_first(obj)
     return Extraction(obj.to_bytes(), editions, dict(sorted(klp.items())), sorted(dropped))

@@ -40,7 +40,8 @@ _NAME_RE = re.compile(r"[^a-z0-9_-]+")
 REFUSED_PATHS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"\.S$"), "assembly files cannot be live-patched (no fentry site, no function sections)"),
     (re.compile(r"(^|/)vdso/"), "the vDSO is mapped into user space: a livepatch cannot replace it"),
-    (re.compile(r"\.h$"), "header changes reach every including file: not supported yet, patch the .c file"),
+    (re.compile(r"(^|/)include/.*\.h$"), "a header of the kernel's include directories reaches files all over "
+                                         "the tree: not supported, patch the .c files (local headers are)"),
     (re.compile(r"(^|/)(Makefile|Kconfig|Kbuild)[^/]*$"), "build-system changes do not change running code"),
 ]
 
@@ -66,10 +67,11 @@ class PatchBuild:
     klp_symbols: list[KlpSymbol]
     seconds: float
     phases: dict[str, float]
+    skipped: list[str] = field(default_factory=list)  # units including a patched header, not built in
 
     def explain(self) -> list[str]:
         """Per function, why it is in the update; per refused change, why it cannot be."""
-        lines = []
+        lines = [f"{path}: includes a patched file but is not built into the target: skipped" for path in self.skipped]
         for unit in self.units:
             via = [t for t in unit.touched if t != unit.path]
             lines.append(f"{unit.path}:" + (f" (includes {', '.join(via)})" if via else ""))
@@ -163,10 +165,17 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
         for rel in files:
             for unit in translation_units_of(source.tree, rel):
                 touching.setdefault(unit, []).append(rel)
+        skipped: list[str] = []
         for unit, touched in touching.items():
             obj = module_of(source.tree, unit, config) or VMLINUX
-            units.append(_compile_and_diff(source, unit, {rel: patched[rel] for rel in touched}, work, target,
-                                           symtab, image_text, say, obj))
+            report = _compile_and_diff(source, unit, {rel: patched[rel] for rel in touched}, work, target,
+                                       symtab, image_text, say, obj,
+                                       optional=all(rel.endswith(".h") for rel in touched))
+            if report is None:
+                skipped.append(unit)
+                say(f"{unit} includes {', '.join(touched)} but is not built into {target.release}: skipped")
+            else:
+                units.append(report)
         phases["compile+diff"] = round(time.monotonic() - t, 3)
         refused = [(u.path, r) for u in units for r in u.diff.refused]
         if refused:
@@ -180,13 +189,16 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
         functions: list[FunctionSpec] = []
         placeholders: dict[str, KlpSymbol] = {}
         extracted: list[str] = []
-        for unit in units:
+        for index, unit in enumerate(units):
             keep = {c.name for c in unit.diff.changed} | {c.name for c in unit.diff.new}
             if not keep:
                 continue
             sympos = _Sympos(unit, symtab, _module_symbols(target, unit.object))
+            # Units reached through a header may each carry a copy of the same static function.
+            prefix = "dynamos_edition__" if index == 0 else f"dynamos_edition{index}__"
             ext = extract_functions((work / "objects" / _obj_name(unit.path, "patched")).read_bytes(), keep,
-                                    {c.name for c in unit.diff.new_data}, _resolver(unit.path, exported, sympos))
+                                    {c.name for c in unit.diff.new_data}, _resolver(unit.path, exported, sympos),
+                                    edition_prefix=prefix)
             obj = f"{_obj_name(unit.path, 'ext')}"
             (work / obj).write_bytes(ext.object)
             _write_cmd_file(work, obj)
@@ -210,7 +222,7 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
         package_path = write_package_of(Path(output), update, target, linked)
         say(f"wrote {package_path}")
     return PatchBuild(update_name, package_path, units, linked.klp_symbols, round(time.monotonic() - started, 3),
-                      phases)
+                      phases, skipped)
 
 
 _OBJ_LINE_RE = re.compile(r"^\s*obj-\$\((CONFIG_[A-Za-z0-9_]+)\)\s*[+:]?=\s*(.*)$")
@@ -243,13 +255,47 @@ def module_of(tree: Path, rel: str, config: dict[str, str]) -> str | None:
     return None
 
 
-def translation_units_of(tree: Path, rel: str) -> list[str]:
-    """The units that compile ``rel``: the .c files of its directory that ``#include`` it (6.1
-    builds most of kernel/sched/ as build_policy.c and build_utility.c), else ``rel`` itself."""
+def translation_units_of(tree: Path, rel: str, _seen: frozenset[str] = frozenset()) -> list[str]:
+    """The units that compile ``rel``: for a .c file, the .c files of its directory that
+    ``#include`` it (6.1 builds most of kernel/sched/ as build_policy.c and build_utility.c), else
+    itself; for a local header, the units of every file that includes it, found in the tree."""
     path = tree / rel
+    if rel.endswith(".h"):
+        units: set[str] = set()
+        for includer in header_includers(tree, rel):
+            if includer not in _seen:
+                units.update(translation_units_of(tree, includer, _seen | {rel}))
+        if not units:
+            raise BuildError(f"{rel}: no file of the kernel source includes it, so no running code comes from it")
+        return sorted(units)
     included = re.compile(rf'^[ \t]*#[ \t]*include[ \t]+"{re.escape(path.name)}"', re.M)
     return sorted(p.relative_to(tree).as_posix() for p in path.parent.glob("*.c")
                   if p != path and included.search(p.read_text(errors="replace"))) or [rel]
+
+
+def header_includers(tree: Path, rel: str) -> list[str]:
+    """Files of the tree that ``#include "..."`` the header ``rel`` by a path relative to
+    themselves. One that names a header of that file name its own directory does not have (so the
+    compiler finds it through an -I path) might mean this one: refused, it cannot be told."""
+    header = (tree / rel).resolve()
+    name = Path(rel).name
+    hits = subprocess.run(["grep", "-rlE", "--include=*.c", "--include=*.h",
+                           rf'^[[:space:]]*#[[:space:]]*include[[:space:]]+"([^"]*/)?{re.escape(name)}"', "."],
+                          cwd=tree, capture_output=True, text=True)
+    if hits.returncode > 1:
+        raise BuildError(f"searching the kernel source for the files that include {rel} failed: {hits.stderr.strip()}")
+    line = re.compile(rf'^[ \t]*#[ \t]*include[ \t]+"((?:[^"]*/)?{re.escape(name)})"', re.M)
+    found = []
+    for hit in sorted(hits.stdout.split()):
+        file = (tree / hit).resolve()
+        for quoted in line.findall(file.read_text(errors="replace")):
+            target = (file.parent / quoted).resolve()
+            if target == header:
+                found.append(file.relative_to(tree.resolve()).as_posix())
+            elif not target.is_file():
+                raise BuildError(f'{rel}: {hit.removeprefix("./")} includes "{quoted}" through the compiler\'s '
+                                 f"include path, which may be this header: the files it reaches cannot be told")
+    return sorted(set(found))
 
 
 def _obj_name(rel: str, kind: str) -> str:
@@ -257,8 +303,13 @@ def _obj_name(rel: str, kind: str) -> str:
 
 
 def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes], work: Path, target: TargetKernel,
-                      symtab: SymbolTable, text: KernelText, say: Callable[[str], None], obj: str) -> UnitReport:
-    """Compile unit ``rel`` as shipped (checked against the target) and with ``patched`` files."""
+                      symtab: SymbolTable, text: KernelText, say: Callable[[str], None], obj: str,
+                      optional: bool = False) -> UnitReport | None:
+    """Compile unit ``rel`` as shipped (checked against the target) and with ``patched`` files.
+
+    An ``optional`` unit (one a patched header reached) that the target does not build (it does
+    not compile under the target's config, or none of its functions is in the kernel) gives None.
+    """
     unit = rel.removesuffix(".c") + ".o"
     stable = {}
     for path, content in patched.items():
@@ -268,7 +319,12 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes],
     times = {}
     t = time.monotonic()
     say(f"compiling {rel} (original)")
-    orig = compile_unit(source, unit, work / "objects" / _obj_name(rel, "original"))
+    try:
+        orig = compile_unit(source, unit, work / "objects" / _obj_name(rel, "original"))
+    except BuildError:
+        if optional:
+            return None
+        raise
     times["original"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
     if obj == VMLINUX:
@@ -279,6 +335,10 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes],
         module_symtab, module_text = module_image(target.module_path(obj).read_bytes(), obj)
         fidelity = check_fidelity(orig.object_path, target, module_symtab, text=module_text,
                                   against=f"module {obj} of kernel {target.release}")
+    if fidelity.functions and len(fidelity.absent) == len(fidelity.functions):
+        if optional:
+            return None
+        raise BuildError(f"{rel}: none of its functions is in {fidelity.against}: the target does not build it")
     fidelity.raise_on_mismatch()  # wrong source, config or compiler: nothing built on it holds
     resolved = fidelity.resolved
     times["fidelity"] = round(time.monotonic() - t, 3)

@@ -566,7 +566,9 @@ def compile_unit(source: KernelSource, relpath: str, out: Path, *, text: bytes |
     if text is not None:
         replaced[src_rel] = text
     for rel in replaced:
-        _resolve_unit(source, rel)  # inside the tree, and there
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or ".." in parts or not (source.tree / rel).is_file():
+            raise BuildError(f"{rel!r} is not a file of the kernel source tree ({source.tree})")
     out = Path(out)
     if out.is_dir():
         out = out / Path(obj_rel).name
