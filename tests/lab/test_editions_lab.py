@@ -275,7 +275,7 @@ def test_runtime_replaced_live_keeps_route_and_counters(guest, build, workdir):
     assert [e["calls"] for e in taken["editions"]] == [calls[0], calls[1], calls[2]]  # counts carried over
     assert sum(e["calls"] for e in after["editions"]) == 200  # and kept counting
     assert "[edition 1]" in tags and "[edition 2]" in tags
-    assert "cmdline_proc_show: taking over route and counters from runtime version 1" in log
+    assert "cmdline_proc_show: taking over route and counters from runtime version 2" in log
 
 
 def test_cumulative_update_takes_over_the_shadow_state_of_the_one_it_replaces(guest, build, workdir):

@@ -221,3 +221,63 @@ def test_kswapd_replaced_live_under_memory_pressure_keeps_reclaiming(guest, buil
     assert vmstat(guest)["pgsteal_kswapd"] > start
     print(f"kswapd restart: {passes} reclaim passes and {reclaimed} pages reclaimed by the new edition under "
           f"pressure ({int(thread['last_restart_ns']) / 1000:.0f} us to restart); no OOM kill", file=sys.stderr)
+
+
+def cumulative(workdir: Path, source: Path, name: str) -> Path:
+    """``source`` renamed ``name``, replacing every earlier update (a cumulative update)."""
+    src = workdir / "src" / name
+    shutil.copytree(source, src, dirs_exist_ok=True)
+    toml = (src / "update.toml").read_text()
+    old_name = toml.split('name = "', 1)[1].split('"', 1)[0]
+    (src / "update.toml").write_text(toml.replace(f'name = "{old_name}"', f'name = "{name}"\nreplace = true', 1))
+    return src
+
+
+def test_cumulative_update_takes_the_thread_over_and_the_replaced_module_goes(guest, build, workdir, ticker):
+    first = build(LAB_UPDATES / "ticker-restart", module_dirs=(ticker,))
+    following = build(cumulative(workdir, LAB_UPDATES / "ticker-restart", "ticker-restart-next"), module_dirs=(ticker,))
+    [pid0] = ticker_threads(guest)
+    guest.dynamos("apply", str(first))
+    try:
+        on_first = counting(guest, 2)
+        [pid1] = ticker_threads(guest)
+        applied = json.loads(guest.dynamos("apply", str(following), "--json").stdout)
+    except BaseException:
+        guest.dynamos("revert", "ticker-restart", check=False)
+        raise
+    try:
+        assert any(f"(pid {pid1}) runs update ticker_restart's copy" in n and "let go" in n
+                   for n in applied["notes"]), applied["notes"]
+        assert applied["replaced"] == ["ticker_restart"], applied
+        # The replaced update let go of the thread, so its module could be unloaded.
+        assert "ticker_restart" not in guest.modules()
+        on_next = counting(guest, 2)  # the count went on from where the first update's thread left it
+        assert on_next["iterations"] > on_first["iterations"]
+        [pid2] = ticker_threads(guest)
+        assert pid2 not in (pid0, pid1)
+        thread = dict(line.split(" ", 1) for line in guest.read(THREAD.replace("ticker_restart", "ticker_restart_next"))
+                      .splitlines())
+        assert thread["on"] == "new" and int(thread["pid"]) == pid2, thread
+    finally:
+        guest.dynamos("revert", "ticker-restart-next")
+    back = counting(guest, 1)
+    assert back["iterations"] > on_next["iterations"]
+    assert not {"ticker_restart", "ticker_restart_next"} & guest.modules()
+
+
+def test_cumulative_update_that_would_strand_a_restarted_thread_is_refused(guest, build, workdir, ticker):
+    first = build(LAB_UPDATES / "ticker-restart", module_dirs=(ticker,))
+    plain = build(cumulative(workdir, without_restart(workdir), "ticker-plain-next"), module_dirs=(ticker,))
+    guest.dynamos("apply", str(first))
+    try:
+        [pid] = ticker_threads(guest)
+        r = guest.dynamos("apply", str(plain), check=False)
+        err = r.stderr.decode()
+        assert r.status != 0 and "refused, nothing was changed" in err, err
+        assert (f"kernel thread dynamos_ticker (pid {pid}) runs update ticker_restart's copy of "
+                "dynamos_ticker_main") in err, err
+        assert "ticker_plain_next" not in guest.modules()
+        counting(guest, 2)
+    finally:
+        guest.dynamos("revert", "ticker-restart")
+    counting(guest, 1)

@@ -203,7 +203,7 @@ def test_example_builds_with_dispatcher_runtime_and_livepatch_thunk(tmp_path: Pa
     target = fetch_target(DEFAULT_LAB_KERNEL)
     result = build_update(EXAMPLE, target, output=tmp_path)
     info = read_modinfo(result.module)
-    assert info["dynamos_runtime"] == "1" and info["livepatch"] == "Y"
+    assert info["dynamos_runtime"] == "2" and info["livepatch"] == "Y"
     elf = ELFFile(open(result.module_path, "rb"))
     names = {s.name: s for s in elf.get_section_by_name(".symtab").iter_symbols()}
     assert "dynamos_dispatch__cmdline_proc_show" in names

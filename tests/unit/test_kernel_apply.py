@@ -312,3 +312,27 @@ def test_signals_follow_a_doubling_schedule_until_the_timeout(tmp_path: Path) ->
     with pytest.raises(TransitionError):
         h.kernel.apply(h.add("fix-x"), timeout=8, revert_timeout=0.5)
     assert len(h.syscalls("signal")) == 3  # at 1, 3 and 7 s; not during the 0.5 s reversal
+
+
+HELD_STACK = ["[<0>] schedule+0x3c/0xa0", "[<0>] loop_v2+0x10/0x40 [fix_x]",
+              "[<0>] dynamos_kthread__cmdline_proc_show+0x1c/0x60 [fix_x]", "[<0>] kthread+0xe8/0x110",
+              "[<0>] ret_from_fork+0x1f/0x30"]
+
+
+def test_a_replacing_update_must_take_over_a_thread_an_earlier_update_restarted(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.kernel.apply(h.add("fix-x"))  # stands for an update that restarted loopd onto its copy
+    h.sim.add_task(42, "loopd", HELD_STACK)
+    with pytest.raises(PreflightRefused) as info:
+        h.kernel.apply(h.add("fix-y", replace=True), timeout=2.0)
+    assert [r.code for r in info.value.reasons] == ["kthread-held"]
+    assert ("kernel thread loopd (pid 42) runs update fix_x's copy of cmdline_proc_show, and this update "
+            "replaces fix_x without declaring a restart") in str(info.value)
+
+    path = h.add("fix-z", replace=True)
+    h.packages[path].functions[0]["kthread"] = True
+    _, notes = h.kernel.predicted_blockers(h.packages[path])
+    assert notes == ["kernel thread loopd (pid 42) runs update fix_x's copy of cmdline_proc_show: it will be "
+                     "restarted onto this update's, and fix_x will let go of it"]
+    # Stacked on top instead of replacing, the update leaves fix_x's thread alone.
+    assert h.kernel.predicted_blockers(h.packages[h.add("fix-w")])[1] == []

@@ -40,6 +40,7 @@ from dynamos.kernel.symbols import (
     parse_enabled_functions,
 )
 from dynamos.kernel.syscalls import LibcSyscalls, Syscalls
+from dynamos.update.manifest import dispatcher_name
 
 # ---------------------------------------------------------------------------------------------
 # Refusals: one row per reason, so messages stay uniform and callers can match on codes.
@@ -78,6 +79,10 @@ REFUSALS: dict[str, str] = {
     "kthread-loop": "kernel thread {comm} (pid {pid}) runs {function} as its main function, a loop it never "
                     "leaves, so the transition would wait for it for ever; declare how to restart it "
                     "([[kthread]] function = \"{function}\" with stop and start hooks in update.toml)",
+    "kthread-held": "kernel thread {comm} (pid {pid}) runs update {holder}'s copy of {function}, and this update "
+                    "replaces {holder} without declaring a restart for {function}: the thread would keep running "
+                    "the replaced update's code and pin its module; declare [[kthread]] function = "
+                    "\"{function}\" or revert {holder} first",
     "ipmodify": "function {function} in {object} is already redirected by an ftrace user that is not "
                 "a livepatch (kretprobe or another patching tool); loading would fail with EBUSY",
 }
@@ -408,6 +413,21 @@ class LiveKernel:
                 waiting.append((blocker, hits))
         refusals = [Refusal.make("kthread-loop", comm=b.comm, pid=b.pid, function=main)
                     for b, main in loops if main not in restarted]
+        copies = {dispatcher_name(*_function_fields(f), role="kthread"): _function_fields(f)[0]
+                  for f in pkg.functions if isinstance(f, Mapping) and f.get("kthread")}
+        live = {patch.name: patch for patch in lp.read_livepatches(self.root) if patch.name != pkg.livepatch_name}
+        for b, copy, holder in lp.threads_on_update_code(self.root):
+            if holder not in live:
+                continue
+            if copy in copies:
+                notes.append(f"kernel thread {b.comm} (pid {b.pid}) runs update {holder}'s copy of {copies[copy]}: "
+                             f"it will be restarted onto this update's, and {holder} will let go of it")
+            elif getattr(pkg, "replace", False):
+                function = next((f.name for f in live[holder].functions if copy in (
+                    dispatcher_name(f.name, f.object, None, role="kthread"),
+                    dispatcher_name(f.name, f.object, f.sympos, role="kthread"))), copy)
+                refusals.append(Refusal.make("kthread-held", comm=b.comm, pid=b.pid, holder=holder,
+                                             function=function))
         if refusals:
             raise PreflightRefused(pkg.name, refusals)
         if loops:

@@ -237,6 +237,30 @@ def blockers(root: Path, target: int) -> list[Blocker]:
     return found
 
 
+KTHREAD_COPY_PREFIX = "dynamos_kthread__"  # an update's copy of a kernel thread's main function
+
+
+def threads_on_update_code(root: Path) -> list[tuple[Blocker, str, str]]:
+    """Kernel threads an update restarted onto its own code: (thread, the copy they run, the
+    update module it is in)."""
+    found = []
+    for pid_dir in (root / "proc").glob("[0-9]*"):
+        text = _read_text(pid_dir / "stack")
+        if not text:
+            continue
+        stack = tuple(line.strip() for line in text.splitlines() if line.strip())
+        names = [frame_function(frame) for frame in stack]
+        if "kthread" not in names or names.index("kthread") == 0:
+            continue
+        frame = stack[names.index("kthread") - 1]
+        copy = frame_function(frame)
+        if copy.startswith(KTHREAD_COPY_PREFIX) and frame.endswith("]") and "[" in frame:
+            module = frame.rsplit("[", 1)[1][:-1]
+            comm = (_read_text(pid_dir / "comm") or "?").strip()
+            found.append((Blocker(int(pid_dir.name), int(pid_dir.name), comm, stack), copy, module))
+    return sorted(found, key=lambda item: item[0].pid)
+
+
 def tasks_in_functions(root: Path, functions: set[str]) -> list[tuple[Blocker, list[str]]]:
     """Tasks whose kernel stack now shows one of ``functions``, each with the names it shows.
 

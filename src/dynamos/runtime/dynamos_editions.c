@@ -612,6 +612,15 @@ void dynamos_takeover_complete(struct dynamos_function **fns, int count)
 	}
 }
 
+/* Whoever serves this function now: a kernel thread it restarted onto its code is ours to take. */
+static void note_prior(struct dynamos_function *fn)
+{
+	struct dynamos_registration *reg = klp_shadow_get(DYNAMOS_REGISTRY_OBJ, DYNAMOS_REGISTRY_ID(fn));
+
+	fn->prior = reg && reg->owner != fn ? reg->owner : NULL;
+	fn->prior_version = reg ? reg->version : 0;
+}
+
 static int init_function(struct dynamos_function *fn, bool takeover)
 {
 	struct dynamos_route *route;
@@ -634,6 +643,7 @@ static int init_function(struct dynamos_function *fn, bool takeover)
 	if (takeover)
 		take_over(fn, route);
 	RCU_INIT_POINTER(fn->route, route);
+	note_prior(fn);
 	err = register_function(fn);
 	if (err)
 		return err;
@@ -657,8 +667,10 @@ int dynamos_runtime_init(struct module *mod, struct dynamos_function **fns, int 
 	dynamos_dir = kobject_create_and_add("dynamos", &mod->mkobj.kobj);
 	if (!dynamos_dir)
 		return -ENOMEM;
-	for (i = 0; i < count && !err; i++)
+	for (i = 0; i < count && !err; i++) {
+		fns[i]->module = mod;
 		err = init_function(fns[i], takeover);
+	}
 	if (err) {
 		pr_err("dynamos: cannot set up editions of %s: %d\n", fns[i - 1]->name, err);
 	} else if (global) {
@@ -713,17 +725,44 @@ int dynamos_check_entries(struct dynamos_function **fns, int count)
 	return 0;
 }
 
+/* The earlier update whose copy of this function the kernel thread runs now, if any. */
+static struct dynamos_function *thread_holder(struct dynamos_function *fn)
+{
+	struct dynamos_function *prior = fn->prior;
+
+	if (!prior || !prior->kthread || !READ_ONCE(prior->kthread->on_new))
+		return NULL;
+	return prior;
+}
+
+/* The thread left the earlier update's code for ours: that update lets go of it and its module. */
+static void release_holder(struct dynamos_function *fn, struct dynamos_function *holder)
+{
+	WRITE_ONCE(holder->kthread->on_new, false);
+	if (fn->prior_version >= 2) {
+		pr_info("dynamos: %s: thread taken over from %s\n", fn->name, module_name(holder->module));
+		module_put(holder->module);
+	} else {
+		pr_warn("dynamos: %s: thread taken over from an update of runtime version %u, which cannot be told to let go of its module\n",
+			fn->name, fn->prior_version);
+	}
+}
+
 /*
  * Move one kernel thread between the kernel's code and the update's: stop it, carry its state
  * across, start it on the other side. Any failure puts it back where it was (state included)
  * and returns the error; only when even that fails is the thread left stopped, said loudly.
+ * Onto the update's code, the thread may come from an earlier update's copy rather than from
+ * the kernel's: it goes back there on failure, and that update lets go of it on success.
  */
 static int restart_kthread(struct dynamos_function *fn, bool to_new)
 {
 	struct dynamos_kthread *k = fn->kthread;
+	struct dynamos_function *holder = to_new ? thread_holder(fn) : NULL;
 	int (*there)(void *) = to_new ? k->entry : (int (*)(void *))fn->original;
-	int (*back)(void *) = to_new ? (int (*)(void *))fn->original : k->entry;
+	int (*back)(void *) = !to_new ? k->entry : holder ? holder->kthread->entry : (int (*)(void *))fn->original;
 	const char *side = to_new ? "the update's edition" : "the kernel's code";
+	const char *from = !to_new ? "the update's edition" : holder ? "the earlier update's copy" : "the kernel's code";
 	u64 t0 = ktime_get_ns();
 	int err, undo;
 
@@ -731,8 +770,7 @@ static int restart_kthread(struct dynamos_function *fn, bool to_new)
 		return 0;
 	err = k->stop();
 	if (err) {
-		pr_err("dynamos: %s: the thread's stop hook failed (%d); it keeps running %s\n", fn->name, err,
-		       to_new ? "the kernel's code" : "the update's edition");
+		pr_err("dynamos: %s: the thread's stop hook failed (%d); it keeps running %s\n", fn->name, err, from);
 		goto out;
 	}
 	if (k->transfer) {
@@ -748,6 +786,8 @@ static int restart_kthread(struct dynamos_function *fn, bool to_new)
 	if (!err) {
 		if (!to_new)
 			module_put(THIS_MODULE);
+		if (holder)
+			release_holder(fn, holder);
 		WRITE_ONCE(k->on_new, to_new);
 		WRITE_ONCE(k->restarts, k->restarts + 1);
 		WRITE_ONCE(k->last_restart_ns, ktime_get_ns() - t0);
@@ -766,8 +806,7 @@ restore:
 		pr_crit("dynamos: %s: the thread could not be restarted on either side (%d): it is stopped\n",
 			fn->name, undo);
 	else
-		pr_info("dynamos: %s: thread restarted back onto %s\n", fn->name,
-			to_new ? "the kernel's code" : "the update's edition");
+		pr_info("dynamos: %s: thread restarted back onto %s\n", fn->name, from);
 out:
 	WRITE_ONCE(k->last_error, err);
 	return err;
@@ -784,6 +823,8 @@ int dynamos_kthreads_to_new(struct dynamos_function **fns, int count)
 		for (i -= 2; i >= 0; i--)	/* the failed one has put itself back already */
 			if (fns[i]->kthread)
 				restart_kthread(fns[i], false);
+	for (i = 0; i < count; i++)
+		fns[i]->prior = NULL;	/* the earlier update may go away from now on */
 	return err;
 }
 

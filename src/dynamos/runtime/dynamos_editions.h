@@ -40,7 +40,7 @@
 #include <linux/bitops.h>
 #include <linux/livepatch.h>
 
-#define DYNAMOS_RUNTIME_VERSION 1
+#define DYNAMOS_RUNTIME_VERSION 2	/* 2: module and prior, for kernel-thread handover */
 #define DYNAMOS_MAX_EDITIONS 16		/* edition 0 included */
 #define DYNAMOS_MAX_RULES 8
 #define DYNAMOS_MAX_PIDS 16
@@ -141,6 +141,12 @@ struct dynamos_function {
 	unsigned int predecessor_version;
 	u64 base_entered[DYNAMOS_MAX_EDITIONS];
 	u64 base_left[DYNAMOS_MAX_EDITIONS];
+	/* Since version 2. The update module this descriptor is in, and the registry's owner before
+	 * this one (any update, replacing or not), valid until this update's pre_patch is over: a
+	 * kernel thread that owner restarted onto its code is handed over then. */
+	struct module *module;
+	struct dynamos_function *prior;
+	unsigned int prior_version;
 };
 
 static __always_inline bool dynamos_rule_matches(struct dynamos_function *fn, const struct dynamos_rule *rule,

@@ -3,11 +3,16 @@
  * Edition 2 of dynamos_ticker's main loop keeps its state in a new structure (the count plus the
  * generation that wrote it). The restart hooks stop the running thread at its loop's
  * kthread_should_stop() check, convert the state and start the thread on the other edition.
+ * The new structure is a shadow variable of the module's state, so a cumulative update that
+ * takes the thread over from this one finds the count where this one's thread left it.
  */
 #include <linux/err.h>
 #include <linux/kthread.h>
 #include <linux/delay.h>
+#include <linux/livepatch.h>
 #include <linux/slab.h>
+
+#define TICKER_STATE_V2 0x7469636b32UL	/* shadow id: "tick2" */
 
 struct ticker_state {		/* the module's format, edition 1 */
 	unsigned long iterations;
@@ -57,14 +62,19 @@ int ticker_stop(void)
 int ticker_transfer(bool to_new)
 {
 	if (to_new) {
-		state_v2 = kzalloc(sizeof(*state_v2), GFP_KERNEL);
+		/* An earlier update's edition 2 counted here already: carry on from its count. */
+		state_v2 = klp_shadow_get(&dynamos_ticker_state, TICKER_STATE_V2);
+		if (state_v2)
+			return 0;
+		state_v2 = klp_shadow_alloc(&dynamos_ticker_state, TICKER_STATE_V2, sizeof(*state_v2), GFP_KERNEL,
+					    NULL, NULL);
 		if (!state_v2)
 			return -ENOMEM;
 		state_v2->iterations = dynamos_ticker_state.iterations;
 		state_v2->generation = 2;
 	} else if (state_v2) {
 		dynamos_ticker_state.iterations = state_v2->iterations;
-		kfree(state_v2);
+		klp_shadow_free(&dynamos_ticker_state, TICKER_STATE_V2, NULL);
 		state_v2 = NULL;
 	}
 	return 0;
