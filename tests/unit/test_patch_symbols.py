@@ -59,29 +59,33 @@ def test_exported_names_are_left_to_the_loader_and_the_rest_become_livepatch_sym
     assert resolve("state_show", False) == KlpSymbol("state_show", "vmlinux", 2)
 
 
+def write_tree(root, files: dict[str, str]) -> None:
+    """A made-up source tree: path -> content."""
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
 def test_a_file_included_by_others_is_compiled_through_them(tmp_path) -> None:
-    sched = tmp_path / "kernel" / "sched"
-    sched.mkdir(parents=True)
-    (sched / "debug.c").write_text("int x;\n")
-    (sched / "build_utility.c").write_text('#include "sched.h"\n# include "debug.c"\n')
-    (sched / "build_policy.c").write_text('#include "idle.c"\n/* #include "debug.c" in a comment */\n')
-    (sched / "core.c").write_text("int y;\n")
+    write_tree(tmp_path, {
+        "kernel/sched/debug.c": "int x;\n",
+        "kernel/sched/build_utility.c": '#include "sched.h"\n# include "debug.c"\n',
+        "kernel/sched/build_policy.c": '#include "idle.c"\n/* #include "debug.c" in a comment */\n',
+        "kernel/sched/core.c": "int y;\n"})
     assert translation_units_of(tmp_path, "kernel/sched/debug.c") == ["kernel/sched/build_utility.c"]
     assert translation_units_of(tmp_path, "kernel/sched/core.c") == ["kernel/sched/core.c"]
 
 
 def test_a_local_header_reaches_the_units_of_every_file_including_it(tmp_path) -> None:
-    proc = tmp_path / "fs" / "proc"
-    proc.mkdir(parents=True)
-    (proc / "fd.h").write_text("static inline int f(void) { return 1; }\n")
-    (proc / "fd.c").write_text('#include <linux/fs.h>\n#include "fd.h"\n')
-    (proc / "base.c").write_text('#include "internal.h"\n')
-    (proc / "internal.h").write_text('#include "fd.h"\n')
-    (tmp_path / "fs" / "other.c").write_text('#include "proc/fd.h"\n')
-    (tmp_path / "fs" / "unrelated.c").write_text('#include "fd.h"  /* fs/fd.h, its own */\n')
-    (tmp_path / "fs" / "fd.h").write_text("\n")
+    write_tree(tmp_path, {
+        "fs/proc/fd.h": "static inline int f(void) { return 1; }\n",
+        "fs/proc/fd.c": '#include <linux/fs.h>\n#include "fd.h"\n',
+        "fs/proc/base.c": '#include "internal.h"\n',
+        "fs/proc/internal.h": '#include "fd.h"\n',
+        "fs/other.c": '#include "proc/fd.h"\n',
+        "fs/unrelated.c": '#include "fd.h"  /* fs/fd.h, its own */\n',
+        "fs/fd.h": "\n"})
     assert translation_units_of(tmp_path, "fs/proc/fd.h") == ["fs/other.c", "fs/proc/base.c", "fs/proc/fd.c"]
-    (tmp_path / "drivers").mkdir()
-    (tmp_path / "drivers" / "x.c").write_text('#include "fd.h"\n')  # no drivers/fd.h: an -I path
+    write_tree(tmp_path, {"drivers/x.c": '#include "fd.h"\n'})  # no drivers/fd.h: an -I path
     with pytest.raises(BuildError, match='drivers/x.c includes "fd.h" through the compiler\'s include path'):
         translation_units_of(tmp_path, "fs/proc/fd.h")
