@@ -18,6 +18,7 @@ from dynamos.build.source import (
     READY,
     CompiledUnit,
     KernelSource,
+    compile_original,
     compile_unit,
     prepare_source,
     source_package,
@@ -172,6 +173,18 @@ def test_a_patched_file_the_unit_includes(source: KernelSource, tmp_path: Path) 
     assert any(b"from an included file" in data for data in sections(unit.object_path).values())
     assert (debug.read_bytes(), debug.stat().st_mtime_ns) == before
     assert not (source.tree / "kernel/sched/build_utility.o").exists()
+
+
+def test_an_original_is_compiled_once_per_prepared_tree(source: KernelSource, tmp_path: Path) -> None:
+    before = tree_snapshot(source)
+    first = compile_original(source, CMDLINE, tmp_path / "first.o")
+    again = compile_original(source, CMDLINE, tmp_path / "again.o")
+    assert again.cached and again.source_path == CMDLINE
+    assert (tmp_path / "again.o").read_bytes() == (tmp_path / "first.o").read_bytes()
+    fresh = compile_unit(source, CMDLINE, tmp_path / "fresh.o")
+    assert (tmp_path / "first.o").read_bytes() == fresh.object_path.read_bytes()  # what a compile now gives
+    assert first.cached or first.seconds > 0
+    assert tree_snapshot(source) == before
 
 
 def test_unprepared_source_is_refused(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from dynamos.build.klp import KlpSymbol, exported_symbols
 from dynamos.build.linemap import stabilise_lines
 from dynamos.build.modimage import module_image
 from dynamos.build.objdiff import DiffResult, diff_objects, read_object
-from dynamos.build.source import KernelSource, compile_unit, prepare_source, read_config
+from dynamos.build.source import KernelSource, compile_original, compile_unit, prepare_source, read_config
 from dynamos.errors import BuildError
 from dynamos.kernel.symtab import SymbolTable, lab_symbol_table
 from dynamos.target import TargetKernel, cache_root
@@ -318,14 +318,15 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes],
                                        ).encode(errors="surrogateescape")
     times = {}
     t = time.monotonic()
-    say(f"compiling {rel} (original)")
     try:
-        orig = compile_unit(source, unit, work / "objects" / _obj_name(rel, "original"))
+        orig = compile_original(source, unit, work / "objects" / _obj_name(rel, "original"), progress=say)
     except BuildError:
         if optional:
             return None
         raise
     times["original"] = round(time.monotonic() - t, 3)
+    if orig.cached:
+        say(f"{rel}: the original object an earlier build compiled is reused")
     t = time.monotonic()
     if obj == VMLINUX:
         say(f"checking {rel} against the kernel's own text")

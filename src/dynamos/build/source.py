@@ -38,6 +38,7 @@ DEFAULT_EXTRA_CFLAGS = ("-ffunction-sections", "-fdata-sections")
 READY = "ready"  # written last: the tree is prepared and checked
 EXTRACTED = "extracted"  # the tarball is fully unpacked (a failed prepare resumes from here)
 JOURNAL = "restore.json"  # the original of a file compile_unit replaced, until it is put back
+ORIGINALS = "originals"  # compiled unpatched units, reused by later builds (compile_original)
 SETTINGS = "make-settings.json"  # make arguments and environment, shared by every make in the tree
 PREPARE_LOG = "prepare.log"
 # Free space an extracted and prepared 6.1 tree needs (about 1.4 GB), with a margin.
@@ -100,6 +101,7 @@ class CompiledUnit:
     seconds: float
     command: list[str] = field(default_factory=list)
     log: str = ""
+    cached: bool = False  # an original compiled by an earlier build, from the tree's object cache
 
 
 def source_root(release: str) -> Path:
@@ -605,6 +607,29 @@ def compile_unit(source: KernelSource, relpath: str, out: Path, *, text: bytes |
                     leftover.unlink()
     return CompiledUnit(object_path=out, source_path=src_rel, patched=bool(replaced),
                         seconds=time.monotonic() - started, command=cmd, log=log)
+
+
+def compile_original(source: KernelSource, relpath: str, out: Path, *,
+                     progress: Callable[[str], None] | None = None) -> CompiledUnit:
+    """The unpatched unit, compiled once per prepared tree: the tree is restored after every
+    patched compile, so its original object never changes, and a rebuild of a patch (a fix to a
+    fix) compiles only the patched side. Kept with the tree, so dropping the tree drops them."""
+    src_rel, obj_rel = _resolve_unit(source, relpath)
+    stamp = (source.tree.parent / READY).stat().st_mtime_ns  # a re-prepared tree starts afresh
+    cached = source.tree.parent / ORIGINALS / f"{obj_rel.replace('/', '__')}-{stamp}.o"
+    out = Path(out)
+    if out.is_dir():
+        out = out / Path(obj_rel).name
+    if cached.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cached, out)
+        return CompiledUnit(object_path=out, source_path=src_rel, patched=False, seconds=0.0, cached=True)
+    unit = compile_unit(source, relpath, out, progress=progress)
+    cached.parent.mkdir(exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    shutil.copyfile(out, tmp)
+    os.replace(tmp, cached)
+    return unit
 
 
 def _journal_path(source: KernelSource) -> Path:
