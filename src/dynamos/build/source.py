@@ -615,8 +615,11 @@ def compile_original(source: KernelSource, relpath: str, out: Path, *,
     patched compile, so its original object never changes, and a rebuild of a patch (a fix to a
     fix) compiles only the patched side. Kept with the tree, so dropping the tree drops them."""
     src_rel, obj_rel = _resolve_unit(source, relpath)
-    stamp = (source.tree.parent / READY).stat().st_mtime_ns  # a re-prepared tree starts afresh
-    cached = source.tree.parent / ORIGINALS / f"{obj_rel.replace('/', '__')}-{stamp}.o"
+    # A re-prepared tree, other make settings or other flags start afresh.
+    root = source.tree.parent
+    key = hashlib.sha256(b"%d\0%s\0%s" % ((root / READY).stat().st_mtime_ns, (root / SETTINGS).read_bytes(),
+                                            " ".join(DEFAULT_EXTRA_CFLAGS).encode())).hexdigest()[:16]
+    cached = root / ORIGINALS / f"{obj_rel.replace('/', '__')}-{key}.o"
     out = Path(out)
     if out.is_dir():
         out = out / Path(obj_rel).name
