@@ -401,7 +401,8 @@ class LiveKernel:
         """
         names = {_function_fields(f)[0] for f in pkg.functions}
         restarted = {_function_fields(f)[0] for f in pkg.functions if isinstance(f, Mapping) and f.get("kthread")}
-        found = lp.tasks_in_functions(self.root, names)
+        stacks = lp.task_stacks(self.root)  # read once: for blockers, and for threads on other updates' code
+        found = lp.tasks_in_functions(self.root, names, stacks)
         notes: list[str] = []
         loops: list[tuple[lp.Blocker, str]] = []
         waiting = []
@@ -416,7 +417,7 @@ class LiveKernel:
         copies = {dispatcher_name(*_function_fields(f), role="kthread"): _function_fields(f)[0]
                   for f in pkg.functions if isinstance(f, Mapping) and f.get("kthread")}
         live = {patch.name: patch for patch in lp.read_livepatches(self.root) if patch.name != pkg.livepatch_name}
-        for b, copy, holder in lp.threads_on_update_code(self.root):
+        for b, copy, holder in lp.threads_on_update_code(stacks):
             if holder not in live:
                 continue
             if copy in copies:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,13 +166,17 @@ class Blocker:
     stack: tuple[str, ...]
 
     @property
-    def thread_function(self) -> str | None:
-        """For a kernel thread, its main function: the frame the generic ``kthread`` runs."""
+    def thread_frame(self) -> str | None:
+        """For a kernel thread, the frame of its main function: the one the generic ``kthread`` runs."""
         names = [frame_function(frame) for frame in self.stack]
-        if "kthread" not in names:
-            return None
-        at = names.index("kthread")
-        return names[at - 1] if at > 0 else None
+        at = names.index("kthread") if "kthread" in names else 0
+        return self.stack[at - 1] if at > 0 else None
+
+    @property
+    def thread_function(self) -> str | None:
+        """For a kernel thread, its main function."""
+        frame = self.thread_frame
+        return frame_function(frame) if frame else None
 
     def describe(self) -> str:
         who = f"pid {self.pid}" + (f" (tid {self.tid})" if self.tid != self.pid else "")
@@ -240,33 +245,8 @@ def blockers(root: Path, target: int) -> list[Blocker]:
 KTHREAD_COPY_PREFIX = "dynamos_kthread__"  # an update's copy of a kernel thread's main function
 
 
-def threads_on_update_code(root: Path) -> list[tuple[Blocker, str, str]]:
-    """Kernel threads an update restarted onto its own code: (thread, the copy they run, the
-    update module it is in)."""
-    found = []
-    for pid_dir in (root / "proc").glob("[0-9]*"):
-        text = _read_text(pid_dir / "stack")
-        if not text:
-            continue
-        stack = tuple(line.strip() for line in text.splitlines() if line.strip())
-        names = [frame_function(frame) for frame in stack]
-        if "kthread" not in names or names.index("kthread") == 0:
-            continue
-        frame = stack[names.index("kthread") - 1]
-        copy = frame_function(frame)
-        if copy.startswith(KTHREAD_COPY_PREFIX) and frame.endswith("]") and "[" in frame:
-            module = frame.rsplit("[", 1)[1][:-1]
-            comm = (_read_text(pid_dir / "comm") or "?").strip()
-            found.append((Blocker(int(pid_dir.name), int(pid_dir.name), comm, stack), copy, module))
-    return sorted(found, key=lambda item: item[0].pid)
-
-
-def tasks_in_functions(root: Path, functions: set[str]) -> list[tuple[Blocker, list[str]]]:
-    """Tasks whose kernel stack now shows one of ``functions``, each with the names it shows.
-
-    Before an update loads, these are the tasks its transition will have to wait for: livepatch
-    switches a task only when no function being replaced is on its stack.
-    """
+def task_stacks(root: Path) -> list[Blocker]:
+    """Every task with its kernel stack now (``/proc/<pid>/task/<tid>/stack``), in pid order."""
     found = []
     for pid_dir in (root / "proc").glob("[0-9]*"):
         for task_dir in pid_dir.glob("task/[0-9]*"):
@@ -274,9 +254,33 @@ def tasks_in_functions(root: Path, functions: set[str]) -> list[tuple[Blocker, l
             if not text:
                 continue
             stack = tuple(line.strip() for line in text.splitlines() if line.strip())
-            names = [frame_function(frame) for frame in stack]
-            hits = sorted({n for n in names if n in functions})
-            if hits:
-                comm = (_read_text(task_dir / "comm") or "?").strip()
-                found.append((Blocker(int(pid_dir.name), int(task_dir.name), comm, stack), hits))
-    return sorted(found, key=lambda item: (item[0].pid, item[0].tid))
+            comm = (_read_text(task_dir / "comm") or "?").strip()
+            found.append(Blocker(int(pid_dir.name), int(task_dir.name), comm, stack))
+    return sorted(found, key=lambda b: (b.pid, b.tid))
+
+
+def threads_on_update_code(stacks: Iterable[Blocker]) -> list[tuple[Blocker, str, str]]:
+    """Kernel threads an update restarted onto its own code: (thread, the copy they run, the
+    update module it is in)."""
+    found = []
+    for task in stacks:
+        frame = task.thread_frame
+        if frame and frame_function(frame).startswith(KTHREAD_COPY_PREFIX) and frame.endswith("]") and "[" in frame:
+            found.append((task, frame_function(frame), frame.rsplit("[", 1)[1][:-1]))
+    return found
+
+
+def tasks_in_functions(root: Path, functions: set[str],
+                       stacks: Iterable[Blocker] | None = None) -> list[tuple[Blocker, list[str]]]:
+    """Tasks whose kernel stack now shows one of ``functions``, each with the names it shows
+    (from ``stacks`` when the caller has read them already).
+
+    Before an update loads, these are the tasks its transition will have to wait for: livepatch
+    switches a task only when no function being replaced is on its stack.
+    """
+    found = []
+    for task in task_stacks(root) if stacks is None else stacks:
+        hits = sorted({n for n in map(frame_function, task.stack) if n in functions})
+        if hits:
+            found.append((task, hits))
+    return found
