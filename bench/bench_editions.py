@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dynamos.build import build_update
+from dynamos.builder.kbuild import build_update
 from dynamos.demo import guest_env
 from dynamos.lab import Lab, LabConfig
 from dynamos.target import DEFAULT_LAB_KERNEL, cache_root, fetch_target

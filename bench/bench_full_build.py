@@ -23,10 +23,10 @@ from pathlib import Path
 
 from _report import print_results  # bench/, on the path when a bench script runs
 
-from dynamos.build.patch import build_from_patch
-from dynamos.build.source import _load_settings, _make_command, _run_make, prepare_source
-from dynamos.kernel.symtab import lab_symbol_table
+from dynamos.builder.patch import build_from_patch
+from dynamos.lab.kallsyms import lab_symbol_table
 from dynamos.target import DEFAULT_LAB_KERNEL, fetch_target
+from dynamos.target.source import load_settings, make_command, prepare_source, run_make
 
 REPO = Path(__file__).resolve().parents[1]
 PATCH = REPO / "tests" / "lab" / "patches" / "proc-cmdline-string.patch"
@@ -42,7 +42,7 @@ def main() -> int:
     target = fetch_target(DEFAULT_LAB_KERNEL)
     lab_symbol_table(target)
     source = prepare_source(target)
-    settings = _load_settings(source)
+    settings = load_settings(source)
     scratch = Path(tempfile.mkdtemp(prefix="dynamos-fullbuild-"))
     try:
         out = scratch / "packages"
@@ -70,7 +70,7 @@ def main() -> int:
                 print(f"[{time.monotonic() - t0:7.0f}s] {count} steps: {line}", file=sys.stderr, flush=True)
 
         t0 = time.monotonic()
-        status, log = _run_make(_make_command(tree, settings, args.goal), settings, step, "full build")
+        status, log = run_make(make_command(tree, settings, args.goal), settings, step, "full build")
         full = time.monotonic() - t0
         if status != 0:
             print(log[-4000:], file=sys.stderr)

@@ -22,10 +22,11 @@ from pathlib import Path
 
 from _report import print_results  # bench/, on the path when a bench script runs
 
-from dynamos.build.patch import build_from_patch, touched_files, translation_units_of
-from dynamos.build.source import compile_unit, prepare_source
-from dynamos.kernel.symtab import lab_symbol_table
+from dynamos.builder.patch import build_from_patch, touched_files, translation_units_of
+from dynamos.builder.units import compile_unit
+from dynamos.lab.kallsyms import lab_symbol_table
 from dynamos.target import DEFAULT_LAB_KERNEL, fetch_target
+from dynamos.target.source import prepare_source
 
 PATCHES = Path(__file__).resolve().parent / "patches"
 

@@ -22,9 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from dynamos.build import source as source_mod
-from dynamos.build.source import READY, KernelSource, compile_unit, prepare_source, source_root
+from dynamos.builder.units import compile_unit
 from dynamos.target import DEFAULT_LAB_KERNEL, fetch_target
+from dynamos.target import source as source_mod
+from dynamos.target.make import make_env
+from dynamos.target.source import READY, KernelSource, prepare_source, source_root
 
 # Phase of prepare_source named by the start of its progress messages.
 _PHASES = (("looking for", "fetch"), ("source package present", "fetch"), ("downloading", "fetch"),
@@ -80,7 +82,7 @@ def run_bare(source: KernelSource, command: str, obj_rel: str) -> float:
         t0 = time.monotonic()
         try:
             subprocess.run(["sh", "-c", command], cwd=source.tree, check=True, capture_output=True,
-                           env=source_mod.make_env())
+                           env=make_env())
             return time.monotonic() - t0
         finally:
             source_mod._remove_object(obj)

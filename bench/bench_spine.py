@@ -22,11 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from dynamos.build import build_update
+from dynamos.builder.kbuild import build_update
 from dynamos.demo import guest_env
 from dynamos.lab import Lab, LabConfig
 from dynamos.lab import vm as labvm
-from dynamos.target import DEFAULT_LAB_KERNEL, cache_root, extract_vmlinux, fetch_target
+from dynamos.target import DEFAULT_LAB_KERNEL, cache_root, fetch_target
+from dynamos.target.images import extract_vmlinux
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -42,7 +42,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 # ----- build -----------------------------------------------------------------------------------
 def cmd_build(args: argparse.Namespace) -> int:
-    from dynamos.build import build_update
+    from dynamos.builder.kbuild import build_update
     from dynamos.target import resolve_target
 
     progress = Progress(args.json)
@@ -64,7 +64,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _build_patch(args: argparse.Namespace, target, output: Path, progress: Progress) -> int:
-    from dynamos.build.patch import build_from_patch
+    from dynamos.builder.patch import build_from_patch
 
     result = build_from_patch(Path(args.patch), target, output=output, name=args.name, progress=progress)
     if args.json:

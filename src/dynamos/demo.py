@@ -68,7 +68,7 @@ def guest_env() -> dict[str, str]:
 
 def run_demo(kernel: str = DEFAULT_LAB_KERNEL, progress: Callable[[str], None] | None = None,
              say: Callable[[str], None] | None = None) -> DemoReport:
-    from dynamos.build import build_update
+    from dynamos.builder.kbuild import build_update
 
     progress = progress or (lambda _m: None)
     say = say or (lambda _m: None)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dynamos.build.kbuild import BuildResult, build_update
+from dynamos.builder.kbuild import BuildResult, build_update
 from dynamos.errors import ManifestError
 from dynamos.kernel.editions import FunctionControl, functions_of, normalize_name
 from dynamos.kernel.modules import loaded_modules

@@ -1,7 +1,7 @@
 """Fidelity check on the real target: Debian's source compiled here against the shipped kernel text.
 
 The symbol table comes from the target booted in the lab with ``nokaslr``; the objects from the
-target's own source (``dynamos.build.source``), compiled the way the diff builder compiles them.
+target's own source (``dynamos.builder.source``), compiled the way the diff builder compiles them.
 """
 
 from __future__ import annotations
@@ -14,16 +14,13 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from dynamos.build.fidelity import KernelText, Status, check_fidelity, kernel_text
-from dynamos.build.source import KernelSource, compile_unit, prepare_source
+from dynamos.builder.fidelity import Status, check_fidelity
+from dynamos.builder.units import compile_unit
 from dynamos.errors import BuildError
-from dynamos.kernel.symtab import (
-    SymbolTable,
-    check_link_time,
-    lab_symbol_table,
-    read_lab_kallsyms,
-    vmlinux_text_address,
-)
+from dynamos.lab.kallsyms import lab_symbol_table, read_lab_kallsyms
+from dynamos.target.images import KernelText, kernel_text
+from dynamos.target.source import KernelSource, prepare_source
+from dynamos.target.symtab import SymbolTable, check_link_time, vmlinux_text_address
 
 pytestmark = pytest.mark.lab
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from dynamos.build import build_update
+from dynamos.builder.kbuild import build_update
 from dynamos.errors import PackageError, RefusedError, TransitionError
 from dynamos.lab import Lab, LabConfig
 from dynamos.lab.vm import labs_dir

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from dynamos.build.patch import build_from_patch
-from dynamos.build.source import prepare_source
+from dynamos.builder.patch import build_from_patch
 from dynamos.errors import BuildError
+from dynamos.target.source import prepare_source
 from dynamos.update.package import read_package
 
 pytestmark = pytest.mark.lab

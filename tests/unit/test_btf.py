@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from dynamos.build.btf import BtfError, BtfTypes, Param, Prototype
-from dynamos.target import DEFAULT_LAB_KERNEL, TargetKernel, extract_vmlinux, fetch_target
+from dynamos.builder.btf import BtfError, BtfTypes, Param, Prototype
+from dynamos.target import DEFAULT_LAB_KERNEL, TargetKernel, fetch_target
+from dynamos.target.images import extract_vmlinux
 
 INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST = range(1, 11)
 FUNC, FUNC_PROTO, FLOAT, ENUM64 = 12, 13, 16, 19

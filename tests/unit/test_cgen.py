@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dynamos.build.cgen import c_string, generate_kbuild, generate_livepatch_source, klp_object_name
-from dynamos.build.kbuild import read_modinfo
+from dynamos.builder.cgen import c_string, generate_kbuild, generate_livepatch_source, klp_object_name
+from dynamos.builder.kbuild import read_modinfo
 from dynamos.errors import ManifestError
 from dynamos.target import fetch_target
 from dynamos.update.manifest import FunctionSpec, UpdateSource

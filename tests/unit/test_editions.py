@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from dynamos.build.btf import Param, Prototype
-from dynamos.build.cgen import generate_livepatch_source
-from dynamos.build.kbuild import build_update, read_modinfo
+from dynamos.builder.btf import Param, Prototype
+from dynamos.builder.cgen import generate_livepatch_source
+from dynamos.builder.kbuild import build_update, read_modinfo
 from dynamos.errors import ManifestError, RefusedError
 from dynamos.kernel.editions import (
     Latency,
@@ -341,7 +341,7 @@ def test_kthread_restart_needs_per_task_consistency(tmp_path: Path) -> None:
 
 
 def test_only_int_of_one_pointer_is_a_thread_function() -> None:
-    from dynamos.build.editions import _is_thread_function
+    from dynamos.builder.editions import _is_thread_function
     assert _is_thread_function(THREAD_MAIN)
     assert _is_thread_function(Prototype(name="kswapd", return_type="int", params=(Param("p", "void *p"),),
                                          variadic=False, forward_declarations=()))

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from dynamos.build.extract import extract_functions
-from dynamos.build.klp import KlpSymbol
+from dynamos.builder.extract import extract_functions
+from dynamos.builder.klp import KlpSymbol
 from dynamos.errors import BuildError
 
 KERNEL_LIKE = ["-O2", "-mfentry", "-pg", "-mrecord-mcount", "-ffunction-sections", "-fdata-sections",

@@ -16,16 +16,14 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from dynamos.build.elf import SHF_ALLOC, SHT_PROGBITS, SHT_RELA, RelocatableElf
-from dynamos.build.fidelity import (
-    RELOC_KINDS,
+from dynamos.builder.elf import RELOC_KINDS, SHF_ALLOC, SHT_PROGBITS, SHT_RELA, RelocatableElf
+from dynamos.builder.fidelity import (
     SHORT_BRANCHES,
     CandidateCheck,
     Comparison,
     FidelityReport,
     FieldReloc,
     FunctionCheck,
-    KernelText,
     ObjectItem,
     Status,
     check_fidelity,
@@ -33,10 +31,12 @@ from dynamos.build.fidelity import (
     compare_masked,
     read_object_unit,
 )
-from dynamos.build.modimage import module_image
 from dynamos.errors import BuildError, TargetError
-from dynamos.kernel.symtab import SymbolTable, check_link_time, kallsyms_path, lab_symbol_table
+from dynamos.lab.kallsyms import lab_symbol_table
 from dynamos.target import TargetKernel
+from dynamos.target.images import KernelText
+from dynamos.target.modimage import module_image
+from dynamos.target.symtab import SymbolTable, check_link_time, kallsyms_path
 
 PC32, PLT32, ABS64, ABS32S = RELOC_KINDS[2], RELOC_KINDS[4], RELOC_KINDS[1], RELOC_KINDS[11]
 BASE = 0xFFFFFFFF81000000

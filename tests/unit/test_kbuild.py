@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from dynamos.build import kbuild
-from dynamos.build.kbuild import BuildResult, build_update, error_lines, read_modinfo, rewrite_paths
+from dynamos.builder import kbuild
+from dynamos.builder.kbuild import BuildResult, build_update, error_lines, read_modinfo, rewrite_paths
 from dynamos.errors import BuildError
 from dynamos.target import TargetKernel, fetch_target
 

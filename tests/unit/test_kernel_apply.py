@@ -11,7 +11,7 @@ import pytest
 
 from dynamos.errors import PackageError, RefusedError, TransitionError
 from dynamos.kernel import BlockedTransition, LiveKernel, PreflightRefused, Progress
-from dynamos.kernel.simulated import SimulatedKernel, SimulatedPackage, module_image
+from tests.support.simulated import SimulatedKernel, SimulatedPackage, module_image
 
 STUCK_STACK = ["[<0>] msleep+0x2d/0x40", "[<0>] cmdline_proc_show+0x1c/0x60", "[<0>] seq_read_iter+0x11f/0x4a0"]
 

@@ -18,7 +18,7 @@ from dynamos.kernel.modules import (
     loaded_modules,
     unload_module,
 )
-from dynamos.kernel.simulated import SimulatedKernel
+from tests.support.simulated import SimulatedKernel
 
 
 def test_proc_modules_parsing(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from dynamos.errors import RefusedError
 from dynamos.kernel import LiveKernel, PreflightRefused
-from dynamos.kernel.simulated import SimulatedKernel, SimulatedPackage
+from tests.support.simulated import SimulatedKernel, SimulatedPackage
 
 
 def setup(tmp_path: Path, **sim_args: Any) -> tuple[SimulatedKernel, LiveKernel]:

@@ -11,7 +11,7 @@ import pytest
 
 from dynamos.errors import DynamosError, RefusedError
 from dynamos.kernel import BlockedTransition, LiveKernel
-from dynamos.kernel.simulated import SimulatedKernel, SimulatedPackage
+from tests.support.simulated import SimulatedKernel, SimulatedPackage
 
 
 def setup(tmp_path: Path, **sim_args: Any) -> tuple[SimulatedKernel, LiveKernel, dict[str, Any]]:

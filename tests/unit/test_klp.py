@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from dynamos.build.elf import RelocatableElf
-from dynamos.build.klp import (
+from dynamos.builder.elf import RelocatableElf
+from dynamos.builder.klp import (
     SHF_RELA_LIVEPATCH,
     SHN_LIVEPATCH,
     KlpSymbol,

@@ -11,7 +11,8 @@ from dynamos.errors import LabError, TargetError
 from dynamos.lab import protocol as P
 from dynamos.lab.initramfs import CpioWriter, cached_initramfs, files_cpio, find_busybox, module_load_order
 from dynamos.lab.vm import _normalise_shares, kernel_trouble
-from dynamos.target import DEFAULT_LAB_KERNEL, _packages_for, fetch_target, validate_release
+from dynamos.target import DEFAULT_LAB_KERNEL, fetch_target, validate_release
+from dynamos.target.fetch import _packages_for
 
 
 def test_frames_survive_arbitrary_splits():

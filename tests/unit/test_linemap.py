@@ -6,7 +6,7 @@ import random
 import re
 import subprocess
 
-from dynamos.build.linemap import safe_line_starts, split_lines, stabilise_lines
+from dynamos.builder.linemap import safe_line_starts, split_lines, stabilise_lines
 
 _LINE_RE = re.compile(r"^#line (\d+)$")
 

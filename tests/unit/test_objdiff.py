@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from dynamos.build.linemap import stabilise_lines
-from dynamos.build.objdiff import (
+from dynamos.builder.linemap import stabilise_lines
+from dynamos.builder.objdiff import (
     SECTION_RULES,
     DiffResult,
     Handling,

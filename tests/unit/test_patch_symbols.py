@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from dynamos.build.klp import KlpSymbol
-from dynamos.build.objdiff import DiffResult
-from dynamos.build.patch import UnitReport, _resolver, _Sympos, translation_units_of
+from dynamos.builder.klp import KlpSymbol
+from dynamos.builder.objdiff import DiffResult
+from dynamos.builder.patch import UnitReport, _resolver, _Sympos, translation_units_of
 from dynamos.errors import BuildError
-from dynamos.kernel.symtab import SymbolTable
+from dynamos.target.symtab import SymbolTable
 
 KALLSYMS = """\
 ffffffff81000000 t state_show

@@ -13,19 +13,11 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from dynamos.build import source as source_mod
-from dynamos.build.source import (
-    READY,
-    CompiledUnit,
-    KernelSource,
-    compile_original,
-    compile_unit,
-    prepare_source,
-    source_package,
-    source_root,
-)
+from dynamos.builder.units import CompiledUnit, compile_original, compile_unit
 from dynamos.errors import BuildError, TargetError
 from dynamos.target import TargetKernel, debian_version, fetch_target
+from dynamos.target import source as source_mod
+from dynamos.target.source import READY, KernelSource, prepare_source, source_package, source_root
 
 RELEASE = "6.1.0-56-amd64"
 CMDLINE = "fs/proc/cmdline.c"
@@ -151,12 +143,12 @@ def test_killed_compile_is_recovered(source: KernelSource, tmp_path: Path) -> No
     """A compile killed while the patched text was in place: the next use of the tree puts it back."""
     before = tree_snapshot(source)
     path = source.tree / CMDLINE
-    source_mod._write_journal(source, "fs/proc/cmdline.o", {CMDLINE: (before[0], path.stat())})
+    source_mod.write_journal(source, "fs/proc/cmdline.o", {CMDLINE: (before[0], path.stat())})
     path.write_bytes(b"/* left behind by a killed compile */\n")
     try:
         compile_unit(source, CMDLINE, tmp_path / "after.o")
     finally:
-        source_mod._recover(source)  # keep the cached tree pristine even if the assertion below fails
+        source_mod.recover(source)  # keep the cached tree pristine even if the assertion below fails
     assert tree_snapshot(source) == before
     assert ".text.cmdline_proc_show" in sections(tmp_path / "after.o")
 

@@ -17,12 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dynamos.abi import CONTROL_DIR, SHARE_SCALE
 from dynamos.errors import RefusedError, TransitionError
 from dynamos.kernel import livepatch as lp
-
-CONTROL_DIR = "dynamos"
-SHARE_SCALE = 10000  # the runtime counts shares in basis points
-LATENCY_BUCKETS = 40
 
 
 @dataclass(frozen=True)

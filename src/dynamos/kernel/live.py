@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dynamos.abi import generated_name
 from dynamos.errors import DynamosError, PackageError, RefusedError, TransitionError
 from dynamos.kernel import editions
 from dynamos.kernel import livepatch as lp
@@ -40,7 +41,6 @@ from dynamos.kernel.symbols import (
     parse_enabled_functions,
 )
 from dynamos.kernel.syscalls import LibcSyscalls, Syscalls
-from dynamos.update.manifest import dispatcher_name
 
 # ---------------------------------------------------------------------------------------------
 # Refusals: one row per reason, so messages stay uniform and callers can match on codes.
@@ -414,7 +414,7 @@ class LiveKernel:
                 waiting.append((blocker, hits))
         refusals = [Refusal.make("kthread-loop", comm=b.comm, pid=b.pid, function=main)
                     for b, main in loops if main not in restarted]
-        copies = {dispatcher_name(*_function_fields(f), role="kthread"): _function_fields(f)[0]
+        copies = {generated_name(*_function_fields(f), role="kthread"): _function_fields(f)[0]
                   for f in pkg.functions if isinstance(f, Mapping) and f.get("kthread")}
         live = {patch.name: patch for patch in lp.read_livepatches(self.root) if patch.name != pkg.livepatch_name}
         for b, copy, holder in lp.threads_on_update_code(stacks):
@@ -425,8 +425,8 @@ class LiveKernel:
                              f"it will be restarted onto this update's, and {holder} will let go of it")
             elif getattr(pkg, "replace", False):
                 function = next((f.name for f in live[holder].functions if copy in (
-                    dispatcher_name(f.name, f.object, None, role="kthread"),
-                    dispatcher_name(f.name, f.object, f.sympos, role="kthread"))), copy)
+                    generated_name(f.name, f.object, None, role="kthread"),
+                    generated_name(f.name, f.object, f.sympos, role="kthread"))), copy)
                 refusals.append(Refusal.make("kthread-held", comm=b.comm, pid=b.pid, holder=holder,
                                              function=function))
         if refusals:

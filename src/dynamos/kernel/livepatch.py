@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dynamos.abi import KTHREAD_COPY_PREFIX
 from dynamos.kernel.syscalls import Syscalls
 
 LIVEPATCH_DIR = "sys/kernel/livepatch"
@@ -242,7 +243,6 @@ def blockers(root: Path, target: int) -> list[Blocker]:
     return found
 
 
-KTHREAD_COPY_PREFIX = "dynamos_kthread__"  # an update's copy of a kernel thread's main function
 
 
 def task_stacks(root: Path) -> list[Blocker]:

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-VMLINUX = "vmlinux"
+from dynamos.abi import TEXT_TYPES, VMLINUX
 
 # nm types kallsyms shows for code: local/global text and weak definitions (weak data is 'v'/'V').
-TEXT_TYPES = frozenset("tTwW")
 
 # Where tracefs lives: its own mount point since 4.1, and the debugfs automount for older setups.
 TRACEFS_DIRS = ("sys/kernel/tracing", "sys/kernel/debug/tracing")

@@ -26,7 +26,8 @@ from pathlib import Path
 from dynamos.errors import LabError
 from dynamos.lab import protocol as P
 from dynamos.lab.initramfs import cached_initramfs, files_cpio
-from dynamos.target import DEFAULT_LAB_KERNEL, TargetKernel, cache_root, extract_vmlinux, fetch_target
+from dynamos.target import DEFAULT_LAB_KERNEL, TargetKernel, cache_root, fetch_target
+from dynamos.target.images import extract_vmlinux
 
 # Exit statuses of `dynamos lab run` that are not the command's own (documented in README).
 EXIT_KERNEL_OOPS = 123

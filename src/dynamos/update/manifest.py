@@ -47,11 +47,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dynamos.abi import MAX_EDITIONS, VMLINUX, generated_name
 from dynamos.errors import ManifestError
 
 MANIFEST_NAME = "update.toml"
 
-VMLINUX = "vmlinux"
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class FunctionSpec:
     @property
     def original(self) -> str:
         """For a multi-edition function: the C function that runs the kernel's own code."""
-        return dispatcher_name(self.name, self.object, self.sympos, role="original")
+        return generated_name(self.name, self.object, self.sympos, role="original")
 
     @property
     def author_functions(self) -> tuple[str, ...]:
@@ -93,15 +93,6 @@ class FunctionSpec:
         return self.editions + ((self.policy,) if self.policy else ())
 
 
-def dispatcher_name(name: str, obj: str = VMLINUX, sympos: int | None = None, role: str = "dispatch") -> str:
-    """Generated names of a multi-edition function: ``dynamos_dispatch__pipe_write`` is what
-    livepatch redirects the function to; ``dynamos_original__pipe_write`` (role "original")
-    enters the kernel's own code, and editions may call it."""
-    parts = [f"dynamos_{role}", *([obj] if obj != VMLINUX else []), name, *([str(sympos)] if sympos else [])]
-    return "__".join(parts)
-
-
-MAX_EDITIONS = 15  # the runtime's DYNAMOS_MAX_EDITIONS less edition 0
 
 
 @dataclass(frozen=True)
@@ -741,7 +732,7 @@ def _dispatched(f: FunctionSpec) -> FunctionSpec:
     a thread's main function, whose edition 0 is the way back on revert."""
     if f.dispatched:
         return f
-    return dataclasses.replace(f, editions=(f.edition,), edition=dispatcher_name(f.name, f.object, f.sympos))
+    return dataclasses.replace(f, editions=(f.edition,), edition=generated_name(f.name, f.object, f.sympos))
 
 
 def _validate_update(data: dict[str, Any], check: _Checker) -> tuple[str, str, str | None, bool]:
@@ -930,8 +921,8 @@ def _multi_edition_function(check: _Checker, table: dict[str, Any], where: str, 
     if not editions and not monitor:
         raise fail("editions is empty: name at least one edition (edition 0 is the kernel's original), "
                    "or set monitor = true to only watch the original", "editions")
-    if len(editions) > MAX_EDITIONS:
-        raise fail(f"{len(editions)} editions; at most {MAX_EDITIONS} besides the original", "editions")
+    if len(editions) > MAX_EDITIONS - 1:
+        raise fail(f"{len(editions)} editions; at most {MAX_EDITIONS - 1} besides the original", "editions")
     for edition in editions:
         problem = _check_symbol(edition)
         if problem:
@@ -955,7 +946,7 @@ def _multi_edition_function(check: _Checker, table: dict[str, Any], where: str, 
     if not isinstance(default, int) or isinstance(default, bool) or not 0 <= default <= len(editions):
         raise fail(f"default must be an edition number from 0 (the original) to {len(editions)}, "
                    f"got {default!r}", "default")
-    return FunctionSpec(name=name, edition=dispatcher_name(name, obj, sympos), object=obj, sympos=sympos,
+    return FunctionSpec(name=name, edition=generated_name(name, obj, sympos), object=obj, sympos=sympos,
                         line=header, editions=tuple(editions), policy=policy, default_edition=default,
                         monitor=monitor)
 

@@ -40,60 +40,33 @@ references by content; the 54 functions with same-named twins each resolved to o
 from __future__ import annotations
 
 import bisect
-import mmap
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from elftools.elf.elffile import ELFFile
+from dynamos.builder.elf import (
+    SHF_ALLOC,
+    SHF_EXECINSTR,
+    SHT_PROGBITS,
+    SHT_RELA,
+    Rela,
+    RelocatableElf,
+    RelocKind,
+    Section,
+    Symbol,
+    plain_reloc_kind,
+)
+from dynamos.errors import BuildError
+from dynamos.target import TargetKernel
+from dynamos.target.images import KernelText, kernel_text
+from dynamos.target.symtab import SymbolTable
 
-from dynamos.build.elf import SHF_ALLOC, SHF_EXECINSTR, SHT_PROGBITS, SHT_RELA, Rela, RelocatableElf, Section, Symbol
-from dynamos.errors import BuildError, TargetError
-from dynamos.kernel.symtab import SymbolTable
-from dynamos.target import TargetKernel, extract_vmlinux
-
-MASK64 = (1 << 64) - 1
 SHF_MERGE = 0x10
 SHF_STRINGS = 0x20
 STT_OBJECT, STT_FUNC, STT_SECTION = 1, 2, 3
 STB_WEAK = 2
 SHN_LORESERVE = 0xFF00
-
-# ---------------------------------------------------------------------------------------------
-# Relocation kinds (x86-64), one row per type: the width of the field the linker writes, whether
-# the value is relative to the field's address, and whether the field is sign-extended.
-
-
-@dataclass(frozen=True)
-class RelocKind:
-    name: str
-    width: int
-    pc_relative: bool
-    signed: bool
-
-    def field(self, symbol: int, addend: int, place: int) -> bytes:
-        """The bytes the linker writes: S + A, or S + A - P."""
-        value = symbol + addend - (place if self.pc_relative else 0)
-        return (value % (1 << (8 * self.width))).to_bytes(self.width, "little")
-
-    def symbol(self, field: bytes, addend: int, place: int) -> int | None:
-        """S recovered from a linked field, or None when the field cannot hold a kernel address."""
-        if not self.signed and self.width < 8:
-            return None  # zero-extended 32-bit: the kernel's upper half is lost
-        value = int.from_bytes(field, "little", signed=self.signed)
-        return (value - addend + (place if self.pc_relative else 0)) & MASK64
-
-
-RELOC_KINDS: dict[int, RelocKind] = {
-    0: RelocKind("R_X86_64_NONE", 0, False, False),  # objtool's way to drop a relocation
-    1: RelocKind("R_X86_64_64", 8, False, False),
-    2: RelocKind("R_X86_64_PC32", 4, True, True),
-    4: RelocKind("R_X86_64_PLT32", 4, True, True),
-    10: RelocKind("R_X86_64_32", 4, False, False),
-    11: RelocKind("R_X86_64_32S", 4, False, True),
-    24: RelocKind("R_X86_64_PC64", 8, True, True),
-}
 
 # ---------------------------------------------------------------------------------------------
 # Branch relaxation: long branch opcode in an object compiled with -ffunction-sections -> the short
@@ -254,7 +227,7 @@ def _field_reloc(obj: RelocatableElf, rela: Rela, offset: int, what: str, strict
                  local_code: set[int | str]) -> FieldReloc | None:
     """The field of one relocation; an unknown type fails for code (it cannot be masked safely)
     and is skipped in data (data only teaches addresses)."""
-    kind = RELOC_KINDS.get(rela.type)
+    kind = plain_reloc_kind(rela.type)
     if kind is None:
         if strict:
             raise BuildError(f"{what}: relocation type {rela.type} at {offset:#x} is not supported by the "
@@ -286,55 +259,6 @@ def _merged_constant(sec: Section, at: int) -> bytes | None:
         return sec.data[at:end + 1] if end >= 0 and starts_string else None
     size = sec.entsize
     return sec.data[at:at + size] if size and at % size == 0 else None
-
-
-# ---------------------------------------------------------------------------------------------
-# The kernel's text
-
-
-class KernelText:
-    """Bytes of the kernel image at link-time addresses: ``(start, end, offset, name)`` ranges
-    over an image (the vmlinux file, mapped, through its allocated sections)."""
-
-    def __init__(self, image: bytes | mmap.mmap, ranges: Iterable[tuple[int, int, int, str]], name: str = "kernel"):
-        self.image = image
-        self.ranges = sorted(ranges)
-        self.name = name
-
-    @classmethod
-    def open(cls, path: Path) -> KernelText:
-        with open(path, "rb") as f:
-            elf = ELFFile(f)
-            # Allocated sections with contents. Per-cpu data links at 0 and kallsyms shows per-cpu
-            # variables at offsets from 0: its template is addressable the same way.
-            ranges = [(s["sh_addr"], s["sh_addr"] + s["sh_size"], s["sh_offset"], s.name)
-                      for s in elf.iter_sections() if s["sh_flags"] & SHF_ALLOC and s["sh_type"] == "SHT_PROGBITS"]
-            image = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # stays valid after close
-        return cls(image, ranges, str(path))
-
-    def section_at(self, addr: int) -> tuple[int, int, int, str] | None:
-        for start, end, offset, name in self.ranges:
-            if start <= addr < end:
-                return start, end, offset, name
-        return None
-
-    def read(self, addr: int, size: int) -> bytes:
-        """Up to ``size`` bytes at ``addr``; fewer when the section ends first."""
-        found = self.section_at(addr)
-        if found is None:
-            raise TargetError(f"{self.name}: no section holds address {addr:#x}")
-        start, end, offset, _name = found
-        size = min(size, end - addr)
-        return bytes(self.image[offset + addr - start:offset + addr - start + size])
-
-    def peek(self, addr: int, size: int) -> bytes:
-        """Like ``read``, but empty where no section holds ``addr``."""
-        return self.read(addr, size) if self.section_at(addr) else b""
-
-
-def kernel_text(target: TargetKernel) -> KernelText:
-    """The target's vmlinux (extracted from vmlinuz and cached) as addressable text."""
-    return KernelText.open(extract_vmlinux(target))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dynamos.build.elf import (
+from dynamos.abi import VMLINUX, edition_prefix
+from dynamos.builder.elf import (
     SHF_ALLOC,
     SHF_EXECINSTR,
     SHF_WRITE,
@@ -28,7 +29,7 @@ from dynamos.build.elf import (
     RelocatableElf,
     Section,
 )
-from dynamos.build.klp import SHN_LIVEPATCH, VMLINUX, KlpSymbol
+from dynamos.builder.klp import SHN_LIVEPATCH, KlpSymbol
 from dynamos.errors import BuildError
 
 STT_OBJECT, STT_FUNC, STT_SECTION, STT_FILE = 1, 2, 3, 4
@@ -87,7 +88,7 @@ module loader links it normally."""
 
 
 def extract_functions(patched: bytes, functions: set[str], new_data: set[str], resolve: Resolver,
-                      edition_prefix: str = "dynamos_edition__") -> Extraction:
+                      edition_prefix: str = edition_prefix(0)) -> Extraction:
     """Cut ``functions`` (and ``new_data``) out of ``patched``; see the module docstring."""
     obj = RelocatableElf.parse(patched, "patched object")
     keep = _kept_sections(obj, functions, new_data)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dynamos.kernel.symbols import VMLINUX
+from dynamos.abi import VMLINUX
 
 DEFAULT_RELEASE = "6.1.0-56-amd64"
 IMAGE_MAGIC = b"\x7fELF\0dynamos-simulated-module\n"

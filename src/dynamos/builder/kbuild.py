@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import fcntl
 import io
-import os
 import re
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -22,30 +20,23 @@ from pathlib import Path
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from dynamos.build.cgen import generate_kbuild, generate_livepatch_source, thunk_target
-from dynamos.build.klp import KlpSymbol, convert_to_klp, exported_symbols, klp_symbols_needed
+from dynamos.builder.cgen import generate_kbuild, generate_livepatch_source, thunk_target
+from dynamos.builder.klp import KlpSymbol, convert_to_klp, exported_symbols, klp_symbols_needed
 from dynamos.errors import BuildError
 from dynamos.target import TargetKernel, cache_root
+from dynamos.target.make import MAKE_JOBS, error_lines, make_env, stream_make
 from dynamos.update.manifest import UpdateSource, load_update_source
 
 # Author files go in a subdirectory so no name of theirs can clash with the module or the glue.
 AUTHOR_SUBDIR = "src"
 BUILD_LOG = "build.log"
-MAKE_JOBS = 2
 REQUIRED_TOOLS = ("make", "gcc", "ld")
 
-# Variables that would make Kbuild build something other than a module for this target.
-_HOSTILE_ENV = ("MAKEFLAGS", "MFLAGS", "GNUMAKEFLAGS", "MAKELEVEL", "KBUILD_OUTPUT", "KBUILD_EXTMOD",
-                "ARCH", "CROSS_COMPILE", "LLVM")
 _FILE_STEM_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_+.-]*$")
 
 # Kbuild's quiet output: "  CC [M]  /path/x.o", "  LD [M]  /path/x.ko", "  MODPOST /path/...".
 _KBUILD_STEP_RE = re.compile(r"^\s+(CC|LD|MODPOST)(?: \[M\])?\s+(\S+)")
-_ERROR_RE = re.compile(r": (?:fatal )?error: |^ERROR: |: undefined reference to ")
-_CONTEXT_RE = re.compile(r": In function |^In file included from |^\s+from ")
-_EXCERPT_RE = re.compile(r"^\s*\d*\s+\|")
 _UNDEFINED_RE = re.compile(r'^ERROR: modpost: "([^"]+)" \[[^\]]*\] undefined!')
-_MAX_ERROR_LINES = 60
 
 
 @dataclass(frozen=True)
@@ -94,32 +85,6 @@ def rewrite_paths(text: str, build_dir: Path, source_dir: Path) -> str:
     for copy in sorted(copies, key=len, reverse=True):
         text = text.replace(copy + "/", str(source_dir) + "/")
     return text
-
-
-def error_lines(log: str) -> list[str]:
-    """The compiler and modpost errors of a build log, with their source excerpts and context.
-
-    Warnings are left out: they are in the full log, and here they would bury the error.
-    """
-    out: list[str] = []
-    pending: list[str] = []  # "In file included from" / "In function" lines before a diagnostic
-    in_error = False
-    for line in log.splitlines():
-        if _ERROR_RE.search(line):
-            out.extend(pending)
-            out.append(line)
-            pending, in_error = [], True
-        elif _EXCERPT_RE.match(line):
-            if in_error:
-                out.append(line)
-        elif _CONTEXT_RE.search(line):
-            pending.append(line)
-            in_error = False
-        else:
-            pending, in_error = [], False
-    if len(out) > _MAX_ERROR_LINES:
-        out = out[:_MAX_ERROR_LINES] + [f"... ({len(out) - _MAX_ERROR_LINES} more lines in the log)"]
-    return out
 
 
 def _say_nothing(_message: str) -> None:
@@ -253,7 +218,7 @@ def _prepare_build_dir(build_dir: Path, source: UpdateSource, author_files: list
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source.directory / rel, dest)
     main_object = main_object_name(source)
-    from dynamos.build import editions  # not at the top: editions -> source -> kbuild
+    from dynamos.builder import editions  # not at the top: editions -> source -> kbuild
 
     files: dict[str, str] = {}
     extra_objects: list[str] = []
@@ -276,16 +241,6 @@ def _prepare_build_dir(build_dir: Path, source: UpdateSource, author_files: list
     (build_dir / "Kbuild").write_text(generate_kbuild(source, main_object, [*extra_objects, *author_objects]))
 
 
-def _make_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _HOSTILE_ENV}
-    # English, ASCII diagnostics: error_lines() parses them. Kbuild unexports LC_ALL, hence the rest.
-    env.update(LC_ALL="C", LANG="C", LC_MESSAGES="C", LC_CTYPE="C")
-    # Symbols the kernel does not export are not an error here: they become livepatch
-    # relocations after the link (see dynamos.build.klp).
-    env["KBUILD_MODPOST_WARN"] = "1"
-    return env
-
-
 def _describe_step(kind: str, path: str, build_dir: Path) -> str:
     p = Path(path)
     try:
@@ -301,24 +256,6 @@ def _describe_step(kind: str, path: str, build_dir: Path) -> str:
     return "resolving symbols (modpost)"
 
 
-def stream_make(cmd: list[str], env: dict[str, str], on_line: Callable[[str], None]) -> tuple[int, str]:
-    """Run make with its output merged, each line passed to ``on_line`` as it comes (progress);
-    returns the exit status and the whole log, command first."""
-    lines = ["$ " + " ".join(cmd)]
-    try:
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, env=env) as proc:
-            assert proc.stdout is not None
-            for raw in proc.stdout:
-                line = raw.decode("utf-8", "replace").rstrip("\n")
-                lines.append(line)
-                on_line(line)
-            status = proc.wait()
-    except FileNotFoundError as e:  # make removed between the toolchain check and now
-        raise BuildError(f"cannot run make: {e}") from e
-    return status, "\n".join(lines) + "\n"
-
-
 def _run_make(build_dir: Path, source: UpdateSource, target: TargetKernel,
               say: Callable[[str], None]) -> str:
     cmd = ["make", "-C", str(target.headers_dir), f"M={build_dir}", f"-j{MAKE_JOBS}", "modules"]
@@ -328,7 +265,9 @@ def _run_make(build_dir: Path, source: UpdateSource, target: TargetKernel,
         if m:
             say(_describe_step(m.group(1), m.group(2), build_dir))
 
-    status, log = stream_make(cmd, _make_env(), step)
+    # Symbols the kernel does not export are not an error here: they become livepatch
+    # relocations after the link (see dynamos.builder.klp).
+    status, log = stream_make(cmd, make_env({"KBUILD_MODPOST_WARN": "1"}), step)
     log_path = build_dir / BUILD_LOG
     log_path.write_text(log)
     if status != 0:

@@ -14,10 +14,10 @@ twin is the position livepatch needs.
 
 from __future__ import annotations
 
-from dynamos.build.elf import SHF_ALLOC, SHN_UNDEF, SHT_PROGBITS, SHT_RELA, RelocatableElf
-from dynamos.build.fidelity import RELOC_KINDS, KernelText
+from dynamos.builder.elf import RELOC_KINDS, SHF_ALLOC, SHN_UNDEF, SHT_PROGBITS, SHT_RELA, RelocatableElf
+from dynamos.builder.fidelity import KernelText
 from dynamos.errors import BuildError
-from dynamos.kernel.symtab import Sym, SymbolTable
+from dynamos.target.symtab import Sym, SymbolTable
 
 MODULE_BASE = 0xFFFFFFFFC0000000  # where x86-64 loads modules
 EXTERNAL_BASE = 0xFFFFFFFF81000000  # made-up addresses of the symbols the module imports

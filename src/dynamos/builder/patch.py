@@ -18,22 +18,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dynamos.build.cgen import generate_kbuild, generate_livepatch_source
-from dynamos.build.elf import RelocatableElf
-from dynamos.build.extract import extract_functions
-from dynamos.build.fidelity import KernelText, check_fidelity, kernel_text
-from dynamos.build.kbuild import BUILD_LOG, build_lock, link_module, write_package_of
-from dynamos.build.klp import KlpSymbol, exported_symbols
-from dynamos.build.linemap import stabilise_lines
-from dynamos.build.modimage import module_image
-from dynamos.build.objdiff import DiffResult, diff_objects, read_object
-from dynamos.build.source import KernelSource, compile_original, compile_unit, prepare_source, read_config
+from dynamos.abi import VMLINUX, edition_prefix
+from dynamos.builder.cgen import generate_kbuild, generate_livepatch_source
+from dynamos.builder.elf import RelocatableElf
+from dynamos.builder.extract import extract_functions
+from dynamos.builder.fidelity import check_fidelity
+from dynamos.builder.kbuild import BUILD_LOG, build_lock, link_module, write_package_of
+from dynamos.builder.klp import KlpSymbol, exported_symbols
+from dynamos.builder.linemap import stabilise_lines
+from dynamos.builder.objdiff import DiffResult, diff_objects, read_object
+from dynamos.builder.units import compile_original, compile_unit
 from dynamos.errors import BuildError
-from dynamos.kernel.symtab import SymbolTable, lab_symbol_table
+from dynamos.lab.kallsyms import lab_symbol_table
 from dynamos.target import TargetKernel, cache_root
+from dynamos.target.images import KernelText, kernel_text
+from dynamos.target.modimage import module_image
+from dynamos.target.source import KernelSource, prepare_source, read_config
+from dynamos.target.symtab import SymbolTable
 from dynamos.update.manifest import FunctionSpec, UpdateSource
 
-VMLINUX = "vmlinux"
 _NAME_RE = re.compile(r"[^a-z0-9_-]+")
 
 # Paths a live update cannot change, with the reason: one row per kind.
@@ -195,7 +198,7 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
                 continue
             sympos = _Sympos(unit, symtab, _module_symbols(target, unit.object))
             # Units reached through a header may each carry a copy of the same static function.
-            prefix = "dynamos_edition__" if index == 0 else f"dynamos_edition{index}__"
+            prefix = edition_prefix(index)
             ext = extract_functions((work / "objects" / _obj_name(unit.path, "patched")).read_bytes(), keep,
                                     {c.name for c in unit.diff.new_data}, _resolver(unit.path, exported, sympos),
                                     edition_prefix=prefix)

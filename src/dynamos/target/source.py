@@ -1,4 +1,4 @@
-"""The target kernel's own source, prepared once, and single translation units compiled in it.
+"""The target kernel's own source, prepared once for single translation units to be compiled in it.
 
 The source-diff builder compiles only the files a patch touches, original and patched, with the
 kernel's own flags. That is only faithful when the tree is the distribution's source of the exact
@@ -10,8 +10,9 @@ same distribution settings (release string, package id, build user/host). So:
   ``make olddefconfig prepare modules_prepare`` once. The settings are read from the target's own
   headers package (``.kernelvariables``, ``include/generated/*``), and the result is checked against
   them: a config or generated header that differs from the shipped kernel's stops the preparation.
-- ``compile_unit`` builds one object through Kbuild's per-object target (``make fs/proc/cmdline.o``),
-  for the original file or for a replacement text of it, and leaves the cached tree pristine.
+- ``dynamos.builder.units`` builds one object through Kbuild's per-object target (``make
+  fs/proc/cmdline.o``), for the original file or for a replacement text of it, under the tree's
+  lock and journal (here), and leaves the cached tree pristine.
 """
 
 from __future__ import annotations
@@ -24,34 +25,25 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from dynamos.build.kbuild import MAKE_JOBS, error_lines, stream_make
 from dynamos.errors import BuildError, TargetError
-from dynamos.target import TargetKernel, cache_root, debian_version
+from dynamos.target.fetch import TargetKernel, cache_root, debian_version
+from dynamos.target.make import MAKE_JOBS, error_lines, make_env, stream_make
 
+# Flags every unit is compiled with (and prepare, so its objects are not made again).
 DEFAULT_EXTRA_CFLAGS = ("-ffunction-sections", "-fdata-sections")
 READY = "ready"  # written last: the tree is prepared and checked
 EXTRACTED = "extracted"  # the tarball is fully unpacked (a failed prepare resumes from here)
 JOURNAL = "restore.json"  # the original of a file compile_unit replaced, until it is put back
-ORIGINALS = "originals"  # compiled unpatched units, reused by later builds (compile_original)
 SETTINGS = "make-settings.json"  # make arguments and environment, shared by every make in the tree
 PREPARE_LOG = "prepare.log"
 # Free space an extracted and prepared 6.1 tree needs (about 1.4 GB), with a margin.
 _NEEDED_BYTES = 3 * 1024**3
 
-# Environment that would make Kbuild build something else than the target's kernel objects.
-_HOSTILE_ENV = frozenset({
-    "MAKEFLAGS", "MFLAGS", "GNUMAKEFLAGS", "MAKELEVEL", "ARCH", "SRCARCH", "CROSS_COMPILE", "LLVM", "LLVM_IAS",
-    "CC", "LD", "AS", "HOSTCC", "HOSTCXX", "O", "M", "C", "W", "V",
-    "KCFLAGS", "KCPPFLAGS", "KAFLAGS", "KRUSTFLAGS", "KERNELRELEASE", "KERNELVERSION", "LOCALVERSION",
-    "CFLAGS_KERNEL", "AFLAGS_KERNEL", "CFLAGS_MODULE", "AFLAGS_MODULE", "LDFLAGS_MODULE",
-    "DISTRIBUTION_OFFICIAL_BUILD", "DISTRIBUTOR", "DISTRIBUTION_VERSION",
-})
 # Tools the prepare and single-object builds run, and the Debian package that has each.
 _TOOLS = {"make": "make", "flex": "flex", "bison": "bison", "bc": "bc", "perl": "perl", "xz": "xz-utils",
           "tar": "tar", "ld": "binutils", "as": "binutils"}
@@ -71,7 +63,6 @@ _UTS_FLAGS = frozenset({"SMP", "PREEMPT", "PREEMPT_DYNAMIC", "PREEMPT_RT"})
 
 _CHECKPOINT = "dynamos-checkpoint"
 _STEP_RE = re.compile(r"^\s+([A-Z][A-Z0-9_]*(?: \[M\])?)\s+(\S+)\s*$")
-_GCC_ERROR_RE = re.compile(r"^(?P<file>[^:\s]+):(?P<line>\d+):(?:\d+:)? (?:fatal )?error: ")
 _DEFINE_RE = re.compile(r'^#define\s+(\w+)\s+"(.*)"\s*$', re.M)
 _CONFIG_RE = re.compile(r"^(CONFIG_\w+)=(.*)$|^# (CONFIG_\w+) is not set$", re.M)
 
@@ -91,19 +82,6 @@ class KernelSource:
         return _defines(text).get("UTS_RELEASE", "")
 
 
-@dataclass(frozen=True)
-class CompiledUnit:
-    """One object compiled from the target's source (original or patched text of a file)."""
-
-    object_path: Path
-    source_path: str  # relative to the tree, e.g. ``fs/proc/cmdline.c``
-    patched: bool
-    seconds: float
-    command: list[str] = field(default_factory=list)
-    log: str = ""
-    cached: bool = False  # an original compiled by an earlier build, from the tree's object cache
-
-
 def source_root(release: str) -> Path:
     """Cache directory of a release's source: the tree, its markers and settings."""
     return cache_root() / "source" / release
@@ -115,7 +93,7 @@ def source_package(release: str) -> str:
     return f"linux-source-{major_minor}"
 
 
-def _say_nothing(_message: str) -> None:
+def say_nothing(_message: str) -> None:
     pass
 
 
@@ -129,7 +107,7 @@ def prepare_source(target: TargetKernel, progress: Callable[[str], None] | None 
     A cached tree of the same release but another Debian version (Debian keeps the ABI name
     across some uploads) is prepared anew. Two preparations of one release wait for each other.
     """
-    say = progress or _say_nothing
+    say = progress or say_nothing
     version = debian_version(target)
     root = source_root(target.release)
     package = source_package(target.release)
@@ -137,9 +115,9 @@ def prepare_source(target: TargetKernel, progress: Callable[[str], None] | None 
     if _is_ready(root, version) and not (root / JOURNAL).exists():
         return source
     root.parent.mkdir(parents=True, exist_ok=True)
-    with _tree_lock(target.release):
+    with tree_lock(target.release):
         if _is_ready(root, version):
-            _recover(source)
+            recover(source)
             return source
         settings = _settings_for(target, version)
         _check_tools(settings, target)
@@ -169,7 +147,7 @@ def _is_ready(root: Path, version: str) -> bool:
 
 
 @contextmanager
-def _tree_lock(release: str) -> Iterator[None]:
+def tree_lock(release: str) -> Iterator[None]:
     """Exclusive use of a release's tree: preparing it, or compiling in it (which edits files)."""
     path = cache_root() / "source" / f".{release}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -386,23 +364,13 @@ def _check_version(tree: Path, version: str, package: str) -> None:
         raise TargetError(f"{package} {version} unpacked a kernel {found}, not {upstream}")
 
 
-def make_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for make in a source tree: host overrides removed, Debian's stamps set."""
-    env = {k: v for k, v in os.environ.items() if k not in _HOSTILE_ENV and not k.startswith("KBUILD_")}
-    # English, ASCII diagnostics: error_lines() parses them. Kbuild unexports LC_ALL, hence the rest.
-    env.update(LC_ALL="C", LANG="C", LC_MESSAGES="C", LC_CTYPE="C")
-    if extra:
-        env.update(extra)
-    return env
-
-
-def _make_command(tree: Path, settings: dict[str, object], *goals: str, jobs: int = MAKE_JOBS) -> list[str]:
+def make_command(tree: Path, settings: dict[str, object], *goals: str, jobs: int = MAKE_JOBS) -> list[str]:
     make_vars = settings["make_vars"]
     assert isinstance(make_vars, dict)
     return ["make", "-C", str(tree), f"-j{jobs}", *(f"{k}={v}" for k, v in make_vars.items()), *goals]
 
 
-def _run_make(cmd: list[str], settings: dict[str, object], say: Callable[[str], None],
+def run_make(cmd: list[str], settings: dict[str, object], say: Callable[[str], None],
               label: str) -> tuple[int, str]:
     """Run make, reporting each Kbuild step (``CC fs/proc/cmdline.o``); returns status and log."""
     extra = settings.get("env", {})
@@ -416,6 +384,14 @@ def _run_make(cmd: list[str], settings: dict[str, object], say: Callable[[str], 
     return stream_make(cmd, make_env(extra=extra), step)
 
 
+def with_cflags(settings: dict[str, object], cflags: Sequence[str]) -> dict[str, object]:
+    """Settings whose make command adds ``cflags`` to the kernel's own (``KCFLAGS``)."""
+    make_vars = dict(settings["make_vars"])  # type: ignore[call-overload]
+    if cflags:
+        make_vars["KCFLAGS"] = " ".join(cflags)
+    return {**settings, "make_vars": make_vars}
+
+
 def _configure_and_prepare(source: KernelSource, target: TargetKernel, settings: dict[str, object],
                            say: Callable[[str], None]) -> None:
     tree = source.tree
@@ -424,10 +400,10 @@ def _configure_and_prepare(source: KernelSource, target: TargetKernel, settings:
     log_parts: list[str] = []
     # The objects prepare compiles (bounds.s, asm-offsets.s) record their flags: made with the flags
     # compile_unit uses by default, they are not made again on its first call.
-    with_flags = _with_cflags(settings, DEFAULT_EXTRA_CFLAGS)
+    with_flags = with_cflags(settings, DEFAULT_EXTRA_CFLAGS)
     for label, goals in (("configuring", ("olddefconfig",)), ("preparing", ("prepare", "modules_prepare"))):
         say(f"{label} {tree.name} for {target.release}")
-        status, log = _run_make(_make_command(tree, with_flags, *goals), with_flags, say, label)
+        status, log = run_make(make_command(tree, with_flags, *goals), with_flags, say, label)
         log_parts.append(log)
         (root / PREPARE_LOG).write_text("".join(log_parts))
         if status != 0:
@@ -512,7 +488,7 @@ def _first_difference(shipped: Path, ours: Path) -> str:
 # compile_unit
 
 
-def _load_settings(source: KernelSource) -> dict[str, object]:
+def load_settings(source: KernelSource) -> dict[str, object]:
     root = source.tree.parent
     if not _is_ready(root, source.debian_version):
         raise BuildError(f"the source tree of {source.release} at {source.tree} is not prepared "
@@ -522,136 +498,23 @@ def _load_settings(source: KernelSource) -> dict[str, object]:
     return settings
 
 
-def _with_cflags(settings: dict[str, object], cflags: Sequence[str]) -> dict[str, object]:
-    """Settings whose make command adds ``cflags`` to the kernel's own (``KCFLAGS``)."""
-    make_vars = dict(settings["make_vars"])  # type: ignore[call-overload]
-    if cflags:
-        make_vars["KCFLAGS"] = " ".join(cflags)
-    return {**settings, "make_vars": make_vars}
-
-
-def _resolve_unit(source: KernelSource, relpath: str) -> tuple[str, str]:
-    """(source file, object target) relative to the tree, for ``x.c``, ``x.S`` or ``x.o``."""
-    rel = Path(relpath)
-    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-        raise BuildError(f"{relpath!r} is not a path inside the kernel source tree")
-    if rel.suffix == ".o":
-        candidates = [rel.with_suffix(".c"), rel.with_suffix(".S")]
-    elif rel.suffix in (".c", ".S"):
-        candidates = [rel]
-    else:
-        raise BuildError(f"{relpath}: not a translation unit (expected a .c or .S file, or its .o)")
-    for cand in candidates:
-        if (source.tree / cand).is_file():
-            return cand.as_posix(), cand.with_suffix(".o").as_posix()
-    raise BuildError(f"{candidates[0].as_posix()} does not exist in the source of kernel {source.release} "
-                     f"({source.tree})")
-
-
-def compile_unit(source: KernelSource, relpath: str, out: Path, *, text: bytes | None = None,
-                 sources: Mapping[str, bytes] | None = None,
-                 extra_cflags: Sequence[str] = DEFAULT_EXTRA_CFLAGS,
-                 progress: Callable[[str], None] | None = None) -> CompiledUnit:
-    """Compile one translation unit of the target's source into ``out`` (a file, or a directory).
-
-    With ``text``, the unit is the file with that content (the patched version); ``sources``
-    gives patched contents for other files of the tree too (a ``.c`` file the unit includes).
-    They are put in place for the compile and the original contents and mtimes are restored
-    afterwards, whatever happens. The tree's own object and its ``.cmd`` file are removed after
-    every compile, so Kbuild never takes a patched object for the current one.
-    """
-    say = progress or _say_nothing
-    started = time.monotonic()
-    settings = _load_settings(source)
-    src_rel, obj_rel = _resolve_unit(source, relpath)
-    replaced = dict(sources or {})
-    if text is not None:
-        replaced[src_rel] = text
-    for rel in replaced:
-        parts = Path(rel).parts
-        if Path(rel).is_absolute() or ".." in parts or not (source.tree / rel).is_file():
-            raise BuildError(f"{rel!r} is not a file of the kernel source tree ({source.tree})")
-    out = Path(out)
-    if out.is_dir():
-        out = out / Path(obj_rel).name
-    cmd_settings = _with_cflags(settings, extra_cflags)
-    cmd = _make_command(source.tree, cmd_settings, obj_rel)
-    obj_path = source.tree / obj_rel
-    obj_dir = obj_path.parent
-    kind = "patched" if replaced else "original"
-    with _tree_lock(source.release):
-        _recover(source)
-        before = set(os.listdir(obj_dir))
-        originals = {rel: ((source.tree / rel).read_bytes(), (source.tree / rel).stat()) for rel in replaced}
-        _remove_object(obj_path)
-        try:
-            if replaced:
-                _write_journal(source, obj_rel, originals)
-                for rel, content in replaced.items():
-                    (source.tree / rel).write_bytes(content)
-            say(f"compiling {kind} {src_rel}")
-            status, log = _run_make(cmd, cmd_settings, say, f"compiling {kind}")
-            if status != 0 or not obj_path.is_file():
-                raise _compile_error(log, [src_rel, *replaced], kind, source.release, status)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(obj_path, out)
-        finally:
-            for rel, (content, stat) in originals.items():
-                (source.tree / rel).write_bytes(content)
-                os.utime(source.tree / rel, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-            _journal_path(source).unlink(missing_ok=True)
-            _remove_object(obj_path)
-            for name in set(os.listdir(obj_dir)) - before:  # temporaries of this compile (.d, .tmp_*)
-                leftover = obj_dir / name
-                if leftover.is_file() or leftover.is_symlink():
-                    leftover.unlink()
-    return CompiledUnit(object_path=out, source_path=src_rel, patched=bool(replaced),
-                        seconds=time.monotonic() - started, command=cmd, log=log)
-
-
-def compile_original(source: KernelSource, relpath: str, out: Path, *,
-                     progress: Callable[[str], None] | None = None) -> CompiledUnit:
-    """The unpatched unit, compiled once per prepared tree: the tree is restored after every
-    patched compile, so its original object never changes, and a rebuild of a patch (a fix to a
-    fix) compiles only the patched side. Kept with the tree, so dropping the tree drops them."""
-    src_rel, obj_rel = _resolve_unit(source, relpath)
-    # A re-prepared tree, other make settings or other flags start afresh.
-    root = source.tree.parent
-    key = hashlib.sha256(b"%d\0%s\0%s" % ((root / READY).stat().st_mtime_ns, (root / SETTINGS).read_bytes(),
-                                            " ".join(DEFAULT_EXTRA_CFLAGS).encode())).hexdigest()[:16]
-    cached = root / ORIGINALS / f"{obj_rel.replace('/', '__')}-{key}.o"
-    out = Path(out)
-    if out.is_dir():
-        out = out / Path(obj_rel).name
-    if cached.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(cached, out)
-        return CompiledUnit(object_path=out, source_path=src_rel, patched=False, seconds=0.0, cached=True)
-    unit = compile_unit(source, relpath, out, progress=progress)
-    cached.parent.mkdir(exist_ok=True)
-    tmp = cached.with_suffix(f".tmp{os.getpid()}")
-    shutil.copyfile(out, tmp)
-    os.replace(tmp, cached)
-    return unit
-
-
-def _journal_path(source: KernelSource) -> Path:
+def journal_path(source: KernelSource) -> Path:
     return source.tree.parent / JOURNAL
 
 
-def _write_journal(source: KernelSource, obj_rel: str, originals: Mapping[str, tuple[bytes, os.stat_result]]) -> None:
-    """Record files' original contents before replacing them, for _recover after a hard kill."""
+def write_journal(source: KernelSource, obj_rel: str, originals: Mapping[str, tuple[bytes, os.stat_result]]) -> None:
+    """Record files' original contents before replacing them, for recover after a hard kill."""
     record = {"object": obj_rel,
               "files": [{"path": rel, "atime_ns": stat.st_atime_ns, "mtime_ns": stat.st_mtime_ns,
                          "content": content.hex()} for rel, (content, stat) in originals.items()]}
-    tmp = _journal_path(source).with_suffix(".tmp")
+    tmp = journal_path(source).with_suffix(".tmp")
     tmp.write_text(json.dumps(record))
-    os.replace(tmp, _journal_path(source))
+    os.replace(tmp, journal_path(source))
 
 
-def _recover(source: KernelSource) -> None:
+def recover(source: KernelSource) -> None:
     """Put back files a killed compile_unit left patched (its finally never ran)."""
-    journal = _journal_path(source)
+    journal = journal_path(source)
     if not journal.is_file():
         return
     record = json.loads(journal.read_text())
@@ -660,24 +523,11 @@ def _recover(source: KernelSource) -> None:
         src_path = source.tree / f["path"]
         src_path.write_bytes(bytes.fromhex(f["content"]))
         os.utime(src_path, ns=(f["atime_ns"], f["mtime_ns"]))
-    _remove_object(source.tree / record.get("object", Path(files[0]["path"]).with_suffix(".o").as_posix()))
+    remove_object(source.tree / record.get("object", Path(files[0]["path"]).with_suffix(".o").as_posix()))
     journal.unlink()
 
 
-def _remove_object(obj_path: Path) -> None:
+def remove_object(obj_path: Path) -> None:
     """Forget a built object: the file and Kbuild's record of how it was built (``.x.o.cmd``)."""
     for path in (obj_path, obj_path.with_name(f".{obj_path.name}.cmd"), obj_path.with_name(f".{obj_path.name}.d")):
         path.unlink(missing_ok=True)
-
-
-def _compile_error(log: str, files: Sequence[str], kind: str, release: str, status: int) -> BuildError:
-    errors = error_lines(log) or [line for line in log.splitlines() if line.strip()][-15:]
-    path, line = files[0], None
-    for text in errors:
-        m = _GCC_ERROR_RE.match(text)
-        if m and m.group("file") in files:
-            path, line = m.group("file"), int(m.group("line"))
-            break
-    what = "failed" if status != 0 else "produced no object"
-    return BuildError(f"compiling the {kind} {files[0]} for kernel {release} {what}:\n" + "\n".join(errors),
-                      path=path, line=line)

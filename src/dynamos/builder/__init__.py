@@ -4,8 +4,8 @@
 Kbuild tree over the glue and the author's editions and checks the module it produces.
 """
 
-from dynamos.build.cgen import generate_kbuild, generate_livepatch_source
-from dynamos.build.kbuild import BuildResult, build_update, read_modinfo
+from dynamos.builder.cgen import generate_kbuild, generate_livepatch_source
+from dynamos.builder.kbuild import BuildResult, build_update, read_modinfo
 
 __all__ = [
     "BuildResult",

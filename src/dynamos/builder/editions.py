@@ -12,12 +12,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from dynamos.build.btf import BtfTypes, Prototype
-from dynamos.build.cgen import RUNTIME_HEADER
-from dynamos.build.source import read_config
+from dynamos.abi import VMLINUX
+from dynamos.builder.btf import BtfTypes, Prototype
+from dynamos.builder.cgen import RUNTIME_HEADER
 from dynamos.errors import BuildError
-from dynamos.target import TargetKernel, extract_vmlinux
-from dynamos.update.manifest import VMLINUX, FunctionSpec, UpdateSource
+from dynamos.target import TargetKernel
+from dynamos.target.images import extract_vmlinux
+from dynamos.target.source import read_config
+from dynamos.update.manifest import FunctionSpec, UpdateSource
 
 RUNTIME_DIR = Path(__file__).resolve().parent.parent / "runtime"
 RUNTIME_SOURCE = "dynamos_editions.c"

@@ -8,7 +8,6 @@ with ``dpkg -x`` into a cache: the host's own kernel and boot setup are never to
 from __future__ import annotations
 
 import fcntl
-import lzma
 import os
 import platform
 import re
@@ -60,38 +59,6 @@ class TargetKernel:
                 if hits:
                     return hits[0]
         raise TargetError(f"module {name} not found under {self.modules_dir}")
-
-
-_XZ_MAGIC = b"\xfd7zXZ\x00"
-
-
-def extract_vmlinux(target: TargetKernel) -> Path:
-    """The uncompressed kernel ELF inside vmlinuz, cached beside it.
-
-    The lab boots it directly through its PVH entry, which skips firmware and in-guest
-    decompression (about a second under TCG); it is also the kernel text of record.
-    """
-    if target.image is None:
-        raise TargetError(f"no kernel image known for {target.release}")
-    out = target.image.with_name(target.image.name.replace("vmlinuz", "vmlinux"))
-    if out == target.image:
-        out = target.image.with_name(target.image.name + ".elf")
-    if out.exists():
-        return out
-    data = target.image.read_bytes()
-    start = data.find(_XZ_MAGIC)
-    if start < 0:
-        raise TargetError(f"{target.image}: no xz-compressed kernel inside (only xz is supported)")
-    try:
-        elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data[start:])
-    except lzma.LZMAError as e:
-        raise TargetError(f"{target.image}: cannot decompress the kernel: {e}") from e
-    if not elf.startswith(b"\x7fELF"):
-        raise TargetError(f"{target.image}: decompressed payload is not an ELF kernel")
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(elf)
-    tmp.rename(out)
-    return out
 
 
 def debian_version(target: TargetKernel) -> str:

@@ -32,36 +32,8 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.relocation import RelocationSection
 
+from dynamos.builder.elf import RELOC_KINDS, RelocKind
 from dynamos.errors import BuildError
-
-# ---------------------------------------------------------------------------------------------
-# Relocation kinds (x86-64), one row per type: how many bytes the site covers and whether the
-# value is relative to the site (a pc-relative operand of an instruction ends 4 bytes later).
-
-
-@dataclass(frozen=True)
-class RelocKind:
-    name: str
-    size: int
-    pc_relative: bool
-
-
-RELOC_KINDS: dict[int, RelocKind] = {
-    0: RelocKind("R_X86_64_NONE", 0, False),  # objtool turns fentry calls into NOPs this way
-    1: RelocKind("R_X86_64_64", 8, False),
-    2: RelocKind("R_X86_64_PC32", 4, True),
-    4: RelocKind("R_X86_64_PLT32", 4, True),
-    9: RelocKind("R_X86_64_GOTPCREL", 4, True),
-    10: RelocKind("R_X86_64_32", 4, False),
-    11: RelocKind("R_X86_64_32S", 4, False),
-    12: RelocKind("R_X86_64_16", 2, False),
-    13: RelocKind("R_X86_64_PC16", 2, True),
-    14: RelocKind("R_X86_64_8", 1, False),
-    15: RelocKind("R_X86_64_PC8", 1, True),
-    24: RelocKind("R_X86_64_PC64", 8, True),
-    41: RelocKind("R_X86_64_GOTPCRELX", 4, True),
-    42: RelocKind("R_X86_64_REX_GOTPCRELX", 4, True),
-}
 
 EM_X86_64 = "EM_X86_64"
 FENTRY = "__fentry__"
@@ -349,7 +321,7 @@ class _Reader:
     def _bias(self, host: _Section, kind: RelocKind) -> int:
         """How far past its addend a reference lands: a pc-relative instruction operand ends the
         instruction (almost always), while ``.long x - .`` in a table carries the exact offset."""
-        return kind.size if kind.pc_relative and host.is_code else 0
+        return kind.width if kind.pc_relative and host.is_code else 0
 
     def _anchors(self) -> dict[int, list[int]]:
         """Every offset referenced through a section symbol, per section: the boundaries of the
@@ -506,7 +478,7 @@ def _mask(blob: bytes, rows: Iterable[_RawReloc], base: int) -> bytes:
     out = bytearray(blob)
     for r in rows:
         off = r.offset - base
-        size = RELOC_KINDS[r.type].size
+        size = RELOC_KINDS[r.type].width
         out[off:off + size] = bytes(len(out[off:off + size]))
     return bytes(out)
 

@@ -14,13 +14,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from dynamos.build.elf import SHF_ALLOC, SHF_INFO_LINK, SHN_UNDEF, SHT_RELA, RelocatableElf, Section
+from dynamos.abi import VMLINUX, klp_placeholder
+from dynamos.builder.elf import SHF_ALLOC, SHF_INFO_LINK, SHN_UNDEF, SHT_RELA, RelocatableElf, Section
 from dynamos.errors import BuildError
 
 SHN_LIVEPATCH = 0xFF20
 SHF_RELA_LIVEPATCH = 0x00100000
 STB_LOCAL = 0
-VMLINUX = "vmlinux"
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class KlpSymbol:
     @property
     def placeholder(self) -> str:
         """A name generated code links against, standing for this symbol until convert_to_klp."""
-        return f"dynamos_klp__{self.object}__{self.name}__{self.sympos}"
+        return klp_placeholder(self.object, self.name, self.sympos)
 
     def to_json(self) -> dict:
         return {"name": self.name, "object": self.object, "sympos": self.sympos}

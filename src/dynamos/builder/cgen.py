@@ -11,12 +11,13 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from dynamos.build.klp import KlpSymbol
+from dynamos.abi import VMLINUX, generated_name
+from dynamos.builder.klp import KlpSymbol
 from dynamos.errors import ManifestError
-from dynamos.update.manifest import VMLINUX, FunctionSpec, UpdateSource, dispatcher_name
+from dynamos.update.manifest import FunctionSpec, UpdateSource
 
 if TYPE_CHECKING:
-    from dynamos.build.btf import Prototype
+    from dynamos.builder.btf import Prototype
 
 RUNTIME_HEADER = "dynamos_editions.h"
 # x86-64 'call __fentry__' / its NOP: the ftrace site edition 0 enters the original code past.
@@ -156,7 +157,7 @@ def _dispatcher_source(index: int, f: FunctionSpec, proto: Prototype, ftrace_sit
     if f.policy:
         out.append(_handler_declaration(proto, f.policy) + ";")
     if f.kthread:
-        entry = dispatcher_name(f.name, f.object, f.sympos, role="kthread")
+        entry = generated_name(f.name, f.object, f.sympos, role="kthread")
         restart = f.kthread
         out += [
             "/* The thread's main function: the author's hooks restart its thread onto an edition and back. */",
@@ -192,7 +193,7 @@ def _dispatcher_source(index: int, f: FunctionSpec, proto: Prototype, ftrace_sit
     if f.kthread:
         out.append("/* A copy of the dispatcher for the restarted thread: it is not livepatch's new function, so a")
         out.append("   reversed transition does not wait for the thread that never leaves it. */")
-        out += _dispatcher_body(f, fn, proto, dispatcher_name(f.name, f.object, f.sympos, role="kthread"),
+        out += _dispatcher_body(f, fn, proto, generated_name(f.name, f.object, f.sympos, role="kthread"),
                                 ("\tWRITE_ONCE(fn->kthread->pid, current->pid);",))
     return out
 

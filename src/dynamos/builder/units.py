@@ -1,0 +1,169 @@
+"""Compiling single units of a prepared source tree: the original and the patched text of a file.
+
+The tree is shared by every build of its release, so a patched compile puts its files in place
+under the tree's lock, journals their originals first, and restores them whatever happens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dynamos.errors import BuildError
+from dynamos.target.make import error_lines
+from dynamos.target.source import (
+    DEFAULT_EXTRA_CFLAGS,
+    READY,
+    SETTINGS,
+    KernelSource,
+    journal_path,
+    load_settings,
+    make_command,
+    recover,
+    remove_object,
+    run_make,
+    say_nothing,
+    tree_lock,
+    with_cflags,
+    write_journal,
+)
+
+ORIGINALS = "originals"  # compiled unpatched units, reused by later builds (compile_original)
+_GCC_ERROR_RE = re.compile(r"^(?P<file>[^:\s]+):(?P<line>\d+):(?:\d+:)? (?:fatal )?error: ")
+
+
+@dataclass(frozen=True)
+class CompiledUnit:
+    """One object compiled from the target's source (original or patched text of a file)."""
+
+    object_path: Path
+    source_path: str  # relative to the tree, e.g. ``fs/proc/cmdline.c``
+    patched: bool
+    seconds: float
+    command: list[str] = field(default_factory=list)
+    log: str = ""
+    cached: bool = False  # an original compiled by an earlier build, from the tree's object cache
+
+
+def _resolve_unit(source: KernelSource, relpath: str) -> tuple[str, str]:
+    """(source file, object target) relative to the tree, for ``x.c``, ``x.S`` or ``x.o``."""
+    rel = Path(relpath)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise BuildError(f"{relpath!r} is not a path inside the kernel source tree")
+    if rel.suffix == ".o":
+        candidates = [rel.with_suffix(".c"), rel.with_suffix(".S")]
+    elif rel.suffix in (".c", ".S"):
+        candidates = [rel]
+    else:
+        raise BuildError(f"{relpath}: not a translation unit (expected a .c or .S file, or its .o)")
+    for cand in candidates:
+        if (source.tree / cand).is_file():
+            return cand.as_posix(), cand.with_suffix(".o").as_posix()
+    raise BuildError(f"{candidates[0].as_posix()} does not exist in the source of kernel {source.release} "
+                     f"({source.tree})")
+
+
+def compile_unit(source: KernelSource, relpath: str, out: Path, *, text: bytes | None = None,
+                 sources: Mapping[str, bytes] | None = None,
+                 extra_cflags: Sequence[str] = DEFAULT_EXTRA_CFLAGS,
+                 progress: Callable[[str], None] | None = None) -> CompiledUnit:
+    """Compile one translation unit of the target's source into ``out`` (a file, or a directory).
+
+    With ``text``, the unit is the file with that content (the patched version); ``sources``
+    gives patched contents for other files of the tree too (a ``.c`` file the unit includes).
+    They are put in place for the compile and the original contents and mtimes are restored
+    afterwards, whatever happens. The tree's own object and its ``.cmd`` file are removed after
+    every compile, so Kbuild never takes a patched object for the current one.
+    """
+    say = progress or say_nothing
+    started = time.monotonic()
+    settings = load_settings(source)
+    src_rel, obj_rel = _resolve_unit(source, relpath)
+    replaced = dict(sources or {})
+    if text is not None:
+        replaced[src_rel] = text
+    for rel in replaced:
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or ".." in parts or not (source.tree / rel).is_file():
+            raise BuildError(f"{rel!r} is not a file of the kernel source tree ({source.tree})")
+    out = Path(out)
+    if out.is_dir():
+        out = out / Path(obj_rel).name
+    cmd_settings = with_cflags(settings, extra_cflags)
+    cmd = make_command(source.tree, cmd_settings, obj_rel)
+    obj_path = source.tree / obj_rel
+    obj_dir = obj_path.parent
+    kind = "patched" if replaced else "original"
+    with tree_lock(source.release):
+        recover(source)
+        before = set(os.listdir(obj_dir))
+        originals = {rel: ((source.tree / rel).read_bytes(), (source.tree / rel).stat()) for rel in replaced}
+        remove_object(obj_path)
+        try:
+            if replaced:
+                write_journal(source, obj_rel, originals)
+                for rel, content in replaced.items():
+                    (source.tree / rel).write_bytes(content)
+            say(f"compiling {kind} {src_rel}")
+            status, log = run_make(cmd, cmd_settings, say, f"compiling {kind}")
+            if status != 0 or not obj_path.is_file():
+                raise _compile_error(log, [src_rel, *replaced], kind, source.release, status)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(obj_path, out)
+        finally:
+            for rel, (content, stat) in originals.items():
+                (source.tree / rel).write_bytes(content)
+                os.utime(source.tree / rel, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+            journal_path(source).unlink(missing_ok=True)
+            remove_object(obj_path)
+            for name in set(os.listdir(obj_dir)) - before:  # temporaries of this compile (.d, .tmp_*)
+                leftover = obj_dir / name
+                if leftover.is_file() or leftover.is_symlink():
+                    leftover.unlink()
+    return CompiledUnit(object_path=out, source_path=src_rel, patched=bool(replaced),
+                        seconds=time.monotonic() - started, command=cmd, log=log)
+
+
+def compile_original(source: KernelSource, relpath: str, out: Path, *,
+                     progress: Callable[[str], None] | None = None) -> CompiledUnit:
+    """The unpatched unit, compiled once per prepared tree: the tree is restored after every
+    patched compile, so its original object never changes, and a rebuild of a patch (a fix to a
+    fix) compiles only the patched side. Kept with the tree, so dropping the tree drops them."""
+    src_rel, obj_rel = _resolve_unit(source, relpath)
+    # A re-prepared tree, other make settings or other flags start afresh.
+    root = source.tree.parent
+    key = hashlib.sha256(b"%d\0%s\0%s" % ((root / READY).stat().st_mtime_ns, (root / SETTINGS).read_bytes(),
+                                            " ".join(DEFAULT_EXTRA_CFLAGS).encode())).hexdigest()[:16]
+    cached = root / ORIGINALS / f"{obj_rel.replace('/', '__')}-{key}.o"
+    out = Path(out)
+    if out.is_dir():
+        out = out / Path(obj_rel).name
+    if cached.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cached, out)
+        return CompiledUnit(object_path=out, source_path=src_rel, patched=False, seconds=0.0, cached=True)
+    unit = compile_unit(source, relpath, out, progress=progress)
+    cached.parent.mkdir(exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    shutil.copyfile(out, tmp)
+    os.replace(tmp, cached)
+    return unit
+
+
+def _compile_error(log: str, files: Sequence[str], kind: str, release: str, status: int) -> BuildError:
+    errors = error_lines(log) or [line for line in log.splitlines() if line.strip()][-15:]
+    path, line = files[0], None
+    for text in errors:
+        m = _GCC_ERROR_RE.match(text)
+        if m and m.group("file") in files:
+            path, line = m.group("file"), int(m.group("line"))
+            break
+    what = "failed" if status != 0 else "produced no object"
+    return BuildError(f"compiling the {kind} {files[0]} for kernel {release} {what}:\n" + "\n".join(errors),
+                      path=path, line=line)
