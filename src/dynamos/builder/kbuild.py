@@ -20,12 +20,14 @@ from pathlib import Path
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
+from dynamos.builder import editions
 from dynamos.builder.cgen import generate_kbuild, generate_livepatch_source, thunk_target
 from dynamos.builder.klp import KlpSymbol, convert_to_klp, exported_symbols, klp_symbols_needed
 from dynamos.errors import BuildError
 from dynamos.target import TargetKernel, cache_root
 from dynamos.target.make import MAKE_JOBS, error_lines, make_env, stream_make
 from dynamos.update.manifest import UpdateSource, load_update_source
+from dynamos.update.package import package_filename, write_package
 
 # Author files go in a subdirectory so no name of theirs can clash with the module or the glue.
 AUTHOR_SUBDIR = "src"
@@ -218,7 +220,6 @@ def _prepare_build_dir(build_dir: Path, source: UpdateSource, author_files: list
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source.directory / rel, dest)
     main_object = main_object_name(source)
-    from dynamos.builder import editions  # not at the top: editions -> source -> kbuild
 
     files: dict[str, str] = {}
     extra_objects: list[str] = []
@@ -307,7 +308,6 @@ def _check_module(module: bytes, module_path: Path, target: TargetKernel) -> str
 
 def write_package_of(output: Path, source: UpdateSource, target: TargetKernel, linked: LinkedModule) -> Path:
     """The update package of a linked module: into ``output`` (a file, or a directory to name it in)."""
-    from dynamos.update.package import package_filename, write_package
 
     path = output / package_filename(source.name, target.release) if output.is_dir() else output
     return write_package(path, source=source, kernel_release=target.release, vermagic=linked.vermagic,

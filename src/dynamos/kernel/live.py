@@ -41,6 +41,7 @@ from dynamos.kernel.symbols import (
     parse_enabled_functions,
 )
 from dynamos.kernel.syscalls import LibcSyscalls, Syscalls
+from dynamos.update.package import read_package
 
 # ---------------------------------------------------------------------------------------------
 # Refusals: one row per reason, so messages stay uniform and callers can match on codes.
@@ -347,7 +348,6 @@ def normalize_name(name: str) -> str:
 
 
 def _default_reader(path: Path) -> Any:
-    from dynamos.update.package import read_package  # lazy: keeps the kernel layer importable alone
 
     return read_package(path)
 

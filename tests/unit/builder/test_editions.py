@@ -24,7 +24,7 @@ from dynamos.monitor import monitor_manifest, monitor_name
 from dynamos.target import DEFAULT_LAB_KERNEL, fetch_target
 from dynamos.update.manifest import load_update_source
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 EXAMPLE = EXAMPLES / "cmdline-editions"
 
 PIPE_WRITE = Prototype(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,9 +76,6 @@ class FakePackages:
 
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
-        self.module = types.ModuleType("dynamos.update.package")
-        self.module.package_filename = lambda name, release: f"{name}_{release}.dynpkg"  # type: ignore[attr-defined]
-        self.module.write_package = self.write_package  # type: ignore[attr-defined]
 
     def write_package(self, path: Path, **kwargs: Any) -> Path:
         self.calls.append({"path": path, **kwargs})
@@ -103,7 +99,7 @@ def built(target: TargetKernel, tmp_path_factory: pytest.TempPathFactory) -> Ite
     progress: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
         _isolate_builds(mp, tmp / "cache")
-        mp.setitem(sys.modules, "dynamos.update.package", packages.module)
+        mp.setattr(kbuild, "write_package", packages.write_package)
         source_dir = write_source(tmp / "cmdline-banner", kernel=RELEASE)
         out_dir = tmp / "out"
         out_dir.mkdir()
