@@ -15,6 +15,8 @@ from dynamos import __version__
 from dynamos.errors import DynamosError
 from dynamos.target import DEFAULT_LAB_KERNEL
 
+LAB_NAME = "default"  # the lab that `lab start` and `lab run` use unless --name says otherwise
+
 
 class Progress:
     """Progress lines on stderr with elapsed time, so stdout stays clean for --json."""
@@ -371,7 +373,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _add_lab_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", default=DEFAULT_LAB_KERNEL, metavar="REL",
                    help=f"lab kernel release (default {DEFAULT_LAB_KERNEL})")
-    p.add_argument("--name", default="default", help="name of a lab started with 'lab start'")
+    p.add_argument("--name", default=LAB_NAME, help="name of a lab started with 'lab start'")
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--memory", type=int, default=1024, metavar="MIB")
     p.add_argument("--share", action="append", metavar="DIR",
@@ -476,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_lab_start)
     p = lab.add_parser("stop", help="power a lab off")
-    p.add_argument("--name", default="default")
+    p.add_argument("--name", default=LAB_NAME)
     p.set_defaults(func=cmd_lab_stop)
     p = lab.add_parser("status", help="running labs")
     p.add_argument("--json", action="store_true")

@@ -23,7 +23,7 @@ from dynamos.builder.kbuild import build_update
 from dynamos.demo import guest_env
 from dynamos.lab import Lab, LabConfig
 from dynamos.lab.vm import labs_dir
-from dynamos.target import DEFAULT_LAB_KERNEL, cache_root, fetch_target
+from dynamos.target import cache_root
 from dynamos.target.images import extract_vmlinux
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,11 +79,6 @@ class Guest:
     def unload_module(self, name: str) -> None:
         self.run(sys.executable, "-c", "import sys; from dynamos.kernel import LibcSyscalls; "
                  "LibcSyscalls().delete_module(sys.argv[1])", name)
-
-
-@pytest.fixture(scope="session")
-def target():
-    return fetch_target(DEFAULT_LAB_KERNEL)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from dynamos.target.symtab import KALLSYMS_FILE, SymbolTable, check_link_time, k
 
 def lab_symbol_table(target: TargetKernel, progress: Callable[[str], None] | None = None) -> SymbolTable:
     """The target's kallsyms at link-time addresses: from the cache, or read once in a lab
-    booted with ``nokaslr`` (about 4.5 s under TCG, boot included)."""
+    booted with ``nokaslr``."""
     say = progress or (lambda _m: None)
     path = kallsyms_path(target)
     if path.is_file():

@@ -10,8 +10,6 @@ from pathlib import Path
 from dynamos.errors import LabError
 from dynamos.lab.vm import Lab, LabConfig, labs_dir
 
-DEFAULT_LAB_NAME = "default"
-
 
 def lab_state_dir(name: str) -> Path:
     if not name or "/" in name or name.startswith((".", "run-")):

@@ -4,7 +4,7 @@ Debian ships no System.map and its vmlinux has no ``.symtab``: the only symbol t
 running kernel's ``/proc/kallsyms``. Booted with ``nokaslr``, that table gives link-time
 addresses, which locate each function's bytes in the vmlinux file (the fidelity check compares
 them with a compiled object). So the lab boots the target once, the table is kept in the cache
-as the plain ``/proc/kallsyms`` text, and later reads cost a parse (about 0.2 s), not a boot.
+as the plain ``/proc/kallsyms`` text, and later reads cost a parse, not a boot.
 """
 
 from __future__ import annotations
