@@ -275,7 +275,7 @@ def _lab_config(args: argparse.Namespace):
     from dynamos.lab.vm import default_shares
 
     return LabConfig(kernel=args.kernel, cpus=args.cpus, memory_mb=args.memory,
-                     shares=default_shares() + list(args.share or []),
+                     shares=default_shares() + list(args.share or []), outputs=list(args.output or []),
                      accel=args.accel, boot_timeout=args.boot_timeout)
 
 
@@ -306,7 +306,8 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
     from dynamos.lab import running_labs
 
     labs = [{"name": lab.state_dir.name, "kernel": lab.kernel, "accel": lab.info["accel"],
-             "pid": lab.pid, "shares": lab.info["shares"], "up_seconds": round(time.time() - lab.info["started"], 1),
+             "pid": lab.pid, "shares": lab.info["shares"], "outputs": lab.info.get("outputs", []),
+             "up_seconds": round(time.time() - lab.info["started"], 1),
              "console": str(lab.console_path)} for lab in running_labs()]
     if args.json:
         _print_json({"labs": labs})
@@ -377,7 +378,9 @@ def _add_lab_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--memory", type=int, default=1024, metavar="MIB")
     p.add_argument("--share", action="append", metavar="DIR",
-                   help="extra host directory visible read-write in the guest at the same path")
+                   help="extra host directory visible read-only in the guest at the same path")
+    p.add_argument("--output", action="append", metavar="DIR",
+                   help="host directory the guest may write, at the same path (nothing else is writable)")
     p.add_argument("--accel", choices=["kvm", "tcg"], default=None,
                    help="force an accelerator (default: KVM only if a probe boot proves it works)")
     p.add_argument("--boot-timeout", type=float, default=60.0, metavar="S")

@@ -83,15 +83,24 @@ class Guest:
 
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
-    """Host directory for packages and sources, visible in the guest at the same path."""
+    """Host directory for packages and sources: the one the guest may write, at the same path."""
     return tmp_path_factory.mktemp("lab")
+
+
+def lab_config(target, workdir: Path, **kw) -> LabConfig:
+    """What a test lab sees: the checkout and the cache read-only; writable only the test's
+    working directory and the build directory of the cache (the guest builds monitoring updates)."""
+    builds = cache_root() / "builds"
+    builds.mkdir(parents=True, exist_ok=True)
+    return LabConfig(kernel=target.release, shares=[str(REPO), str(cache_root())],
+                     outputs=[str(workdir), str(builds)], **kw)
 
 
 @pytest.fixture(scope="session")
 def lab(target, workdir):
     state_dir = labs_dir() / f"pytest-{Path(workdir).name}-{id(workdir)}"
-    config = LabConfig(kernel=target.release, shares=[str(REPO), str(workdir), str(cache_root())])
-    lab = Lab.boot(config, state_dir=state_dir, progress=lambda m: print(f"lab: {m}", file=sys.stderr))
+    lab = Lab.boot(lab_config(target, workdir), state_dir=state_dir,
+                   progress=lambda m: print(f"lab: {m}", file=sys.stderr))
     yield lab
     lab.kill()
     lab.discard()
@@ -112,8 +121,8 @@ def uniprocessor_guest(target, workdir: Path, name: str) -> Iterator[Guest]:
     which the guest reports as a soft lockup. On one vCPU neither ever did.
     """
     state_dir = labs_dir() / f"pytest-{name}-{Path(workdir).name}"
-    config = LabConfig(kernel=target.release, cpus=1, shares=[str(REPO), str(workdir), str(cache_root())])
-    lab = Lab.boot(config, state_dir=state_dir, progress=lambda m: print(f"lab {name}: {m}", file=sys.stderr))
+    lab = Lab.boot(lab_config(target, workdir, cpus=1), state_dir=state_dir,
+                   progress=lambda m: print(f"lab {name}: {m}", file=sys.stderr))
     try:
         yield Guest(lab)
     finally:

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from dynamos.lab import EXIT_KERNEL_OOPS, EXIT_TIMEOUT
-from dynamos.target import DEFAULT_LAB_KERNEL
+from dynamos.target import DEFAULT_LAB_KERNEL, cache_root
 
 from .conftest import REPO
 
@@ -29,6 +29,18 @@ def test_guest_runs_the_target_kernel_and_sees_shared_dirs(lab, workdir):
                 cwd=str(REPO), timeout=30)
     assert r.stdout.decode().split("\n")[:3] == [DEFAULT_LAB_KERNEL, "from the host", "0"]
     assert (workdir / "back.txt").read_text() == "guest\n"
+
+
+def test_the_guest_writes_only_its_outputs(lab, workdir):
+    """The checkout and the cache are read-only in the guest; an output is writable, and a mode
+    the guest sets there stays the guest's (mapped into xattrs): no setuid file lands on the host."""
+    r = lab.run(["sh", "-c", f"touch {REPO}/guest-was-here; echo $?; touch {cache_root()}/guest-was-here; echo $?; "
+                 f"cp /bin/true {workdir}/suid && chmod 4755 {workdir}/suid && ls -l {workdir}/suid"], timeout=30)
+    lines = r.stdout.decode().splitlines()
+    assert lines[:2] == ["1", "1"] and b"Read-only file system" in r.stderr, r
+    assert lines[2].startswith("-rwsr-xr-x"), lines  # what the guest sees
+    assert not (REPO / "guest-was-here").exists() and not (cache_root() / "guest-was-here").exists()
+    assert not (workdir / "suid").stat().st_mode & 0o6000  # what the host has
 
 
 def test_stdin_and_large_output(lab):

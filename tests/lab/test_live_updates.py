@@ -12,11 +12,11 @@ import pytest
 
 from dynamos.builder.kbuild import build_update
 from dynamos.errors import PackageError, RefusedError, TransitionError
-from dynamos.lab import Lab, LabConfig
+from dynamos.lab import Lab
 from dynamos.lab.vm import labs_dir
-from dynamos.target import cache_root, fetch_target
+from dynamos.target import fetch_target
 
-from .conftest import EXAMPLES, LAB_MODULES, LAB_UPDATES, REPO, Guest
+from .conftest import EXAMPLES, LAB_MODULES, LAB_UPDATES, Guest, lab_config
 
 pytestmark = pytest.mark.lab
 
@@ -236,12 +236,10 @@ def test_non_root_is_refused(guest, build):
 def test_lockdown_is_refused(target, workdir, build):
     """A kernel booted in lockdown (integrity) refuses unsigned modules: dynamos says so first."""
     from dynamos.demo import guest_env
-    from dynamos.lab import Lab, LabConfig
-
-    from .conftest import REPO
+    from dynamos.lab import Lab
 
     pkg = build(EXAMPLES / "cmdline-banner")
-    lab = Lab.boot(LabConfig(kernel=target.release, shares=[str(REPO), str(workdir)], append="lockdown=integrity"))
+    lab = Lab.boot(lab_config(target, workdir, append="lockdown=integrity"))
     try:
         assert "[integrity]" in lab.run(["cat", "/sys/kernel/security/lockdown"], timeout=30).stdout.decode()
         r = lab.run([sys.executable, "-m", "dynamos", "apply", str(pkg)], env=guest_env(), timeout=120)
@@ -293,8 +291,7 @@ def test_unknown_non_exported_symbol_is_refused(guest, build):
 def test_force_is_opt_in_and_switches_the_blocker(target, workdir, build, stall_module):
     """In a lab of its own, as forcing taints the kernel's livepatch state for good."""
     pkg = build(LAB_UPDATES / "stall-breaker")
-    config = LabConfig(kernel=target.release, shares=[str(REPO), str(workdir), str(cache_root())])
-    lab = Lab.boot(config, state_dir=labs_dir() / f"pytest-force-{workdir.name}")
+    lab = Lab.boot(lab_config(target, workdir), state_dir=labs_dir() / f"pytest-force-{workdir.name}")
     try:
         guest = Guest(lab)
         guest.load_module(stall_module)

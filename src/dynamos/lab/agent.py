@@ -42,8 +42,8 @@ class Agent:
         self.fd = os.open(port, os.O_RDWR)
         self.reader = P.FrameReader()
 
-    def send(self, kind: bytes, payload: bytes | dict) -> None:
-        P.write_all(self.fd, P.encode(kind, payload))
+    def send(self, frame: bytes) -> None:
+        P.write_all(self.fd, frame)
 
     def read_frames(self, timeout: float | None) -> list[tuple[bytes, bytes]] | None:
         """Frames from the host; None when the host is not connected (hang-up)."""
@@ -70,20 +70,25 @@ class Agent:
             for kind, payload in frames:
                 if kind == P.PING:
                     uptime = float(read_text("/proc/uptime").split()[0])
-                    self.send(P.HELLO, {"release": os.uname().release, "uptime": uptime})
+                    self.send(P.encode_hello(os.uname().release, uptime))
                 elif kind == P.RUN:
-                    self.run(P.decode(payload))
+                    try:
+                        req = P.RunRequest.decode(payload)
+                    except P.FrameError as e:
+                        self.send(P.encode(P.START_FAILED, str(e).encode()))
+                        continue
+                    self.run(req)
 
-    def run(self, req: dict) -> None:
+    def run(self, req: P.RunRequest) -> None:
         started = time.monotonic()
         env = dict(os.environ)
-        env.update(req.get("env") or {})
-        use_pty = bool(req.get("pty"))
+        env.update(req.env)
+        use_pty = req.pty
         try:
             if use_pty:
                 master, slave = os.openpty()
-                if req.get("winsize"):
-                    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", *req["winsize"], 0, 0))
+                if req.winsize != (0, 0):
+                    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", *req.winsize, 0, 0))
                 out_r, err_r, in_w = master, None, master
                 child_fds = (slave, slave, slave)
             else:
@@ -93,7 +98,7 @@ class Agent:
                 child_fds = (in_r, out_w, err_w)
             pid = os.fork()
         except OSError as e:
-            self.send(P.START_FAILED, {"error": str(e)})
+            self.send(P.encode(P.START_FAILED, str(e).encode()))
             return
         if pid == 0:  # child
             try:
@@ -103,10 +108,10 @@ class Agent:
                 if use_pty:
                     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
                 os.closerange(3, 4096)
-                os.chdir(req.get("cwd") or "/")
-                os.execvpe(req["argv"][0], req["argv"], env)
+                os.chdir(req.cwd or "/")
+                os.execvpe(req.argv[0], req.argv, env)
             except BaseException as e:  # noqa: BLE001 - report any exec failure to the host
-                os.write(2, f"dynamos-agent: cannot run {req['argv'][0]!r}: {e}\n".encode())
+                os.write(2, f"dynamos-agent: cannot run {req.argv[0]!r}: {e}\n".encode())
             os._exit(127)
         for fd in set(child_fds):
             os.close(fd)
@@ -150,20 +155,19 @@ class Agent:
                             stdin_open = False
                         elif kind == P.SIGNAL:
                             try:
-                                os.killpg(pid, int(P.decode(payload)["signal"]))
+                                os.killpg(pid, P.decode_signal(payload))
                             except ProcessLookupError:
                                 pass
                         elif kind == P.RESIZE and use_pty:
-                            ws = P.decode(payload)
-                            fcntl.ioctl(master, termios.TIOCSWINSZ,
-                                        struct.pack("HHHH", ws["rows"], ws["cols"], 0, 0))
+                            rows, cols = P.decode_resize(payload)
+                            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
                 else:
                     try:
                         data = os.read(fd, 65536)
                     except OSError:  # EIO on a pty whose slave side closed
                         data = b""
                     if data:
-                        self.send(streams[fd], data)
+                        self.send(P.encode(streams[fd], data))
                     else:
                         del streams[fd]
                         if fd != in_w:
@@ -181,11 +185,8 @@ class Agent:
         if use_pty:
             os.close(master)
         code = os.waitstatus_to_exitcode(status)
-        self.send(P.EXIT, {
-            "status": code if code >= 0 else 128 - code,
-            "signal": -code if code < 0 else None,
-            "seconds": round(time.monotonic() - started, 6),
-        })
+        self.send(P.encode_exit(code if code >= 0 else 128 - code, -code if code < 0 else 0,
+                                round(time.monotonic() - started, 6)))
 
     def _drain(self, streams: dict[int, bytes]) -> None:
         for fd, kind in streams.items():
@@ -196,7 +197,7 @@ class Agent:
                     break
                 if not data:
                     break
-                self.send(kind, data)
+                self.send(P.encode(kind, data))
 
 
 def main() -> None:

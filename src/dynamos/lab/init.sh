@@ -29,11 +29,13 @@ mount -t tracefs tracefs $R/sys/kernel/tracing 2>/dev/null
 mount -t securityfs securityfs $R/sys/kernel/security 2>/dev/null
 mount -t debugfs debugfs $R/sys/kernel/debug 2>/dev/null
 mount -t cgroup2 cgroup2 $R/sys/fs/cgroup 2>/dev/null || say "cannot mount cgroup2"
-# Extra shares (working directory, caches): rw, uncached so host changes show at once.
+# Extra shares, "ro:PATH" or "rw:PATH" in mount order: the working directory and caches read-only,
+# the outputs a command asked for writable; uncached so host changes show at once.
 i=0
-for path in $SHARES; do
+for spec in $SHARES; do
+    mode=${spec%%:*}; path=${spec#*:}
     mkdir -p "$R$path" 2>/dev/null
-    mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=none share$i "$R$path" \
+    mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=none,$mode share$i "$R$path" \
         || say "cannot mount share $path"
     i=$((i+1))
 done

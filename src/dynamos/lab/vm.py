@@ -51,7 +51,8 @@ class LabConfig:
     kernel: str = DEFAULT_LAB_KERNEL
     memory_mb: int = 1024
     cpus: int = 2
-    shares: list[str] = field(default_factory=list)  # host dirs visible read-write at the same path
+    shares: list[str] = field(default_factory=list)  # host dirs the guest sees read-only, at the same path
+    outputs: list[str] = field(default_factory=list)  # host dirs the guest may write, at the same path
     accel: str | None = None  # "kvm" / "tcg"; None: decided by a cached probe
     boot_timeout: float = 60.0
     root_cache: str = "cache=loose"  # 9p cache mode of the read-only root share
@@ -101,24 +102,33 @@ def default_shares() -> list[str]:
     return [os.getcwd(), str(cache_root())]
 
 
-def _normalise_shares(shares: Sequence[str]) -> list[str]:
-    """Absolute, real, de-duplicated, nested paths dropped (their parent share covers them)."""
-    paths = []
-    for s in shares:
+def _normalise_shares(shares: Sequence[str], outputs: Sequence[str] = ()) -> list[tuple[str, bool]]:
+    """(path, writable) pairs in mount order: absolute, real, de-duplicated (an output wins over
+    a read-only share of the same path), and a path nested in a share of the same kind dropped
+    (that share covers it). An output inside a read-only share stays: it is mounted over it."""
+    wanted: dict[str, bool] = {}
+    for s, writable in [*((s, False) for s in shares), *((s, True) for s in outputs)]:
         p = os.path.realpath(s)
         if any(c.isspace() for c in p):
             raise LabError(f"cannot share {p!r}: paths with whitespace are not supported")
         if not os.path.isdir(p):
             raise LabError(f"cannot share {p}: not a directory")
-        if p == "/":
+        if p == "/" and not writable:
             continue  # already the root share
-        paths.append(p)
-    paths = sorted(set(paths))
-    kept: list[str] = []
-    for p in paths:
-        if not any(p.startswith(k + "/") for k in kept):
-            kept.append(p)
+        if p == "/":
+            raise LabError("the host root cannot be an output share: name the directories the guest may write")
+        wanted[p] = wanted.get(p, False) or writable
+    kept: list[tuple[str, bool]] = []
+    for p in sorted(wanted):
+        if not any(p.startswith(k + "/") and w == wanted[p] for k, w in kept):
+            kept.append((p, wanted[p]))
     return kept
+
+
+def _option_value(value: str) -> str:
+    """A value inside a QEMU ``-fsdev``/``-chardev`` option list: a comma is doubled, so a path
+    cannot end the value and start an option of its own."""
+    return value.replace(",", ",,")
 
 
 # Where the guest's init puts tmpfs over the host's directories (see init.sh).
@@ -219,7 +229,7 @@ class Lab:
         if state_dir.exists():
             shutil.rmtree(state_dir)
         state_dir.mkdir(parents=True)
-        shares = _normalise_shares([*config.shares, *_needed_shares()])
+        shares = _normalise_shares([*config.shares, *_needed_shares()], config.outputs)
         initrd = state_dir / "initramfs.cpio"
         initrd.write_bytes(_lab_initramfs(target, shares, config.root_cache))
         argv = _qemu_argv(target, config, accel, state_dir, initrd, shares)
@@ -229,22 +239,24 @@ class Lab:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=detach)
         log.close()
-        info = {"pid": proc.pid, "kernel": target.release, "accel": accel, "shares": shares,
+        info = {"pid": proc.pid, "kernel": target.release, "accel": accel,
+                "shares": [p for p, w in shares if not w], "outputs": [p for p, w in shares if w],
                 "config": asdict(config), "started": time.time()}
         lab = cls(state_dir, info)
         lab._proc = proc
         try:
-            hello = lab._wait_ready(config.boot_timeout, proc)
+            uptime = lab._wait_ready(config.boot_timeout, proc)
         except BaseException:
             lab.kill()
             raise
         info["boot_seconds"] = round(time.monotonic() - t0, 3)
-        info["guest_uptime_at_ready"] = hello.get("uptime")
+        info["guest_uptime_at_ready"] = uptime
         lab._save()
         say(f"lab up in {info['boot_seconds']:.1f} s")
         return lab
 
-    def _wait_ready(self, timeout: float, proc: subprocess.Popen) -> dict:
+    def _wait_ready(self, timeout: float, proc: subprocess.Popen) -> float:
+        """Ping the agent until it says HELLO; returns the guest's uptime then."""
         deadline = time.monotonic() + timeout
         while not self.socket_path.exists():
             if proc.poll() is not None:
@@ -272,9 +284,9 @@ class Lab:
                 except OSError:  # the guest went down: QEMU closed the channel
                     proc.wait(timeout=10)
                     raise LabError(self._boot_failure(f"the guest stopped (QEMU status {proc.returncode})")) from None
-                for kind, payload in reader.feed(data):
+                for kind, payload in _frames(reader, data):
                     if kind == P.HELLO:
-                        return P.decode(payload)
+                        return _guest_data(P.decode_hello, payload)[1]
 
     def _boot_failure(self, why: str) -> str:
         console = self.console_text()
@@ -346,9 +358,9 @@ class Lab:
         reader = P.FrameReader()
         timed_out = False
         with self._connect() as conn:
-            conn.sendall(P.encode(P.RUN, {"argv": argv, "cwd": cwd, "env": env, "pty": False}))
-            if stdin is not None:
-                conn.sendall(P.encode(P.STDIN, stdin))
+            conn.sendall(P.RunRequest(argv, cwd, env).encode())
+            for at in range(0, len(stdin or b""), P.MAX_PAYLOAD):
+                conn.sendall(P.encode(P.STDIN, stdin[at:at + P.MAX_PAYLOAD]))
             conn.sendall(P.encode(P.STDIN_EOF, b""))
             conn.settimeout(0.5)
             deadline = None if timeout is None else t0 + timeout
@@ -357,7 +369,7 @@ class Lab:
                 if not self.alive():
                     raise LabError("the lab VM went away while running the command")
                 if deadline is not None and time.monotonic() > deadline and kill_sent is None:
-                    conn.sendall(P.encode(P.SIGNAL, {"signal": int(signal.SIGKILL)}))
+                    conn.sendall(P.encode_signal(int(signal.SIGKILL)))
                     kill_sent = time.monotonic()
                     timed_out = True
                 if kill_sent is not None and time.monotonic() - kill_sent > 10:
@@ -368,7 +380,7 @@ class Lab:
                     continue
                 if not data:
                     raise LabError("the lab closed the command channel")
-                for kind, payload in reader.feed(data):
+                for kind, payload in _frames(reader, data):
                     if kind == P.STDOUT:
                         out += payload
                         if on_stdout:
@@ -378,10 +390,9 @@ class Lab:
                         if on_stderr:
                             on_stderr(payload)
                     elif kind == P.START_FAILED:
-                        raise LabError(f"the guest could not start {argv[0]}: {P.decode(payload)['error']}")
+                        raise LabError(f"the guest could not start {argv[0]}: {payload.decode(errors='replace')}")
                     elif kind == P.EXIT:
-                        ex = P.decode(payload)
-                        status = EXIT_TIMEOUT if timed_out else ex["status"]
+                        status = EXIT_TIMEOUT if timed_out else _guest_data(P.decode_exit, payload)[0]
                         return CommandResult(argv, status, bytes(out), bytes(err),
                                              round(time.monotonic() - t0, 6), timed_out)
 
@@ -394,9 +405,8 @@ class Lab:
         size = shutil.get_terminal_size()
         with open(self.state_dir / "run.lock", "w") as lock, self._connect() as conn:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            conn.sendall(P.encode(P.RUN, {"argv": list(argv), "cwd": os.getcwd(), "pty": True,
-                                          "env": {"TERM": os.environ.get("TERM", "linux")},
-                                          "winsize": [size.lines, size.columns]}))
+            conn.sendall(P.RunRequest(list(argv), os.getcwd(), {"TERM": os.environ.get("TERM", "linux")},
+                                      pty=True, winsize=(size.lines, size.columns)).encode())
             old = termios.tcgetattr(fd_in) if os.isatty(fd_in) else None
             if old:
                 tty.setraw(fd_in)
@@ -412,11 +422,11 @@ class Lab:
                         data = conn.recv(65536)
                         if not data:
                             return EXIT_BOOT_FAILED
-                        for kind, payload in reader.feed(data):
+                        for kind, payload in _frames(reader, data):
                             if kind in (P.STDOUT, P.STDERR):
                                 os.write(sys.stdout.fileno(), payload)
                             elif kind == P.EXIT:
-                                return P.decode(payload)["status"]
+                                return _guest_data(P.decode_exit, payload)[0]
             finally:
                 if old:
                     termios.tcsetattr(fd_in, termios.TCSADRAIN, old)
@@ -464,6 +474,21 @@ class Lab:
         self.socket_path.unlink(missing_ok=True)
 
 
+def _frames(reader: P.FrameReader, data: bytes) -> list[tuple[bytes, bytes]]:
+    """Frames from the guest; one that breaks the protocol ends the command as a lab failure."""
+    try:
+        return reader.feed(data)
+    except P.FrameError as e:
+        raise LabError(f"the guest broke the command protocol: {e}") from None
+
+
+def _guest_data(decode: Callable[[bytes], tuple], payload: bytes) -> tuple:
+    try:
+        return decode(payload)
+    except P.FrameError as e:
+        raise LabError(f"the guest broke the command protocol: {e}") from None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -476,11 +501,11 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-def _lab_initramfs(target: TargetKernel, shares: list[str], root_cache: str) -> bytes:
+def _lab_initramfs(target: TargetKernel, shares: list[tuple[str, bool]], root_cache: str) -> bytes:
     """The cached base initramfs plus this lab's settings (``/lab.conf``) appended."""
     agent, init = _agent_files()
     conf = "\n".join([
-        f"SHARES={shlex.quote(' '.join(shares))}",
+        f"SHARES={shlex.quote(' '.join(('rw:' if w else 'ro:') + p for p, w in shares))}",
         f"AGENT_PYTHON={shlex.quote(os.path.realpath(sys.executable))}",
         f"AGENT_PATH={shlex.quote(str(agent))}",
         f"ROOT_CACHE={shlex.quote(root_cache)}",
@@ -491,7 +516,7 @@ def _lab_initramfs(target: TargetKernel, shares: list[str], root_cache: str) -> 
 
 
 def _qemu_argv(target: TargetKernel, config: LabConfig, accel: str, state_dir: Path,
-               initrd: Path, shares: list[str]) -> list[str]:
+               initrd: Path, shares: list[tuple[str, bool]]) -> list[str]:
     kernel_image = extract_vmlinux(target)  # PVH boot: no firmware, no in-guest decompression
     cmdline = " ".join([
         "console=ttyS0", "loglevel=5", "panic=-1", "rdinit=/init", "8250.nr_uarts=1",
@@ -508,7 +533,7 @@ def _qemu_argv(target: TargetKernel, config: LabConfig, accel: str, state_dir: P
         "-serial", f"file:{state_dir / 'console.log'}",
         "-monitor", "none",
         "-device", "virtio-serial-pci,id=vser",
-        "-chardev", f"socket,id=ctl,path={state_dir / 'ctl.sock'},server=on,wait=off",
+        "-chardev", f"socket,id=ctl,path={_option_value(str(state_dir / 'ctl.sock'))},server=on,wait=off",
         "-device", "virtserialport,bus=vser.0,chardev=ctl,name=dynamos.ctl",
         "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
         "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
@@ -517,8 +542,11 @@ def _qemu_argv(target: TargetKernel, config: LabConfig, accel: str, state_dir: P
         argv += ["-accel", "kvm", "-cpu", "host"]
     else:
         argv += ["-accel", "tcg,thread=multi", "-cpu", "max"]
-    for i, path in enumerate(shares):
-        argv += ["-fsdev", f"local,id=share{i},path={path},security_model=none,multidevs=remap",
+    for i, (path, writable) in enumerate(shares):
+        # An output maps the guest's owners and modes into xattrs (mapped-xattr): QEMU runs as
+        # root, and with security_model=none a guest could leave a setuid-root file on the host.
+        access = "security_model=mapped-xattr" if writable else "security_model=none,readonly=on"
+        argv += ["-fsdev", f"local,id=share{i},path={_option_value(path)},{access},multidevs=remap",
                  "-device", f"virtio-9p-pci,fsdev=share{i},mount_tag=share{i}"]
     return argv
 

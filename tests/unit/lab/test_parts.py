@@ -10,19 +10,51 @@ import pytest
 from dynamos.errors import LabError, TargetError
 from dynamos.lab import protocol as P
 from dynamos.lab.initramfs import CpioWriter, cached_initramfs, files_cpio, find_busybox, module_load_order
-from dynamos.lab.vm import _normalise_shares, kernel_trouble
+from dynamos.lab.vm import LabConfig, _normalise_shares, _qemu_argv, kernel_trouble
 from dynamos.target import DEFAULT_LAB_KERNEL, fetch_target, validate_release
 from dynamos.target.fetch import _packages_for
 
 
 def test_frames_survive_arbitrary_splits():
-    stream = P.encode(P.STDOUT, b"hello") + P.encode(P.EXIT, {"status": 3}) + P.encode(P.STDERR, b"")
+    stream = P.encode(P.STDOUT, b"hello") + P.encode_exit(3, 0, 1.5) + P.encode(P.STDERR, b"")
     for cut in range(len(stream) + 1):
         r = P.FrameReader()
         frames = r.feed(stream[:cut]) + r.feed(stream[cut:])
         assert [k for k, _ in frames] == [P.STDOUT, P.EXIT, P.STDERR]
         assert frames[0][1] == b"hello" and frames[2][1] == b""
-        assert P.decode(frames[1][1]) == {"status": 3}
+        assert P.decode_exit(frames[1][1]) == (3, 0, 1.5)
+
+
+def test_a_run_request_round_trips_as_data():
+    req = P.RunRequest(["sh", "-c", "echo ü; exit 3"], "/tmp/a,b", {"A": "1=2", "EMPTY": ""}, pty=True,
+                       winsize=(40, 120))
+    [(kind, payload)] = P.FrameReader().feed(req.encode())
+    back = P.RunRequest.decode(payload)
+    assert kind == P.RUN
+    assert (back.argv, back.cwd, back.env, back.pty, back.winsize) == (req.argv, req.cwd, req.env, True, (40, 120))
+    assert P.decode_hello(P.FrameReader().feed(P.encode_hello("6.1.0-56-amd64", 2.5))[0][1]) == ("6.1.0-56-amd64", 2.5)
+
+
+def test_an_oversized_frame_is_refused_before_it_is_buffered():
+    reader = P.FrameReader(max_payload=1024)
+    with pytest.raises(P.FrameError, match="announces 1025 bytes"):
+        reader.feed(P.HEADER.pack(P.STDOUT, 1025))  # the header alone: nothing of the payload is waited for
+    with pytest.raises(P.FrameError):
+        P.encode(P.STDOUT, bytes(P.MAX_PAYLOAD + 1))
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x00\x00", bytes(5) + b"\xff\xff\xff\xff",
+                                     P.RunRequest(["x"], "/", {}).encode()[P.HEADER.size:] + b"junk"])
+def test_malformed_run_requests_are_refused(payload: bytes):
+    with pytest.raises(P.FrameError):
+        P.RunRequest.decode(payload)
+
+
+@pytest.mark.parametrize("decode,payload", [(P.decode_exit, b"\x00" * 3), (P.decode_exit, b"\x00" * 17),
+                                            (P.decode_hello, b"\x00"), (P.decode_signal, b"")])
+def test_malformed_guest_frames_are_refused(decode, payload: bytes):
+    with pytest.raises(P.FrameError):
+        decode(payload)
 
 
 def test_cpio_lists_what_was_written(tmp_path: Path):
@@ -88,15 +120,33 @@ def test_ordinary_boot_lines_are_not_trouble():
 
 
 def test_shares_are_normalised(tmp_path: Path):
-    (tmp_path / "a/b").mkdir(parents=True)
-    (tmp_path / "c").mkdir()
-    assert _normalise_shares([str(tmp_path / "a/b"), str(tmp_path / "a"), str(tmp_path / "c"), "/"]) == [
-        str(tmp_path / "a"), str(tmp_path / "c")]
+    for d in ("a/b", "c", "o/deeper"):
+        (tmp_path / d).mkdir(parents=True)
+    shares = [str(tmp_path / "a/b"), str(tmp_path / "a"), str(tmp_path / "c"), str(tmp_path / "o"), "/"]
+    outputs = [str(tmp_path / "c"), str(tmp_path / "a/b"), str(tmp_path / "o/deeper")]
+    assert _normalise_shares(shares, outputs) == [
+        (str(tmp_path / "a"), False), (str(tmp_path / "a/b"), True),  # an output mounted over a read-only share
+        (str(tmp_path / "c"), True),  # shared and an output: writable
+        (str(tmp_path / "o"), False), (str(tmp_path / "o/deeper"), True)]
     with pytest.raises(LabError, match="not a directory"):
         _normalise_shares([str(tmp_path / "missing")])
     (tmp_path / "with space").mkdir()
     with pytest.raises(LabError, match="whitespace"):
         _normalise_shares([str(tmp_path / "with space")])
+    with pytest.raises(LabError, match="host root cannot be an output"):
+        _normalise_shares([], ["/"])
+
+
+def test_qemu_options_keep_a_comma_in_a_path_inside_its_value(tmp_path: Path, target):
+    odd = tmp_path / "a,readonly=off,b"
+    odd.mkdir()
+    argv = _qemu_argv(target, LabConfig(), "tcg", tmp_path, tmp_path / "initrd",
+                      _normalise_shares([str(odd)], [str(tmp_path)]))
+    fsdevs = [argv[i + 1] for i, a in enumerate(argv) if a == "-fsdev"]
+    assert fsdevs[1] == f"local,id=share0,path={tmp_path},security_model=mapped-xattr,multidevs=remap"
+    assert fsdevs[2] == (f"local,id=share1,path={tmp_path}/a,,readonly=off,,b,security_model=none,readonly=on,"
+                         "multidevs=remap")
+    assert fsdevs[0].startswith("local,id=hostroot,path=/,security_model=none,readonly=on")
 
 
 def test_release_names_and_packages():
