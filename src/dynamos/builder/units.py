@@ -136,18 +136,19 @@ def compile_original(source: KernelSource, relpath: str, out: Path, *,
     patched compile, so its original object never changes, and a rebuild of a patch (a fix to a
     fix) compiles only the patched side. Kept with the tree, so dropping the tree drops them."""
     src_rel, obj_rel = _resolve_unit(source, relpath)
-    # A re-prepared tree, other make settings or other flags start afresh.
-    root = source.tree.parent
-    key = hashlib.sha256(b"%d\0%s\0%s" % ((root / READY).stat().st_mtime_ns, (root / SETTINGS).read_bytes(),
-                                            " ".join(DEFAULT_EXTRA_CFLAGS).encode())).hexdigest()[:16]
-    cached = root / ORIGINALS / f"{obj_rel.replace('/', '__')}-{key}.o"
     out = Path(out)
     if out.is_dir():
         out = out / Path(obj_rel).name
-    if cached.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(cached, out)
-        return CompiledUnit(object_path=out, source_path=src_rel, patched=False, seconds=0.0, cached=True)
+    root = source.tree.parent
+    with tree_lock(source.release, shared=True):
+        # A re-prepared tree, other make settings or other flags start afresh.
+        key = hashlib.sha256(b"%d\0%s\0%s" % ((root / READY).stat().st_mtime_ns, (root / SETTINGS).read_bytes(),
+                                                " ".join(DEFAULT_EXTRA_CFLAGS).encode())).hexdigest()[:16]
+        cached = root / ORIGINALS / f"{obj_rel.replace('/', '__')}-{key}.o"
+        if cached.is_file():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cached, out)
+            return CompiledUnit(object_path=out, source_path=src_rel, patched=False, seconds=0.0, cached=True)
     unit = compile_unit(source, relpath, out, progress=progress)
     cached.parent.mkdir(exist_ok=True)
     tmp = cached.with_suffix(f".tmp{os.getpid()}")

@@ -112,13 +112,19 @@ def prepare_source(target: TargetKernel, progress: Callable[[str], None] | None 
     root = source_root(target.release)
     package = source_package(target.release)
     source = KernelSource(target.release, version, root / package)
-    if _is_ready(root, version) and not (root / JOURNAL).exists():
-        return source
     root.parent.mkdir(parents=True, exist_ok=True)
+    with tree_lock(target.release, shared=True):
+        if _is_ready(root, version) and not (root / JOURNAL).exists():
+            return source
     with tree_lock(target.release):
         if _is_ready(root, version):
-            recover(source)
-            return source
+            try:
+                recover(source)
+                return source
+            except DamagedJournal as e:
+                say(f"{e}: extracting the tree anew")
+                (root / EXTRACTED).unlink(missing_ok=True)
+                journal_path(source).unlink()
         settings = _settings_for(target, version)
         _check_tools(settings, target)
         if (root / EXTRACTED).is_file() and (root / EXTRACTED).read_text().strip() == version:
@@ -147,12 +153,13 @@ def _is_ready(root: Path, version: str) -> bool:
 
 
 @contextmanager
-def tree_lock(release: str) -> Iterator[None]:
-    """Exclusive use of a release's tree: preparing it, or compiling in it (which edits files)."""
+def tree_lock(release: str, shared: bool = False) -> Iterator[None]:
+    """Use of a release's tree: exclusive to prepare it or compile in it (a compile edits
+    files), shared to read it (its markers, its cached objects) while nobody does."""
     path = cache_root() / "source" / f".{release}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
 
 
@@ -502,28 +509,70 @@ def journal_path(source: KernelSource) -> Path:
     return source.tree.parent / JOURNAL
 
 
+class DamagedJournal(TargetError):
+    """The journal of a compile cannot be read back: the files it names may be left patched."""
+
+
 def write_journal(source: KernelSource, obj_rel: str, originals: Mapping[str, tuple[bytes, os.stat_result]]) -> None:
-    """Record files' original contents before replacing them, for recover after a hard kill."""
+    """Record files' original contents before replacing them, for recover after a hard kill.
+    Written whole and synced before it replaces the old one: a crash leaves either journal."""
     record = {"object": obj_rel,
               "files": [{"path": rel, "atime_ns": stat.st_atime_ns, "mtime_ns": stat.st_mtime_ns,
-                         "content": content.hex()} for rel, (content, stat) in originals.items()]}
+                         "content": content.hex(), "sha256": hashlib.sha256(content).hexdigest()}
+                        for rel, (content, stat) in originals.items()]}
     tmp = journal_path(source).with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
+    with open(tmp, "w") as f:
+        f.write(json.dumps(record))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, journal_path(source))
+    directory = os.open(tmp.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _tree_file(source: KernelSource, rel: object) -> Path:
+    """A journal's path, checked to name a regular file inside the tree."""
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise ValueError(f"path {rel!r} is not inside the tree")
+    path = source.tree / rel
+    if path.is_symlink() or not path.is_file():
+        raise ValueError(f"{rel} is not a regular file of the tree")
+    return path
+
+
+def _journal_entries(source: KernelSource, journal: Path) -> tuple[Path, list[tuple[Path, bytes, int, int]]]:
+    """The object and (file, original content, atime, mtime) a journal records; DamagedJournal
+    when any of it is missing, malformed, points outside the tree or fails its digest."""
+    try:
+        record = json.loads(journal.read_text())
+        entries = []
+        for f in record["files"]:
+            content = bytes.fromhex(f["content"])
+            if hashlib.sha256(content).hexdigest() != f["sha256"]:
+                raise ValueError(f"the saved content of {f['path']} fails its digest")
+            entries.append((_tree_file(source, f["path"]), content, int(f["atime_ns"]), int(f["mtime_ns"])))
+        obj = record["object"]
+        if not isinstance(obj, str) or Path(obj).is_absolute() or ".." in Path(obj).parts or not obj.endswith(".o"):
+            raise ValueError(f"object {obj!r} is not inside the tree")
+        return source.tree / obj, entries
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DamagedJournal(f"the compile journal {journal} of {source.release}'s tree is damaged ({e})") from None
 
 
 def recover(source: KernelSource) -> None:
-    """Put back files a killed compile_unit left patched (its finally never ran)."""
+    """Put back files a killed compile_unit left patched (its finally never ran). Every entry is
+    checked before any file is written: a damaged journal changes nothing and says so."""
     journal = journal_path(source)
     if not journal.is_file():
         return
-    record = json.loads(journal.read_text())
-    files = record.get("files", [record])  # one file, as journals were written before includes
-    for f in files:
-        src_path = source.tree / f["path"]
-        src_path.write_bytes(bytes.fromhex(f["content"]))
-        os.utime(src_path, ns=(f["atime_ns"], f["mtime_ns"]))
-    remove_object(source.tree / record.get("object", Path(files[0]["path"]).with_suffix(".o").as_posix()))
+    obj, entries = _journal_entries(source, journal)
+    for path, content, atime, mtime in entries:
+        path.write_bytes(content)
+        os.utime(path, ns=(atime, mtime))
+    remove_object(obj)
     journal.unlink()
 
 

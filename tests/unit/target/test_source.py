@@ -7,6 +7,7 @@ the prepared tree then stays in the cache and each compile takes one to two seco
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -226,3 +227,45 @@ def test_missing_compiler_is_named(target: TargetKernel) -> None:
     settings = {**source_mod._settings_for(target, debian_version(target)), "compiler": "gcc-99"}
     with pytest.raises(BuildError, match=r"needs gcc-99.*apt-get install gcc-99"):
         source_mod._check_tools(settings, target)
+
+
+def _small_tree(tmp_path: Path) -> KernelSource:
+    """A made-up tree: enough for the journal, which only ever names files inside it."""
+    tree = tmp_path / "linux-source-6.1"
+    (tree / "fs/proc").mkdir(parents=True)
+    (tree / CMDLINE).write_text("original\n")
+    return KernelSource("6.1.0-56-amd64", "6.1.192-2", tree)
+
+
+def test_a_journal_puts_back_what_a_killed_compile_left(tmp_path: Path) -> None:
+    small = _small_tree(tmp_path)
+    path = small.tree / CMDLINE
+    source_mod.write_journal(small, "fs/proc/cmdline.o", {CMDLINE: (path.read_bytes(), path.stat())})
+    path.write_text("patched\n")
+    (small.tree / "fs/proc/cmdline.o").write_bytes(b"patched object")
+    source_mod.recover(small)
+    assert path.read_text() == "original\n"
+    assert not (small.tree / "fs/proc/cmdline.o").exists() and not source_mod.journal_path(small).exists()
+
+
+@pytest.mark.parametrize("damage", ["torn", "outside", "digest", "object"])
+def test_a_damaged_journal_changes_nothing_and_says_so(tmp_path: Path, damage: str) -> None:
+    small = _small_tree(tmp_path)
+    path = small.tree / CMDLINE
+    source_mod.write_journal(small, "fs/proc/cmdline.o", {CMDLINE: (path.read_bytes(), path.stat())})
+    journal = source_mod.journal_path(small)
+    record = json.loads(journal.read_text())
+    if damage == "torn":
+        journal.write_text(journal.read_text()[:40])
+    else:
+        if damage == "outside":
+            record["files"][0]["path"] = "../../../etc/hostname"
+        elif damage == "digest":
+            record["files"][0]["content"] = b"other\n".hex()
+        else:
+            record["object"] = "/etc/shadow"
+        journal.write_text(json.dumps(record))
+    path.write_text("patched\n")
+    with pytest.raises(source_mod.DamagedJournal, match="compile journal .* is damaged"):
+        source_mod.recover(small)
+    assert path.read_text() == "patched\n" and journal.exists()
