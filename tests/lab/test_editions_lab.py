@@ -4,10 +4,10 @@ call under load, per pid, per cgroup, by share and by an adaptation handler; mon
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -149,13 +149,16 @@ def test_retire_waits_for_calls_in_flight_and_reports_when_they_stay(guest, buil
         assert b"still run in it" in r.stderr
         # New calls no longer reach the retired edition, while the held one is still inside it.
         assert not guest.read("/proc/cmdline").startswith("[held]")
-        # Release it a moment later: a second retire waits and succeeds.
-        guest.sh(f"(sleep 5; echo 0 > {hold}) >/dev/null 2>&1 &")
-        started = time.monotonic()
-        done = json.loads(guest.dynamos("retire", "held-edition", "cmdline_proc_show", "1", "--timeout", "20",
-                                        "--json").stdout)
-        assert done["drained"] and done["in_flight"] == 0 and done["seconds"] > 1
-        assert time.monotonic() - started < 20
+        # A second retire waits; the call is released only once that retire says it is waiting
+        # (after a second of it), so the wait is proven however slowly the guest CLI starts.
+        out = guest.sh(
+            f"{sys.executable} -m dynamos retire held-edition cmdline_proc_show 1 --timeout 60 "
+            f">/tmp/retire.out 2>/tmp/retire.err & pid=$!; n=0; "
+            f"until grep -q 'waiting for 1 call' /tmp/retire.err || [ $n -ge 600 ]; do sleep 0.1; n=$((n+1)); done; "
+            f"echo 0 > {hold}; wait $pid; echo status $?; cat /tmp/retire.out", timeout=120)
+        assert "status 0" in out, out + guest.read("/tmp/retire.err")
+        waited = float(re.search(r"no call left in it after ([0-9.]+) s", out).group(1))
+        assert waited > 1, out
         assert guest.read("/tmp/held.out").startswith("[held] ")  # the held call finished in its edition
         states = {e["index"]: e["live"] for e in editions_of(guest, "held-edition")["editions"]}
         assert states == {0: True, 1: False}
