@@ -1,7 +1,8 @@
 """What dynamos' Python and the kernel side agree on, stated once.
 
-The runtime C (``runtime/dynamos_editions.h``) is the authority for its limits and control
-files; the values here mirror it and a unit test parses the header to hold them equal. The names
+The runtime C is the authority for its limits (``runtime/dynamos_editions.h``) and its control
+files (the sysfs attributes of ``runtime/dynamos_routes.c`` and ``dynamos_global.c``); the values
+here mirror it, and tests/unit/test_abi.py parses the C to hold them equal. The names
 of generated symbols are made here and nowhere else, for the builder that emits them and for the
 kernel layer that finds them on a live kernel's stacks and in its kallsyms.
 """
@@ -20,17 +21,19 @@ MAX_RULES = 8  # DYNAMOS_MAX_RULES: rules of one function's route
 MAX_PIDS = 16  # DYNAMOS_MAX_PIDS: pids of one pids rule
 LATENCY_BUCKETS = 40  # DYNAMOS_LATENCY_BUCKETS: log2 buckets of a latency line
 SHARE_SCALE = 10000  # DYNAMOS_SHARE_SCALE: a share rule counts basis points
-ASK_HANDLER = -1  # DYNAMOS_ASK_HANDLER: a route whose default is the adaptation handler
+ASK_HANDLER = -1  # DYNAMOS_ASK_HANDLER: what a route answers when the adaptation handler decides
 
 # ---- control files: /sys/module/<update>/dynamos/<function>/<file> ------------------------------
-CONTROL_DIR = "dynamos"
+# (the runtime's sysfs attributes are named like their files)
+CONTROL_DIR = "dynamos"  # DYNAMOS_CONTROL_DIR
 EDITIONS_FILE = "editions"  # "index name calls in_flight live|retired", one line per edition
 ROUTE_FILE = "route"  # the route as commands; write one command
 RETIRE_FILE = "retire"  # write an edition number
 LATENCY_FILE = "latency"  # "index total_ns" and the buckets, with monitoring
 THREAD_FILE = "thread"  # a restarted kernel thread: side, pid, restarts, last restart
 GLOBAL_FILE = "global"  # /sys/module/<update>/dynamos/global: the global switch's state
-SIGNAL_BLOCKERS_PARAM = "signal_blockers"  # /sys/module/<update>/parameters/signal_blockers
+# /sys/module/<update>/parameters/signal_blockers: a module parameter of the generated glue (cgen)
+SIGNAL_BLOCKERS_PARAM = "signal_blockers"
 
 # ---- generated symbol names ---------------------------------------------------------------------
 DISPATCH = "dispatch"  # what livepatch redirects a multi-edition function to

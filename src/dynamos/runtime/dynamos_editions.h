@@ -12,9 +12,18 @@
  * a writer has published a new route and waited one RCU grace period, every call that could
  * still pick an old edition is visible in that edition's in-flight count.
  *
+ * This header is the runtime's interface: to the generated glue of an update, and to
+ * dynamos' Python (src/dynamos/abi.py mirrors the limits below and the control files'
+ * names; a unit test holds the two equal). The runtime itself is
+ *   dynamos_routes.c    route commands, per-function control files, setup and teardown
+ *   dynamos_global.c    the global consistency switch
+ *   dynamos_takeover.c  the registry through which a later update takes routes over
+ *   dynamos_kthread.c   restarting kernel threads onto and off the update's code
+ * built as one translation unit into each update module that has a dispatcher.
+ *
  * Control files (root only) live in /sys/module/<update>/dynamos/<function>/:
  *   editions   "index name calls in_flight live|retired" per edition
- *   route      the route as commands; writing one command changes it (see dynamos_editions.c)
+ *   route      the route as commands; writing one command changes it (see dynamos_routes.c)
  *   retire     write an edition index: no new call reaches it (waits one grace period)
  *   thread     for a kernel thread's main function: "on new|original", "pid N", "restarts N",
  *              "last_restart_ns N", "last_error N"
@@ -24,6 +33,10 @@
  *   read       "state old|new", "switches N", "attempts N", "longest_stop_ns N",
  *              "longest_check_ns N", "last_stop_ns N", "last_busy TEXT"
  *   write      "new TIMEOUT_MS" or "old TIMEOUT_MS" (-EBUSY when in-flight calls never drained)
+ *
+ * The layout of struct dynamos_function and of everything it points to is ABI as well: an
+ * update taking over reads its predecessor's descriptors (dynamos_takeover.c). Change a
+ * layout only together with DYNAMOS_RUNTIME_VERSION.
  */
 #ifndef DYNAMOS_EDITIONS_H
 #define DYNAMOS_EDITIONS_H
@@ -31,6 +44,7 @@
 #include <linux/types.h>
 #include <linux/cpumask.h>
 #include <linux/kobject.h>
+#include <linux/mutex.h>
 #include <linux/percpu.h>
 #include <linux/preempt.h>
 #include <linux/rcupdate.h>
@@ -46,7 +60,9 @@
 #define DYNAMOS_MAX_PIDS 16
 #define DYNAMOS_LATENCY_BUCKETS 40	/* 2^40 ns is 18 minutes: enough for any call */
 #define DYNAMOS_SHARE_SCALE 10000	/* shares are given in basis points */
-#define DYNAMOS_ASK_HANDLER (-1)
+#define DYNAMOS_ASK_HANDLER (-1)	/* a route's answer: ask the adaptation handler */
+
+#define DYNAMOS_CONTROL_DIR "dynamos"	/* under /sys/module/<update>/ */
 
 enum dynamos_rule_kind {
 	DYNAMOS_RULE_PIDS = 1,
@@ -82,8 +98,10 @@ struct dynamos_route {
 };
 
 struct dynamos_cpu_stats {
-	/* Calls that entered and left each edition here: one increment each way, and the
-	 * difference of the totals is the calls in flight (a call may leave on another CPU). */
+	/*
+	 * Calls that entered and left each edition here: one increment each way, and the
+	 * difference of the totals is the calls in flight (a call may leave on another CPU).
+	 */
 	u64 entered[DYNAMOS_MAX_EDITIONS];
 	u64 left[DYNAMOS_MAX_EDITIONS];
 	u64 share_seq[DYNAMOS_MAX_RULES];	/* calls each share rule saw on this CPU */
@@ -105,8 +123,8 @@ struct dynamos_cpu_stats {
 struct dynamos_kthread {
 	int (*stop)(void);
 	int (*transfer)(bool to_new);	/* may be NULL */
-	int (*start)(int (*threadfn)(void *));
-	int (*entry)(void *);		/* the dispatcher's copy the restarted thread runs */
+	int (*start)(int (*threadfn)(void *data));
+	int (*entry)(void *data);	/* the dispatcher's copy the restarted thread runs */
 	/* runtime state */
 	pid_t pid;			/* the thread that last entered the update's code */
 	bool on_new;
@@ -122,10 +140,10 @@ struct dynamos_function {
 	int nr_editions;		/* edition 0 included */
 	const char *const *edition_names;
 	int initial_edition;
-	int global_edition;		/* with global consistency: the edition the switch moves to */
+	int global_edition;		/* with global consistency: the edition switched to */
 	bool has_handler;
 	bool monitor;
-	void *original;			/* edition 0's entry thunk: "jmp <function> + <ftrace site end>" */
+	void *original;			/* edition 0: "jmp <function> + <ftrace site end>" */
 	unsigned int ftrace_site;	/* offset of the ftrace call site in the kernel function */
 	struct dynamos_kthread *kthread; /* the function is a kernel thread's main function */
 	/* runtime state */
@@ -135,22 +153,26 @@ struct dynamos_function {
 	struct kobject kobj;
 	struct mutex lock;		/* serialises route writers */
 	bool kobj_added;
-	/* Runtime takeover (a replacing update carrying a newer runtime): the descriptor this one
-	 * took the route from, counted in until its calls are over; then its totals, as a base. */
+	/*
+	 * Runtime takeover (a replacing update carrying a newer runtime): the descriptor this one
+	 * took the route from, counted in until its calls are over; then its totals, as a base.
+	 */
 	struct dynamos_function *predecessor;
 	unsigned int predecessor_version;
 	u64 base_entered[DYNAMOS_MAX_EDITIONS];
 	u64 base_left[DYNAMOS_MAX_EDITIONS];
-	/* Since version 2. The update module this descriptor is in, and the registry's owner before
-	 * this one (any update, replacing or not), valid until this update's pre_patch is over: a
-	 * kernel thread that owner restarted onto its code is handed over then. */
+	/*
+	 * Since version 2. The update module this descriptor is in, and the registry's owner
+	 * before this one (any update, replacing or not), valid until this update's pre_patch is
+	 * over: a kernel thread that owner restarted onto its code is handed over then.
+	 */
 	struct module *module;
 	struct dynamos_function *prior;
 	unsigned int prior_version;
 };
 
-static __always_inline bool dynamos_rule_matches(struct dynamos_function *fn, const struct dynamos_rule *rule,
-						 int slot)
+static __always_inline bool dynamos_rule_matches(struct dynamos_function *fn,
+						 const struct dynamos_rule *rule, int slot)
 {
 	struct task_struct *task = current;
 	struct cgroup *cgrp;
@@ -171,10 +193,14 @@ static __always_inline bool dynamos_rule_matches(struct dynamos_function *fn, co
 	case DYNAMOS_RULE_CPUS:
 		return cpumask_test_cpu(smp_processor_id(), &rule->cpus);
 	case DYNAMOS_RULE_SHARE:
-		/* Deterministic: call n of a CPU is taken when n * share crosses a multiple of SCALE. */
+		/*
+		 * Deterministic: call n of a CPU is taken when n * share crosses a
+		 * multiple of the scale.
+		 */
 		share = rule->share;
 		seq = this_cpu_inc_return(fn->stats->share_seq[slot]);
-		return (seq * share) / DYNAMOS_SHARE_SCALE != ((seq - 1) * share) / DYNAMOS_SHARE_SCALE;
+		return (seq * share) / DYNAMOS_SHARE_SCALE !=
+		       ((seq - 1) * share) / DYNAMOS_SHARE_SCALE;
 	}
 	return false;
 }
@@ -215,7 +241,8 @@ static __always_inline void dynamos_call_ends(struct dynamos_function *fn, int e
 	this_cpu_inc(fn->stats->left[edition]);
 }
 
-static __always_inline void dynamos_record_latency(struct dynamos_function *fn, int edition, u64 start)
+static __always_inline void dynamos_record_latency(struct dynamos_function *fn, int edition,
+						   u64 start)
 {
 	u64 took = local_clock() - start;
 	int bucket = took ? fls64(took) - 1 : 0;
@@ -246,22 +273,21 @@ struct dynamos_global {
 	struct mutex lock;
 };
 
-/*
- * Updating the updater: every update registers, per function, the descriptor now serving it
- * (a livepatch shadow variable keyed by a constant and the function's name: it outlives the
- * module that wrote it). An update loaded with takeover (a replacing, cumulative one) starts
- * from its predecessor's route and retired editions, counts the predecessor's calls in while
- * both serve (during the transition), and folds its totals in once the transition is over.
- * The registry entry records the runtime version: only versions this runtime knows are read.
- */
+/* Called by the generated glue: module init and exit (dynamos_routes.c). */
 int dynamos_runtime_init(struct module *mod, struct dynamos_function **fns, int count,
 			 struct dynamos_global *global, bool takeover);
-void dynamos_takeover_complete(struct dynamos_function **fns, int count);
 void dynamos_runtime_exit(struct dynamos_function **fns, int count);
+/* A patched object's pre_patch: is edition 0's way into each function where it should be? */
 int dynamos_check_entries(struct dynamos_function **fns, int count);
-/* Restart the threads of those functions that are kernel threads' main functions: onto the
- * update's code (all or none: on failure the ones restarted go back), or back to the kernel's. */
+/* A patched object's post_patch: no call runs in a predecessor any more (dynamos_takeover.c). */
+void dynamos_takeover_complete(struct dynamos_function **fns, int count);
+/*
+ * Restart the threads of those functions that are kernel threads' main functions: onto the
+ * update's code (all or none: on failure the ones restarted go back), or back to the
+ * kernel's (dynamos_kthread.c).
+ */
 int dynamos_kthreads_to_new(struct dynamos_function **fns, int count);
-void dynamos_kthreads_to_original(struct dynamos_function **fns, int count, struct klp_object *obj);
+void dynamos_kthreads_to_original(struct dynamos_function **fns, int count,
+				  struct klp_object *obj);
 
 #endif /* DYNAMOS_EDITIONS_H */

@@ -1,10 +1,14 @@
 // SPDX-License-Identifier: GPL-2.0-only
 /* dynamos shadow data: the helpers behind dynamos_shadow.h, compiled into updates using them. */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
 #include <linux/slab.h>
 #include "dynamos_shadow.h"
 
-/* The live counts: one shadow variable on a constant never dereferenced, with an id apart from
- * authors' (and from the edition runtime's registry). */
+/*
+ * The live counts: one shadow variable on a constant never dereferenced, with an id apart from
+ * authors' (and from the edition runtime's registry).
+ */
 #define DYNAMOS_COUNTS_OBJ ((void *)0x64796e616d6f7332UL)
 #define DYNAMOS_COUNTS_ID 0x6479736800000000UL
 

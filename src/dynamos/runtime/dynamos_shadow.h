@@ -2,7 +2,7 @@
 /*
  * dynamos shadow data: new fields for existing kernel objects, without changing their layout.
  *
- * An update's C includes "dynamos_shadow.h" (dynamos puts it on the include path) and keeps
+ * An update's C includes this header (dynamos puts it on the include path) and keeps
  * per-object data keyed by the object's address and a number the update chooses. These are
  * thin wrappers over livepatch's shadow variables (Documentation/livepatch/shadow-vars.rst),
  * which do the work: a hash table under a spinlock, safe from any context that may allocate
