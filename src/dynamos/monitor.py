@@ -19,7 +19,7 @@ from dynamos.errors import ManifestError
 from dynamos.kernel.editions import FunctionControl, functions_of, normalize_name
 from dynamos.kernel.modules import loaded_modules
 from dynamos.target import TargetKernel
-from dynamos.update.manifest import MAX_NAME_LEN
+from dynamos.update.model import MAX_NAME_LEN
 
 _FUNCTION_RE = re.compile(r"^(?:(?P<object>[A-Za-z0-9_-]+):)?(?P<name>[A-Za-z_][A-Za-z0-9_.]*)$")
 

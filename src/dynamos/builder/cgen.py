@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from dynamos.abi import VMLINUX, generated_name
 from dynamos.builder.klp import KlpSymbol
 from dynamos.errors import ManifestError
-from dynamos.update.manifest import FunctionSpec, UpdateSource
+from dynamos.update.model import FunctionSpec, UpdateSource
 
 if TYPE_CHECKING:
     from dynamos.builder.btf import Prototype

@@ -19,7 +19,7 @@ from dynamos.errors import BuildError
 from dynamos.target import TargetKernel
 from dynamos.target.images import extract_vmlinux
 from dynamos.target.source import read_config
-from dynamos.update.manifest import FunctionSpec, UpdateSource
+from dynamos.update.model import FunctionSpec, UpdateSource
 
 RUNTIME_DIR = Path(__file__).resolve().parent.parent / "runtime"
 RUNTIME_SOURCE = "dynamos_editions.c"

@@ -26,8 +26,9 @@ from dynamos.builder.klp import KlpSymbol, convert_to_klp, exported_symbols, klp
 from dynamos.errors import BuildError
 from dynamos.target import TargetKernel, cache_root
 from dynamos.target.make import MAKE_JOBS, error_lines, make_env, stream_make
-from dynamos.update.manifest import UpdateSource, load_update_source
+from dynamos.update.model import UpdateSource
 from dynamos.update.package import package_filename, write_package
+from dynamos.update.validate import load_update_source
 
 # Author files go in a subdirectory so no name of theirs can clash with the module or the glue.
 AUTHOR_SUBDIR = "src"

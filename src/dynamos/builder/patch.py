@@ -35,7 +35,7 @@ from dynamos.target.images import KernelText, kernel_text
 from dynamos.target.modimage import module_image
 from dynamos.target.source import KernelSource, prepare_source, read_config
 from dynamos.target.symtab import SymbolTable
-from dynamos.update.manifest import FunctionSpec, UpdateSource
+from dynamos.update.model import FunctionSpec, UpdateSource
 
 _NAME_RE = re.compile(r"[^a-z0-9_-]+")
 

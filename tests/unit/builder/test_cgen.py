@@ -13,7 +13,7 @@ from dynamos.builder.cgen import c_string, generate_kbuild, generate_livepatch_s
 from dynamos.builder.kbuild import read_modinfo
 from dynamos.errors import ManifestError
 from dynamos.target import fetch_target
-from dynamos.update.manifest import FunctionSpec, UpdateSource
+from dynamos.update.model import FunctionSpec, UpdateSource
 
 TRICKY_DESCRIPTION = 'Say "hi" \\ to C:\\path\nsecond line\ttab ??= trigraph, caf\u00e9 \x01'
 

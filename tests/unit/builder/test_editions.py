@@ -22,7 +22,7 @@ from dynamos.kernel.editions import (
 )
 from dynamos.monitor import monitor_manifest, monitor_name
 from dynamos.target import DEFAULT_LAB_KERNEL, fetch_target
-from dynamos.update.manifest import load_update_source
+from dynamos.update.validate import load_update_source
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 EXAMPLE = EXAMPLES / "cmdline-editions"

@@ -7,13 +7,9 @@ from pathlib import Path
 import pytest
 
 from dynamos.errors import ManifestError
-from dynamos.update.manifest import (
-    MANIFEST_NAME,
-    FunctionSpec,
-    UpdateSource,
-    find_c_functions,
-    load_update_source,
-)
+from dynamos.update.cscan import find_c_functions
+from dynamos.update.model import MANIFEST_NAME, FunctionSpec, UpdateSource
+from dynamos.update.validate import load_update_source
 
 EDITION_C = """\
 #include <linux/seq_file.h>
@@ -620,7 +616,8 @@ def test_symbol_tables_describe_non_exported_symbols(tmp_path):
     (src / "update.toml").write_text(
         '[update]\nname = "u"\ndescription = "d"\n\n[[function]]\nname = "f"\nedition = "ed"\n\n'
         '[[symbol]]\nname = "ext4_helper"\nobject = "ext4"\nsympos = 2\n\n[[symbol]]\nname = "nr_threads"\n')
-    from dynamos.update.manifest import SymbolSpec, load_update_source
+    from dynamos.update.model import SymbolSpec
+    from dynamos.update.validate import load_update_source
 
     source = load_update_source(src)
     assert [(s.name, s.object, s.sympos, s.line) for s in source.symbols] == [
@@ -641,7 +638,7 @@ def test_bad_symbol_tables(tmp_path, body, message, line):
     (src / "update.toml").write_text(
         '[update]\nname = "u"\ndescription = "d"\n\n[[function]]\nname = "f"\nedition = "ed"\n\n' + body)
     from dynamos.errors import ManifestError
-    from dynamos.update.manifest import load_update_source
+    from dynamos.update.validate import load_update_source
 
     with pytest.raises(ManifestError) as info:
         load_update_source(src)
