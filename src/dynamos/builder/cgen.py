@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from dynamos.abi import VMLINUX, generated_name
 from dynamos.builder.klp import KlpSymbol
-from dynamos.errors import ManifestError
+from dynamos.errors import UpdateSourceError
 from dynamos.update.model import FunctionSpec, UpdateSource
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ RUNTIME_HEADER = "dynamos_editions.h"
 # x86-64 'call __fentry__' / its NOP: the ftrace site edition 0 enters the original code past.
 FTRACE_SITE_SIZE = 5
 
-# Editions are emitted as bare C identifiers, so anything else would let a manifest inject C.
+# Editions are emitted as bare C identifiers, so anything else would let an update source inject C.
 _C_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 _SIMPLE_ESCAPES = {
@@ -102,12 +102,12 @@ MODULE_PARM_DESC(signal_blockers, "write: signal the tasks the transition waits 
 
 def _check_editions(source: UpdateSource) -> None:
     if not source.functions:
-        raise ManifestError("the update replaces no function (add a [[function]] table)",
-                            path=source.manifest_path)
+        raise UpdateSourceError("the update replaces no function (add a [[function]] table)",
+                            path=source.toml_path)
     for f in source.functions:
         if not _C_IDENT_RE.match(f.edition):
-            raise ManifestError(f"edition {f.edition!r} of {f.name} is not a C identifier",
-                                path=source.manifest_path, line=f.line)
+            raise UpdateSourceError(f"edition {f.edition!r} of {f.name} is not a C identifier",
+                                path=source.toml_path, line=f.line)
 
 
 def _c_ident_part(text: str) -> str:
@@ -404,7 +404,7 @@ def generate_livepatch_source(source: UpdateSource, prototypes: Mapping[Function
 
     description = source.description or f"dynamos update {source.name}"
     if "\0" in description:  # .modinfo entries end at NUL: the rest would read as another entry
-        raise ManifestError("update.description must not contain NUL characters", path=source.manifest_path)
+        raise UpdateSourceError("update.description must not contain NUL characters", path=source.toml_path)
     if dispatched:
         count = "ARRAY_SIZE(dynamos_functions)"
         out.extend([

@@ -107,15 +107,15 @@ def dispatcher_prototypes(source: UpdateSource, target: TargetKernel,
             except BuildError as e:
                 raise BuildError(f"{e.message}: the dispatcher of {f.name} needs its exact prototype, which "
                                  "dynamos takes only from the kernel's BTF (pahole leaves out a few functions, "
-                                 "e.g. argument-less SYSCALL_DEFINE0 wrappers)", path=source.manifest_path,
+                                 "e.g. argument-less SYSCALL_DEFINE0 wrappers)", path=source.toml_path,
                                  line=f.line) from e
             if out[f].variadic:
                 raise BuildError(f"{f.name} takes variable arguments (...): a dispatcher cannot forward them",
-                                 path=source.manifest_path, line=f.line)
+                                 path=source.toml_path, line=f.line)
             if f.kthread and not _is_thread_function(out[f]):
                 raise BuildError(f"[[kthread]] {f.name} is declared {out[f].declaration(f.name)} in the kernel, "
                                  "not int (void *): it is not a kernel thread's main function",
-                                 path=source.manifest_path, line=f.kthread.line)
+                                 path=source.toml_path, line=f.kthread.line)
     return out
 
 

@@ -101,7 +101,7 @@ def build_update(source_dir: Path | str, target: TargetKernel, output: Path | No
 
     With ``output`` (a file, or a directory to put the package in) also write the update
     package. ``module_dirs`` hold out-of-tree modules the update patches (for their BTF).
-    Every failure raises BuildError (ManifestError for an invalid update source).
+    Every failure raises BuildError (UpdateSourceError for an invalid update source).
     """
     started = time.monotonic()
     say = progress or _say_nothing
@@ -160,14 +160,14 @@ def _check_release(source: UpdateSource, target: TargetKernel) -> None:
     if source.kernel is None or source.kernel == target.release:
         return
     line = None
-    for number, text in enumerate(source.manifest_path.read_text().splitlines(), start=1):
+    for number, text in enumerate(source.toml_path.read_text().splitlines(), start=1):
         if re.match(r"\s*kernel\s*=", text):
             line = number
             break
     raise BuildError(
         f"update.toml is written for kernel {source.kernel}, but the target kernel is "
         f"{target.release}; build for {source.kernel} or change update.kernel",
-        path=source.manifest_path, line=line)
+        path=source.toml_path, line=line)
 
 
 def _check_toolchain(target: TargetKernel) -> None:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from dynamos.abi import VMLINUX, generated_name
 
-MANIFEST_NAME = "update.toml"
+UPDATE_TOML = "update.toml"
 CONSISTENCY_MODELS = ("per-task", "global")
 # MODULE_NAME_LEN is 64 - sizeof(unsigned long) = 56 bytes including the NUL: 55 characters.
 MAX_NAME_LEN = 55
@@ -142,8 +142,8 @@ class UpdateSource:
     states: tuple[tuple[int, int], ...] = ()  # (id, version): system states this update sets up (klp_state)
 
     @property
-    def manifest_path(self) -> Path:
-        return self.directory / MANIFEST_NAME
+    def toml_path(self) -> Path:
+        return self.directory / UPDATE_TOML
 
     @property
     def livepatch_name(self) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dynamos.abi import VMLINUX
-from dynamos.errors import ManifestError
+from dynamos.errors import UpdateSourceError
 from dynamos.update.cscan import C_KEYWORDS
 from dynamos.update.model import MAX_NAME_LEN
 from dynamos.update.tomllines import TomlLines
@@ -88,8 +88,8 @@ class Checker:
         self.path = path
         self.lines = lines
 
-    def fail(self, message: str, line: int | None) -> ManifestError:
-        return ManifestError(message, path=self.path, line=line)
+    def fail(self, message: str, line: int | None) -> UpdateSourceError:
+        return UpdateSourceError(message, path=self.path, line=line)
 
     def reject_unknown(
         self,

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from dynamos.abi import MAX_EDITIONS, generated_name
-from dynamos.errors import ManifestError
+from dynamos.errors import UpdateSourceError
 from dynamos.update.cscan import CDeclaration, find_c_functions
 from dynamos.update.model import (
     CONSISTENCY_MODELS,
-    MANIFEST_NAME,
+    UPDATE_TOML,
     FunctionSpec,
     KthreadRestart,
     SymbolSpec,
@@ -37,23 +37,23 @@ STATE_KEYS = ("id", "version")
 
 
 def load_update_source(directory: Path | str) -> UpdateSource:
-    """Read and validate an update source; raise ManifestError naming file and line."""
+    """Read and validate an update source; raise UpdateSourceError naming file and line."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise ManifestError("update source is not a directory", path=directory)
-    path = directory / MANIFEST_NAME
+        raise UpdateSourceError("update source is not a directory", path=directory)
+    path = directory / UPDATE_TOML
     if not path.is_file():
-        raise ManifestError(f"no {MANIFEST_NAME} in update source", path=directory)
+        raise UpdateSourceError(f"no {UPDATE_TOML} in update source", path=directory)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise ManifestError(f"not UTF-8 text: {e.reason}", path=path, line=line) from e
+        raise UpdateSourceError(f"not UTF-8 text: {e.reason}", path=path, line=line) from e
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         message, line = toml_error(e, text)
-        raise ManifestError(f"invalid TOML: {message}", path=path, line=line) from e
+        raise UpdateSourceError(f"invalid TOML: {message}", path=path, line=line) from e
 
     lines = TomlLines(text)
     check = Checker(path, lines)
@@ -79,7 +79,7 @@ def load_update_source(directory: Path | str) -> UpdateSource:
 
     c_files = tuple(sorted(p for p in directory.glob("*.c") if p.is_file()))
     if not c_files and any(f.author_functions for f in functions):
-        raise ManifestError(
+        raise UpdateSourceError(
             "no .c files in update source: the editions named in update.toml must be defined in C",
             path=directory,
         )
@@ -331,7 +331,7 @@ def _multi_edition_function(check: Checker, table: dict[str, Any], where: str, i
     tpath = ("function",)
     lines = check.lines
 
-    def fail(message: str, key: str) -> ManifestError:
+    def fail(message: str, key: str) -> UpdateSourceError:
         return check.fail(f"{where}: {message}", lines.key(tpath, index, key))
 
     if "edition" in table:
@@ -422,7 +422,7 @@ def _validate_edition(spec: FunctionSpec, edition: str, index: int, key: str,
     if definitions:
         static = static_in[definitions[0].path]
         what = "defined" if static.is_definition else "declared"
-        raise ManifestError(
+        raise UpdateSourceError(
             f"{role} {edition!r} (for {spec.object} function {spec.name!r}, update.toml line "
             f"{line}) is {what} static; remove 'static' so the livepatch code can link to it",
             path=static.path,

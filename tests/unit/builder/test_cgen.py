@@ -11,7 +11,7 @@ import pytest
 
 from dynamos.builder.cgen import c_string, generate_kbuild, generate_livepatch_source, klp_object_name
 from dynamos.builder.kbuild import read_modinfo
-from dynamos.errors import ManifestError
+from dynamos.errors import UpdateSourceError
 from dynamos.target import fetch_target
 from dynamos.update.model import FunctionSpec, UpdateSource
 
@@ -134,17 +134,17 @@ def test_empty_description_falls_back_to_update_name() -> None:
 
 @pytest.mark.parametrize("edition", ["f_v2(void); int evil", "2fast", ""])
 def test_edition_must_be_a_c_identifier(edition: str) -> None:
-    with pytest.raises(ManifestError, match="not a C identifier"):
+    with pytest.raises(UpdateSourceError, match="not a C identifier"):
         generate_livepatch_source(make_source(FunctionSpec("f", edition)))
 
 
 def test_update_without_functions_is_refused() -> None:
-    with pytest.raises(ManifestError, match="no function"):
+    with pytest.raises(UpdateSourceError, match="no function"):
         generate_livepatch_source(make_source())
 
 
 def test_nul_in_description_is_refused() -> None:
-    with pytest.raises(ManifestError, match="NUL"):
+    with pytest.raises(UpdateSourceError, match="NUL"):
         generate_livepatch_source(make_source(FunctionSpec("f", "f_v2"), description="a\0livepatch=N"))
 
 

@@ -1,4 +1,4 @@
-"""Update sources: good manifests load, and every bad one is refused with its file and line."""
+"""Update sources: a good update.toml loads, and every bad one is refused with its file and line."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dynamos.errors import ManifestError
-from dynamos.update.cscan import find_c_functions
-from dynamos.update.model import MANIFEST_NAME, FunctionSpec, UpdateSource
+from dynamos.errors import UpdateSourceError
+from dynamos.update.model import UPDATE_TOML, FunctionSpec, SymbolSpec, UpdateSource
 from dynamos.update.validate import load_update_source
 
 EDITION_C = """\
@@ -38,28 +37,28 @@ def make_source(tmp_path: Path, toml: str | None, c_files: dict[str, str] | None
     directory = tmp_path / "src"
     directory.mkdir()
     if toml is not None:
-        (directory / MANIFEST_NAME).write_text(toml)
+        (directory / UPDATE_TOML).write_text(toml)
     for name, text in (c_files if c_files is not None else {"edition.c": EDITION_C}).items():
         (directory / name).write_text(text)
     return directory
 
 
-def load_error(tmp_path: Path, toml: str | None, c_files: dict[str, str] | None = None) -> ManifestError:
+def load_error(tmp_path: Path, toml: str | None, c_files: dict[str, str] | None = None) -> UpdateSourceError:
     directory = make_source(tmp_path, toml, c_files)
-    with pytest.raises(ManifestError) as info:
+    with pytest.raises(UpdateSourceError) as info:
         load_update_source(directory)
     return info.value
 
 
-# --- good manifests ---------------------------------------------------------------------------
+# --- good update.toml --------------------------------------------------------------------------
 
 
-def test_minimal_manifest_loads_with_defaults(tmp_path: Path) -> None:
+def test_minimal_update_toml_loads_with_defaults(tmp_path: Path) -> None:
     directory = make_source(tmp_path, MINIMAL)
     src = load_update_source(directory)
     assert isinstance(src, UpdateSource)
     assert src.directory == directory
-    assert src.manifest_path == directory / MANIFEST_NAME
+    assert src.toml_path == directory / UPDATE_TOML
     assert src.name == "cmdline-banner"
     assert src.livepatch_name == "cmdline_banner"
     assert src.description == "Print a banner in /proc/cmdline"
@@ -72,7 +71,7 @@ def test_minimal_manifest_loads_with_defaults(tmp_path: Path) -> None:
     assert src.objects == ("vmlinux",)
 
 
-def test_full_manifest_with_every_key(tmp_path: Path) -> None:
+def test_full_update_toml_with_every_key(tmp_path: Path) -> None:
     toml = """\
 # A banner for /proc/cmdline.
 [update]
@@ -200,11 +199,11 @@ edition = "cmdline_proc_show_v2"
     assert err.line == 3
 
 
-# --- bad manifests: file level ----------------------------------------------------------------
+# --- bad update.toml: file level ----------------------------------------------------------------
 
 
 def test_missing_directory(tmp_path: Path) -> None:
-    with pytest.raises(ManifestError) as info:
+    with pytest.raises(UpdateSourceError) as info:
         load_update_source(tmp_path / "nowhere")
     assert info.value.path == tmp_path / "nowhere"
     assert "not a directory" in info.value.message
@@ -222,11 +221,11 @@ def test_missing_update_toml(tmp_path: Path) -> None:
 def test_toml_syntax_error_carries_tomllib_line(tmp_path: Path) -> None:
     toml = MINIMAL.replace('description = "Print', "description = Print")
     err = load_error(tmp_path, toml)
-    assert err.path == tmp_path / "src" / MANIFEST_NAME
+    assert err.path == tmp_path / "src" / UPDATE_TOML
     assert err.line == 3
     assert err.message.startswith("invalid TOML: ")
     assert "at line" not in err.message  # the line is in err.line, not repeated
-    assert str(err).startswith(f"{tmp_path / 'src' / MANIFEST_NAME}:3: invalid TOML")
+    assert str(err).startswith(f"{tmp_path / 'src' / UPDATE_TOML}:3: invalid TOML")
 
 
 def test_toml_duplicate_table_is_a_syntax_error(tmp_path: Path) -> None:
@@ -235,10 +234,10 @@ def test_toml_duplicate_table_is_a_syntax_error(tmp_path: Path) -> None:
     assert err.line == 8
 
 
-def test_manifest_not_utf8(tmp_path: Path) -> None:
+def test_update_toml_not_utf8(tmp_path: Path) -> None:
     directory = make_source(tmp_path, None)
-    (directory / MANIFEST_NAME).write_bytes(MINIMAL.encode().replace(b"banner in", b"banner \xff in"))
-    with pytest.raises(ManifestError) as info:
+    (directory / UPDATE_TOML).write_bytes(MINIMAL.encode().replace(b"banner in", b"banner \xff in"))
+    with pytest.raises(UpdateSourceError) as info:
         load_update_source(directory)
     assert "not UTF-8" in info.value.message
     assert info.value.line == 3
@@ -251,13 +250,13 @@ def test_no_c_files(tmp_path: Path) -> None:
     assert "no .c files" in err.message
 
 
-# --- bad manifests: [update] ------------------------------------------------------------------
+# --- bad update.toml: [update] ------------------------------------------------------------------
 
 
 def test_missing_update_table(tmp_path: Path) -> None:
     toml = MINIMAL.split("\n\n", 1)[1]
     err = load_error(tmp_path, toml)
-    assert err.path == tmp_path / "src" / MANIFEST_NAME
+    assert err.path == tmp_path / "src" / UPDATE_TOML
     assert "missing [update] table" in err.message
     assert err.line is None
 
@@ -384,7 +383,7 @@ def test_key_before_first_table(tmp_path: Path) -> None:
     assert err.line == 1
 
 
-# --- bad manifests: [[function]] --------------------------------------------------------------
+# --- bad update.toml: [[function]] --------------------------------------------------------------
 
 
 def test_no_function_table(tmp_path: Path) -> None:
@@ -513,7 +512,7 @@ def test_same_edition_for_two_functions(tmp_path: Path) -> None:
     assert err.line == 11
 
 
-# --- bad manifests: editions in C -------------------------------------------------------------
+# --- bad update.toml: editions in C -------------------------------------------------------------
 
 
 def test_edition_not_defined_names_edition_and_toml_line(tmp_path: Path) -> None:
@@ -522,7 +521,7 @@ def test_edition_not_defined_names_edition_and_toml_line(tmp_path: Path) -> None
         'static const char *s = "int cmdline_proc_show_v2(void) {";\n'
     )
     err = load_error(tmp_path, MINIMAL, {"a.c": c, "b.c": "int unrelated(void) { return 0; }\n"})
-    assert err.path == tmp_path / "src" / MANIFEST_NAME
+    assert err.path == tmp_path / "src" / UPDATE_TOML
     assert err.line == 7
     assert err.message == (
         "[[function]] #1: edition 'cmdline_proc_show_v2' is not defined in any .c file (searched: a.c, b.c)"
@@ -572,43 +571,6 @@ def test_static_copy_in_another_file_does_not_hide_the_linkable_one(tmp_path: Pa
 # --- the C scanner itself ---------------------------------------------------------------------
 
 
-def test_find_c_functions_classifies_declarations() -> None:
-    c = r"""#include <linux/kernel.h>
-#define FAKE(x) { x; \
-    int in_macro(void) { }
-/* int in_comment(void) { } */
-// int in_line_comment(void) {
-static const char *s = "int in_string(void) {";
-static char brace = '{';
-static int helper(int a);
-int helper(int a) { return a; }
-
-int __attribute__((noinline)) attributed(struct seq_file *m,
-                     void *v)
-    __cold
-{
-    if (m) { list_for_each_entry(pos, head, member) { } }
-    return helper(1);
-}
-static inline void tiny(void) {}
-extern int proto(void);
-int first(void), second(void);
-struct ops o = { .f = not_me(1) };
-int v = nor_me(2);
-module_init(tiny);
-"""
-    found = [(d.name, d.line, d.is_definition, d.is_static) for d in find_c_functions(Path("x.c"), c)]
-    assert found == [
-        ("helper", 8, False, True),
-        ("helper", 9, True, False),
-        ("attributed", 11, True, False),
-        ("tiny", 18, True, True),
-        ("proto", 19, False, False),
-        ("first", 20, False, False),
-        ("second", 20, False, False),
-    ]
-
-
 def test_symbol_tables_describe_non_exported_symbols(tmp_path):
     src = tmp_path / "u"
     src.mkdir()
@@ -616,8 +578,6 @@ def test_symbol_tables_describe_non_exported_symbols(tmp_path):
     (src / "update.toml").write_text(
         '[update]\nname = "u"\ndescription = "d"\n\n[[function]]\nname = "f"\nedition = "ed"\n\n'
         '[[symbol]]\nname = "ext4_helper"\nobject = "ext4"\nsympos = 2\n\n[[symbol]]\nname = "nr_threads"\n')
-    from dynamos.update.model import SymbolSpec
-    from dynamos.update.validate import load_update_source
 
     source = load_update_source(src)
     assert [(s.name, s.object, s.sympos, s.line) for s in source.symbols] == [
@@ -637,9 +597,7 @@ def test_bad_symbol_tables(tmp_path, body, message, line):
     (src / "e.c").write_text("int ed(void) { return 0; }\n")
     (src / "update.toml").write_text(
         '[update]\nname = "u"\ndescription = "d"\n\n[[function]]\nname = "f"\nedition = "ed"\n\n' + body)
-    from dynamos.errors import ManifestError
-    from dynamos.update.validate import load_update_source
 
-    with pytest.raises(ManifestError) as info:
+    with pytest.raises(UpdateSourceError) as info:
         load_update_source(src)
     assert message in info.value.message and info.value.line == line, (info.value.message, info.value.line)
