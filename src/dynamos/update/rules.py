@@ -18,11 +18,13 @@ from dynamos.abi import VMLINUX
 from dynamos.errors import UpdateSourceError
 from dynamos.update.cscan import C_KEYWORDS
 from dynamos.update.model import MAX_NAME_LEN
-from dynamos.update.tomllines import TomlLines
+from dynamos.update.tomllines import NoLines, TomlLines
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 _MODULE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _C_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A function's name in an object: a C identifier, or a gcc clone of one (foo.constprop.0, foo.isra.0).
+_KERNEL_SYMBOL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*$")
 # KSYM_NAME_LEN (512 in 6.1) includes the NUL.
 MAX_SYMBOL_LEN = 511
 # A kernel release as uname -r prints it: "6.1.0-56-amd64", "6.8.0-rc3+", "5.15.0".
@@ -62,12 +64,33 @@ def name_problem(name: str) -> str | None:
     return None
 
 
+def module_name_problem(name: str) -> str | None:
+    """Why a name is unusable as a module name at all (the rule for names no author chose)."""
+    if not name:
+        return "must not be empty"
+    if len(name) > MAX_NAME_LEN:
+        return f"is {len(name)} characters; a module name holds at most {MAX_NAME_LEN}"
+    if not _MODULE_RE.match(name):
+        bad = sorted({c for c in name if not _MODULE_RE.match(c)})
+        return f"may only hold A-Z, a-z, 0-9, '_' and '-' (found {''.join(bad)!r})"
+    return None
+
+
 def symbol_problem(value: str) -> str | None:
     """Why a value cannot name a C function (an edition, a hook, a kernel function), or None."""
     if not _C_IDENT_RE.match(value):
         return "is not a C identifier"
     if value in C_KEYWORDS:
         return "is a C keyword"
+    if len(value) > MAX_SYMBOL_LEN:
+        return f"is longer than {MAX_SYMBOL_LEN} characters (KSYM_NAME_LEN)"
+    return None
+
+
+def kernel_symbol_problem(value: str) -> str | None:
+    """Why a value cannot be a function's symbol in a compiled object, or None."""
+    if not _KERNEL_SYMBOL_RE.match(value):
+        return "is not a kernel symbol name"
     if len(value) > MAX_SYMBOL_LEN:
         return f"is longer than {MAX_SYMBOL_LEN} characters (KSYM_NAME_LEN)"
     return None
@@ -82,11 +105,16 @@ def release_problem(kernel: str) -> str | None:
 
 class Checker:
     """Knows the file being validated and where its tables are written, so each check can say
-    where it failed."""
+    where it failed.
 
-    def __init__(self, path: Path, lines: TomlLines):
+    ``compiled``: the tables were made in code from compiled objects (the patch front end), not
+    written by an author; :func:`dynamos.update.validate.compiled_update_source` says what differs.
+    """
+
+    def __init__(self, path: Path, lines: TomlLines | NoLines, *, compiled: bool = False):
         self.path = path
         self.lines = lines
+        self.compiled = compiled
 
     def fail(self, message: str, line: int | None) -> UpdateSourceError:
         return UpdateSourceError(message, path=self.path, line=line)
@@ -133,11 +161,12 @@ class Checker:
         return value
 
     def identifier(self, table: Mapping[str, Any], key: str, where: str, tpath: tuple[str, ...],
-                   index: int) -> str:
-        """A required key holding a C identifier (a kernel symbol or an edition)."""
+                   index: int, *, kernel_symbol: bool = False) -> str:
+        """A required key holding a C identifier (a kernel symbol or an edition); with
+        ``kernel_symbol``, a function's symbol as compiled (gcc clones too)."""
         value = self.string(table, key, where, tpath, index, required=True)
         assert value is not None
-        problem = symbol_problem(value)
+        problem = kernel_symbol_problem(value) if kernel_symbol else symbol_problem(value)
         if problem:
             raise self.fail(f"{where}: {key} {value!r} {problem}", self.lines.key(tpath, index, key))
         return value

@@ -112,3 +112,13 @@ def toml_error(error: tomllib.TOMLDecodeError, text: str) -> tuple[str, int | No
         return message, max(1, len(text.splitlines()))
     return message, None
 
+
+
+class NoLines:
+    """Where the tables of an update made in code are written: nowhere, so errors name no line."""
+
+    def table(self, path: tuple[str, ...], index: int = 0) -> int | None:
+        return None
+
+    def key(self, path: tuple[str, ...], index: int, key: str) -> int | None:
+        return None

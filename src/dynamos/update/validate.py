@@ -24,8 +24,8 @@ from dynamos.update.model import (
     SymbolSpec,
     UpdateSource,
 )
-from dynamos.update.rules import Checker, name_problem, release_problem, symbol_problem, toml_type
-from dynamos.update.tomllines import TomlLines, toml_error
+from dynamos.update.rules import Checker, module_name_problem, name_problem, release_problem, symbol_problem, toml_type
+from dynamos.update.tomllines import NoLines, TomlLines, toml_error
 
 UPDATE_KEYS = ("name", "description", "kernel", "replace", "consistency", "transfer")
 FUNCTION_KEYS = ("name", "edition", "editions", "default", "policy", "monitor", "object", "sympos")
@@ -55,8 +55,26 @@ def load_update_source(directory: Path | str) -> UpdateSource:
         message, line = toml_error(e, text)
         raise UpdateSourceError(f"invalid TOML: {message}", path=path, line=line) from e
 
-    lines = TomlLines(text)
-    check = Checker(path, lines)
+    c_files = tuple(sorted(p for p in directory.glob("*.c") if p.is_file()))
+    return _validate(data, Checker(path, TomlLines(text)), directory, c_files)
+
+
+def compiled_update_source(data: dict[str, Any], directory: Path, *, origin: Path) -> UpdateSource:
+    """Validate an update whose editions were cut out of compiled objects (the patch front end).
+
+    ``data`` holds the tables ``update.toml`` would ([update], [[function]]...), made in code, and
+    passes the same checks, so C generation can trust every :class:`UpdateSource`. Three things
+    differ, because no author wrote them: function names are the kernel's symbols as compiled,
+    gcc clones (``foo.constprop.0``) included; the name may be any module name (it comes from a
+    patch's file name or ``--name``); and there are no C files to find editions in. Errors name
+    ``origin``, without lines.
+    """
+    return _validate(data, Checker(origin, NoLines(), compiled=True), directory, ())
+
+
+def _validate(data: dict[str, Any], check: Checker, directory: Path, c_files: tuple[Path, ...]) -> UpdateSource:
+    """The tables of an update, checked in the order an author reads them, as an UpdateSource."""
+    lines = check.lines
     for key in data:
         if key in TOP_LEVEL_KEYS:
             continue
@@ -77,28 +95,17 @@ def load_update_source(directory: Path | str) -> UpdateSource:
         functions = tuple(_dispatched(f) for f in functions)
     symbols = _validate_symbols(data, check)
 
-    c_files = tuple(sorted(p for p in directory.glob("*.c") if p.is_file()))
-    if not c_files and any(f.author_functions for f in functions):
-        raise UpdateSourceError(
-            "no .c files in update source: the editions named in update.toml must be defined in C",
-            path=directory,
-        )
-    _validate_editions(functions, c_files, check)
+    if not check.compiled:
+        if not c_files and any(f.author_functions for f in functions):
+            raise UpdateSourceError(
+                "no .c files in update source: the editions named in update.toml must be defined in C",
+                path=directory,
+            )
+        _validate_editions(functions, c_files, check)
     hooks = _validate_hooks(data, check)
     states = _validate_states(data, check)
-    by_name = _c_functions_by_name(c_files)
-    searched = ", ".join(p.name for p in c_files)
-    if transfer is not None:
-        hook = FunctionSpec(name="[update] transfer", edition=transfer)
-        _validate_edition(hook, transfer, 0, "transfer", by_name, searched, check, table=("update",))
-    for key, function in hooks:
-        _validate_edition(FunctionSpec(name=f"[hooks] {key}", edition=function), function, 0, key, by_name,
-                          searched, check, table=("hooks",))
-    for f in functions:
-        if f.kthread is not None:
-            for key, function in f.kthread.hooks:
-                _validate_edition(FunctionSpec(name=f"[[kthread]] {f.name} {key}", edition=function), function,
-                                  f.kthread.index, key, by_name, searched, check, table=("kthread",))
+    if not check.compiled:
+        _validate_hook_definitions(functions, transfer, hooks, c_files, check)
 
     return UpdateSource(
         directory=directory,
@@ -114,6 +121,24 @@ def load_update_source(directory: Path | str) -> UpdateSource:
         hooks=hooks,
         states=states,
     )
+
+
+def _validate_hook_definitions(functions: tuple[FunctionSpec, ...], transfer: str | None,
+                               hooks: tuple[tuple[str, str], ...], c_files: tuple[Path, ...], check: Checker) -> None:
+    """The transfer, [hooks] and [[kthread]] hooks must be defined in the C files, like editions."""
+    by_name = _c_functions_by_name(c_files)
+    searched = ", ".join(p.name for p in c_files)
+    if transfer is not None:
+        hook = FunctionSpec(name="[update] transfer", edition=transfer)
+        _validate_edition(hook, transfer, 0, "transfer", by_name, searched, check, table=("update",))
+    for key, function in hooks:
+        _validate_edition(FunctionSpec(name=f"[hooks] {key}", edition=function), function, 0, key, by_name,
+                          searched, check, table=("hooks",))
+    for f in functions:
+        if f.kthread is not None:
+            for key, function in f.kthread.hooks:
+                _validate_edition(FunctionSpec(name=f"[[kthread]] {f.name} {key}", edition=function), function,
+                                  f.kthread.index, key, by_name, searched, check, table=("kthread",))
 
 
 def _validate_hooks(data: dict[str, Any], check: Checker) -> tuple[tuple[str, str], ...]:
@@ -230,7 +255,7 @@ def _validate_update(data: dict[str, Any], check: Checker) -> tuple[str, str, st
 
     name = check.string(upd, "name", "[update]", tpath, 0, required=True)
     assert name is not None
-    problem = name_problem(name)
+    problem = module_name_problem(name) if check.compiled else name_problem(name)
     if problem:
         raise check.fail(f"[update] name {name!r} {problem}", lines.key(tpath, 0, "name"))
 
@@ -279,17 +304,19 @@ def _validate_functions(data: dict[str, Any], check: Checker) -> tuple[FunctionS
     if "function" not in data:
         raise check.fail("no [[function]] table: an update must replace at least one function", None)
     tables = check.tables(data, "function")
+    if not tables and check.compiled:
+        raise check.fail("the update replaces no function (add a [[function]] table)", None)
     if not tables:
         raise check.fail(
             "function must be a non-empty array of tables ([[function]])", lines.key((), 0, "function")
         )
 
     functions: list[FunctionSpec] = []
-    seen_targets: dict[tuple[str, str, int], FunctionSpec] = {}
-    seen_editions: dict[str, FunctionSpec] = {}
+    seen_targets: dict[tuple[str, str, int], int] = {}  # -> index in functions
+    seen_editions: dict[str, int] = {}
     for index, table, where, header in tables:
         check.reject_unknown(table, FUNCTION_KEYS, where, tpath, index)
-        name = check.identifier(table, "name", where, tpath, index)
+        name = check.identifier(table, "name", where, tpath, index, kernel_symbol=check.compiled)
         obj = check.object(check.string(table, "object", where, tpath, index, required=False), where,
                            lines.key(tpath, index, "object"))
         sympos = check.sympos(table, where, lines.key(tpath, index, "sympos"))
@@ -305,22 +332,22 @@ def _validate_functions(data: dict[str, Any], check: Checker) -> tuple[FunctionS
         if target in seen_targets:
             first = seen_targets[target]
             pos = f" sympos {sympos}" if sympos else ""
-            raise check.fail(
-                f"{where}: {obj} function {name!r}{pos} is already patched by the [[function]] "
-                f"at line {first.line}",
-                header,
-            )
-        seen_targets[target] = spec
+            at = f"the [[function]] at line {functions[first].line}" if functions[first].line is not None \
+                else f"[[function]] #{first + 1}"
+            raise check.fail(f"{where}: {obj} function {name!r}{pos} is already patched by {at}", header)
+        seen_targets[target] = index
         key = "editions" if spec.editions else "edition"
         for edition in spec.author_functions if spec.dispatched else (spec.edition,):
             if edition in seen_editions:
                 first = seen_editions[edition]
+                other = functions[first]
+                at = f"line {other.line}" if other.line is not None else f"[[function]] #{first + 1}"
                 raise check.fail(
-                    f"{where}: edition {edition!r} is already used for {first.object} function "
-                    f"{first.name!r} (line {first.line}); each function needs its own edition",
+                    f"{where}: edition {edition!r} is already used for {other.object} function "
+                    f"{other.name!r} ({at}); each function needs its own edition",
                     lines.key(tpath, index, key if edition in spec.editions or key == "edition" else "policy"),
                 )
-            seen_editions[edition] = spec
+            seen_editions[edition] = index
         functions.append(spec)
     return tuple(functions)
 

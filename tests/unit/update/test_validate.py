@@ -8,7 +8,7 @@ import pytest
 
 from dynamos.errors import UpdateSourceError
 from dynamos.update.model import UPDATE_TOML, FunctionSpec, SymbolSpec, UpdateSource
-from dynamos.update.validate import load_update_source
+from dynamos.update.validate import compiled_update_source, load_update_source
 
 EDITION_C = """\
 #include <linux/seq_file.h>
@@ -601,3 +601,63 @@ def test_bad_symbol_tables(tmp_path, body, message, line):
     with pytest.raises(UpdateSourceError) as info:
         load_update_source(src)
     assert message in info.value.message and info.value.line == line, (info.value.message, info.value.line)
+
+
+# --- updates made in code (the patch front end) -----------------------------------------------
+
+
+def compiled(functions: list[dict[str, object]], name: str = "0001-fix-banner",
+             description: str = "dynamos update from 0001-fix-banner.patch") -> UpdateSource:
+    tables = {"update": {"name": name, "description": description}, "function": functions}
+    return compiled_update_source(tables, Path("/work/patch-build"), origin=Path("/p/0001-fix-banner.patch"))
+
+
+def compiled_error(functions: list[dict[str, object]], **update: str) -> UpdateSourceError:
+    with pytest.raises(UpdateSourceError) as info:
+        compiled(functions, **update)
+    return info.value
+
+
+def test_compiled_update_takes_kernel_symbols_and_any_module_name() -> None:
+    source = compiled([
+        {"name": "cmdline_proc_show", "edition": "dynamos_edition__cmdline_proc_show", "object": "vmlinux"},
+        {"name": "c_start.constprop.0", "edition": "dynamos_edition__c_start_constprop_0", "object": "md-mod",
+         "sympos": 2},
+    ])
+    assert source.name == "0001-fix-banner" and source.c_files == () and source.consistency == "per-task"
+    assert source.functions == (
+        FunctionSpec("cmdline_proc_show", "dynamos_edition__cmdline_proc_show"),
+        FunctionSpec("c_start.constprop.0", "dynamos_edition__c_start_constprop_0", object="md_mod", sympos=2),
+    )
+    assert compiled([{"name": "f", "edition": "e"}], name="Fix_1").livepatch_name == "Fix_1"
+
+
+@pytest.mark.parametrize("edition", ["f_v2(void); int evil", "2fast", ""])
+def test_compiled_edition_must_be_a_c_identifier(edition: str) -> None:
+    err = compiled_error([{"name": "f", "edition": edition}])
+    assert str(err) == f"/p/0001-fix-banner.patch: [[function]] #1: edition {edition!r} is not a C identifier"
+
+
+def test_compiled_update_without_functions_is_refused() -> None:
+    err = compiled_error([])
+    assert str(err) == "/p/0001-fix-banner.patch: the update replaces no function (add a [[function]] table)"
+    assert err.exit_status == 2
+
+
+@pytest.mark.parametrize("update, message", [
+    ({"description": "a\0livepatch=N"}, "[update] description must not contain NUL characters"),
+    ({"name": "my fix"}, "[update] name 'my fix' may only hold A-Z, a-z, 0-9, '_' and '-' (found ' ')"),
+    ({"name": "x" * 56}, "[update] name " + repr("x" * 56) + " is 56 characters; a module name holds at most 55"),
+])
+def test_compiled_update_values_are_refused_with_the_update_toml_words(update: dict[str, str], message: str) -> None:
+    assert compiled_error([{"name": "f", "edition": "e"}], **update).message == message
+
+
+def test_compiled_duplicates_name_the_table_without_a_line() -> None:
+    err = compiled_error([{"name": "f", "edition": "e1"}, {"name": "f", "edition": "e2", "sympos": 1}])
+    assert err.message == "[[function]] #2: vmlinux function 'f' sympos 1 is already patched by [[function]] #1"
+    assert err.line is None
+    err = compiled_error([{"name": "f", "edition": "e"}, {"name": "g", "edition": "e"}])
+    assert err.message == ("[[function]] #2: edition 'e' is already used for vmlinux function 'f' "
+                           "([[function]] #1); each function needs its own edition")
+
