@@ -27,7 +27,7 @@ class DynamosError(Exception):
         return f"{where}: {self.message}"
 
 
-class ManifestError(DynamosError):
+class UpdateSourceError(DynamosError):
     """An update source (``update.toml`` or its C files) is invalid."""
 
     exit_status = 2

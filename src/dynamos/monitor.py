@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from dynamos.builder.kbuild import BuildResult, build_update
-from dynamos.errors import ManifestError
+from dynamos.errors import UpdateSourceError
 from dynamos.kernel.editions import FunctionControl, functions_of, normalize_name
 from dynamos.kernel.modules import loaded_modules
 from dynamos.target import TargetKernel
-from dynamos.update.manifest import MAX_NAME_LEN
+from dynamos.update.model import MAX_NAME_LEN
 
 _FUNCTION_RE = re.compile(r"^(?:(?P<object>[A-Za-z0-9_-]+):)?(?P<name>[A-Za-z_][A-Za-z0-9_.]*)$")
 
@@ -34,13 +34,13 @@ def monitor_name(functions: list[str]) -> str:
 def monitor_manifest(functions: list[str], name: str) -> str:
     """update.toml of a monitoring update; functions are ``name`` or ``module:name``."""
     if not functions:
-        raise ManifestError("monitor: name at least one kernel function")
+        raise UpdateSourceError("monitor: name at least one kernel function")
     lines = ["[update]", f'name = "{name}"',
              f'description = "dynamos monitor: call counts and latency of {", ".join(functions)}"', ""]
     for text in dict.fromkeys(functions):
         m = _FUNCTION_RE.match(text)
         if not m:
-            raise ManifestError(f"monitor: {text!r} is not a function name (NAME or MODULE:NAME)")
+            raise UpdateSourceError(f"monitor: {text!r} is not a function name (NAME or MODULE:NAME)")
         lines += ["[[function]]", f'name = "{m["name"]}"', "monitor = true"]
         if m["object"]:
             lines.append(f'object = "{m["object"]}"')

@@ -3,6 +3,10 @@
 The author's C files hold the editions; dynamos adds one translation unit (the "main object")
 that tells livepatch which kernel function each edition replaces, plus the Kbuild file that
 links both into one module. Everything here is text in, text out, so it is unit-testable.
+
+The :class:`UpdateSource` given is trusted: :mod:`dynamos.update.validate` made it, so editions
+and hooks are C identifiers (emitted bare, they could not inject C) and the description holds no
+NUL (a .modinfo entry ends at NUL: the rest would read as another entry).
 """
 
 from __future__ import annotations
@@ -13,8 +17,7 @@ from typing import TYPE_CHECKING
 
 from dynamos.abi import VMLINUX, generated_name
 from dynamos.builder.klp import KlpSymbol
-from dynamos.errors import ManifestError
-from dynamos.update.manifest import FunctionSpec, UpdateSource
+from dynamos.update.model import FunctionSpec, UpdateSource
 
 if TYPE_CHECKING:
     from dynamos.builder.btf import Prototype
@@ -22,9 +25,6 @@ if TYPE_CHECKING:
 RUNTIME_HEADER = "dynamos_editions.h"
 # x86-64 'call __fentry__' / its NOP: the ftrace site edition 0 enters the original code past.
 FTRACE_SITE_SIZE = 5
-
-# Editions are emitted as bare C identifiers, so anything else would let a manifest inject C.
-_C_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 _SIMPLE_ESCAPES = {
     "\\": "\\\\",
@@ -98,16 +98,6 @@ static const struct kernel_param_ops dynamos_signal_ops = {
 module_param_cb(signal_blockers, &dynamos_signal_ops, &dynamos_signalled, 0600);
 MODULE_PARM_DESC(signal_blockers, "write: signal the tasks the transition waits for; read: tasks signalled");
 """
-
-
-def _check_editions(source: UpdateSource) -> None:
-    if not source.functions:
-        raise ManifestError("the update replaces no function (add a [[function]] table)",
-                            path=source.manifest_path)
-    for f in source.functions:
-        if not _C_IDENT_RE.match(f.edition):
-            raise ManifestError(f"edition {f.edition!r} of {f.name} is not a C identifier",
-                                path=source.manifest_path, line=f.line)
 
 
 def _c_ident_part(text: str) -> str:
@@ -251,7 +241,6 @@ def generate_livepatch_source(source: UpdateSource, prototypes: Mapping[Function
     functions get a dispatcher with the kernel function's exact prototype (``prototypes``,
     from BTF); ``ftrace_site`` is the offset of the ftrace call in a kernel function.
     """
-    _check_editions(source)
     dispatched = [f for f in source.functions if f.dispatched]
     missing = [f.name for f in dispatched if prototypes is None or f not in prototypes]
     if missing:
@@ -403,8 +392,6 @@ def generate_livepatch_source(source: UpdateSource, prototypes: Mapping[Function
     out.append("")
 
     description = source.description or f"dynamos update {source.name}"
-    if "\0" in description:  # .modinfo entries end at NUL: the rest would read as another entry
-        raise ManifestError("update.description must not contain NUL characters", path=source.manifest_path)
     if dispatched:
         count = "ARRAY_SIZE(dynamos_functions)"
         out.extend([

@@ -20,7 +20,7 @@ from dynamos.errors import BuildError
 from dynamos.target import TargetKernel
 from dynamos.target.images import extract_vmlinux
 from dynamos.target.source import read_config
-from dynamos.update.manifest import FunctionSpec, UpdateSource
+from dynamos.update.model import FunctionSpec, UpdateSource
 
 RUNTIME_DIR = Path(__file__).resolve().parent.parent / "runtime"
 # The runtime's C, every file of it: its interface (the generated glue includes RUNTIME_HEADER),
@@ -120,15 +120,15 @@ def dispatcher_prototypes(source: UpdateSource, target: TargetKernel,
             except BuildError as e:
                 raise BuildError(f"{e.message}: the dispatcher of {f.name} needs its exact prototype, which "
                                  "dynamos takes only from the kernel's BTF (pahole leaves out a few functions, "
-                                 "e.g. argument-less SYSCALL_DEFINE0 wrappers)", path=source.manifest_path,
+                                 "e.g. argument-less SYSCALL_DEFINE0 wrappers)", path=source.toml_path,
                                  line=f.line) from e
             if out[f].variadic:
                 raise BuildError(f"{f.name} takes variable arguments (...): a dispatcher cannot forward them",
-                                 path=source.manifest_path, line=f.line)
+                                 path=source.toml_path, line=f.line)
             if f.kthread and not _is_thread_function(out[f]):
                 raise BuildError(f"[[kthread]] {f.name} is declared {out[f].declaration(f.name)} in the kernel, "
                                  "not int (void *): it is not a kernel thread's main function",
-                                 path=source.manifest_path, line=f.kthread.line)
+                                 path=source.toml_path, line=f.kthread.line)
     return out
 
 

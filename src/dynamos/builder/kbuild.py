@@ -26,8 +26,9 @@ from dynamos.builder.klp import KlpSymbol, convert_to_klp, exported_symbols, klp
 from dynamos.errors import BuildError
 from dynamos.target import TargetKernel, cache_root
 from dynamos.target.make import MAKE_JOBS, error_lines, make_env, stream_make
-from dynamos.update.manifest import UpdateSource, load_update_source
+from dynamos.update.model import UpdateSource
 from dynamos.update.package import package_filename, write_package
+from dynamos.update.validate import load_update_source
 
 # Author files go in a subdirectory so no name of theirs can clash with the module or the glue.
 AUTHOR_SUBDIR = "src"
@@ -100,7 +101,7 @@ def build_update(source_dir: Path | str, target: TargetKernel, output: Path | No
 
     With ``output`` (a file, or a directory to put the package in) also write the update
     package. ``module_dirs`` hold out-of-tree modules the update patches (for their BTF).
-    Every failure raises BuildError (ManifestError for an invalid update source).
+    Every failure raises BuildError (UpdateSourceError for an invalid update source).
     """
     started = time.monotonic()
     say = progress or _say_nothing
@@ -159,14 +160,14 @@ def _check_release(source: UpdateSource, target: TargetKernel) -> None:
     if source.kernel is None or source.kernel == target.release:
         return
     line = None
-    for number, text in enumerate(source.manifest_path.read_text().splitlines(), start=1):
+    for number, text in enumerate(source.toml_path.read_text().splitlines(), start=1):
         if re.match(r"\s*kernel\s*=", text):
             line = number
             break
     raise BuildError(
         f"update.toml is written for kernel {source.kernel}, but the target kernel is "
         f"{target.release}; build for {source.kernel} or change update.kernel",
-        path=source.manifest_path, line=line)
+        path=source.toml_path, line=line)
 
 
 def _check_toolchain(target: TargetKernel) -> None:

@@ -35,7 +35,7 @@ from dynamos.target.images import KernelText, kernel_text
 from dynamos.target.modimage import module_image
 from dynamos.target.source import KernelSource, prepare_source, read_config
 from dynamos.target.symtab import SymbolTable
-from dynamos.update.manifest import FunctionSpec, UpdateSource
+from dynamos.update.validate import compiled_update_source
 
 _NAME_RE = re.compile(r"[^a-z0-9_-]+")
 
@@ -189,7 +189,7 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
 
         t = time.monotonic()
         exported = exported_symbols(target.headers_dir / "Module.symvers")
-        functions: list[FunctionSpec] = []
+        functions: list[dict[str, object]] = []  # [[function]] tables, validated like update.toml's
         placeholders: dict[str, KlpSymbol] = {}
         extracted: list[str] = []
         for index, unit in enumerate(units):
@@ -209,10 +209,11 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
             placeholders.update(ext.klp_placeholders)
             for c in unit.diff.changed:
                 pos = sympos.position(c.name, local=True)
-                functions.append(FunctionSpec(name=c.name, edition=ext.editions[c.name], object=unit.object,
-                                              sympos=pos or None))
-        update = UpdateSource(directory=work, name=update_name, description=f"dynamos update from {patch.name}",
-                              functions=tuple(functions), c_files=())
+                functions.append({"name": c.name, "edition": ext.editions[c.name], "object": unit.object,
+                                  **({"sympos": pos} if pos else {})})
+        update = compiled_update_source({"update": {"name": update_name,
+                                                    "description": f"dynamos update from {patch.name}"},
+                                         "function": functions}, work, origin=patch)
         main = f"{update.livepatch_name}_main.o"
         (work / main).with_suffix(".c").write_text(generate_livepatch_source(update))
         (work / "Kbuild").write_text(generate_kbuild(update, main, extracted))

@@ -28,7 +28,7 @@ from typing import Any
 
 import dynamos
 from dynamos.errors import PackageError
-from dynamos.update.manifest import CONSISTENCY_MODELS, UpdateSource
+from dynamos.update.model import CONSISTENCY_MODELS, UpdateSource
 
 PACKAGE_SUFFIX = ".dynpkg"
 FORMAT_VERSION = 1

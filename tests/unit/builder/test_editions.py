@@ -12,7 +12,7 @@ from elftools.elf.elffile import ELFFile
 from dynamos.builder.btf import Param, Prototype
 from dynamos.builder.cgen import generate_livepatch_source
 from dynamos.builder.kbuild import build_update, read_modinfo
-from dynamos.errors import ManifestError, RefusedError
+from dynamos.errors import RefusedError, UpdateSourceError
 from dynamos.kernel.editions import (
     Latency,
     Selector,
@@ -22,7 +22,7 @@ from dynamos.kernel.editions import (
 )
 from dynamos.monitor import monitor_manifest, monitor_name
 from dynamos.target import DEFAULT_LAB_KERNEL, fetch_target
-from dynamos.update.manifest import load_update_source
+from dynamos.update.validate import load_update_source
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 EXAMPLE = EXAMPLES / "cmdline-editions"
@@ -86,7 +86,7 @@ def test_monitor_only_function_needs_no_c(tmp_path: Path) -> None:
 ])
 def test_bad_editions_name_the_line(tmp_path: Path, body: str, message: str, line: int) -> None:
     d = source(tmp_path, '[[function]]\nname = "pipe_write"\n' + body, EDITIONS_C)
-    with pytest.raises(ManifestError) as info:
+    with pytest.raises(UpdateSourceError) as info:
         load_update_source(d)
     assert message in str(info.value)
     assert info.value.line == line and info.value.path == d / "update.toml"
@@ -96,7 +96,7 @@ def test_too_many_editions(tmp_path: Path) -> None:
     names = [f"e{i}" for i in range(16)]
     c = "".join(f"long {n}(void) {{ return 0; }}\n" for n in names)
     d = source(tmp_path, f'[[function]]\nname = "pipe_write"\neditions = {names!r}\n'.replace("'", '"'), c)
-    with pytest.raises(ManifestError, match="16 editions; at most 15"):
+    with pytest.raises(UpdateSourceError, match="16 editions; at most 15"):
         load_update_source(d)
 
 
@@ -192,7 +192,7 @@ def test_monitor_manifest_is_a_valid_update(tmp_path: Path) -> None:
     functions = load_update_source(d).functions
     assert [(f.name, f.object, f.monitor, f.editions) for f in functions] == [
         ("vfs_read", "vmlinux", True, ()), ("load_misc_binary", "binfmt_misc", True, ())]
-    with pytest.raises(ManifestError, match="not a function name"):
+    with pytest.raises(UpdateSourceError, match="not a function name"):
         monitor_manifest(["vfs read"], "mon")
 
 
@@ -246,7 +246,7 @@ def test_bad_consistency_settings(tmp_path: Path, update: str, message: str) -> 
     (d / "update.toml").write_text(f'[update]\nname = "g"\ndescription = "d"\n{update}\n'
                                    '[[function]]\nname = "pipe_write"\nedition = "w2"\n')
     (d / "e.c").write_text(EDITIONS_C + "void convert(_Bool to_new) {}\n")
-    with pytest.raises(ManifestError, match=message) as info:
+    with pytest.raises(UpdateSourceError, match=message) as info:
         load_update_source(d)
     assert info.value.line == 3 + update.count("\n")  # the offending key is the last one given
 
@@ -276,7 +276,7 @@ def test_hooks_and_states_become_callbacks_and_klp_states(tmp_path: Path) -> Non
 def test_bad_hooks_and_states(tmp_path: Path, tables: str, message: str) -> None:
     d = source(tmp_path, '[[function]]\nname = "pipe_write"\nedition = "w2"\n\n' + tables,
                EDITIONS_C + "int up(void) { return 0; }\n")
-    with pytest.raises(ManifestError, match=message):
+    with pytest.raises(UpdateSourceError, match=message):
         load_update_source(d)
 
 
@@ -325,7 +325,7 @@ def test_kthread_function_gets_a_dispatcher_a_thread_entry_and_restart_callbacks
 ])
 def test_bad_kthread_tables(tmp_path: Path, tables: str, message: str) -> None:
     d = source(tmp_path, '[[function]]\nname = "loopd_main"\nedition = "loop_v2"\n\n' + tables, KTHREAD_C)
-    with pytest.raises(ManifestError, match=message.replace("[", r"\[")):
+    with pytest.raises(UpdateSourceError, match=message.replace("[", r"\[")):
         load_update_source(d)
 
 
@@ -335,7 +335,7 @@ def test_kthread_restart_needs_per_task_consistency(tmp_path: Path) -> None:
     (d / "update.toml").write_text('[update]\nname = "pipes"\ndescription = "d"\nconsistency = "global"\n\n'
                                    + KTHREAD_TOML)
     (d / "e.c").write_text(KTHREAD_C)
-    with pytest.raises(ManifestError, match="use consistency = \"per-task\"") as info:
+    with pytest.raises(UpdateSourceError, match="use consistency = \"per-task\"") as info:
         load_update_source(d)
     assert info.value.line == 10  # the [[kthread]] header
 

@@ -193,7 +193,7 @@ def test_replace_unloads_the_replaced_livepatches(tmp_path: Path) -> None:
 
 
 def test_apply_a_real_package_file(tmp_path: Path) -> None:
-    from dynamos.update.manifest import FunctionSpec, UpdateSource
+    from dynamos.update.model import FunctionSpec, UpdateSource
     from dynamos.update.package import write_package
 
     sim = SimulatedKernel(tmp_path / "root")

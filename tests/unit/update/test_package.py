@@ -14,7 +14,7 @@ import pytest
 
 import dynamos
 from dynamos.errors import PackageError
-from dynamos.update.manifest import FunctionSpec, UpdateSource
+from dynamos.update.model import FunctionSpec, UpdateSource
 from dynamos.update.package import (
     FORMAT_VERSION,
     PACKAGE_SUFFIX,

@@ -1,4 +1,4 @@
-"""Update sources: good manifests load, and every bad one is refused with its file and line."""
+"""Update sources: a good update.toml loads, and every bad one is refused with its file and line."""
 
 from __future__ import annotations
 
@@ -6,14 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dynamos.errors import ManifestError
-from dynamos.update.manifest import (
-    MANIFEST_NAME,
-    FunctionSpec,
-    UpdateSource,
-    find_c_functions,
-    load_update_source,
-)
+from dynamos.errors import UpdateSourceError
+from dynamos.update.model import UPDATE_TOML, FunctionSpec, SymbolSpec, UpdateSource
+from dynamos.update.validate import compiled_update_source, load_update_source
 
 EDITION_C = """\
 #include <linux/seq_file.h>
@@ -42,28 +37,28 @@ def make_source(tmp_path: Path, toml: str | None, c_files: dict[str, str] | None
     directory = tmp_path / "src"
     directory.mkdir()
     if toml is not None:
-        (directory / MANIFEST_NAME).write_text(toml)
+        (directory / UPDATE_TOML).write_text(toml)
     for name, text in (c_files if c_files is not None else {"edition.c": EDITION_C}).items():
         (directory / name).write_text(text)
     return directory
 
 
-def load_error(tmp_path: Path, toml: str | None, c_files: dict[str, str] | None = None) -> ManifestError:
+def load_error(tmp_path: Path, toml: str | None, c_files: dict[str, str] | None = None) -> UpdateSourceError:
     directory = make_source(tmp_path, toml, c_files)
-    with pytest.raises(ManifestError) as info:
+    with pytest.raises(UpdateSourceError) as info:
         load_update_source(directory)
     return info.value
 
 
-# --- good manifests ---------------------------------------------------------------------------
+# --- good update.toml --------------------------------------------------------------------------
 
 
-def test_minimal_manifest_loads_with_defaults(tmp_path: Path) -> None:
+def test_minimal_update_toml_loads_with_defaults(tmp_path: Path) -> None:
     directory = make_source(tmp_path, MINIMAL)
     src = load_update_source(directory)
     assert isinstance(src, UpdateSource)
     assert src.directory == directory
-    assert src.manifest_path == directory / MANIFEST_NAME
+    assert src.toml_path == directory / UPDATE_TOML
     assert src.name == "cmdline-banner"
     assert src.livepatch_name == "cmdline_banner"
     assert src.description == "Print a banner in /proc/cmdline"
@@ -76,7 +71,7 @@ def test_minimal_manifest_loads_with_defaults(tmp_path: Path) -> None:
     assert src.objects == ("vmlinux",)
 
 
-def test_full_manifest_with_every_key(tmp_path: Path) -> None:
+def test_full_update_toml_with_every_key(tmp_path: Path) -> None:
     toml = """\
 # A banner for /proc/cmdline.
 [update]
@@ -204,11 +199,11 @@ edition = "cmdline_proc_show_v2"
     assert err.line == 3
 
 
-# --- bad manifests: file level ----------------------------------------------------------------
+# --- bad update.toml: file level ----------------------------------------------------------------
 
 
 def test_missing_directory(tmp_path: Path) -> None:
-    with pytest.raises(ManifestError) as info:
+    with pytest.raises(UpdateSourceError) as info:
         load_update_source(tmp_path / "nowhere")
     assert info.value.path == tmp_path / "nowhere"
     assert "not a directory" in info.value.message
@@ -226,11 +221,11 @@ def test_missing_update_toml(tmp_path: Path) -> None:
 def test_toml_syntax_error_carries_tomllib_line(tmp_path: Path) -> None:
     toml = MINIMAL.replace('description = "Print', "description = Print")
     err = load_error(tmp_path, toml)
-    assert err.path == tmp_path / "src" / MANIFEST_NAME
+    assert err.path == tmp_path / "src" / UPDATE_TOML
     assert err.line == 3
     assert err.message.startswith("invalid TOML: ")
     assert "at line" not in err.message  # the line is in err.line, not repeated
-    assert str(err).startswith(f"{tmp_path / 'src' / MANIFEST_NAME}:3: invalid TOML")
+    assert str(err).startswith(f"{tmp_path / 'src' / UPDATE_TOML}:3: invalid TOML")
 
 
 def test_toml_duplicate_table_is_a_syntax_error(tmp_path: Path) -> None:
@@ -239,10 +234,10 @@ def test_toml_duplicate_table_is_a_syntax_error(tmp_path: Path) -> None:
     assert err.line == 8
 
 
-def test_manifest_not_utf8(tmp_path: Path) -> None:
+def test_update_toml_not_utf8(tmp_path: Path) -> None:
     directory = make_source(tmp_path, None)
-    (directory / MANIFEST_NAME).write_bytes(MINIMAL.encode().replace(b"banner in", b"banner \xff in"))
-    with pytest.raises(ManifestError) as info:
+    (directory / UPDATE_TOML).write_bytes(MINIMAL.encode().replace(b"banner in", b"banner \xff in"))
+    with pytest.raises(UpdateSourceError) as info:
         load_update_source(directory)
     assert "not UTF-8" in info.value.message
     assert info.value.line == 3
@@ -255,13 +250,13 @@ def test_no_c_files(tmp_path: Path) -> None:
     assert "no .c files" in err.message
 
 
-# --- bad manifests: [update] ------------------------------------------------------------------
+# --- bad update.toml: [update] ------------------------------------------------------------------
 
 
 def test_missing_update_table(tmp_path: Path) -> None:
     toml = MINIMAL.split("\n\n", 1)[1]
     err = load_error(tmp_path, toml)
-    assert err.path == tmp_path / "src" / MANIFEST_NAME
+    assert err.path == tmp_path / "src" / UPDATE_TOML
     assert "missing [update] table" in err.message
     assert err.line is None
 
@@ -388,7 +383,7 @@ def test_key_before_first_table(tmp_path: Path) -> None:
     assert err.line == 1
 
 
-# --- bad manifests: [[function]] --------------------------------------------------------------
+# --- bad update.toml: [[function]] --------------------------------------------------------------
 
 
 def test_no_function_table(tmp_path: Path) -> None:
@@ -517,7 +512,7 @@ def test_same_edition_for_two_functions(tmp_path: Path) -> None:
     assert err.line == 11
 
 
-# --- bad manifests: editions in C -------------------------------------------------------------
+# --- bad update.toml: editions in C -------------------------------------------------------------
 
 
 def test_edition_not_defined_names_edition_and_toml_line(tmp_path: Path) -> None:
@@ -526,7 +521,7 @@ def test_edition_not_defined_names_edition_and_toml_line(tmp_path: Path) -> None
         'static const char *s = "int cmdline_proc_show_v2(void) {";\n'
     )
     err = load_error(tmp_path, MINIMAL, {"a.c": c, "b.c": "int unrelated(void) { return 0; }\n"})
-    assert err.path == tmp_path / "src" / MANIFEST_NAME
+    assert err.path == tmp_path / "src" / UPDATE_TOML
     assert err.line == 7
     assert err.message == (
         "[[function]] #1: edition 'cmdline_proc_show_v2' is not defined in any .c file (searched: a.c, b.c)"
@@ -576,43 +571,6 @@ def test_static_copy_in_another_file_does_not_hide_the_linkable_one(tmp_path: Pa
 # --- the C scanner itself ---------------------------------------------------------------------
 
 
-def test_find_c_functions_classifies_declarations() -> None:
-    c = r"""#include <linux/kernel.h>
-#define FAKE(x) { x; \
-    int in_macro(void) { }
-/* int in_comment(void) { } */
-// int in_line_comment(void) {
-static const char *s = "int in_string(void) {";
-static char brace = '{';
-static int helper(int a);
-int helper(int a) { return a; }
-
-int __attribute__((noinline)) attributed(struct seq_file *m,
-                     void *v)
-    __cold
-{
-    if (m) { list_for_each_entry(pos, head, member) { } }
-    return helper(1);
-}
-static inline void tiny(void) {}
-extern int proto(void);
-int first(void), second(void);
-struct ops o = { .f = not_me(1) };
-int v = nor_me(2);
-module_init(tiny);
-"""
-    found = [(d.name, d.line, d.is_definition, d.is_static) for d in find_c_functions(Path("x.c"), c)]
-    assert found == [
-        ("helper", 8, False, True),
-        ("helper", 9, True, False),
-        ("attributed", 11, True, False),
-        ("tiny", 18, True, True),
-        ("proto", 19, False, False),
-        ("first", 20, False, False),
-        ("second", 20, False, False),
-    ]
-
-
 def test_symbol_tables_describe_non_exported_symbols(tmp_path):
     src = tmp_path / "u"
     src.mkdir()
@@ -620,7 +578,6 @@ def test_symbol_tables_describe_non_exported_symbols(tmp_path):
     (src / "update.toml").write_text(
         '[update]\nname = "u"\ndescription = "d"\n\n[[function]]\nname = "f"\nedition = "ed"\n\n'
         '[[symbol]]\nname = "ext4_helper"\nobject = "ext4"\nsympos = 2\n\n[[symbol]]\nname = "nr_threads"\n')
-    from dynamos.update.manifest import SymbolSpec, load_update_source
 
     source = load_update_source(src)
     assert [(s.name, s.object, s.sympos, s.line) for s in source.symbols] == [
@@ -640,9 +597,67 @@ def test_bad_symbol_tables(tmp_path, body, message, line):
     (src / "e.c").write_text("int ed(void) { return 0; }\n")
     (src / "update.toml").write_text(
         '[update]\nname = "u"\ndescription = "d"\n\n[[function]]\nname = "f"\nedition = "ed"\n\n' + body)
-    from dynamos.errors import ManifestError
-    from dynamos.update.manifest import load_update_source
 
-    with pytest.raises(ManifestError) as info:
+    with pytest.raises(UpdateSourceError) as info:
         load_update_source(src)
     assert message in info.value.message and info.value.line == line, (info.value.message, info.value.line)
+
+
+# --- updates made in code (the patch front end) -----------------------------------------------
+
+
+def compiled(functions: list[dict[str, object]], name: str = "0001-fix-banner",
+             description: str = "dynamos update from 0001-fix-banner.patch") -> UpdateSource:
+    tables = {"update": {"name": name, "description": description}, "function": functions}
+    return compiled_update_source(tables, Path("/work/patch-build"), origin=Path("/p/0001-fix-banner.patch"))
+
+
+def compiled_error(functions: list[dict[str, object]], **update: str) -> UpdateSourceError:
+    with pytest.raises(UpdateSourceError) as info:
+        compiled(functions, **update)
+    return info.value
+
+
+def test_compiled_update_takes_kernel_symbols_and_any_module_name() -> None:
+    source = compiled([
+        {"name": "cmdline_proc_show", "edition": "dynamos_edition__cmdline_proc_show", "object": "vmlinux"},
+        {"name": "c_start.constprop.0", "edition": "dynamos_edition__c_start_constprop_0", "object": "md-mod",
+         "sympos": 2},
+    ])
+    assert source.name == "0001-fix-banner" and source.c_files == () and source.consistency == "per-task"
+    assert source.functions == (
+        FunctionSpec("cmdline_proc_show", "dynamos_edition__cmdline_proc_show"),
+        FunctionSpec("c_start.constprop.0", "dynamos_edition__c_start_constprop_0", object="md_mod", sympos=2),
+    )
+    assert compiled([{"name": "f", "edition": "e"}], name="Fix_1").livepatch_name == "Fix_1"
+
+
+@pytest.mark.parametrize("edition", ["f_v2(void); int evil", "2fast", ""])
+def test_compiled_edition_must_be_a_c_identifier(edition: str) -> None:
+    err = compiled_error([{"name": "f", "edition": edition}])
+    assert str(err) == f"/p/0001-fix-banner.patch: [[function]] #1: edition {edition!r} is not a C identifier"
+
+
+def test_compiled_update_without_functions_is_refused() -> None:
+    err = compiled_error([])
+    assert str(err) == "/p/0001-fix-banner.patch: the update replaces no function (add a [[function]] table)"
+    assert err.exit_status == 2
+
+
+@pytest.mark.parametrize("update, message", [
+    ({"description": "a\0livepatch=N"}, "[update] description must not contain NUL characters"),
+    ({"name": "my fix"}, "[update] name 'my fix' may only hold A-Z, a-z, 0-9, '_' and '-' (found ' ')"),
+    ({"name": "x" * 56}, "[update] name " + repr("x" * 56) + " is 56 characters; a module name holds at most 55"),
+])
+def test_compiled_update_values_are_refused_with_the_update_toml_words(update: dict[str, str], message: str) -> None:
+    assert compiled_error([{"name": "f", "edition": "e"}], **update).message == message
+
+
+def test_compiled_duplicates_name_the_table_without_a_line() -> None:
+    err = compiled_error([{"name": "f", "edition": "e1"}, {"name": "f", "edition": "e2", "sympos": 1}])
+    assert err.message == "[[function]] #2: vmlinux function 'f' sympos 1 is already patched by [[function]] #1"
+    assert err.line is None
+    err = compiled_error([{"name": "f", "edition": "e"}, {"name": "g", "edition": "e"}])
+    assert err.message == ("[[function]] #2: edition 'e' is already used for vmlinux function 'f' "
+                           "([[function]] #1); each function needs its own edition")
+
