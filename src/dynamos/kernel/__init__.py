@@ -3,10 +3,10 @@
 Library entry points (the CLI is a thin shell over them)::
 
     from dynamos import kernel
-    notes = kernel.preflight(pkg)                  # checks only; raises PreflightRefused
-    result = kernel.apply("fix.dpkg", timeout=30)  # ApplyResult, or TransitionError (reverted)
-    kernel.revert("fix-x")                         # RevertResult
-    kernel.status().to_json()                      # {"kernel", "livepatch", "updates": [...]}
+    notes = kernel.preflight(pkg)                    # checks only; raises PreflightRefused
+    result = kernel.apply("fix.dynpkg", timeout=30)  # ApplyResult, or TransitionError (reverted)
+    kernel.revert("fix-x")                           # RevertResult
+    kernel.status().to_json()                        # {"kernel", "livepatch", "updates": [...]}
 
 ``progress`` callbacks receive ``Progress`` records whose ``str()`` is a ready-made progress line.
 

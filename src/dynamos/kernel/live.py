@@ -28,6 +28,7 @@ from dynamos.kernel.modules import (
     last_kmsg_seq,
     loaded_modules,
     lockdown_mode,
+    normalize_name,
     unload_module,
 )
 from dynamos.kernel.state import UpdateRecords
@@ -293,7 +294,7 @@ class KernelStatus:
                       "objects": [{"name": "vmlinux", "patched": true}],
                       "functions": [{"name": "f", "object": "vmlinux", "sympos"?: 2, "patched": true}],
                       "tasks_pending": [{"pid": 1, "comm": "init", "tid"?: 2}],
-                      "update"?: "fix-x", "package"?: "/path/fix-x.dpkg", "applied"?: "ISO time",
+                      "update"?: "fix-x", "package"?: "/path/fix-x_6.1.0-56-amd64.dynpkg", "applied"?: "ISO time",
                       "editions"?: [{"function": "pipe_write", "route": ["default 1"],
                                      "editions": [{"index": 0, "name": "pipe_write", "calls": 7,
                                                    "in_flight": 0, "live": true}],
@@ -340,11 +341,6 @@ def _interrupted(phase: str, e: BaseException) -> str:
     if isinstance(e, KeyboardInterrupt):
         return f"interrupted during the {phase}"
     return f"error during the {phase} ({type(e).__name__}: {e})"
-
-
-def normalize_name(name: str) -> str:
-    """Livepatch/module name of an update: the kernel turns '-' into '_' in module names."""
-    return name.replace("-", "_")
 
 
 def _default_reader(path: Path) -> Any:
