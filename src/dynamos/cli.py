@@ -18,14 +18,16 @@ from dynamos.target import DEFAULT_LAB_KERNEL
 LAB_NAME = "default"  # the lab that `lab start` and `lab run` use unless --name says otherwise
 
 
-class Progress:
-    """Progress lines on stderr with elapsed time, so stdout stays clean for --json."""
+class ProgressPrinter:
+    """The terminal presenter of progress: lines on stderr with elapsed time, so stdout stays clean
+    for --json. It prints ``str()`` of what it is given: builder messages and the kernel layer's
+    ``Progress`` records alike."""
 
     def __init__(self, quiet: bool = False):
         self.t0 = time.monotonic()
         self.quiet = quiet
 
-    def __call__(self, message: str) -> None:
+    def __call__(self, message: object) -> None:
         if not self.quiet:
             print(f"[{time.monotonic() - self.t0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
@@ -47,7 +49,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from dynamos.builder.kbuild import build_update
     from dynamos.target import resolve_target
 
-    progress = Progress(args.json)
+    progress = ProgressPrinter(args.json)
     if bool(args.patch) == bool(args.source):
         raise DynamosError("build: give an update source directory, or --patch FILE (not both)")
     target = resolve_target(args.kernel, progress)
@@ -65,7 +67,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_patch(args: argparse.Namespace, target, output: Path, progress: Progress) -> int:
+def _build_patch(args: argparse.Namespace, target, output: Path, progress: ProgressPrinter) -> int:
     from dynamos.builder.patch import build_from_patch
 
     result = build_from_patch(Path(args.patch), target, output=output, name=args.name, progress=progress)
@@ -121,7 +123,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         print("dynamos: warning: --force: if the transition is still blocked at the timeout, the blocking "
               "tasks are switched without the safety check and may keep running the old code; the modules "
               "of updates it replaces can then never be unloaded", file=sys.stderr)
-    return _present(kernel.apply(Path(args.package), timeout=args.timeout, progress=Progress(args.json),
+    return _present(kernel.apply(Path(args.package), timeout=args.timeout, progress=ProgressPrinter(args.json),
                                  force=args.force), args.json)
 
 
@@ -145,7 +147,7 @@ def cmd_blockers(args: argparse.Namespace) -> int:
 def cmd_revert(args: argparse.Namespace) -> int:
     from dynamos import kernel
 
-    return _present(kernel.revert(args.name, timeout=args.timeout, progress=Progress(args.json)), args.json)
+    return _present(kernel.revert(args.name, timeout=args.timeout, progress=ProgressPrinter(args.json)), args.json)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -202,7 +204,7 @@ def cmd_retire(args: argparse.Namespace) -> int:
 
     try:
         result = retire(args.update, args.function, args.edition, timeout=args.timeout,
-                        progress=Progress(args.json))
+                        progress=ProgressPrinter(args.json))
     except RetireTimeout as e:
         if args.json:
             _print_json(e.result.to_json())
@@ -253,7 +255,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from dynamos import kernel
     from dynamos.target import resolve_target
 
-    progress = Progress(args.json)
+    progress = ProgressPrinter(args.json)
     target = resolve_target(args.kernel, progress)
     output = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="dynamos-monitor-"))
     built = build_monitor(args.functions, target, output, name=args.name, progress=progress)
@@ -282,7 +284,7 @@ def _lab_config(args: argparse.Namespace):
 def cmd_lab_start(args: argparse.Namespace) -> int:
     from dynamos.lab import start_lab
 
-    progress = Progress(args.json)
+    progress = ProgressPrinter(args.json)
     lab = start_lab(args.name, _lab_config(args), progress)
     info = {"name": args.name, "kernel": lab.kernel, "accel": lab.info["accel"], "pid": lab.pid,
             "boot_seconds": lab.info["boot_seconds"], "state_dir": str(lab.state_dir)}
@@ -327,7 +329,7 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         raise DynamosError("lab run: no command given (dynamos lab run -- CMD...)")
-    progress = Progress(args.json or args.quiet)
+    progress = ProgressPrinter(args.json or args.quiet)
 
     def out(data: bytes) -> None:
         sys.stdout.buffer.write(data)
@@ -356,7 +358,7 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
 def cmd_lab_shell(args: argparse.Namespace) -> int:
     from dynamos.lab import lab_session
 
-    with lab_session(_lab_config(args), name=args.name, progress=Progress()) as lab:
+    with lab_session(_lab_config(args), name=args.name, progress=ProgressPrinter()) as lab:
         return lab.interactive(["/bin/sh", "-l"] if not args.command else args.command)
 
 
@@ -364,7 +366,7 @@ def cmd_lab_shell(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from dynamos.demo import run_demo
 
-    report = run_demo(kernel=args.kernel, progress=Progress(args.json), say=None if args.json else print)
+    report = run_demo(kernel=args.kernel, progress=ProgressPrinter(args.json), say=None if args.json else print)
     if args.json:
         _print_json(report.to_json())
     return 0 if report.ok else 1

@@ -96,6 +96,14 @@ class SimulatedKernel:
 
     # -- building the scene ---------------------------------------------------------------
 
+    def configure(self, **changes: Any) -> None:
+        """Change settings (``lockdown``, ``euid``, ``transition_polls``...) and show them in the files."""
+        for key, value in changes.items():
+            if not hasattr(self, key):
+                raise AttributeError(f"SimulatedKernel has no setting {key}")
+            setattr(self, key, value)
+        self.render()
+
     def add_symbol(self, name: str, object: str = VMLINUX, kind: str = "t", traceable: bool = True) -> None:
         self.symbols.append((name, kind, object))
         if traceable and kind in "tTwW":
@@ -324,25 +332,3 @@ class SimulatedKernel:
         dev.mkdir(exist_ok=True)
         (dev / "kmsg").write_text("".join(f"6,{i},{i * 1000},-;{m}\n" for i, m in enumerate(self.kmsg)))
 
-
-@dataclass
-class SimulatedPackage:
-    """Stands in for ``dynamos.update.package.UpdatePackage`` with a simulated module image."""
-
-    name: str
-    functions: list[dict[str, Any]]
-    kernel_release: str = DEFAULT_RELEASE
-    replace: bool = False
-    vermagic: str = ""
-    module: bytes = b""
-    module_sha256: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.vermagic:
-            self.vermagic = f"{self.kernel_release} SMP preempt mod_unload modversions "
-        if not self.module:
-            self.module = module_image(self.livepatch_name, self.functions, self.replace)
-
-    @property
-    def livepatch_name(self) -> str:
-        return self.name.replace("-", "_")

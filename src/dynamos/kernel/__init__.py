@@ -3,10 +3,10 @@
 Library entry points (the CLI is a thin shell over them)::
 
     from dynamos import kernel
-    notes = kernel.preflight(pkg)                  # checks only; raises PreflightRefused
-    result = kernel.apply("fix.dpkg", timeout=30)  # ApplyResult, or TransitionError (reverted)
-    kernel.revert("fix-x")                         # RevertResult
-    kernel.status().to_json()                      # {"kernel", "livepatch", "updates": [...]}
+    notes = kernel.preflight(pkg)                    # checks only; raises PreflightRefused
+    result = kernel.apply("fix.dynpkg", timeout=30)  # ApplyResult, or TransitionError (reverted)
+    kernel.revert("fix-x")                           # RevertResult
+    kernel.status().to_json()                        # {"kernel", "livepatch", "updates": [...]}
 
 ``progress`` callbacks receive ``Progress`` records whose ``str()`` is a ready-made progress line.
 
@@ -18,26 +18,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from dynamos.kernel.actionlog import ActionLog, default_log_path
-from dynamos.kernel.live import (
-    REFUSALS,
-    ApplyResult,
-    BlockedTransition,
-    FunctionStatus,
-    KernelStatus,
-    LiveKernel,
-    PreflightRefused,
-    Progress,
-    Refusal,
-    RevertResult,
-    UpdateStatus,
-    normalize_name,
-)
+from dynamos.kernel.live import LiveKernel
 from dynamos.kernel.livepatch import Blocker, Livepatch, PatchedFunction, Task
+from dynamos.kernel.modules import normalize_name
+from dynamos.kernel.refusals import REFUSALS, PreflightRefused, Refusal
+from dynamos.kernel.results import ApplyResult, FunctionStatus, KernelStatus, RevertResult, UpdateStatus
 from dynamos.kernel.symbols import Kallsyms, TraceableFunctions
 from dynamos.kernel.syscalls import LibcSyscalls, Syscalls
+from dynamos.kernel.transition import BlockedTransition, Progress
+from dynamos.update.package import UpdatePackage
 
 __all__ = [
     "REFUSALS",
@@ -69,7 +60,7 @@ __all__ = [
 ]
 
 
-def preflight(pkg: Any) -> list[str]:
+def preflight(pkg: UpdatePackage) -> list[str]:
     """Check an update package against the running kernel; notes, or PreflightRefused."""
     return LiveKernel().preflight(pkg)
 

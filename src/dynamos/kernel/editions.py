@@ -20,6 +20,7 @@ from typing import Any
 from dynamos.abi import CONTROL_DIR, SHARE_SCALE
 from dynamos.errors import RefusedError, TransitionError
 from dynamos.kernel import livepatch as lp
+from dynamos.kernel.modules import normalize_name
 
 
 @dataclass(frozen=True)
@@ -159,11 +160,6 @@ class FunctionControl:
             return (self.path / name).read_text()
         except OSError as e:
             raise RefusedError(f"cannot read {self.path / name}: {e.strerror}") from e
-
-
-def normalize_name(update: str) -> str:
-    """Module name of an update: the kernel turns '-' into '_'."""
-    return update.replace("-", "_")
 
 
 def control_root(update: str, root: Path = Path("/")) -> Path:

@@ -32,6 +32,11 @@ class LoadedModule:
         return LIVEPATCH_TAINT in self.taints
 
 
+def normalize_name(update: str) -> str:
+    """Module (and livepatch) name of an update: the kernel turns '-' into '_' in module names."""
+    return update.replace("-", "_")
+
+
 def loaded_modules(root: Path) -> dict[str, LoadedModule]:
     """Parse ``/proc/modules`` (``name size refs deps state addr [(taints)]``); empty if absent."""
     try:

@@ -21,12 +21,14 @@ import os
 import re
 import tarfile
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import dynamos
+from dynamos.abi import VMLINUX
 from dynamos.errors import PackageError
 from dynamos.update.model import CONSISTENCY_MODELS, UpdateSource
 
@@ -87,8 +89,43 @@ def sha256_hex(data: bytes) -> str:
 
 
 @dataclass(frozen=True)
+class PackagedFunction:
+    """One kernel function the package's module replaces, as its manifest records it."""
+
+    name: str
+    edition: str
+    object: str = VMLINUX
+    sympos: int | None = None  # None: the name is unique in its object
+    kthread: bool = False  # the main function of a kernel thread the update restarts
+
+    @classmethod
+    def from_json(cls, entry: Mapping[str, Any]) -> PackagedFunction:
+        sympos = entry.get("sympos")
+        return cls(str(entry["name"]), str(entry.get("edition") or ""), str(entry.get("object") or VMLINUX),
+                   int(sympos) if sympos else None, bool(entry.get("kthread")))
+
+
+@dataclass(frozen=True)
+class PackagedSymbol:
+    """A non-exported symbol the module reaches through a livepatch relocation."""
+
+    name: str
+    object: str = VMLINUX
+    sympos: int = 0  # 0: the name is unique in its object; else 1-based position in kallsyms
+
+    @classmethod
+    def from_json(cls, entry: Mapping[str, Any]) -> PackagedSymbol:
+        return cls(str(entry["name"]), str(entry.get("object", VMLINUX)), int(entry.get("sympos") or 0))
+
+
+@dataclass(frozen=True)
 class UpdatePackage:
-    """A verified update package (or one about to be written), as read from ``path``."""
+    """A verified update package (or one about to be written), as read from ``path``.
+
+    This is the contract of the kernel layer: it reads every field it needs from here, typed
+    (``patched_functions``, ``klp_symbol_refs``); ``functions`` and ``klp_symbols`` are the same
+    entries in the manifest's JSON form.
+    """
 
     path: Path | None
     manifest: dict[str, Any]  # parsed manifest.json
@@ -135,6 +172,16 @@ class UpdatePackage:
     def functions(self) -> list[dict[str, Any]]:
         """Patched functions: dicts with keys name, edition, object, sympos (copies)."""
         return [dict(f) for f in self.manifest["functions"]]
+
+    @property
+    def patched_functions(self) -> tuple[PackagedFunction, ...]:
+        """The patched functions, typed."""
+        return tuple(PackagedFunction.from_json(f) for f in self.manifest["functions"])
+
+    @property
+    def klp_symbol_refs(self) -> tuple[PackagedSymbol, ...]:
+        """The livepatch-relocated symbols, typed."""
+        return tuple(PackagedSymbol.from_json(s) for s in self.manifest["klp_symbols"])
 
     @property
     def module_sha256(self) -> str:
@@ -413,11 +460,3 @@ def read_package(path: Path | str) -> UpdatePackage:
         build_log=members[BUILD_LOG_MEMBER].decode("utf-8", errors="replace"),
     )
 
-
-def check_release(pkg: UpdatePackage, running_release: str) -> None:
-    """Refuse a package built for another kernel: its module would not load, or worse, misbehave."""
-    if pkg.kernel_release != running_release:
-        raise PackageError(
-            f"update {pkg.name!r} was built for {pkg.kernel_release}, this kernel is {running_release}",
-            path=pkg.path,
-        )

@@ -18,7 +18,7 @@ from dynamos.kernel.modules import (
     loaded_modules,
     unload_module,
 )
-from tests.support.simulated import SimulatedKernel
+from tests.support.harness import KernelHarness
 
 
 def test_proc_modules_parsing(tmp_path: Path) -> None:
@@ -94,8 +94,8 @@ def test_explain_errors_quote_the_kernel_log(tmp_path: Path) -> None:
     assert "no module named fix_x" in explain_unload_error(OSError(errno.ENOENT, "x"), "fix_x", tmp_path)
 
 
-def test_unload_module_retries_while_referenced(tmp_path: Path) -> None:
-    sim = SimulatedKernel(tmp_path)
+def test_unload_module_retries_while_referenced(harness: KernelHarness) -> None:
+    sim = harness.sim
     sim.add_module("fix_x", livepatch=True)
     sim.modules["fix_x"].refs = 1
     original_sleep = sim.sleep
@@ -111,8 +111,8 @@ def test_unload_module_retries_while_referenced(tmp_path: Path) -> None:
     assert [c for c in sim.calls if c[0] == "delete_module"] == [("delete_module", "fix_x")] * 4
 
 
-def test_unload_module_gives_up_after_timeout(tmp_path: Path) -> None:
-    sim = SimulatedKernel(tmp_path)
+def test_unload_module_gives_up_after_timeout(harness: KernelHarness) -> None:
+    sim = harness.sim
     sim.add_module("fix_x", livepatch=True)
     sim.modules["fix_x"].refs = 1
     with pytest.raises(OSError) as info:

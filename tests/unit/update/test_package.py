@@ -18,8 +18,9 @@ from dynamos.update.model import FunctionSpec, UpdateSource
 from dynamos.update.package import (
     FORMAT_VERSION,
     PACKAGE_SUFFIX,
+    PackagedFunction,
+    PackagedSymbol,
     UpdatePackage,
-    check_release,
     package_filename,
     read_package,
     write_package,
@@ -266,17 +267,13 @@ def test_changed_release_alone_contradicts_vermagic(tmp_path: Path) -> None:
     )
 
 
-def test_check_release_accepts_matching_kernel(tmp_path: Path) -> None:
-    check_release(read_package(build(tmp_path)), RELEASE)
-
-
-def test_check_release_mismatch(tmp_path: Path) -> None:
-    pkg = read_package(build(tmp_path))
-    with pytest.raises(PackageError) as info:
-        check_release(pkg, "6.1.0-13-amd64")
-    assert info.value.message == (
-        "update 'cmdline-banner' was built for 6.1.0-56-amd64, this kernel is 6.1.0-13-amd64"
+def test_typed_entries_are_what_the_kernel_layer_reads(tmp_path: Path) -> None:
+    pkg = read_package(build(tmp_path, klp_symbols=[{"name": "sched_schedstats", "object": "vmlinux", "sympos": 0}]))
+    assert pkg.patched_functions == (
+        PackagedFunction("cmdline_proc_show", "cmdline_proc_show_v2"),
+        PackagedFunction("nf_conntrack_in", "nf_conntrack_in_v2", object="nf_conntrack", sympos=2),
     )
+    assert pkg.klp_symbol_refs == (PackagedSymbol("sched_schedstats"),)
 
 
 # --- malformed packages -----------------------------------------------------------------------

@@ -1,0 +1,164 @@
+"""What the kernel layer's operations return: apply and revert results, and the kernel's status.
+
+Each has ``describe()`` or a stable ``to_json()``, so the CLI only chooses between them and the
+JSON a script reads does not depend on how the operations are written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dynamos.abi import VMLINUX
+from dynamos.kernel import livepatch as lp
+
+
+@dataclass
+class ApplyResult:
+    name: str  # update name
+    livepatch_name: str
+    package: str
+    kernel: str
+    replace: bool
+    functions: list[dict[str, Any]]
+    replaced: list[str] = field(default_factory=list)  # livepatches this one replaced and unloaded
+    notes: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        funcs = ", ".join(f["name"] + ("" if f["object"] == VMLINUX else f" [{f['object']}]")
+                          for f in self.functions)
+        lines = [f"applied {self.name} (livepatch {self.livepatch_name}) to {self.kernel} "
+                 f"in {self.seconds:.2f} s: {funcs}"]
+        if self.replaced:
+            lines.append(f"  replaced and unloaded: {', '.join(self.replaced)}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "livepatch_name": self.livepatch_name,
+            "package": self.package,
+            "kernel": self.kernel,
+            "replace": self.replace,
+            "functions": self.functions,
+            "replaced": self.replaced,
+            "notes": self.notes,
+            "phases": self.phases,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class RevertResult:
+    name: str  # livepatch name
+    update: str | None  # dynamos update name, when dynamos applied it
+    notes: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        what = self.name if self.update is None else f"{self.update} (livepatch {self.name})"
+        lines = [f"reverted {what} in {self.seconds:.2f} s"]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "update": self.update,
+            "notes": self.notes,
+            "phases": self.phases,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class FunctionStatus:
+    name: str
+    object: str
+    sympos: int | None
+    patched: bool
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"name": self.name, "object": self.object}
+        if self.sympos is not None:
+            data["sympos"] = self.sympos
+        data["patched"] = self.patched
+        return data
+
+
+@dataclass
+class UpdateStatus:
+    """One livepatch on the kernel (dynamos' or not)."""
+
+    name: str  # livepatch (and module) name
+    enabled: bool
+    transition: bool
+    dynamos: bool  # applied by dynamos (recorded in the state dir)
+    module_loaded: bool
+    objects: dict[str, bool] = field(default_factory=dict)
+    functions: list[FunctionStatus] = field(default_factory=list)
+    tasks_pending: list[lp.Task] = field(default_factory=list)
+    replace: bool | None = None
+    update: str | None = None  # dynamos update name
+    package: str | None = None
+    applied: str | None = None  # ISO time dynamos applied it
+    editions: list[dict[str, Any]] = field(default_factory=list)  # multi-edition functions' controls
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "name": self.name,
+            "enabled": self.enabled,
+            "transition": self.transition,
+            "dynamos": self.dynamos,
+            "module_loaded": self.module_loaded,
+        }
+        if self.replace is not None:
+            data["replace"] = self.replace
+        data["objects"] = [{"name": o, "patched": p} for o, p in self.objects.items()]
+        data["functions"] = [f.to_json() for f in self.functions]
+        data["tasks_pending"] = [t.to_json() for t in self.tasks_pending]
+        for key, value in (("update", self.update), ("package", self.package), ("applied", self.applied)):
+            if value is not None:
+                data[key] = value
+        if self.editions:
+            data["editions"] = self.editions
+        return data
+
+
+@dataclass
+class KernelStatus:
+    """Status of the kernel's livepatches.
+
+    ``to_json()`` shape (stable; keys marked ? appear only when known)::
+
+        {"kernel": "6.1.0-56-amd64", "livepatch": true,
+         "updates": [{"name": "fix_x", "enabled": true, "transition": false, "dynamos": true,
+                      "module_loaded": true, "replace"?: false,
+                      "objects": [{"name": "vmlinux", "patched": true}],
+                      "functions": [{"name": "f", "object": "vmlinux", "sympos"?: 2, "patched": true}],
+                      "tasks_pending": [{"pid": 1, "comm": "init", "tid"?: 2}],
+                      "update"?: "fix-x", "package"?: "/path/fix-x_6.1.0-56-amd64.dynpkg", "applied"?: "ISO time",
+                      "editions"?: [{"function": "pipe_write", "route": ["default 1"],
+                                     "editions": [{"index": 0, "name": "pipe_write", "calls": 7,
+                                                   "in_flight": 0, "live": true}],
+                                     "latency"?: [{"edition": 0, "calls": 7, "total_ns": 900, ...}]}]}]}
+
+    ``sympos`` appears when the update named one or sysfs shows a position other than 1.
+    An entry with ``enabled`` false and ``module_loaded`` true is a disabled or replaced
+    livepatch whose module is still loaded (``dynamos revert`` unloads it).
+    """
+
+    kernel: str
+    livepatch: bool
+    updates: list[UpdateStatus] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kernel": self.kernel,
+            "livepatch": self.livepatch,
+            "updates": [u.to_json() for u in self.updates],
+        }

@@ -1,0 +1,105 @@
+"""The one harness of the kernel layer's tests: a simulated kernel, the production ``LiveKernel``
+on it, and real update packages built for it.
+
+Packages are real ``.dynpkg`` files (``write_package``) whose module is a simulated image, read
+back by ``LiveKernel`` through ``read_package`` like on a host: the tests run the same package
+contract the lab does. ``tests/unit/conftest.py`` hands one out as the ``harness`` fixture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from dynamos.update.model import FunctionSpec, KthreadRestart, UpdateSource
+
+from dynamos.abi import VMLINUX
+from dynamos.kernel import ApplyResult, LiveKernel
+from dynamos.update.package import UpdatePackage, read_package, write_package
+from tests.support.simulated import SimModule, SimulatedKernel, module_image
+
+# The scene every test starts from: (name, kind, object, traceable).
+SYMBOLS: tuple[tuple[str, str, str, bool], ...] = (
+    ("cmdline_proc_show", "t", VMLINUX, True),
+    ("do_sys_open", "t", VMLINUX, True),
+    ("vfs_read", "t", VMLINUX, True),
+    ("show_map", "t", VMLINUX, True),  # show_map: two functions and a data symbol (sympos 1, 3; 2)
+    ("show_map", "d", VMLINUX, False),
+    ("show_map", "t", VMLINUX, True),
+    ("notrace_fn", "t", VMLINUX, False),
+    ("helper.isra.0", "t", VMLINUX, True),  # helper, renamed by the compiler
+    ("nf_hook", "t", "nf_tables", True),
+)
+MODULES = ("nf_tables",)
+RESTART = KthreadRestart(stop="stop_loop", start="start_loop")
+
+
+def fn(name: str, *, object: str = VMLINUX, sympos: int | None = None, kthread: bool = False,
+       edition: str | None = None) -> FunctionSpec:
+    """A function an update replaces (edition ``<name>_v2`` unless given)."""
+    return FunctionSpec(name, edition or f"{name}_v2", object=object, sympos=sympos,
+                        kthread=RESTART if kthread else None)
+
+
+class KernelHarness:
+    """A simulated kernel with the default scene, a LiveKernel on it, and packages in ``pkgs/``."""
+
+    def __init__(self, tmp_path: Path):
+        self.sim = SimulatedKernel(  # the scene rendered once, not once per symbol
+            tmp_path / "root",
+            symbols=[(name, kind, obj) for name, kind, obj, _ in SYMBOLS],
+            traceable=[(name, obj) for name, _, obj, traceable in SYMBOLS if traceable],
+            modules={name: SimModule(name, livepatch=False) for name in MODULES},
+        )
+        self.packages = tmp_path / "pkgs"
+        self.packages.mkdir()
+        self.log_path = tmp_path / "actions.log"
+        self.kernel = LiveKernel(self.sim.root, self.sim, poll_interval=0.1, unload_timeout=2.0,
+                                 log_path=self.log_path)
+
+    # -- packages ----------------------------------------------------------------------------
+
+    def add(self, name: str, *functions: str | FunctionSpec, replace: bool = False,
+            release: str | None = None, consistency: str = "per-task",
+            klp_symbols: list[dict[str, Any]] | None = None) -> Path:
+        """Write an update package replacing ``functions`` (default: cmdline_proc_show); its path."""
+        specs = tuple(f if isinstance(f, FunctionSpec) else fn(f) for f in functions or ("cmdline_proc_show",))
+        source = UpdateSource(directory=self.packages, name=name, description=f"{name} (simulated)",
+                              functions=specs, c_files=(), replace=replace, consistency=consistency)
+        release = release or self.sim.kernel_release
+        image = module_image(source.livepatch_name,
+                             [{"name": f.name, "object": f.object, "sympos": f.sympos} for f in specs], replace)
+        return write_package(self.packages / f"{name}.dynpkg", source=source, kernel_release=release,
+                             vermagic=f"{release} SMP preempt mod_unload modversions ", module=image,
+                             klp_symbols=klp_symbols)
+
+    def package(self, name: str = "fix-x", *functions: str | FunctionSpec, vermagic: str | None = None,
+                **kw: Any) -> UpdatePackage:
+        """An update package as the kernel layer gets it (``vermagic``: one its build would refuse)."""
+        pkg = read_package(self.add(name, *functions, **kw))
+        if vermagic is not None:
+            pkg = dataclasses.replace(pkg, manifest={**pkg.manifest, "vermagic": vermagic})
+        return pkg
+
+    def apply(self, name: str, *functions: str | FunctionSpec, replace: bool = False,
+              **apply_kw: Any) -> ApplyResult:
+        return self.kernel.apply(self.add(name, *functions, replace=replace), **apply_kw)
+
+    def load_foreign(self, name: str, functions: list[dict[str, Any]], polls: int = 3) -> None:
+        """A livepatch loaded by someone else (kpatch, insmod): no package, no dynamos record."""
+        self.sim.init_module(module_image(name, functions))
+        for _ in range(polls):
+            self.sim.sleep(0.01)
+
+    # -- what happened -----------------------------------------------------------------------
+
+    def record(self, livepatch: str) -> Path:
+        return self.sim.root / "run/dynamos/updates" / f"{livepatch}.json"
+
+    def log(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log_path.read_text().splitlines()]
+
+    def syscalls(self, kind: str) -> list[tuple[Any, ...]]:
+        return [c for c in self.sim.calls if c[0] == kind]
