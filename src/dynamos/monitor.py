@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dynamos.abi import LATENCY_FILE
 from dynamos.builder.kbuild import BuildResult, build_update
 from dynamos.errors import UpdateSourceError
 from dynamos.kernel.editions import FunctionControl, functions_of, normalize_name
@@ -81,7 +82,7 @@ def monitored(root: Path = Path("/")) -> list[FunctionControl]:
     """Every function of a loaded update that is monitored (has latency counters)."""
     out = []
     for module in loaded_modules(root).values():
-        out += [f for f in functions_of(module.name, root) if (f.path / "latency").exists()]
+        out += [f for f in functions_of(module.name, root) if (f.path / LATENCY_FILE).exists()]
     return out
 
 

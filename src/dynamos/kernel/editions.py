@@ -17,7 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dynamos.abi import CONTROL_DIR, SHARE_SCALE
+from dynamos.abi import (
+    CONTROL_DIR,
+    EDITIONS_FILE,
+    GLOBAL_FILE,
+    LATENCY_FILE,
+    MAX_PIDS,
+    MAX_RULES,
+    RETIRE_FILE,
+    ROUTE_FILE,
+    SHARE_SCALE,
+    THREAD_FILE,
+)
 from dynamos.errors import RefusedError, TransitionError
 from dynamos.kernel import livepatch as lp
 from dynamos.kernel.modules import normalize_name
@@ -101,23 +112,23 @@ class FunctionControl:
     path: Path
 
     def editions(self) -> list[EditionState]:
-        return parse_editions(self._read("editions"))
+        return parse_editions(self._read(EDITIONS_FILE))
 
     def route(self) -> list[str]:
-        return [line for line in self._read("route").splitlines() if line]
+        return [line for line in self._read(ROUTE_FILE).splitlines() if line]
 
     def latency(self) -> list[Latency] | None:
         """Latency per edition, or None when the update does not monitor this function."""
-        if not (self.path / "latency").exists():
+        if not (self.path / LATENCY_FILE).exists():
             return None
-        return parse_latency(self._read("latency"))
+        return parse_latency(self._read(LATENCY_FILE))
 
     def thread(self) -> dict[str, Any] | None:
         """For a kernel thread's main function: which side its thread runs ("new" or
         "original"), the thread's pid, restarts, last restart's ns and error; else None."""
-        if not (self.path / "thread").exists():
+        if not (self.path / THREAD_FILE).exists():
             return None
-        return {k: v if k == "on" else int(v) for k, v in parse_key_values(self._read("thread")).items()}
+        return {k: v if k == "on" else int(v) for k, v in parse_key_values(self._read(THREAD_FILE)).items()}
 
     def edition_index(self, edition: str | int) -> int:
         """An edition by number or by name (of the C function, or the kernel function for 0)."""
@@ -131,15 +142,15 @@ class FunctionControl:
 
     def command(self, line: str) -> None:
         """Write one route command; the runtime swaps the route atomically for new calls."""
-        if (self.path.parent / "global").exists():
+        if (self.path.parent / GLOBAL_FILE).exists():
             raise RefusedError(f"{self.update} has global consistency: its functions change editions "
                                "together, at apply and revert, not one by one")
         try:
-            with open(self.path / "route", "w") as f:
+            with open(self.path / ROUTE_FILE, "w") as f:
                 f.write(line)
         except OSError as e:
-            reason = {errno.ERANGE: "a number is out of range", errno.ENOSPC: "too many rules (8 at most)",
-                      errno.E2BIG: "too many pids (16 at most)", errno.EINVAL: "the runtime did not accept it",
+            reason = {errno.ERANGE: "a number is out of range", errno.ENOSPC: f"too many rules ({MAX_RULES} at most)",
+                      errno.E2BIG: f"too many pids ({MAX_PIDS} at most)", errno.EINVAL: "the runtime did not accept it",
                       errno.EACCES: "permission denied (run as root)", errno.EPERM: "permission denied"}
             raise RefusedError(f"{self.update}: route command {line!r} for {self.function} refused: "
                                f"{reason.get(e.errno, os.strerror(e.errno or 0))}") from e
@@ -170,7 +181,7 @@ def global_switch_state(update: str, root: Path = Path("/")) -> dict[str, str] |
     """The ``global`` control file of an update with global consistency (None for others):
     ``state``, ``switches``, ``attempts``, ``longest_stop_ns``, ``last_busy``, ..."""
     try:
-        text = (control_root(update, root) / "global").read_text()
+        text = (control_root(update, root) / GLOBAL_FILE).read_text()
     except OSError:
         return None
     return parse_key_values(text)
@@ -307,7 +318,7 @@ def retire(update: str, function: str, edition: str | int, timeout: float = 10.0
     if index == 0:
         raise RefusedError("edition 0 is the kernel's own code: it always stays selectable")
     try:
-        (control.path / "retire").write_text(str(index))
+        (control.path / RETIRE_FILE).write_text(str(index))
     except OSError as e:
         raise RefusedError(f"{update}: cannot retire edition {index} of {function}: {e.strerror}") from e
     started = time.monotonic()

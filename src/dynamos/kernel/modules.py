@@ -99,15 +99,16 @@ def last_kmsg_seq(root: Path) -> int:
 
 
 def kernel_messages(root: Path, name: str, since: int = -1, limit: int = 8) -> list[str]:
-    """The last ``limit`` kernel log messages after ``since`` about module ``name``, livepatch or
-    dynamos' runtime (which says why a callback of the update failed).
+    """The last ``limit`` kernel log messages after ``since`` about module ``name`` (dynamos'
+    runtime prefixes its own with the update module's name, saying why a callback failed) or
+    livepatch.
 
     The kernel logs why it refused a module (unknown symbol, bad vermagic, ambiguous livepatch
     symbol; livepatch's own messages do not name the module); quoting those lines saves the
     user a trip to dmesg.
     """
     found = [msg for seq, msg in read_kmsg(root)
-             if seq > since and (name in msg or msg.startswith(("livepatch:", "dynamos:")))]
+             if seq > since and (name in msg or msg.startswith("livepatch:"))]
     return found[-limit:]
 
 

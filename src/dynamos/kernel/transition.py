@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dynamos.abi import GLOBAL_FILE, SIGNAL_BLOCKERS_PARAM
 from dynamos.errors import RefusedError, TransitionError
 from dynamos.kernel import editions
 from dynamos.kernel import livepatch as lp
@@ -125,7 +126,7 @@ class Transitions:
     def signal_blockers(self, name: str) -> bool:
         """Have update ``name``'s module signal the tasks still to switch (livepatch's fake
         signal); False when it cannot (a module built before dynamos had this)."""
-        path = self.root / "sys/module" / name / "parameters/signal_blockers"
+        path = self.root / "sys/module" / name / "parameters" / SIGNAL_BLOCKERS_PARAM
         if not path.exists():
             return False
         try:
@@ -266,7 +267,7 @@ class Transitions:
         Forward, a failure reverts and unloads the update (every task ran the original code
         throughout); backward, it leaves the update applied as it was.
         """
-        path = editions.control_root(name, self.root) / "global"
+        path = editions.control_root(name, self.root) / GLOBAL_FILE
         if progress:
             progress(Progress("switch", name, 0, 0.0, timeout))
         try:
