@@ -13,10 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dynamos.update.model import FunctionSpec, KthreadRestart, UpdateSource
-
 from dynamos.abi import VMLINUX
 from dynamos.kernel import ApplyResult, LiveKernel
+from dynamos.update.model import FunctionSpec, KthreadRestart, UpdateSource
 from dynamos.update.package import UpdatePackage, read_package, write_package
 from tests.support.simulated import SimModule, SimulatedKernel, module_image
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dynamos.builder.btf import BtfError, BtfTypes, Param, Prototype
-from dynamos.target import DEFAULT_LAB_KERNEL, TargetKernel, fetch_target
+from dynamos.target import TargetKernel
 from dynamos.target.images import extract_vmlinux
 
 INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST = range(1, 11)
@@ -247,11 +247,6 @@ def test_non_elf_files_raise_btf_errors(tmp_path: Path) -> None:
 
 
 # -- the real lab kernel ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def target() -> TargetKernel:
-    return fetch_target(DEFAULT_LAB_KERNEL)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import pytest
 
 from dynamos.builder.cgen import c_string, generate_kbuild, generate_livepatch_source, klp_object_name
 from dynamos.builder.kbuild import read_modinfo
-from dynamos.target import fetch_target
 from dynamos.update.model import FunctionSpec, UpdateSource
 
 TRICKY_DESCRIPTION = 'Say "hi" \\ to C:\\path\nsecond line\ttab ??= trigraph, caf\u00e9 \x01'
@@ -148,9 +147,8 @@ def test_kbuild_refuses_bad_object_lists(objects: list[str]) -> None:
         generate_kbuild(make_source(FunctionSpec("f", "f_v2")), "net_fix_main.o", objects)
 
 
-def test_generated_c_compiles_into_a_livepatch_module(tmp_path: Path) -> None:
+def test_generated_c_compiles_into_a_livepatch_module(tmp_path: Path, target) -> None:
     """The glue plus a tiny author file, built by the target's Kbuild tree as dynamos will do it."""
-    target = fetch_target("6.1.0-56-amd64")
     source = make_source(
         FunctionSpec("cmdline_proc_show", "my_show"),
         FunctionSpec("nfs_show_options", "my_show", object="nfs"),

@@ -21,7 +21,6 @@ from dynamos.kernel.editions import (
     parse_latency,
 )
 from dynamos.monitor import monitor_manifest, monitor_name
-from dynamos.target import DEFAULT_LAB_KERNEL, fetch_target
 from dynamos.update.validate import load_update_source
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
@@ -199,8 +198,7 @@ def test_monitor_manifest_is_a_valid_update(tmp_path: Path) -> None:
 # --- a real build -------------------------------------------------------------------------------
 
 
-def test_example_builds_with_dispatcher_runtime_and_livepatch_thunk(tmp_path: Path) -> None:
-    target = fetch_target(DEFAULT_LAB_KERNEL)
+def test_example_builds_with_dispatcher_runtime_and_livepatch_thunk(tmp_path: Path, target) -> None:
     result = build_update(EXAMPLE, target, output=tmp_path)
     info = read_modinfo(result.module)
     assert info["dynamos_runtime"] == "2" and info["livepatch"] == "Y"
@@ -280,11 +278,11 @@ def test_bad_hooks_and_states(tmp_path: Path, tables: str, message: str) -> None
         load_update_source(d)
 
 
-def test_shadow_helpers_compile_into_updates_that_include_them(tmp_path: Path) -> None:
-    result = build_update(EXAMPLES / "pipe-bytes", fetch_target(DEFAULT_LAB_KERNEL), output=tmp_path)
+def test_shadow_helpers_compile_into_updates_that_include_them(tmp_path: Path, target) -> None:
+    result = build_update(EXAMPLES / "pipe-bytes", target, output=tmp_path)
     names = {s.name for s in ELFFile(open(result.module_path, "rb")).get_section_by_name(".symtab").iter_symbols()}
     assert {"dynamos_shadow_live", "dynamos_shadow_free_all", "pipe_write_accounted"} <= names
-    plain = build_update(EXAMPLE, fetch_target(DEFAULT_LAB_KERNEL), output=tmp_path)
+    plain = build_update(EXAMPLE, target, output=tmp_path)
     names = {s.name for s in ELFFile(open(plain.module_path, "rb")).get_section_by_name(".symtab").iter_symbols()}
     assert "dynamos_shadow_live" not in names  # only updates that use shadow data carry it
 

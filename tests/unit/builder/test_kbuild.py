@@ -12,7 +12,7 @@ import pytest
 from dynamos.builder import kbuild
 from dynamos.builder.kbuild import BuildResult, build_update, error_lines, read_modinfo, rewrite_paths
 from dynamos.errors import BuildError
-from dynamos.target import TargetKernel, fetch_target
+from dynamos.target import TargetKernel
 
 RELEASE = "6.1.0-56-amd64"
 
@@ -53,11 +53,6 @@ def write_source(directory: Path, c_text: str = EDITION_C, kernel: str | None = 
     )
     (directory / "edit.c").write_text(c_text)
     return directory
-
-
-@pytest.fixture(scope="module")
-def target() -> TargetKernel:
-    return fetch_target(RELEASE)
 
 
 def _isolate_builds(mp: pytest.MonkeyPatch, root: Path) -> None:

@@ -11,7 +11,7 @@ from dynamos.errors import LabError, TargetError
 from dynamos.lab import protocol as P
 from dynamos.lab.initramfs import CpioWriter, cached_initramfs, files_cpio, find_busybox, module_load_order
 from dynamos.lab.vm import LabConfig, _normalise_shares, _qemu_argv, kernel_trouble
-from dynamos.target import DEFAULT_LAB_KERNEL, fetch_target, validate_release
+from dynamos.target import fetch_target, validate_release
 from dynamos.target.fetch import _packages_for
 
 
@@ -76,8 +76,7 @@ def test_cpio_lists_what_was_written(tmp_path: Path):
     assert (out / "bin/sh").is_symlink() and (out / "bin/hello").stat().st_mode & 0o777 == 0o755
 
 
-def test_lab_modules_come_in_dependency_order():
-    target = fetch_target(DEFAULT_LAB_KERNEL)
+def test_lab_modules_come_in_dependency_order(target):
     names = [p.name.removesuffix(".ko") for p in module_load_order(target)]
     for needed in ("virtio_pci", "virtio_console", "9pnet_virtio", "9p"):
         assert needed in names
@@ -91,8 +90,7 @@ def _cpio_list(data: bytes) -> list[str]:
                           check=True).stdout.decode().split()
 
 
-def test_initramfs_carries_init_and_modules_and_is_cached(tmp_path: Path):
-    target = fetch_target(DEFAULT_LAB_KERNEL)
+def test_initramfs_carries_init_and_modules_and_is_cached(tmp_path: Path, target):
     base = cached_initramfs(target, "#!/bin/sh\n", tmp_path / "cache")
     listing = _cpio_list(base.read_bytes())
     assert {"init", "bin/busybox", "bin/insmod", "lib/modules/order"} <= set(listing)

@@ -16,7 +16,7 @@ from elftools.elf.elffile import ELFFile
 
 from dynamos.builder.units import CompiledUnit, compile_original, compile_unit
 from dynamos.errors import BuildError, TargetError
-from dynamos.target import TargetKernel, debian_version, fetch_target
+from dynamos.target import TargetKernel, debian_version
 from dynamos.target import source as source_mod
 from dynamos.target.source import READY, KernelSource, prepare_source, source_package, source_root
 
@@ -24,11 +24,6 @@ RELEASE = "6.1.0-56-amd64"
 CMDLINE = "fs/proc/cmdline.c"
 ORIGINAL_LINE = "\tseq_putc(m, '\\n');\n"
 PATCHED_LINE = '\tseq_puts(m, " [patched by dynamos]\\n");\n'
-
-
-@pytest.fixture(scope="module")
-def target() -> TargetKernel:
-    return fetch_target(RELEASE)
 
 
 @pytest.fixture(scope="module")
