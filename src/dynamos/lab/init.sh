@@ -29,6 +29,24 @@ mount -t tracefs tracefs $R/sys/kernel/tracing 2>/dev/null
 mount -t securityfs securityfs $R/sys/kernel/security 2>/dev/null
 mount -t debugfs debugfs $R/sys/kernel/debug 2>/dev/null
 mount -t cgroup2 cgroup2 $R/sys/fs/cgroup 2>/dev/null || say "cannot mount cgroup2"
+# The target's own modules at /lib/modules (see dynamos/lab/modules.py): the cache's tree over 9p
+# as the read-only lower layer, a tmpfs as the upper one, so the guest may add modules and run
+# depmod while the host's cache is never written.  A host without /lib/modules (a container)
+# has no mount point for it: /lib then gets a tmpfs-backed overlay of its own to make one.
+if [ -n "$MODULES_RELEASE" ]; then
+    mkdir -p /lab/modules /lab/rw
+    mount -t tmpfs -o mode=755 tmpfs /lab/rw
+    mkdir -p /lab/rw/mods /lab/rw/mods.work /lab/rw/lib /lab/rw/lib.work
+    if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose modules /lab/modules; then
+        say "cannot mount the target's modules"
+    elif [ ! -d $R/lib/modules ] && ! { mount -t overlay -o lowerdir=$R/lib,upperdir=/lab/rw/lib,workdir=/lab/rw/lib.work \
+            overlay $R/lib && mkdir $R/lib/modules; }; then
+        say "cannot make a mount point for /lib/modules"
+    elif ! mount -t overlay -o lowerdir=/lab/modules,upperdir=/lab/rw/mods,workdir=/lab/rw/mods.work \
+            overlay $R/lib/modules; then
+        say "cannot mount the target's modules at /lib/modules"
+    fi
+fi
 # Extra shares, "ro:PATH" or "rw:PATH" in mount order: the working directory and caches read-only,
 # the outputs a command asked for writable; uncached so host changes show at once.
 i=0
@@ -41,8 +59,9 @@ for spec in $SHARES; do
 done
 hostname dynamos-lab
 say "agent starting"
-# Commands in the guest use the host's dynamos cache (shared at the same path).
-export HOME=/root DYNAMOS_CACHE
+# Commands in the guest use the host's dynamos cache (shared at the same path), and root's usual
+# PATH: /bin alone (the initramfs' busybox) would hide modprobe, depmod, sysctl and the like.
+export HOME=/root DYNAMOS_CACHE PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 chroot $R $AGENT_PYTHON -S -E $AGENT_PATH
 say "agent exited with status $?"
 poweroff -f

@@ -17,8 +17,9 @@ from dynamos.errors import LabError
 from dynamos.target import TargetKernel
 
 # Modules the guest needs before it can reach the host: PCI virtio transport, the
-# virtio-serial command channel, and 9p over virtio.  Dependencies are added from .modinfo.
-LAB_MODULES = ("virtio_pci", "virtio_console", "9pnet_virtio", "9p")
+# virtio-serial command channel, 9p over virtio, and overlay for the writable /lib/modules
+# (see dynamos.lab.modules).  Dependencies are added from .modinfo.
+LAB_MODULES = ("virtio_pci", "virtio_console", "9pnet_virtio", "9p", "overlay")
 
 BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from dynamos.errors import LabError
 from dynamos.lab import protocol as P
 from dynamos.lab.initramfs import cached_initramfs, files_cpio
+from dynamos.lab.modules import ensure_module_index, modules_share_argv
 from dynamos.target import DEFAULT_LAB_KERNEL, TargetKernel, cache_root, fetch_target
 from dynamos.target.images import extract_vmlinux
 
@@ -230,6 +231,7 @@ class Lab:
             shutil.rmtree(state_dir)
         state_dir.mkdir(parents=True)
         shares = _normalise_shares([*config.shares, *_needed_shares()], config.outputs)
+        ensure_module_index(target, say)
         initrd = state_dir / "initramfs.cpio"
         initrd.write_bytes(_lab_initramfs(target, shares, config.root_cache))
         argv = _qemu_argv(target, config, accel, state_dir, initrd, shares)
@@ -510,6 +512,7 @@ def _lab_initramfs(target: TargetKernel, shares: list[tuple[str, bool]], root_ca
         f"AGENT_PATH={shlex.quote(str(agent))}",
         f"ROOT_CACHE={shlex.quote(root_cache)}",
         f"DYNAMOS_CACHE={shlex.quote(str(cache_root()))}",
+        f"MODULES_RELEASE={shlex.quote(target.release if target.modules_dir else '')}",
     ]) + "\n"
     base = cached_initramfs(target, init.read_text(), cache_root() / "initramfs")
     return base.read_bytes() + files_cpio({"lab.conf": conf.encode()})
@@ -538,6 +541,7 @@ def _qemu_argv(target: TargetKernel, config: LabConfig, accel: str, state_dir: P
         "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
         "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
     ]
+    argv += modules_share_argv(target)
     if accel == "kvm":
         argv += ["-accel", "kvm", "-cpu", "host"]
     else:
