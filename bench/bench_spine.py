@@ -25,6 +25,7 @@ from pathlib import Path
 from dynamos.builder.kbuild import build_update
 from dynamos.demo import guest_env
 from dynamos.lab import Lab, LabConfig
+from dynamos.lab import machine as labmachine
 from dynamos.lab import vm as labvm
 from dynamos.target import DEFAULT_LAB_KERNEL, cache_root, fetch_target
 from dynamos.target.images import extract_vmlinux
@@ -38,9 +39,9 @@ def median(xs: list[float]) -> float:
 
 def boot_to_command(config: LabConfig, image: str) -> float:
     """Seconds from starting QEMU until a first command's result is back on the host."""
-    original = labvm.extract_vmlinux
+    original = labmachine.extract_vmlinux
     if image == "vmlinuz":
-        labvm.extract_vmlinux = lambda target: target.image  # the conventional path
+        labmachine.extract_vmlinux = lambda target: target.image  # the conventional path
     try:
         t0 = time.monotonic()
         lab = Lab.boot(config)
@@ -51,7 +52,7 @@ def boot_to_command(config: LabConfig, image: str) -> float:
         lab.discard()
         return seconds
     finally:
-        labvm.extract_vmlinux = original
+        labmachine.extract_vmlinux = original
 
 
 def bare_kbuild(headers: Path) -> float:

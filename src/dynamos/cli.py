@@ -274,7 +274,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 # ----- lab -------------------------------------------------------------------------------------
 def _lab_config(args: argparse.Namespace):
     from dynamos.lab import LabConfig
-    from dynamos.lab.vm import default_shares
+    from dynamos.lab.machine import default_shares
 
     return LabConfig(kernel=args.kernel, cpus=args.cpus, memory_mb=args.memory,
                      shares=default_shares() + list(args.share or []), outputs=list(args.output or []),

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from dynamos.errors import DynamosError
 from dynamos.lab import Lab, LabConfig, lab_session
-from dynamos.lab.vm import choose_accel, default_shares
+from dynamos.lab.machine import default_shares
+from dynamos.lab.vm import choose_accel
 from dynamos.target import DEFAULT_LAB_KERNEL, cache_root, fetch_target
 
 DEMO_EXAMPLE = "cmdline-banner"

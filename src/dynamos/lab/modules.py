@@ -74,15 +74,6 @@ def ensure_module_index(target: TargetKernel, progress: Callable[[str], None] | 
     return True
 
 
-def modules_share_argv(target: TargetKernel) -> list[str]:
-    """QEMU options exporting the target's ``lib/modules`` read-only under :data:`MODULES_TAG`."""
-    if target.modules_dir is None:
-        return []
-    path = str(target.modules_dir.parent).replace(",", ",,")  # a comma would start a new option
-    return ["-fsdev", f"local,id={MODULES_TAG},path={path},security_model=none,readonly=on,multidevs=remap",
-            "-device", f"virtio-9p-pci,fsdev={MODULES_TAG},mount_tag={MODULES_TAG}"]
-
-
 @dataclass(frozen=True)
 class StagedModules:
     """Extra modules and a module index covering them and the target's own, staged on the host

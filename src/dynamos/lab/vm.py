@@ -25,17 +25,22 @@ from pathlib import Path
 
 from dynamos.errors import LabError
 from dynamos.lab import protocol as P
-from dynamos.lab.initramfs import cached_initramfs, files_cpio
-from dynamos.lab.modules import ensure_module_index, modules_share_argv
-from dynamos.target import DEFAULT_LAB_KERNEL, TargetKernel, cache_root, fetch_target
-from dynamos.target.images import extract_vmlinux
+from dynamos.lab.machine import (
+    LabConfig,
+    lab_initramfs,
+    needed_shares,
+    normalise_shares,
+    qemu_argv,
+    qemu_binary,
+)
+from dynamos.lab.modules import ensure_module_index
+from dynamos.target import TargetKernel, cache_root, fetch_target
 
 # Exit statuses of `dynamos lab run` that are not the command's own (documented in README).
 EXIT_KERNEL_OOPS = 123
 EXIT_TIMEOUT = 124
 EXIT_BOOT_FAILED = 125
 
-QEMU = "qemu-system-x86_64"
 
 # Console lines that mean the guest kernel is in trouble.  WARN and BUG splats, oopses, panics,
 # lockups and RCU stalls all print one of these first.
@@ -43,21 +48,6 @@ OOPS_PATTERNS = re.compile(
     r"(Oops:|BUG: |Kernel panic|WARNING: CPU: |general protection fault|"
     r"watchdog: BUG: soft lockup|rcu: INFO: rcu_.* detected stalls|Call Trace:)"
 )
-
-
-@dataclass
-class LabConfig:
-    """What to boot and how."""
-
-    kernel: str = DEFAULT_LAB_KERNEL
-    memory_mb: int = 1024
-    cpus: int = 2
-    shares: list[str] = field(default_factory=list)  # host dirs the guest sees read-only, at the same path
-    outputs: list[str] = field(default_factory=list)  # host dirs the guest may write, at the same path
-    accel: str | None = None  # "kvm" / "tcg"; None: decided by a cached probe
-    boot_timeout: float = 60.0
-    root_cache: str = "cache=loose"  # 9p cache mode of the read-only root share
-    append: str = ""  # extra kernel command line
 
 
 @dataclass
@@ -96,66 +86,6 @@ class GuestCrashed(LabError):
 
 def labs_dir() -> Path:
     return cache_root() / "labs"
-
-
-def default_shares() -> list[str]:
-    """The working directory and the dynamos cache: what a lab command usually needs to see."""
-    return [os.getcwd(), str(cache_root())]
-
-
-def _normalise_shares(shares: Sequence[str], outputs: Sequence[str] = ()) -> list[tuple[str, bool]]:
-    """(path, writable) pairs in mount order: absolute, real, de-duplicated (an output wins over
-    a read-only share of the same path), and a path nested in a share of the same kind dropped
-    (that share covers it). An output inside a read-only share stays: it is mounted over it."""
-    wanted: dict[str, bool] = {}
-    for s, writable in [*((s, False) for s in shares), *((s, True) for s in outputs)]:
-        p = os.path.realpath(s)
-        if any(c.isspace() for c in p):
-            raise LabError(f"cannot share {p!r}: paths with whitespace are not supported")
-        if not os.path.isdir(p):
-            raise LabError(f"cannot share {p}: not a directory")
-        if p == "/" and not writable:
-            continue  # already the root share
-        if p == "/":
-            raise LabError("the host root cannot be an output share: name the directories the guest may write")
-        wanted[p] = wanted.get(p, False) or writable
-    kept: list[tuple[str, bool]] = []
-    for p in sorted(wanted):
-        if not any(p.startswith(k + "/") and w == wanted[p] for k, w in kept):
-            kept.append((p, wanted[p]))
-    return kept
-
-
-def _option_value(value: str) -> str:
-    """A value inside a QEMU ``-fsdev``/``-chardev`` option list: a comma is doubled, so a path
-    cannot end the value and start an option of its own."""
-    return value.replace(",", ",,")
-
-
-# Where the guest's init puts tmpfs over the host's directories (see init.sh).
-GUEST_TMPFS = ("/tmp", "/run", "/var/tmp", "/var/log", "/var/lib", "/var/cache")
-
-
-def _needed_shares() -> list[str]:
-    """Host directories the guest must see but would not through the root share because the
-    guest covers them with tmpfs: the agent's own code and the interpreter's environment, when
-    dynamos runs from a checkout or venv under /tmp (as CI does)."""
-    import dynamos
-
-    wanted = [str(Path(dynamos.__file__).resolve().parents[1]), sys.prefix]
-    return [p for p in wanted if any(p == t or p.startswith(t + "/") for t in GUEST_TMPFS)]
-
-
-def _agent_files() -> tuple[Path, Path]:
-    here = Path(__file__).resolve().parent
-    return here / "agent.py", here / "init.sh"
-
-
-def _qemu_binary() -> str:
-    path = shutil.which(QEMU)
-    if path is None:
-        raise LabError(f"{QEMU} not found: install the qemu-system-x86 package")
-    return path
 
 
 def _read_console(path: Path, offset: int) -> tuple[str, int]:
@@ -230,11 +160,11 @@ class Lab:
         if state_dir.exists():
             shutil.rmtree(state_dir)
         state_dir.mkdir(parents=True)
-        shares = _normalise_shares([*config.shares, *_needed_shares()], config.outputs)
+        shares = normalise_shares([*config.shares, *needed_shares()], config.outputs)
         ensure_module_index(target, say)
         initrd = state_dir / "initramfs.cpio"
-        initrd.write_bytes(_lab_initramfs(target, shares, config.root_cache))
-        argv = _qemu_argv(target, config, accel, state_dir, initrd, shares)
+        initrd.write_bytes(lab_initramfs(target, shares, config.root_cache))
+        argv = qemu_argv(target, config, accel, state_dir, initrd, shares)
         (state_dir / "qemu.cmdline").write_text(shlex.join(argv) + "\n")
         log = open(state_dir / "qemu.log", "wb")
         say(f"booting {target.release} ({accel.upper()}, {config.cpus} CPU, {config.memory_mb} MiB)")
@@ -503,62 +433,10 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-def _lab_initramfs(target: TargetKernel, shares: list[tuple[str, bool]], root_cache: str) -> bytes:
-    """The cached base initramfs plus this lab's settings (``/lab.conf``) appended."""
-    agent, init = _agent_files()
-    conf = "\n".join([
-        f"SHARES={shlex.quote(' '.join(('rw:' if w else 'ro:') + p for p, w in shares))}",
-        f"AGENT_PYTHON={shlex.quote(os.path.realpath(sys.executable))}",
-        f"AGENT_PATH={shlex.quote(str(agent))}",
-        f"ROOT_CACHE={shlex.quote(root_cache)}",
-        f"DYNAMOS_CACHE={shlex.quote(str(cache_root()))}",
-        f"MODULES_RELEASE={shlex.quote(target.release if target.modules_dir else '')}",
-    ]) + "\n"
-    base = cached_initramfs(target, init.read_text(), cache_root() / "initramfs")
-    return base.read_bytes() + files_cpio({"lab.conf": conf.encode()})
-
-
-def _qemu_argv(target: TargetKernel, config: LabConfig, accel: str, state_dir: Path,
-               initrd: Path, shares: list[tuple[str, bool]]) -> list[str]:
-    kernel_image = extract_vmlinux(target)  # PVH boot: no firmware, no in-guest decompression
-    cmdline = " ".join([
-        "console=ttyS0", "loglevel=5", "panic=-1", "rdinit=/init", "8250.nr_uarts=1",
-        "tsc=reliable", "no_timer_check",
-        "cryptomgr.notests",  # boot-time crypto self-tests: ~0.3 s under TCG, no bearing on updates
-        "pci=noacpi",  # PCI IRQ routing from the BIOS table: ACPI link setup costs ~0.5 s under TCG
-        config.append,
-    ]).strip()
-    argv = [
-        _qemu_binary(), "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-machine", "q35" if accel == "kvm" else "pc",
-        "-m", str(config.memory_mb), "-smp", str(config.cpus),
-        "-kernel", str(kernel_image), "-initrd", str(initrd), "-append", cmdline,
-        "-serial", f"file:{state_dir / 'console.log'}",
-        "-monitor", "none",
-        "-device", "virtio-serial-pci,id=vser",
-        "-chardev", f"socket,id=ctl,path={_option_value(str(state_dir / 'ctl.sock'))},server=on,wait=off",
-        "-device", "virtserialport,bus=vser.0,chardev=ctl,name=dynamos.ctl",
-        "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
-        "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
-    ]
-    argv += modules_share_argv(target)
-    if accel == "kvm":
-        argv += ["-accel", "kvm", "-cpu", "host"]
-    else:
-        argv += ["-accel", "tcg,thread=multi", "-cpu", "max"]
-    for i, (path, writable) in enumerate(shares):
-        # An output maps the guest's owners and modes into xattrs (mapped-xattr): QEMU runs as
-        # root, and with security_model=none a guest could leave a setuid-root file on the host.
-        access = "security_model=mapped-xattr" if writable else "security_model=none,readonly=on"
-        argv += ["-fsdev", f"local,id=share{i},path={_option_value(path)},{access},multidevs=remap",
-                 "-device", f"virtio-9p-pci,fsdev=share{i},mount_tag=share{i}"]
-    return argv
-
-
 # ----- accelerator choice -------------------------------------------------------------------------
 def _accel_cache_key() -> str:
     try:
-        qemu_version = subprocess.run([_qemu_binary(), "--version"], capture_output=True,
+        qemu_version = subprocess.run([qemu_binary(), "--version"], capture_output=True,
                                       text=True).stdout.splitlines()[0]
     except (OSError, IndexError):
         qemu_version = "?"

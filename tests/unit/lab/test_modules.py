@@ -11,14 +11,13 @@ import pytest
 
 from dynamos.errors import LabError
 from dynamos.lab.initramfs import LAB_MODULES, cached_initramfs, find_busybox, module_load_order
+from dynamos.lab.machine import LabConfig, agent_files, lab_initramfs, modules_share_argv, qemu_argv
 from dynamos.lab.modules import (
     MODULES_TAG,
     ensure_module_index,
     index_is_current,
-    modules_share_argv,
     stage_modules,
 )
-from dynamos.lab.vm import LabConfig, _agent_files, _lab_initramfs, _qemu_argv
 from dynamos.target import TargetKernel
 
 RELEASE = "6.1.0-99-amd64"
@@ -64,7 +63,7 @@ def test_the_modules_share_is_read_only_and_holds_the_release_dir(tmp_path: Path
 
 
 def test_qemu_exports_the_modules_share(tmp_path: Path, target):
-    argv = _qemu_argv(target, LabConfig(), "tcg", tmp_path, tmp_path / "initrd", [])
+    argv = qemu_argv(target, LabConfig(), "tcg", tmp_path, tmp_path / "initrd", [])
     assert f"local,id={MODULES_TAG},path={target.modules_dir.parent},security_model=none,readonly=on," \
            "multidevs=remap" in argv
 
@@ -76,8 +75,8 @@ def test_overlay_is_loaded_by_the_initramfs(target):
 
 def test_lab_conf_names_the_release_whose_modules_init_mounts(tmp_path: Path, target, monkeypatch):
     monkeypatch.setenv("DYNAMOS_CACHE", str(tmp_path / "cache"))  # the base initramfs is built there
-    data = _lab_initramfs(target, [], "cache=loose")
-    base = cached_initramfs(target, _agent_files()[1].read_text(), tmp_path / "cache" / "initramfs").read_bytes()
+    data = lab_initramfs(target, [], "cache=loose")
+    base = cached_initramfs(target, agent_files()[1].read_text(), tmp_path / "cache" / "initramfs").read_bytes()
     assert data.startswith(base)  # the base archive, then this lab's settings in one of their own
     out = tmp_path / "x"
     out.mkdir()

@@ -10,7 +10,8 @@ import pytest
 from dynamos.errors import LabError, TargetError
 from dynamos.lab import protocol as P
 from dynamos.lab.initramfs import CpioWriter, cached_initramfs, files_cpio, find_busybox, module_load_order
-from dynamos.lab.vm import LabConfig, _normalise_shares, _qemu_argv, kernel_trouble
+from dynamos.lab.machine import LabConfig, normalise_shares, qemu_argv
+from dynamos.lab.vm import kernel_trouble
 from dynamos.target import fetch_target, validate_release
 from dynamos.target.fetch import _packages_for
 
@@ -122,29 +123,29 @@ def test_shares_are_normalised(tmp_path: Path):
         (tmp_path / d).mkdir(parents=True)
     shares = [str(tmp_path / "a/b"), str(tmp_path / "a"), str(tmp_path / "c"), str(tmp_path / "o"), "/"]
     outputs = [str(tmp_path / "c"), str(tmp_path / "a/b"), str(tmp_path / "o/deeper")]
-    assert _normalise_shares(shares, outputs) == [
+    assert normalise_shares(shares, outputs) == [
         (str(tmp_path / "a"), False), (str(tmp_path / "a/b"), True),  # an output mounted over a read-only share
         (str(tmp_path / "c"), True),  # shared and an output: writable
         (str(tmp_path / "o"), False), (str(tmp_path / "o/deeper"), True)]
     with pytest.raises(LabError, match="not a directory"):
-        _normalise_shares([str(tmp_path / "missing")])
+        normalise_shares([str(tmp_path / "missing")])
     (tmp_path / "with space").mkdir()
     with pytest.raises(LabError, match="whitespace"):
-        _normalise_shares([str(tmp_path / "with space")])
+        normalise_shares([str(tmp_path / "with space")])
     with pytest.raises(LabError, match="host root cannot be an output"):
-        _normalise_shares([], ["/"])
+        normalise_shares([], ["/"])
 
 
 def test_qemu_options_keep_a_comma_in_a_path_inside_its_value(tmp_path: Path, target):
     odd = tmp_path / "a,readonly=off,b"
     odd.mkdir()
-    argv = _qemu_argv(target, LabConfig(), "tcg", tmp_path, tmp_path / "initrd",
-                      _normalise_shares([str(odd)], [str(tmp_path)]))
-    fsdevs = [argv[i + 1] for i, a in enumerate(argv) if a == "-fsdev"]
-    assert fsdevs[1] == f"local,id=share0,path={tmp_path},security_model=mapped-xattr,multidevs=remap"
-    assert fsdevs[2] == (f"local,id=share1,path={tmp_path}/a,,readonly=off,,b,security_model=none,readonly=on,"
-                         "multidevs=remap")
-    assert fsdevs[0].startswith("local,id=hostroot,path=/,security_model=none,readonly=on")
+    argv = qemu_argv(target, LabConfig(), "tcg", tmp_path, tmp_path / "initrd",
+                      normalise_shares([str(odd)], [str(tmp_path)]))
+    fsdevs = {a.split(",")[1]: a for a in (argv[i + 1] for i, a in enumerate(argv) if a == "-fsdev")}
+    assert fsdevs["id=share0"] == f"local,id=share0,path={tmp_path},security_model=mapped-xattr,multidevs=remap"
+    assert fsdevs["id=share1"] == (f"local,id=share1,path={tmp_path}/a,,readonly=off,,b,security_model=none,"
+                                   "readonly=on,multidevs=remap")
+    assert fsdevs["id=hostroot"].startswith("local,id=hostroot,path=/,security_model=none,readonly=on")
 
 
 def test_release_names_and_packages():

@@ -1,0 +1,157 @@
+"""What a lab machine is made of: its settings, the host directories it sees, QEMU's command line
+and the guest's own settings (``/lab.conf`` in the initramfs). ``vm`` runs such a machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dynamos.errors import LabError
+from dynamos.lab.initramfs import cached_initramfs, files_cpio
+from dynamos.lab.modules import MODULES_TAG
+from dynamos.target import DEFAULT_LAB_KERNEL, TargetKernel, cache_root
+from dynamos.target.images import extract_vmlinux
+
+QEMU = "qemu-system-x86_64"
+
+
+@dataclass
+class LabConfig:
+    """What to boot and how."""
+
+    kernel: str = DEFAULT_LAB_KERNEL
+    memory_mb: int = 1024
+    cpus: int = 2
+    shares: list[str] = field(default_factory=list)  # host dirs the guest sees read-only, at the same path
+    outputs: list[str] = field(default_factory=list)  # host dirs the guest may write, at the same path
+    accel: str | None = None  # "kvm" / "tcg"; None: decided by a cached probe
+    boot_timeout: float = 60.0
+    root_cache: str = "cache=loose"  # 9p cache mode of the read-only root share
+    append: str = ""  # extra kernel command line
+
+
+def default_shares() -> list[str]:
+    """The working directory and the dynamos cache: what a lab command usually needs to see."""
+    return [os.getcwd(), str(cache_root())]
+
+
+def normalise_shares(shares: Sequence[str], outputs: Sequence[str] = ()) -> list[tuple[str, bool]]:
+    """(path, writable) pairs in mount order: absolute, real, de-duplicated (an output wins over
+    a read-only share of the same path), and a path nested in a share of the same kind dropped
+    (that share covers it). An output inside a read-only share stays: it is mounted over it."""
+    wanted: dict[str, bool] = {}
+    for s, writable in [*((s, False) for s in shares), *((s, True) for s in outputs)]:
+        p = os.path.realpath(s)
+        if any(c.isspace() for c in p):
+            raise LabError(f"cannot share {p!r}: paths with whitespace are not supported")
+        if not os.path.isdir(p):
+            raise LabError(f"cannot share {p}: not a directory")
+        if p == "/" and not writable:
+            continue  # already the root share
+        if p == "/":
+            raise LabError("the host root cannot be an output share: name the directories the guest may write")
+        wanted[p] = wanted.get(p, False) or writable
+    kept: list[tuple[str, bool]] = []
+    for p in sorted(wanted):
+        if not any(p.startswith(k + "/") and w == wanted[p] for k, w in kept):
+            kept.append((p, wanted[p]))
+    return kept
+
+
+def option_value(value: str) -> str:
+    """A value inside a QEMU ``-fsdev``/``-chardev`` option list: a comma is doubled, so a path
+    cannot end the value and start an option of its own."""
+    return value.replace(",", ",,")
+
+
+# Where the guest's init puts tmpfs over the host's directories (see init.sh).
+GUEST_TMPFS = ("/tmp", "/run", "/var/tmp", "/var/log", "/var/lib", "/var/cache")
+
+
+def needed_shares() -> list[str]:
+    """Host directories the guest must see but would not through the root share because the
+    guest covers them with tmpfs: the agent's own code and the interpreter's environment, when
+    dynamos runs from a checkout or venv under /tmp (as CI does)."""
+    import dynamos
+
+    wanted = [str(Path(dynamos.__file__).resolve().parents[1]), sys.prefix]
+    return [p for p in wanted if any(p == t or p.startswith(t + "/") for t in GUEST_TMPFS)]
+
+
+def agent_files() -> tuple[Path, Path]:
+    here = Path(__file__).resolve().parent
+    return here / "agent.py", here / "init.sh"
+
+
+def qemu_binary() -> str:
+    path = shutil.which(QEMU)
+    if path is None:
+        raise LabError(f"{QEMU} not found: install the qemu-system-x86 package")
+    return path
+
+
+def modules_share_argv(target: TargetKernel) -> list[str]:
+    """QEMU options exporting the target's ``lib/modules`` read-only under :data:`MODULES_TAG`."""
+    if target.modules_dir is None:
+        return []
+    path = option_value(str(target.modules_dir.parent))
+    return ["-fsdev", f"local,id={MODULES_TAG},path={path},security_model=none,readonly=on,multidevs=remap",
+            "-device", f"virtio-9p-pci,fsdev={MODULES_TAG},mount_tag={MODULES_TAG}"]
+
+
+def lab_initramfs(target: TargetKernel, shares: list[tuple[str, bool]], root_cache: str) -> bytes:
+    """The cached base initramfs plus this lab's settings (``/lab.conf``) appended."""
+    agent, init = agent_files()
+    conf = "\n".join([
+        f"SHARES={shlex.quote(' '.join(('rw:' if w else 'ro:') + p for p, w in shares))}",
+        f"AGENT_PYTHON={shlex.quote(os.path.realpath(sys.executable))}",
+        f"AGENT_PATH={shlex.quote(str(agent))}",
+        f"ROOT_CACHE={shlex.quote(root_cache)}",
+        f"DYNAMOS_CACHE={shlex.quote(str(cache_root()))}",
+        f"MODULES_RELEASE={shlex.quote(target.release if target.modules_dir else '')}",
+    ]) + "\n"
+    base = cached_initramfs(target, init.read_text(), cache_root() / "initramfs")
+    return base.read_bytes() + files_cpio({"lab.conf": conf.encode()})
+
+
+def qemu_argv(target: TargetKernel, config: LabConfig, accel: str, state_dir: Path,
+               initrd: Path, shares: list[tuple[str, bool]]) -> list[str]:
+    kernel_image = extract_vmlinux(target)  # PVH boot: no firmware, no in-guest decompression
+    cmdline = " ".join([
+        "console=ttyS0", "loglevel=5", "panic=-1", "rdinit=/init", "8250.nr_uarts=1",
+        "tsc=reliable", "no_timer_check",
+        "cryptomgr.notests",  # boot-time crypto self-tests: ~0.3 s under TCG, no bearing on updates
+        "pci=noacpi",  # PCI IRQ routing from the BIOS table: ACPI link setup costs ~0.5 s under TCG
+        config.append,
+    ]).strip()
+    argv = [
+        qemu_binary(), "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-machine", "q35" if accel == "kvm" else "pc",
+        "-m", str(config.memory_mb), "-smp", str(config.cpus),
+        "-kernel", str(kernel_image), "-initrd", str(initrd), "-append", cmdline,
+        "-serial", f"file:{state_dir / 'console.log'}",
+        "-monitor", "none",
+        "-device", "virtio-serial-pci,id=vser",
+        "-chardev", f"socket,id=ctl,path={option_value(str(state_dir / 'ctl.sock'))},server=on,wait=off",
+        "-device", "virtserialport,bus=vser.0,chardev=ctl,name=dynamos.ctl",
+        "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
+        "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
+    ]
+    argv += modules_share_argv(target)
+    if accel == "kvm":
+        argv += ["-accel", "kvm", "-cpu", "host"]
+    else:
+        argv += ["-accel", "tcg,thread=multi", "-cpu", "max"]
+    for i, (path, writable) in enumerate(shares):
+        # An output maps the guest's owners and modes into xattrs (mapped-xattr): QEMU runs as
+        # root, and with security_model=none a guest could leave a setuid-root file on the host.
+        access = "security_model=mapped-xattr" if writable else "security_model=none,readonly=on"
+        argv += ["-fsdev", f"local,id=share{i},path={option_value(path)},{access},multidevs=remap",
+                 "-device", f"virtio-9p-pci,fsdev=share{i},mount_tag=share{i}"]
+    return argv
