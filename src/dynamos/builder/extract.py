@@ -132,7 +132,7 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
     _check_jump_keys(obj, relas_of, klp)
 
     dropped = []
-    strtab, shstrtab = obj.sections[obj.symtab_index].link, obj.header[13]
+    strtab, shstrtab = obj.sections[obj.symtab_index].link, obj.shstrndx
     for i, sec in enumerate(obj.sections):
         if i in keep or i in tables or i in (0, obj.symtab_index, strtab, shstrtab):
             continue
