@@ -21,6 +21,7 @@ from dynamos.builder.elf import (
     ALT_REPL_LEN,
     ALT_REPL_OFFSET,
     MAX_PC_BIAS,
+    SECTION_RULES,
     SHF_ALLOC,
     SHF_EXECINSTR,
     SHF_WRITE,
@@ -158,16 +159,15 @@ def _check_jump_keys(obj: RelocatableElf, relas_of: dict[int, int], klp: dict[st
     Livepatch writes the relocations to vmlinux symbols before that (klp_apply_section_relocs
     from the loader), so a key of vmlinux, exported or not, is linked in time; a key of a module
     is resolved only once that module is patched, too late for those tables, and is refused."""
-    for table, what in (("__jump_table", "static key"), (".static_call_sites", "static call")):
-        index = obj.section_index(table)
-        if index is None or index not in relas_of:
+    for rule in SECTION_RULES:
+        index = obj.section_index(rule.pattern) if rule.key and rule.layout else None
+        if index is None or index not in relas_of or rule.layout is None:
             continue
-        layout = TABLE_LAYOUTS[table]
         for r in obj.relocations(relas_of[index]):
             key = klp.get(obj.symbols[r.sym].name)
-            if r.offset % layout.entry_size == layout.key_offset and key and key.object != VMLINUX:
-                raise BuildError(f"the changed code uses {what} {key.name} of module {key.object}: the kernel "
-                                 f"reads a livepatch module's {table} before it resolves that module's "
+            if r.offset % rule.layout.entry_size == rule.layout.key_offset and key and key.object != VMLINUX:
+                raise BuildError(f"the changed code uses {rule.key} {key.name} of module {key.object}: the kernel "
+                                 f"reads a livepatch module's {rule.pattern} before it resolves that module's "
                                  f"symbols, so it cannot be carried by an update")
 
 

@@ -45,6 +45,7 @@ class SectionRule:
     carry: Carry = Carry.DROP  # what extraction does with it
     driver: str | None = None  # Carry.PARALLEL: the table whose kept entries decide
     carry_why: str = ""  # Carry.REFUSE: the reason extraction gives
+    key: str = ""  # what an entry's key is (the layout says where): a key of a module cannot be carried
     gap: str = ""  # a known disagreement between the diff and extraction, kept until its issue is fixed
 
     @property
@@ -71,14 +72,15 @@ SECTION_RULES: tuple[SectionRule, ...] = (
     SectionRule(".retpoline_sites", _I, "retpoline sites; an unlisted site keeps the thunk (correct)", _ENTRIES),
     SectionRule(".call_sites", _I, "call-depth tracking sites; an unlisted site is still correct", _ENTRIES),
     SectionRule(".ibt_endbr_seal", _I, "ENDBR sealing list; only an optimisation", _ENTRIES),
-    SectionRule(".static_call_sites", _I, "static-call sites; an unlisted site calls the trampoline", _ENTRIES),
+    SectionRule(".static_call_sites", _I, "static-call sites; an unlisted site calls the trampoline", _ENTRIES,
+                key="static call"),
     SectionRule(".smp_locks", _I, "LOCK prefixes kept for UP patching; leaving them is correct", _ENTRIES),
     SectionRule(".altinstr_replacement", _I, "replacement code; compared via .altinstructions entries", Carry.WHOLE),
     SectionRule(".altinstr_aux", _I, "static_cpu_has fallback code; compared via its users", Carry.REFUSE,
                 carry_why="alternative auxiliary code is not handled yet"),
     SectionRule(".discard.*", _I, "objtool annotations, dropped at link time"),
     SectionRule(".note.*", _I, "notes (build id, GNU properties), not code or data"),
-    SectionRule("__jump_table", _P, "static-key sites (struct jump_entry)", _ENTRIES),
+    SectionRule("__jump_table", _P, "static-key sites (struct jump_entry)", _ENTRIES, key="static key"),
     SectionRule(".altinstructions", _P, "CPU-feature alternatives (struct alt_instr)", _ENTRIES),
     SectionRule("__bug_table", _P, "BUG/WARN sites (struct bug_entry)", _ENTRIES),
     SectionRule("__ex_table", _P, "exception fixups (struct exception_table_entry)", _ENTRIES),
