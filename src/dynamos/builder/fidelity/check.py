@@ -19,7 +19,7 @@ from dynamos.target.images import KernelText, kernel_text
 from dynamos.target.symtab import SymbolTable
 
 
-class _Resolver:
+class _Addresses:
     """Kernel addresses of the unit's anchors: unique names in the symbol table, then what
     matched functions and data reveal (their own place, and where their fields point)."""
 
@@ -98,32 +98,32 @@ def check_fidelity(original_object: Path | bytes, target: TargetKernel, symtab: 
     missing = [n for n in wanted if n not in unit.functions]
     if missing:
         raise BuildError(f"{unit_name} defines no function {', '.join(missing)}")
-    checker = _Checker(unit, symtab, text or kernel_text(target))
+    matcher = _Matcher(unit, symtab, text or kernel_text(target))
     report = FidelityReport(unit_name, against or f"kernel {target.release}")
-    report.passes = checker.learn()
-    report.learnt = len(checker.resolver.learnt)
+    report.passes = matcher.learn()
+    report.learnt = len(matcher.addresses.learnt)
     for name in wanted:
         func = unit.functions[name]
-        checks = tuple(c for c, _ in checker.evaluate(func))
+        checks = tuple(c for c, _ in matcher.evaluate(func))
         report.functions[name] = FunctionCheck(name, len(func.data), func.section, _status(func, checks), checks)
     return report
 
 
-class _Checker:
-    """Compares a unit's items with the kernel while the resolver learns where things are."""
+class _Matcher:
+    """Compares the unit's items with the kernel's candidates while learning where things are."""
 
     def __init__(self, unit: ObjectUnit, symtab: SymbolTable, text: KernelText):
         self.unit = unit
         self.symtab = symtab
         self.text = text
-        self.resolver = _Resolver(unit, symtab)
+        self.addresses = _Addresses(unit, symtab)
         self.candidates = {name: [s for s in symtab.lookup(name) if s.is_text] for name in unit.functions}
 
     def evaluate(self, func: ObjectItem) -> list[tuple[CandidateCheck, ItemCheck]]:
-        own = self.resolver.own_address(func)
+        own = self.addresses.own_address(func)
         out = []
         for sym in self.candidates[func.name]:
-            c = check_item(func, sym.addr, self.text.peek(sym.addr, len(func.data)), self.resolver.known,
+            c = check_item(func, sym.addr, self.text.peek(sym.addr, len(func.data)), self.addresses.known,
                            self.text.peek)
             out.append((CandidateCheck(sym.addr, self.symtab.sympos(sym), sym.type, c.comparison, c.verified,
                                        c.wrong, c.relaxed, c.wrong_constants,
@@ -132,14 +132,14 @@ class _Checker:
 
     def settle_data(self, item: ObjectItem) -> bool:
         """Learn from a data object once its place is known and its bytes match there."""
-        addr = self.resolver.own_address(item)
+        addr = self.addresses.own_address(item)
         if addr is None or self.text.section_at(addr) is None:
             return False
         kernel = self.text.read(addr, len(item.data))
-        check = check_item(item, addr, kernel, self.resolver.known, self.text.peek)
+        check = check_item(item, addr, kernel, self.addresses.known, self.text.peek)
         if not check.equal:
             return False
-        self.resolver.learn_from(item, addr, kernel, check)
+        self.addresses.learn_from(item, addr, kernel, check)
         return True
 
     def learn(self) -> int:
@@ -159,7 +159,7 @@ class _Checker:
                     del pending_code[name]
                     c, check = hits[0]
                     kernel = self.text.peek(c.addr, len(func.data))
-                    progress |= self.resolver.learn_from(func, c.addr, kernel, check)
+                    progress |= self.addresses.learn_from(func, c.addr, kernel, check)
             still = [item for item in pending_data if not self.settle_data(item)]
             progress |= len(still) != len(pending_data)
             pending_data = still
