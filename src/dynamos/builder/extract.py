@@ -40,7 +40,7 @@ from dynamos.builder.elf import (
     Rela,
     RelocatableElf,
     Section,
-    carried,
+    SectionRule,
     section_rule,
 )
 from dynamos.builder.klp import SHN_LIVEPATCH, KlpSymbol
@@ -76,15 +76,15 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
                       edition_prefix: str = edition_prefix(0)) -> Extraction:
     """Cut ``functions`` (and ``new_data``) out of ``patched``; see the module docstring."""
     obj = RelocatableElf.parse(patched, "patched object")
-    keep = _kept_sections(obj, functions, new_data)
+    rules = [section_rule(s.name) for s in obj.sections]  # each section's row, looked up once
+    keep = _kept_sections(obj, functions, new_data, rules)
     relas_of = {s.info: i for i, s in enumerate(obj.sections) if s.type == SHT_RELA and s.link == obj.symtab_index}
-    for idx, sec in enumerate(obj.sections):
-        rule = section_rule(sec.name)
+    for idx, rule in enumerate(rules):
         if rule is not None and rule.carry is Carry.REFUSE and idx in relas_of \
                 and _table_mentions(obj, relas_of[idx], keep):
-            raise BuildError(f"section {sec.name} has entries in the changed code: {rule.carry_why}")
-    tables = {i for i, s in enumerate(obj.sections) if carried(s.name) in (Carry.ENTRIES, Carry.PARALLEL)}
-    _filter_tables(obj, relas_of, keep)
+            raise BuildError(f"section {obj.sections[idx].name} has entries in the changed code: {rule.carry_why}")
+    tables = {i for i, rule in enumerate(rules) if rule is not None and rule.carry in (Carry.ENTRIES, Carry.PARALLEL)}
+    _filter_tables(obj, relas_of, keep, rules)
     _prune_replacements(obj, relas_of)
 
     klp: dict[str, KlpSymbol] = {}  # placeholder name -> kernel symbol
@@ -171,7 +171,8 @@ def _check_jump_keys(obj: RelocatableElf, relas_of: dict[int, int], klp: dict[st
                                  f"symbols, so it cannot be carried by an update")
 
 
-def _kept_sections(obj: RelocatableElf, functions: set[str], new_data: set[str]) -> set[int]:
+def _kept_sections(obj: RelocatableElf, functions: set[str], new_data: set[str],
+                   rules: list[SectionRule | None]) -> set[int]:
     func_sections = _function_sections(obj)
     missing = functions - set(func_sections)
     if missing:
@@ -186,7 +187,8 @@ def _kept_sections(obj: RelocatableElf, functions: set[str], new_data: set[str])
         if name not in data_sections:
             raise BuildError(f"patched object has no section for new variable {name}")
         keep.add(data_sections[name])
-    keep |= {i for i, s in enumerate(obj.sections) if CONSTANTS.match(s.name) or carried(s.name) is Carry.WHOLE}
+    keep |= {i for i, s in enumerate(obj.sections)
+             if CONSTANTS.match(s.name) or (rules[i] is not None and rules[i].carry is Carry.WHOLE)}
     # Read-only data no symbol names (literals gcc placed in plain .rodata) is stateless too.
     named = {s.shndx for s in obj.symbols if s.type in (STT_OBJECT, STT_FUNC) and s.name}
     keep |= {i for i, s in enumerate(obj.sections)
@@ -255,11 +257,11 @@ def _table_mentions(obj: RelocatableElf, rela_index: int, keep: set[int]) -> boo
     return any(obj.symbols[r.sym].shndx in keep for r in obj.relocations(rela_index))
 
 
-def _filter_tables(obj: RelocatableElf, relas_of: dict[int, int], keep: set[int]) -> None:
+def _filter_tables(obj: RelocatableElf, relas_of: dict[int, int], keep: set[int],
+                   rules: list[SectionRule | None]) -> None:
     """Keep only the table entries about kept code (and the parallel ORC entries with them)."""
     kept_entries: dict[str, list[int]] = {}
-    for index, sec in enumerate(obj.sections):
-        rule = section_rule(sec.name)
+    for index, (sec, rule) in enumerate(zip(obj.sections, rules, strict=True)):
         if rule is None or rule.carry is not Carry.ENTRIES or rule.layout is None:
             continue
         size, field_off = rule.layout.entry_size, rule.layout.code_offset
@@ -274,8 +276,7 @@ def _filter_tables(obj: RelocatableElf, relas_of: dict[int, int], keep: set[int]
         if ri is not None:
             obj.set_relocations(ri, [Rela(new_pos[r.offset // size] * size + r.offset % size, r.sym, r.type, r.addend)
                                      for r in relas if r.offset // size in new_pos])
-    for sec in obj.sections:
-        rule = section_rule(sec.name)
+    for sec, rule in zip(obj.sections, rules, strict=True):
         if rule is not None and rule.carry is Carry.PARALLEL and rule.driver is not None:
             size = rule.entry_size
             sec.data = b"".join(sec.data[i * size:(i + 1) * size] for i in kept_entries.get(rule.driver, []))
