@@ -18,53 +18,38 @@ from dataclasses import dataclass, field
 
 from dynamos.abi import VMLINUX, edition_prefix
 from dynamos.builder.elf import (
+    ALT_REPL_LEN,
+    ALT_REPL_OFFSET,
+    MAX_PC_BIAS,
+    SECTION_RULES,
     SHF_ALLOC,
     SHF_EXECINSTR,
     SHF_WRITE,
+    SHN_LORESERVE,
     SHN_UNDEF,
     SHT_NOBITS,
     SHT_PROGBITS,
     SHT_RELA,
+    STB_GLOBAL,
+    STB_LOCAL,
+    STT_FUNC,
+    STT_OBJECT,
+    STT_SECTION,
+    TABLE_LAYOUTS,
+    Carry,
     Rela,
     RelocatableElf,
     Section,
+    SectionRule,
+    section_rule,
 )
 from dynamos.builder.klp import SHN_LIVEPATCH, KlpSymbol
 from dynamos.errors import BuildError
 
-STT_OBJECT, STT_FUNC, STT_SECTION, STT_FILE = 1, 2, 3, 4
-STB_LOCAL, STB_GLOBAL = 0, 1
-
-# Sections whose content the update may carry its own copy of: string literals (".rodata.str1.1",
-# or per function ".rodata.<func>.str1.1" with -fdata-sections), mergeable constants, and the
-# replacement code of alternatives. None of them carries state.
-COPYABLE = re.compile(r"^(\.rodata(\.[^.]+)*\.(str|cst)\d|\.altinstr_replacement$)")
-
-# Per-function tables the kernel builds from special sections: one row per section kind,
-# (entry size, offset within an entry of the relocation that says which code it is about).
-# Entries about kept code are kept, the others dropped. ".orc_unwind" has no relocations: it is
-# parallel to ".orc_unwind_ip" and filtered with it.
-TABLES: dict[str, tuple[int, int]] = {
-    "__mcount_loc": (8, 0),  # ftrace call sites (R_X86_64_64 to the call)
-    ".orc_unwind_ip": (4, 0),  # unwinder: one IP per ORC entry (livepatch needs reliable stacks)
-    "__bug_table": (12, 0),  # BUG()/WARN() sites: bug_addr_disp, file_disp, line, flags
-    "__ex_table": (12, 0),  # exception fixups: insn, fixup, data
-    ".altinstructions": (12, 0),  # alternatives: instr_offset, repl_offset, cpuid, lengths
-    ".return_sites": (4, 0),  # objtool: return thunk sites
-    ".retpoline_sites": (4, 0),  # objtool: indirect call thunk sites
-    ".call_sites": (4, 0),  # objtool: call depth tracking sites
-    ".static_call_sites": (8, 0),  # static call sites: addr, key
-    ".ibt_endbr_seal": (4, 0),  # objtool: sealable ENDBR sites
-    ".smp_locks": (4, 0),  # LOCK prefixes the kernel may patch out on a uniprocessor
-    "__jump_table": (16, 0),  # static keys: code, target, key (keys of vmlinux only: _check_jump_keys)
-}
-KEY_OFFSETS = {"__jump_table": 8, ".static_call_sites": 4}  # where an entry names its key
-PARALLEL_TABLES = {".orc_unwind": (".orc_unwind_ip", 6)}  # name: (driving table, entry size)
-
-# Sections whose kept entries would need help the builder does not give yet: refused.
-REFUSED_TABLES = {
-    ".altinstr_aux": "alternative auxiliary code is not handled yet",
-}
+# String literals (".rodata.str1.1", or per function ".rodata.<func>.str1.1" with -fdata-sections)
+# and mergeable constants carry no state: the update may carry its own copy. Which special sections
+# travel, and how, is the carry column of the one special-section table (elf/sections.py).
+CONSTANTS = re.compile(r"^\.rodata(\.[^.]+)*\.(str|cst)\d")
 
 
 @dataclass
@@ -91,14 +76,15 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
                       edition_prefix: str = edition_prefix(0)) -> Extraction:
     """Cut ``functions`` (and ``new_data``) out of ``patched``; see the module docstring."""
     obj = RelocatableElf.parse(patched, "patched object")
-    keep = _kept_sections(obj, functions, new_data)
+    rules = [section_rule(s.name) for s in obj.sections]  # each section's row, looked up once
+    keep = _kept_sections(obj, functions, new_data, rules)
     relas_of = {s.info: i for i, s in enumerate(obj.sections) if s.type == SHT_RELA and s.link == obj.symtab_index}
-    for name, reason in REFUSED_TABLES.items():
-        idx = obj.section_index(name)
-        if idx is not None and idx in relas_of and _table_mentions(obj, relas_of[idx], keep):
-            raise BuildError(f"section {name} has entries in the changed code: {reason}")
-    tables = {i for i, s in enumerate(obj.sections) if s.name in TABLES or s.name in PARALLEL_TABLES}
-    _filter_tables(obj, relas_of, keep)
+    for idx, rule in enumerate(rules):
+        if rule is not None and rule.carry is Carry.REFUSE and idx in relas_of \
+                and _table_mentions(obj, relas_of[idx], keep):
+            raise BuildError(f"section {obj.sections[idx].name} has entries in the changed code: {rule.carry_why}")
+    tables = {i for i, rule in enumerate(rules) if rule is not None and rule.carry in (Carry.ENTRIES, Carry.PARALLEL)}
+    _filter_tables(obj, relas_of, keep, rules)
     _prune_replacements(obj, relas_of)
 
     klp: dict[str, KlpSymbol] = {}  # placeholder name -> kernel symbol
@@ -118,7 +104,7 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
                 continue
             if _is_kept(obj, r.sym, keep):
                 continue
-            if sym.info & 0xF == STT_SECTION:
+            if sym.type == STT_SECTION:
                 found = named_at(sym.shndx, r.addend)
                 if found is None:
                     raise BuildError(f"{obj.sections[target].name}: reference into "
@@ -132,7 +118,7 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
     _check_jump_keys(obj, relas_of, klp)
 
     dropped = []
-    strtab, shstrtab = obj.sections[obj.symtab_index].link, obj.header[13]
+    strtab, shstrtab = obj.sections[obj.symtab_index].link, obj.shstrndx
     for i, sec in enumerate(obj.sections):
         if i in keep or i in tables or i in (0, obj.symtab_index, strtab, shstrtab):
             continue
@@ -159,7 +145,7 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
             # Defined in a dropped section and never referenced by kept code: a null symbol, so
             # the module loader has nothing to look up.
             sym.name, sym.shndx, sym.value, sym.size, sym.info = "", SHN_UNDEF, 0, 0, STB_LOCAL << 4
-        elif sym.info & 0xF == STT_FUNC and sym.name in functions:
+        elif sym.type == STT_FUNC and sym.name in functions:
             # gcc's clones (``foo.constprop.0``) are kernel functions too; their edition needs a C name.
             editions[sym.name] = edition_prefix + re.sub(r"[^A-Za-z0-9_]", "_", sym.name)
             sym.name = editions[sym.name]
@@ -173,19 +159,20 @@ def _check_jump_keys(obj: RelocatableElf, relas_of: dict[int, int], klp: dict[st
     Livepatch writes the relocations to vmlinux symbols before that (klp_apply_section_relocs
     from the loader), so a key of vmlinux, exported or not, is linked in time; a key of a module
     is resolved only once that module is patched, too late for those tables, and is refused."""
-    for table, what in (("__jump_table", "static key"), (".static_call_sites", "static call")):
-        index = obj.section_index(table)
-        if index is None or index not in relas_of:
+    for rule in SECTION_RULES:
+        index = obj.section_index(rule.pattern) if rule.key and rule.layout else None
+        if index is None or index not in relas_of or rule.layout is None:
             continue
         for r in obj.relocations(relas_of[index]):
             key = klp.get(obj.symbols[r.sym].name)
-            if r.offset % TABLES[table][0] == KEY_OFFSETS[table] and key and key.object != VMLINUX:
-                raise BuildError(f"the changed code uses {what} {key.name} of module {key.object}: the kernel "
-                                 f"reads a livepatch module's {table} before it resolves that module's "
+            if r.offset % rule.layout.entry_size == rule.layout.key_offset and key and key.object != VMLINUX:
+                raise BuildError(f"the changed code uses {rule.key} {key.name} of module {key.object}: the kernel "
+                                 f"reads a livepatch module's {rule.pattern} before it resolves that module's "
                                  f"symbols, so it cannot be carried by an update")
 
 
-def _kept_sections(obj: RelocatableElf, functions: set[str], new_data: set[str]) -> set[int]:
+def _kept_sections(obj: RelocatableElf, functions: set[str], new_data: set[str],
+                   rules: list[SectionRule | None]) -> set[int]:
     func_sections = _function_sections(obj)
     missing = functions - set(func_sections)
     if missing:
@@ -195,14 +182,15 @@ def _kept_sections(obj: RelocatableElf, functions: set[str], new_data: set[str])
     for name in functions:
         keep |= func_sections[name]
     data_sections = {s.name: s.shndx for s in obj.symbols
-                     if s.info & 0xF == STT_OBJECT and not _is_special_index(s.shndx)}
+                     if s.type == STT_OBJECT and not _is_special_index(s.shndx)}
     for name in new_data:
         if name not in data_sections:
             raise BuildError(f"patched object has no section for new variable {name}")
         keep.add(data_sections[name])
-    keep |= {i for i, s in enumerate(obj.sections) if COPYABLE.match(s.name)}
+    keep |= {i for i, s in enumerate(obj.sections)
+             if CONSTANTS.match(s.name) or (rules[i] is not None and rules[i].carry is Carry.WHOLE)}
     # Read-only data no symbol names (literals gcc placed in plain .rodata) is stateless too.
-    named = {s.shndx for s in obj.symbols if s.info & 0xF in (STT_OBJECT, STT_FUNC) and s.name}
+    named = {s.shndx for s in obj.symbols if s.type in (STT_OBJECT, STT_FUNC) and s.name}
     keep |= {i for i, s in enumerate(obj.sections)
              if s.type == SHT_PROGBITS and s.flags & SHF_ALLOC and not s.flags & (SHF_WRITE | SHF_EXECINSTR)
              and s.name.startswith(".rodata") and i not in named}
@@ -210,7 +198,7 @@ def _kept_sections(obj: RelocatableElf, functions: set[str], new_data: set[str])
 
 
 def _is_special_index(shndx: int) -> bool:
-    return shndx in (SHN_UNDEF, SHN_LIVEPATCH) or shndx >= 0xFF00
+    return shndx in (SHN_UNDEF, SHN_LIVEPATCH) or shndx >= SHN_LORESERVE
 
 
 def _is_kept(obj: RelocatableElf, sym_index: int, keep: set[int]) -> bool:
@@ -239,7 +227,7 @@ def _function_sections(obj: RelocatableElf) -> dict[str, set[int]]:
     """Function name -> its sections (the body and a ``.cold`` part, if any)."""
     out: dict[str, set[int]] = {}
     for sym in obj.symbols:
-        if sym.info & 0xF == STT_FUNC and not _is_special_index(sym.shndx):
+        if sym.type == STT_FUNC and not _is_special_index(sym.shndx):
             out.setdefault(sym.name.split(".cold")[0], set()).add(sym.shndx)
     return out
 
@@ -253,12 +241,12 @@ def _named_symbol_lookup(obj: RelocatableElf) -> Callable[[int, int], tuple[int,
     """
     by_section: dict[int, list[tuple[int, int, int]]] = {}
     for i, sym in enumerate(obj.symbols):
-        if sym.info & 0xF in (STT_FUNC, STT_OBJECT) and not _is_special_index(sym.shndx):
+        if sym.type in (STT_FUNC, STT_OBJECT) and not _is_special_index(sym.shndx):
             by_section.setdefault(sym.shndx, []).append((sym.value, sym.size, i))
 
     def lookup(shndx: int, addend: int) -> tuple[int, int] | None:
         for value, size, index in sorted(by_section.get(shndx, [])):
-            if value - 8 <= addend <= value + max(size, 1):
+            if value - MAX_PC_BIAS <= addend <= value + max(size, 1):
                 return index, addend - value
         return None
 
@@ -269,13 +257,14 @@ def _table_mentions(obj: RelocatableElf, rela_index: int, keep: set[int]) -> boo
     return any(obj.symbols[r.sym].shndx in keep for r in obj.relocations(rela_index))
 
 
-def _filter_tables(obj: RelocatableElf, relas_of: dict[int, int], keep: set[int]) -> None:
+def _filter_tables(obj: RelocatableElf, relas_of: dict[int, int], keep: set[int],
+                   rules: list[SectionRule | None]) -> None:
     """Keep only the table entries about kept code (and the parallel ORC entries with them)."""
     kept_entries: dict[str, list[int]] = {}
-    for index, sec in enumerate(obj.sections):
-        if sec.name not in TABLES:
+    for index, (sec, rule) in enumerate(zip(obj.sections, rules, strict=True)):
+        if rule is None or rule.carry is not Carry.ENTRIES or rule.layout is None:
             continue
-        size, field_off = TABLES[sec.name]
+        size, field_off = rule.layout.entry_size, rule.layout.code_offset
         ri = relas_of.get(index)
         relas = obj.relocations(ri) if ri is not None else []
         about_kept = {r.offset // size for r in relas
@@ -287,14 +276,10 @@ def _filter_tables(obj: RelocatableElf, relas_of: dict[int, int], keep: set[int]
         if ri is not None:
             obj.set_relocations(ri, [Rela(new_pos[r.offset // size] * size + r.offset % size, r.sym, r.type, r.addend)
                                      for r in relas if r.offset // size in new_pos])
-    for name, (driver, size) in PARALLEL_TABLES.items():
-        idx = obj.section_index(name)
-        if idx is not None:
-            sec = obj.sections[idx]
-            sec.data = b"".join(sec.data[i * size:(i + 1) * size] for i in kept_entries.get(driver, []))
-
-
-ALT_REPL_OFFSET, ALT_REPL_LEN = 4, 11  # struct alt_instr: repl_offset (s32), replacementlen (u8)
+    for sec, rule in zip(obj.sections, rules, strict=True):
+        if rule is not None and rule.carry is Carry.PARALLEL and rule.driver is not None:
+            size = rule.entry_size
+            sec.data = b"".join(sec.data[i * size:(i + 1) * size] for i in kept_entries.get(rule.driver, []))
 
 
 def _prune_replacements(obj: RelocatableElf, relas_of: dict[int, int]) -> None:
@@ -304,7 +289,7 @@ def _prune_replacements(obj: RelocatableElf, relas_of: dict[int, int]) -> None:
     alt, repl = obj.section_index(".altinstructions"), obj.section_index(".altinstr_replacement")
     if repl is None or repl not in relas_of:
         return
-    size = TABLES[".altinstructions"][0]
+    size = TABLE_LAYOUTS[".altinstructions"].entry_size
     ranges = []
     if alt is not None and alt in relas_of:
         data = obj.sections[alt].data

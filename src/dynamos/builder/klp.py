@@ -15,12 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dynamos.abi import VMLINUX, klp_placeholder
-from dynamos.builder.elf import SHF_ALLOC, SHF_INFO_LINK, SHN_UNDEF, SHT_RELA, RelocatableElf, Section
+from dynamos.builder.elf import (
+    RELA,
+    SHF_ALLOC,
+    SHF_INFO_LINK,
+    SHN_UNDEF,
+    SHT_RELA,
+    STB_LOCAL,
+    RelocatableElf,
+    Section,
+)
 from dynamos.errors import BuildError
 
+# The livepatch module format's own ELF values (module-elf-format.rst).
 SHN_LIVEPATCH = 0xFF20
 SHF_RELA_LIVEPATCH = 0x00100000
-STB_LOCAL = 0
 
 
 @dataclass(frozen=True)
@@ -116,7 +125,7 @@ def convert_to_klp(module: bytes, symbols: Iterable[KlpSymbol] | Mapping[str, Kl
             new = obj.add_section(Section(
                 name=f".klp.rela.{objname}.{target.name}", type=SHT_RELA,
                 flags=SHF_ALLOC | SHF_INFO_LINK | SHF_RELA_LIVEPATCH, addr=0, link=obj.symtab_index,
-                info=sec.info, addralign=8, entsize=sec.entsize or 24, data=b""))
+                info=sec.info, addralign=8, entsize=sec.entsize or RELA.size, data=b""))
             obj.set_relocations(new, entries)
     _check_module_objects(by_name.values())
     return obj.to_bytes()

@@ -14,17 +14,27 @@ twin is the position livepatch needs.
 
 from __future__ import annotations
 
-from dynamos.builder.elf import RELOC_KINDS, SHF_ALLOC, SHN_UNDEF, SHT_PROGBITS, SHT_RELA, RelocatableElf
-from dynamos.builder.fidelity import KernelText
+from dynamos.builder.elf import (
+    KERNEL_TEXT_START,
+    MODULES_VADDR,
+    RELOC_KINDS,
+    SHF_ALLOC,
+    SHF_EXECINSTR,
+    SHN_ABS,
+    SHN_UNDEF,
+    SHT_PROGBITS,
+    SHT_RELA,
+    STB_LOCAL,
+    STT_FUNC,
+    STT_SECTION,
+    RelocatableElf,
+)
 from dynamos.errors import BuildError
+from dynamos.target.images import KernelText
 from dynamos.target.symtab import Sym, SymbolTable
 
-MODULE_BASE = 0xFFFFFFFFC0000000  # where x86-64 loads modules
-EXTERNAL_BASE = 0xFFFFFFFF81000000  # made-up addresses of the symbols the module imports
-SHN_ABS = 0xFFF1
-SHF_EXECINSTR = 0x4
-STT_FUNC, STT_SECTION = 2, 3
-STB_LOCAL = 0
+MODULE_BASE = MODULES_VADDR  # the module is laid out where x86-64 loads modules
+EXTERNAL_BASE = KERNEL_TEXT_START  # made-up addresses of the symbols the module imports, in kernel text
 
 
 def module_image(ko: bytes, name: str) -> tuple[SymbolTable, KernelText]:
@@ -60,10 +70,10 @@ def module_image(ko: bytes, name: str) -> tuple[SymbolTable, KernelText]:
         return base[sym.shndx] + sym.value if sym.shndx in base else None
 
     for sym in obj.symbols:
-        if not sym.name or sym.info & 0xF == STT_SECTION or sym.shndx not in base:
+        if not sym.name or sym.type == STT_SECTION or sym.shndx not in base:
             continue
         sec = obj.sections[sym.shndx]
-        kind = "t" if sym.info & 0xF == STT_FUNC or sec.flags & SHF_EXECINSTR else "d"
+        kind = "t" if sym.type == STT_FUNC or sec.flags & SHF_EXECINSTR else "d"
         symbols.append(Sym(base[sym.shndx] + sym.value, kind if sym.binding == STB_LOCAL else kind.upper(),
                            sym.name))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import subprocess
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
+from dynamos.builder.elf import sections
+from dynamos.builder.elf.sections import Carry
 from dynamos.builder.extract import extract_functions
 from dynamos.builder.klp import KlpSymbol
 from dynamos.errors import BuildError
@@ -65,6 +68,21 @@ def test_only_the_changed_function_and_its_strings_are_kept(tmp_path: Path):
     mcount = elf.get_section_by_name(".rela__mcount_loc")
     show_index = next(i for i, sec in enumerate(elf.iter_sections()) if sec.name == ".text.show")
     assert [symtab.get_symbol(r["r_info_sym"])["st_shndx"] for r in mcount.iter_relocations()] == [show_index]
+
+
+def test_what_travels_is_looked_up_in_the_one_section_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Extraction has no table of its own: change a row's carry and extraction follows."""
+    unit = compile_c(tmp_path, SOURCE)
+
+    def mcount_size() -> int:
+        elf = ELFFile(io.BytesIO(extract_functions(unit, {"show"}, set(), resolve).object))
+        return elf.get_section_by_name("__mcount_loc")["sh_size"]
+
+    assert mcount_size() == 8  # one entry: the kept function's ftrace site
+    rows = tuple(dataclasses.replace(r, carry=Carry.DROP) if r.pattern == "__mcount_loc" else r
+                 for r in sections.SECTION_RULES)
+    monkeypatch.setattr(sections, "SECTION_RULES", rows)
+    assert mcount_size() == 0
 
 
 def test_extracted_object_links(tmp_path: Path):

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from dynamos.builder.elf import RELOC_KINDS, SHF_ALLOC, SHT_PROGBITS, SHT_RELA, RelocatableElf
+from dynamos.builder.elf import RELOC_KINDS, SHF_ALLOC, SHORT_BRANCHES, SHT_PROGBITS, SHT_RELA, RelocatableElf
 from dynamos.builder.fidelity import (
-    SHORT_BRANCHES,
     CandidateCheck,
     Comparison,
     FidelityReport,

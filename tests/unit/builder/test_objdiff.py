@@ -13,16 +13,9 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
+from dynamos.builder.elf.sections import SECTION_RULES, Handling, section_rule
 from dynamos.builder.linemap import stabilise_lines
-from dynamos.builder.objdiff import (
-    SECTION_RULES,
-    DiffResult,
-    Handling,
-    ObjectInfo,
-    diff_objects,
-    read_object,
-    section_rule,
-)
+from dynamos.builder.objdiff import DiffResult, ObjectInfo, diff_objects, read_object
 from dynamos.errors import BuildError
 
 # The kernel's x86-64 code generation flags that shape the object (6.1, gcc 12), plus the sections.
@@ -418,7 +411,7 @@ def test_section_policy_table() -> None:
 
 
 def test_not_an_object_is_a_build_error(tmp_path: Path) -> None:
-    with pytest.raises(BuildError, match="not an ELF object"):
+    with pytest.raises(BuildError, match="not an ELF file"):
         read_object(b"not an elf file at all, just text" * 4)
     with pytest.raises(BuildError, match="cannot read object"):
         read_object(tmp_path / "missing.o")

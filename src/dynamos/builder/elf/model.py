@@ -4,6 +4,9 @@ pyelftools reads; this writes. It keeps every section as (header, bytes), lets c
 symbols, relocations and names, add sections at the end (so existing indices never change),
 and lays the file out again: ELF header, section contents in index order, section headers.
 That is all a livepatch module needs; executables and program headers are out of scope.
+
+It is also the one reader of compiled objects: the object diff, extraction and the fidelity check
+build their own views (normalised items, fields to compare) on top of it, never on ELF bytes.
 """
 
 from __future__ import annotations
@@ -16,15 +19,18 @@ from elftools.elf.elffile import ELFFile
 
 from dynamos.errors import BuildError
 
-SHT_NULL, SHT_PROGBITS, SHT_SYMTAB, SHT_STRTAB, SHT_RELA, SHT_NOBITS = 0, 1, 2, 3, 4, 8
-SHF_WRITE, SHF_ALLOC, SHF_EXECINSTR = 0x1, 0x2, 0x4
-SHF_INFO_LINK = 0x40
-SHN_UNDEF = 0
+SHT_NULL, SHT_PROGBITS, SHT_SYMTAB, SHT_STRTAB, SHT_RELA, SHT_NOBITS, SHT_REL = 0, 1, 2, 3, 4, 8, 9
+SHT_GROUP, SHT_SYMTAB_SHNDX = 17, 18
+SHF_WRITE, SHF_ALLOC, SHF_EXECINSTR, SHF_MERGE, SHF_STRINGS, SHF_INFO_LINK = 0x1, 0x2, 0x4, 0x10, 0x20, 0x40
+SHN_UNDEF, SHN_LORESERVE, SHN_ABS, SHN_COMMON, SHN_XINDEX = 0, 0xFF00, 0xFFF1, 0xFFF2, 0xFFFF
+STT_NOTYPE, STT_OBJECT, STT_FUNC, STT_SECTION, STT_FILE, STT_TLS = 0, 1, 2, 3, 4, 6
+STB_LOCAL, STB_GLOBAL, STB_WEAK = 0, 1, 2
 
 EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 SHDR = struct.Struct("<IIQQQQIIQQ")
 SYM = struct.Struct("<IBBHQQ")
 RELA = struct.Struct("<QQq")
+REL = struct.Struct("<QQ")
 
 
 @dataclass
@@ -58,6 +64,10 @@ class Symbol:
     def binding(self) -> int:
         return self.info >> 4
 
+    @property
+    def type(self) -> int:
+        return self.info & 0xF
+
 
 @dataclass
 class Rela:
@@ -75,6 +85,8 @@ class RelocatableElf:
     sections: list[Section] = field(default_factory=list)
     symbols: list[Symbol] = field(default_factory=list)
     symtab_index: int = 0
+    shstrndx: int = 0  # e_shstrndx, or section 0's sh_link when there are too many sections for it
+    xindex: list[int] = field(default_factory=list)  # .symtab_shndx: section numbers above 0xFEFF
 
     # ----- reading ----------------------------------------------------------------------
     @classmethod
@@ -86,17 +98,23 @@ class RelocatableElf:
         if elf.elfclass != 64 or not elf.little_endian or elf["e_type"] != "ET_REL":
             raise BuildError(f"{what}: only little-endian ELF64 relocatable objects are supported")
         header = EHDR.unpack_from(data, 0)
-        obj = cls(header=header)
-        for i in range(elf.num_sections()):
-            sh = elf.get_section(i).header
-            shtype = struct.unpack_from("<I", data, header[6] + i * header[11] + 4)[0]
-            start, size = sh["sh_offset"], sh["sh_size"]
+        shoff, shentsize, shnum, shstrndx = header[6], header[11], header[12], header[13]
+        headers = []
+        if shoff:
+            first = SHDR.unpack_from(data, shoff)
+            shnum = shnum or first[5]  # extended numbering: the count is section 0's sh_size
+            shstrndx = first[6] if shstrndx == SHN_XINDEX else shstrndx  # ... and the index its sh_link
+            headers = [SHDR.unpack_from(data, shoff + i * shentsize) for i in range(shnum)]
+        obj = cls(header=header, shstrndx=shstrndx)
+        for _name, shtype, flags, addr, offset, size, link, info, align, entsize in headers:
             obj.sections.append(Section(
-                name=elf.get_section(i).name, type=shtype, flags=sh["sh_flags"], addr=sh["sh_addr"],
-                link=sh["sh_link"], info=sh["sh_info"], addralign=sh["sh_addralign"], entsize=sh["sh_entsize"],
-                data=b"" if shtype == SHT_NOBITS else data[start:start + size],
+                name="", type=shtype, flags=flags, addr=addr, link=link, info=info, addralign=align,
+                entsize=entsize, data=b"" if shtype == SHT_NOBITS else data[offset:offset + size],
                 nobits_size=size if shtype == SHT_NOBITS else 0,
             ))
+        names = obj.sections[shstrndx].data if shstrndx < len(obj.sections) else b""
+        for sec, sh in zip(obj.sections, headers, strict=True):
+            sec.name = _cstr(names, sh[0])
         symtabs = [i for i, s in enumerate(obj.sections) if s.type == SHT_SYMTAB]
         if len(symtabs) != 1:
             raise BuildError(f"{what}: expected one symbol table, found {len(symtabs)}")
@@ -106,17 +124,51 @@ class RelocatableElf:
         for off in range(0, len(symtab.data), SYM.size):
             st_name, info, other, shndx, value, size = SYM.unpack_from(symtab.data, off)
             obj.symbols.append(Symbol(_cstr(strtab, st_name), info, other, shndx, value, size))
+        for sec in obj.sections:
+            if sec.type == SHT_SYMTAB_SHNDX and sec.link == obj.symtab_index:
+                obj.xindex = list(struct.unpack(f"<{len(sec.data) // 4}I", sec.data[:len(sec.data) // 4 * 4]))
         return obj
 
+    @property
+    def machine(self) -> int:
+        """e_machine: the architecture the code is for."""
+        return self.header[2]
+
+    def symbol_section(self, index: int) -> int | None:
+        """The section symbol ``index`` is defined in; None when undefined, absolute or common."""
+        shndx = self.symbols[index].shndx
+        if shndx == SHN_XINDEX:
+            return self.xindex[index] if index < len(self.xindex) else None
+        return None if shndx in (SHN_UNDEF, SHN_ABS, SHN_COMMON) else shndx
+
     def relocations(self, index: int) -> list[Rela]:
+        """The entries of a SHT_RELA section (or SHT_REL: addend 0)."""
         sec = self.sections[index]
         out = []
+        if sec.type == SHT_REL:
+            for off in range(0, len(sec.data), REL.size):
+                r_offset, r_info = REL.unpack_from(sec.data, off)
+                out.append(Rela(r_offset, r_info >> 32, r_info & 0xFFFFFFFF, 0))
+            return out
         for off in range(0, len(sec.data), RELA.size):
             r_offset, r_info, r_addend = RELA.unpack_from(sec.data, off)
             out.append(Rela(r_offset, r_info >> 32, r_info & 0xFFFFFFFF, r_addend))
         return out
 
+    def relocations_by_target(self) -> dict[int, list[Rela]]:
+        """Section index -> every relocation that applies to it, by offset: what readers compare."""
+        out: dict[int, list[Rela]] = {}
+        for index, sec in enumerate(self.sections):
+            if sec.type in (SHT_RELA, SHT_REL) and sec.info:
+                out.setdefault(sec.info, []).extend(self.relocations(index))
+        for rows in out.values():
+            rows.sort(key=lambda r: r.offset)
+        return out
+
     def set_relocations(self, index: int, relas: list[Rela]) -> None:
+        if self.sections[index].type == SHT_REL:
+            self.sections[index].data = b"".join(REL.pack(r.offset, (r.sym << 32) | r.type) for r in relas)
+            return
         self.sections[index].data = b"".join(
             RELA.pack(r.offset, (r.sym << 32) | r.type, r.addend) for r in relas)
 
@@ -139,10 +191,9 @@ class RelocatableElf:
             SYM.pack(strtab.add(s.name) if s.name else 0, s.info, s.other, s.shndx, s.value, s.size)
             for s in self.symbols)
         self.sections[symtab.link].data = strtab.data()
-        shstrndx = self.header[13]
         shstr = _StringTable()
         name_offsets = [shstr.add(s.name) if s.name else 0 for s in self.sections]
-        self.sections[shstrndx].data = shstr.data()
+        self.sections[self.shstrndx].data = shstr.data()
 
         out = bytearray(EHDR.size)
         offsets = []
