@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from dynamos.abi import VMLINUX, generated_name
+from dynamos.builder.elf import FENTRY_CALL_SIZE
 from dynamos.builder.klp import KlpSymbol
 from dynamos.update.model import FunctionSpec, UpdateSource
 
@@ -23,8 +24,6 @@ if TYPE_CHECKING:
     from dynamos.builder.btf import Prototype
 
 RUNTIME_HEADER = "dynamos_editions.h"
-# x86-64 'call __fentry__' / its NOP: the ftrace site edition 0 enters the original code past.
-FTRACE_SITE_SIZE = 5
 
 _SIMPLE_ESCAPES = {
     "\\": "\\\\",
@@ -137,7 +136,7 @@ def _dispatcher_source(index: int, f: FunctionSpec, proto: Prototype, ftrace_sit
         f'    "\\t.globl {original}\\n"',
         f'    "\\t.type {original}, @function\\n"',
         f'    "{original}:\\n"',
-        f'    "\\tjmp {thunk_target(f).placeholder} + {ftrace_site + FTRACE_SITE_SIZE}\\n"',
+        f'    "\\tjmp {thunk_target(f).placeholder} + {ftrace_site + FENTRY_CALL_SIZE}\\n"',
         '    "\\tint3\\n"',
         f'    "\\t.size {original}, . - {original}\\n"',
         '    ".popsection\\n");',

@@ -16,6 +16,7 @@ from pathlib import Path
 from dynamos.abi import VMLINUX
 from dynamos.builder.btf import BtfTypes, Prototype
 from dynamos.builder.cgen import RUNTIME_HEADER
+from dynamos.builder.elf import ENDBR_SIZE
 from dynamos.errors import BuildError
 from dynamos.target import TargetKernel
 from dynamos.target.images import extract_vmlinux
@@ -61,12 +62,12 @@ def shadow_files(used: bool) -> dict[str, str]:
 
 
 def ftrace_site(target: TargetKernel) -> int:
-    """Offset of the ftrace call in a function: after the 4-byte ENDBR when the kernel uses IBT."""
+    """Offset of the ftrace call in a function: after the ENDBR when the kernel uses IBT."""
     config = target.config if target.config and target.config.is_file() else target.headers_dir / ".config"
     if not config.is_file():
         raise BuildError(f"no kernel config for {target.release} (looked at {config}): cannot tell where "
                          "a function's ftrace site is")
-    return 4 if read_config(config).get("CONFIG_X86_KERNEL_IBT") == "y" else 0
+    return ENDBR_SIZE if read_config(config).get("CONFIG_X86_KERNEL_IBT") == "y" else 0
 
 
 @functools.lru_cache(maxsize=8)

@@ -15,9 +15,7 @@ from dynamos.builder.elf.sections import Carry
 from dynamos.builder.extract import extract_functions
 from dynamos.builder.klp import KlpSymbol
 from dynamos.errors import BuildError
-
-KERNEL_LIKE = ["-O2", "-mfentry", "-pg", "-mrecord-mcount", "-ffunction-sections", "-fdata-sections",
-               "-fno-pic", "-mcmodel=kernel", "-c"]
+from tests.support.gcc import compile_kernel_like
 
 SOURCE = """
 static int counter;
@@ -32,13 +30,11 @@ int other(void) { return helper2(2); }
 
 
 def compile_c(tmp_path: Path, text: str) -> bytes:
-    (tmp_path / "u.c").write_text(text)
-    subprocess.run(["gcc", *KERNEL_LIKE, "-o", str(tmp_path / "u.o"), str(tmp_path / "u.c")], check=True)
-    return (tmp_path / "u.o").read_bytes()
+    return compile_kernel_like(tmp_path, "u", text).read_bytes()
 
 
 def resolve(name: str, local: bool) -> KlpSymbol | None:
-    if name in ("exported_fn", "__fentry__"):
+    if name in ("exported_fn", "__fentry__", "__x86_return_thunk"):  # the kernel exports these
         return None
     return KlpSymbol(name, "vmlinux", 2 if local else 0)
 

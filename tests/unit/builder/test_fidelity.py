@@ -36,6 +36,7 @@ from dynamos.target import TargetKernel
 from dynamos.target.images import KernelText
 from dynamos.target.modimage import module_image
 from dynamos.target.symtab import SymbolTable, check_link_time, kallsyms_path
+from tests.support.gcc import compile_kernel_like
 
 PC32, PLT32, ABS64, ABS32S = RELOC_KINDS[2], RELOC_KINDS[4], RELOC_KINDS[1], RELOC_KINDS[11]
 BASE = 0xFFFFFFFF81000000
@@ -217,12 +218,6 @@ def test_cached_symbol_table_needs_no_lab(tmp_path: Path, monkeypatch: pytest.Mo
 # ----- whole units: compiled by gcc, linked by a few lines of Python ---------------------------
 
 
-# The kernel's x86-64 code generation flags that shape the object (6.1, gcc 12).
-KERNEL_FLAGS = ["-O2", "-pg", "-mfentry", "-mrecord-mcount", "-fno-pic", "-mcmodel=kernel", "-mno-red-zone",
-                "-fno-asynchronous-unwind-tables", "-mfunction-return=thunk-extern", "-fno-stack-protector",
-                "-fcf-protection=none", "-nostdinc", "-w"]
-SECTIONS = ["-ffunction-sections", "-fdata-sections"]
-
 # How the test linker writes each relocation type: (width, pc-relative).
 LINK_RULES = {1: (8, False), 2: (4, True), 4: (4, True), 10: (4, False), 11: (4, False)}
 
@@ -254,12 +249,8 @@ int hook(int x) { return x + 1; }
 """
 
 
-def compile_unit(directory: Path, name: str, text: str, flags: list[str] = SECTIONS) -> bytes:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"{name}.c").write_text(text)
-    subprocess.run(["gcc", *KERNEL_FLAGS, *flags, "-c", f"{name}.c", "-o", f"{name}.o"], cwd=directory,
-                   check=True, capture_output=True, text=True)
-    return (directory / f"{name}.o").read_bytes()
+def compile_unit(directory: Path, name: str, text: str, sections: bool = True) -> bytes:
+    return compile_kernel_like(directory, name, text, sections=sections).read_bytes()
 
 
 def link(objects: list[bytes]) -> tuple[KernelText, SymbolTable]:
@@ -322,7 +313,7 @@ def check(unit: bytes, kernel: tuple[KernelText, SymbolTable], **kw) -> Fidelity
 def units(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     d = tmp_path_factory.mktemp("units")
     return {"a": compile_unit(d, "a", UNIT_A), "b": compile_unit(d, "b", UNIT_B),
-            "a_whole": compile_unit(d / "whole", "a", UNIT_A, flags=[])}
+            "a_whole": compile_unit(d / "whole", "a", UNIT_A, sections=False)}
 
 
 def test_every_function_of_a_faithful_unit_matches(units: dict[str, bytes]) -> None:
@@ -421,7 +412,7 @@ def module_of(directory: Path, objects: list[bytes]) -> bytes:
 
 def test_a_unit_of_a_module_matches_the_shipped_module_and_finds_its_twins(units: dict[str, bytes],
                                                                            tmp_path: Path) -> None:
-    b_whole = compile_unit(tmp_path / "b", "b", UNIT_B, flags=[])
+    b_whole = compile_unit(tmp_path / "b", "b", UNIT_B, sections=False)
     symtab, text = module_image(module_of(tmp_path, [b_whole, units["a_whole"]]), "m")
     report = check(units["a"], (text, symtab), against="module m")
     assert report.ok and not report.ambiguous, report.summary()

@@ -7,7 +7,6 @@ says should go into an update, and what it refuses.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,7 @@ from dynamos.builder.elf.sections import SECTION_RULES, Handling, section_rule
 from dynamos.builder.linemap import stabilise_lines
 from dynamos.builder.objdiff import DiffResult, ObjectInfo, diff_objects, read_object
 from dynamos.errors import BuildError
-
-# The kernel's x86-64 code generation flags that shape the object (6.1, gcc 12), plus the sections.
-KERNEL_FLAGS = [
-    "-O2", "-pg", "-mfentry", "-mrecord-mcount", "-ffunction-sections", "-fdata-sections", "-fno-pic",
-    "-mcmodel=kernel", "-mno-red-zone", "-fno-asynchronous-unwind-tables", "-mindirect-branch=thunk-extern",
-    "-mfunction-return=thunk-extern", "-mindirect-branch-register", "-fno-jump-tables", "-fno-strict-aliasing",
-    "-fno-common", "-fno-stack-protector", "-fcf-protection=none", "-nostdinc", "-w",
-]
+from tests.support.gcc import compile_kernel_like
 
 BASE = """\
 extern int printk(const char *fmt, ...);
@@ -115,11 +107,7 @@ BASE_FUNCTIONS = {"caller_one", "caller_two", "third", "show_banner", "also_tail
 
 def compile_c(directory: Path, text: str) -> ObjectInfo:
     """Compile ``text`` as ``directory/unit.c`` with the kernel-like flags and read the object."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "unit.c").write_text(text)
-    subprocess.run(["gcc", *KERNEL_FLAGS, "-c", "unit.c", "-o", "unit.o"], cwd=directory, check=True,
-                   capture_output=True, text=True)
-    return read_object(directory / "unit.o")
+    return read_object(compile_kernel_like(directory, "unit", text))
 
 
 def patch(text: str, old: str, new: str) -> str:
