@@ -32,7 +32,7 @@ def monitor_name(functions: list[str]) -> str:
     return ("monitor-" + first)[: MAX_NAME_LEN - len(more)] + more
 
 
-def monitor_manifest(functions: list[str], name: str) -> str:
+def monitor_update_toml(functions: list[str], name: str) -> str:
     """update.toml of a monitoring update; functions are ``name`` or ``module:name``."""
     if not functions:
         raise UpdateSourceError("monitor: name at least one kernel function")
@@ -55,7 +55,7 @@ def build_monitor(functions: list[str], target: TargetKernel, output: Path, name
     with tempfile.TemporaryDirectory(prefix="dynamos-monitor-") as tmp:
         source = Path(tmp) / "monitor"
         source.mkdir()
-        (source / "update.toml").write_text(monitor_manifest(functions, name or monitor_name(functions)))
+        (source / "update.toml").write_text(monitor_update_toml(functions, name or monitor_name(functions)))
         return build_update(source, target, output=output, progress=progress)
 
 

@@ -17,7 +17,7 @@ from dynamos.abi import VMLINUX
 from dynamos.kernel import ApplyResult, LiveKernel
 from dynamos.update.model import FunctionSpec, KthreadRestart, UpdateSource
 from dynamos.update.package import UpdatePackage, read_package, write_package
-from tests.support.simulated import SimModule, SimulatedKernel, module_image
+from tests.support.simulated import SimModule, SimulatedKernel, simulated_module_image
 
 # The scene every test starts from: (name, kind, object, traceable).
 SYMBOLS: tuple[tuple[str, str, str, bool], ...] = (
@@ -68,7 +68,7 @@ class KernelHarness:
         source = UpdateSource(directory=self.packages, name=name, description=f"{name} (simulated)",
                               functions=specs, c_files=(), replace=replace, consistency=consistency)
         release = release or self.sim.kernel_release
-        image = module_image(source.livepatch_name,
+        image = simulated_module_image(source.livepatch_name,
                              [{"name": f.name, "object": f.object, "sympos": f.sympos} for f in specs], replace)
         return write_package(self.packages / f"{name}.dynpkg", source=source, kernel_release=release,
                              vermagic=f"{release} SMP preempt mod_unload modversions ", module=image,
@@ -88,7 +88,7 @@ class KernelHarness:
 
     def load_foreign(self, name: str, functions: list[dict[str, Any]], polls: int = 3) -> None:
         """A livepatch loaded by someone else (kpatch, insmod): no package, no dynamos record."""
-        self.sim.init_module(module_image(name, functions))
+        self.sim.init_module(simulated_module_image(name, functions))
         for _ in range(polls):
             self.sim.sleep(0.01)
 

@@ -6,7 +6,7 @@ sysfs, and every ``sleep`` (one poll of the caller) advances the transition the 
 does, per task. Tasks can be *blocked* (they never switch state) to reproduce stuck
 transitions. The real code path is exercised by the lab tests.
 
-A simulated module image is the ELF magic, a marker and JSON (see ``module_image``): it passes
+A simulated module image is the ELF magic, a marker and JSON (see ``simulated_module_image``): it passes
 the package format's ELF check, and the simulated kernel refuses anything else with ENOEXEC.
 """
 
@@ -25,7 +25,7 @@ DEFAULT_RELEASE = "6.1.0-56-amd64"
 IMAGE_MAGIC = b"\x7fELF\0dynamos-simulated-module\n"
 
 
-def module_image(name: str, functions: list[dict[str, Any]], replace: bool = False) -> bytes:
+def simulated_module_image(name: str, functions: list[dict[str, Any]], replace: bool = False) -> bytes:
     """A module image the simulated kernel understands: the livepatch it registers."""
     return IMAGE_MAGIC + json.dumps({"name": name, "functions": functions, "replace": replace}).encode()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dynamos import abi
-from dynamos.builder import cgen, editions
+from dynamos.builder import cgen, dispatch
 
 RUNTIME = Path(abi.__file__).resolve().parent / "runtime"
 HEADER = RUNTIME / cgen.RUNTIME_HEADER
@@ -109,9 +109,9 @@ def test_the_glue_names_its_parameter_as_abi_says() -> None:
 
 
 def test_the_builder_ships_every_runtime_file() -> None:
-    """editions.py's lists are the runtime: a file added to runtime/ must be added there."""
-    shipped = {*editions.RUNTIME_HEADERS, *editions.RUNTIME_SOURCES, editions.SHADOW_HEADER,
-               editions.SHADOW_SOURCE}
+    """dispatch.py's lists are the runtime: a file added to runtime/ must be added there."""
+    shipped = {*dispatch.RUNTIME_HEADERS, *dispatch.RUNTIME_SOURCES, dispatch.SHADOW_HEADER,
+               dispatch.SHADOW_SOURCE}
     assert shipped == {p.name for p in RUNTIME.glob("*.[ch]")}
-    unit = editions.runtime_files()[editions.RUNTIME_OBJECT.replace(".o", ".c")]
-    assert re.findall(r'^#include "(.+)"$', unit, re.MULTILINE) == list(editions.RUNTIME_SOURCES)
+    unit = dispatch.runtime_files()[dispatch.RUNTIME_OBJECT.replace(".o", ".c")]
+    assert re.findall(r'^#include "(.+)"$', unit, re.MULTILINE) == list(dispatch.RUNTIME_SOURCES)

@@ -20,7 +20,7 @@ from pathlib import Path
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from dynamos.builder import editions
+from dynamos.builder import dispatch
 from dynamos.builder.cgen import generate_kbuild, generate_livepatch_source, thunk_target
 from dynamos.builder.klp import KlpSymbol, convert_to_klp, exported_symbols, klp_symbols_needed
 from dynamos.errors import BuildError
@@ -225,17 +225,17 @@ def _prepare_build_dir(build_dir: Path, source: UpdateSource, author_files: list
     files: dict[str, str] = {}
     extra_objects: list[str] = []
     if any(f.dispatched for f in source.functions):
-        main_c = generate_livepatch_source(source, editions.dispatcher_prototypes(source, target, module_dirs),
-                                           editions.ftrace_site(target))
-        files.update(editions.runtime_files())
-        extra_objects.append(editions.RUNTIME_OBJECT)
+        main_c = generate_livepatch_source(source, dispatch.dispatcher_prototypes(source, target, module_dirs),
+                                           dispatch.ftrace_site(target))
+        files.update(dispatch.runtime_files())
+        extra_objects.append(dispatch.RUNTIME_OBJECT)
     else:
         main_c = generate_livepatch_source(source)
-    uses_shadow = any(editions.SHADOW_HEADER in (author_dir / rel).read_text(errors="replace")
+    uses_shadow = any(dispatch.SHADOW_HEADER in (author_dir / rel).read_text(errors="replace")
                       for rel in author_files if rel.suffix in (".c", ".h"))
-    files.update(editions.shadow_files(uses_shadow))
+    files.update(dispatch.shadow_files(uses_shadow))
     if uses_shadow:
-        extra_objects.append(editions.SHADOW_OBJECT)
+        extra_objects.append(dispatch.SHADOW_OBJECT)
     for name, text in files.items():
         (build_dir / name).write_text(text)
     (build_dir / main_object).with_suffix(".c").write_text(main_c)

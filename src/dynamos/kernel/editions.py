@@ -21,6 +21,7 @@ from dynamos.abi import (
     CONTROL_DIR,
     EDITIONS_FILE,
     GLOBAL_FILE,
+    LATENCY_BUCKETS,
     LATENCY_FILE,
     MAX_PIDS,
     MAX_RULES,
@@ -96,9 +97,12 @@ def parse_key_values(text: str) -> dict[str, str]:
 
 
 def parse_latency(text: str) -> list[Latency]:
+    """The ``latency`` control file: per edition its index, total ns and the log2 buckets."""
     out = []
     for line in text.splitlines():
         numbers = [int(word) for word in line.split()]
+        if len(numbers) != 2 + LATENCY_BUCKETS:
+            raise ValueError(f"a latency line has {len(numbers) - 2} buckets, the runtime writes {LATENCY_BUCKETS}")
         out.append(Latency(numbers[0], numbers[1], tuple(numbers[2:])))
     return out
 

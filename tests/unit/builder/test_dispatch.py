@@ -20,7 +20,7 @@ from dynamos.kernel.editions import (
     parse_editions,
     parse_latency,
 )
-from dynamos.monitor import monitor_manifest, monitor_name
+from dynamos.monitor import monitor_name, monitor_update_toml
 from dynamos.update.validate import load_update_source
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
@@ -187,12 +187,12 @@ def test_monitor_manifest_is_a_valid_update(tmp_path: Path) -> None:
     assert monitor_name(["vfs_read", "binfmt_misc:load_misc_binary"]) == "monitor-vfs-read-and-1"
     d = tmp_path / "m"
     d.mkdir()
-    (d / "update.toml").write_text(monitor_manifest(["vfs_read", "binfmt_misc:load_misc_binary"], "mon"))
+    (d / "update.toml").write_text(monitor_update_toml(["vfs_read", "binfmt_misc:load_misc_binary"], "mon"))
     functions = load_update_source(d).functions
     assert [(f.name, f.object, f.monitor, f.editions) for f in functions] == [
         ("vfs_read", "vmlinux", True, ()), ("load_misc_binary", "binfmt_misc", True, ())]
     with pytest.raises(UpdateSourceError, match="not a function name"):
-        monitor_manifest(["vfs read"], "mon")
+        monitor_update_toml(["vfs read"], "mon")
 
 
 # --- a real build -------------------------------------------------------------------------------
@@ -339,7 +339,7 @@ def test_kthread_restart_needs_per_task_consistency(tmp_path: Path) -> None:
 
 
 def test_only_int_of_one_pointer_is_a_thread_function() -> None:
-    from dynamos.builder.editions import _is_thread_function
+    from dynamos.builder.dispatch import _is_thread_function
     assert _is_thread_function(THREAD_MAIN)
     assert _is_thread_function(Prototype(name="kswapd", return_type="int", params=(Param("p", "void *p"),),
                                          variadic=False, forward_declarations=()))
