@@ -394,10 +394,17 @@ def _read_members(path: Path) -> dict[str, bytes]:
 
     members: dict[str, bytes] = {}
     with tar:
-        try:
-            infos = tar.getmembers()
-        except (tarfile.TarError, ValueError, OverflowError) as e:
-            raise PackageError(f"corrupt update package: {e}", path=path) from e
+        infos: list[tarfile.TarInfo] = []
+        while len(infos) <= 2 * len(MEMBERS):  # more than that is refused below, by name
+            try:
+                info = tar.next()
+            except (tarfile.TarError, ValueError, OverflowError) as e:
+                raise PackageError(f"corrupt update package: {e}", path=path) from e
+            if info is None:
+                break
+            if info.name in MEMBERS:  # checked as it comes: a huge size is refused before the next seek
+                _check_member(info, path)
+            infos.append(info)
         names = [i.name for i in infos]
         unexpected = sorted({n for n in names if n not in MEMBERS})
         missing = [n for n in MEMBERS if n not in names]
@@ -414,8 +421,6 @@ def _read_members(path: Path) -> dict[str, bytes]:
                 f"not a valid update package: {'; '.join(problems)} (expected exactly {', '.join(MEMBERS)})",
                 path=path,
             )
-        for info in infos:
-            _check_member(info, path)
         _check_tar_end(data, infos, path)
         for info in infos:
             try:
