@@ -44,6 +44,63 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+# ----- argument types: a user's mistake is a usage error naming the argument, not a traceback -----
+def _library_type(parse: Callable[[str], object], name: str) -> Callable[[str], object]:
+    """An argparse type from a library parser: its refusal becomes argparse's usage error."""
+
+    def convert(text: str) -> object:
+        try:
+            return parse(text)
+        except DynamosError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = name
+    return convert
+
+
+def _name_type(what: str) -> Callable[[str], object]:
+    """A name that becomes a path component (update, function, edition, lab): the one safe set."""
+    from dynamos.update.names import checked_name
+
+    return _library_type(lambda text: checked_name(text, what, "the command line"), what)
+
+
+def _number(text: str, *, integer: bool, minimum: float) -> float:
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if integer else 'a number'}") from None
+    if value != value or value in (float("inf"), float("-inf")) or value < minimum:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of at least {minimum:g}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    return _number(text, integer=False, minimum=0)
+
+
+def _count(text: str) -> int:
+    return int(_number(text, integer=True, minimum=1))
+
+
+def _pids(text: str) -> object:
+    from dynamos.kernel.editions import parse_pids
+
+    return _library_type(parse_pids, "pids")(text)
+
+
+def _cpus(text: str) -> object:
+    from dynamos.kernel.editions import parse_cpus
+
+    return _library_type(parse_cpus, "cpus")(text)
+
+
+def _share(text: str) -> object:
+    from dynamos.kernel.editions import parse_share
+
+    return _library_type(parse_share, "share")(text)
+
+
 # ----- build -----------------------------------------------------------------------------------
 def cmd_build(args: argparse.Namespace) -> int:
     from dynamos.builder.kbuild import build_update
@@ -189,8 +246,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_switch(args: argparse.Namespace) -> int:
     from dynamos.kernel.editions import Selector, switch
 
-    pids = tuple(int(p) for p in args.pids.split(",") if p) if args.pids is not None else None
-    selector = Selector(pids=pids, cgroup=args.cgroup, cpus=args.cpus, share=args.share)
+    selector = Selector(pids=args.pids, cgroup=args.cgroup, cpus=args.cpus, share=args.share)
     control = switch(args.update, args.function, args.edition, selector, reset=args.reset)
     if args.json:
         _print_json(control.to_json())
@@ -376,16 +432,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _add_lab_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", default=DEFAULT_LAB_KERNEL, metavar="REL",
                    help=f"lab kernel release (default {DEFAULT_LAB_KERNEL})")
-    p.add_argument("--name", default=LAB_NAME, help="name of a lab started with 'lab start'")
-    p.add_argument("--cpus", type=int, default=2)
-    p.add_argument("--memory", type=int, default=1024, metavar="MIB")
+    p.add_argument("--name", default=LAB_NAME, type=_name_type("lab name"),
+                   help="name of a lab started with 'lab start'")
+    p.add_argument("--cpus", type=_count, default=2)
+    p.add_argument("--memory", type=_count, default=1024, metavar="MIB")
     p.add_argument("--share", action="append", metavar="DIR",
                    help="extra host directory visible read-only in the guest at the same path")
     p.add_argument("--output", action="append", metavar="DIR",
                    help="host directory the guest may write, at the same path (nothing else is writable)")
     p.add_argument("--accel", choices=["kvm", "tcg"], default=None,
                    help="force an accelerator (default: KVM only if a probe boot proves it works)")
-    p.add_argument("--boot-timeout", type=float, default=60.0, metavar="S")
+    p.add_argument("--boot-timeout", type=_seconds, default=60.0, metavar="S")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -396,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="build an update package from an update source or a source patch")
     p.add_argument("source", nargs="?", help="update source directory (update.toml + C files)")
     p.add_argument("--patch", metavar="FILE", help="a unified diff against the target kernel's source")
-    p.add_argument("--name", help="update name for --patch (default: from the patch file name)")
+    p.add_argument("--name", type=_name_type("update name"),
+                   help="update name for --patch (default: from the patch file name)")
     p.add_argument("--explain", action="store_true",
                    help="with --patch: say per function why it is in the update, per refusal why")
     p.add_argument("-o", "--output", help="package file or directory (default: current directory)")
@@ -408,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("apply", help="apply an update package to this kernel")
     p.add_argument("package")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="S",
+    p.add_argument("--timeout", type=_seconds, default=30.0, metavar="S",
                    help="transition deadline; past it the update is reverted and unloaded")
     p.add_argument("--check", action="store_true",
                    help="verify and preflight only, and name the tasks that would hold up the transition")
@@ -419,55 +477,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("blockers", help="tasks not yet switched by a live update in transition, with stacks")
-    p.add_argument("name", nargs="?")
+    p.add_argument("name", nargs="?", type=_name_type("update name"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_blockers)
 
     p = sub.add_parser("revert", help="disable and unload a live update")
-    p.add_argument("name")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="S")
+    p.add_argument("name", type=_name_type("update name"))
+    p.add_argument("--timeout", type=_seconds, default=30.0, metavar="S")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_revert)
 
     for verb in ("status", "list"):
         p = sub.add_parser(verb, help="live updates on this kernel")
         if verb == "status":
-            p.add_argument("name", nargs="?")
+            p.add_argument("name", nargs="?", type=_name_type("update name"))
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("switch", help="choose which edition of a multi-edition function serves calls")
-    p.add_argument("update")
-    p.add_argument("function", help="kernel function (as in 'dynamos status UPDATE')")
-    p.add_argument("edition", nargs="?", help="edition number (0 = the kernel's original) or name")
+    p.add_argument("update", type=_name_type("update name"))
+    p.add_argument("function", type=_name_type("function name"), help="kernel function (as in 'dynamos status UPDATE')")
+    p.add_argument("edition", nargs="?", type=_name_type("edition"),
+                   help="edition number (0 = the kernel's original) or name")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--pids", metavar="P,...", help="only calls from these pids/tgids")
+    which.add_argument("--pids", type=_pids, metavar="P,...", help="only calls from these pids/tgids")
     which.add_argument("--cgroup", metavar="PATH", help="only calls from tasks in this cgroup v2 (or below)")
-    which.add_argument("--cpus", metavar="LIST", help="only calls on these CPUs, e.g. 0-1,3")
-    which.add_argument("--share", type=float, metavar="PCT", help="this percentage of calls, spread evenly")
+    which.add_argument("--cpus", type=_cpus, metavar="LIST", help="only calls on these CPUs, e.g. 0-1,3")
+    which.add_argument("--share", type=_share, metavar="PCT", help="this percentage of calls, spread evenly")
     which.add_argument("--reset", action="store_true", help="back to the route the update was loaded with")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_switch)
 
     p = sub.add_parser("retire", help="take an edition out of service and wait for its calls to finish")
-    p.add_argument("update")
-    p.add_argument("function")
-    p.add_argument("edition")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="S")
+    p.add_argument("update", type=_name_type("update name"))
+    p.add_argument("function", type=_name_type("function name"))
+    p.add_argument("edition", type=_name_type("edition"))
+    p.add_argument("--timeout", type=_seconds, default=10.0, metavar="S")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_retire)
 
     p = sub.add_parser("monitor", help="count and time calls of kernel functions (a monitoring update)")
-    p.add_argument("functions", nargs="*", metavar="FUNCTION", help="NAME or MODULE:NAME")
+    p.add_argument("functions", nargs="*", metavar="FUNCTION", type=_name_type("function name"),
+                   help="NAME or MODULE:NAME")
     p.add_argument("--show", action="store_true", help="show monitored functions (refreshing; --json: once)")
-    p.add_argument("--update", help="with --show: only this update")
+    p.add_argument("--update", type=_name_type("update name"), help="with --show: only this update")
     p.add_argument("--once", action="store_true", help="with --show: print the table once")
-    p.add_argument("--interval", type=float, default=1.0, metavar="S")
-    p.add_argument("--name", help="update name (default: monitor-<function>)")
+    p.add_argument("--interval", type=_seconds, default=1.0, metavar="S")
+    p.add_argument("--name", type=_name_type("update name"), help="update name (default: monitor-<function>)")
     p.add_argument("--kernel", metavar="REL", help="target kernel release (default: the running kernel)")
     p.add_argument("-o", "--output", help="where to keep the package")
     p.add_argument("--build-only", action="store_true", help="build the package, do not apply it")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="S")
+    p.add_argument("--timeout", type=_seconds, default=30.0, metavar="S")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_monitor)
 
@@ -483,14 +543,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_lab_start)
     p = lab.add_parser("stop", help="power a lab off")
-    p.add_argument("--name", default=LAB_NAME)
+    p.add_argument("--name", default=LAB_NAME, type=_name_type("lab name"))
     p.set_defaults(func=cmd_lab_stop)
     p = lab.add_parser("status", help="running labs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_lab_status)
     p = lab.add_parser("run", help="run a command as root in a lab (a running one, else a new one)")
     _add_lab_options(p)
-    p.add_argument("--timeout", type=float, default=None, metavar="S")
+    p.add_argument("--timeout", type=_seconds, default=None, metavar="S")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming output")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.add_argument("command", nargs=argparse.REMAINDER)
@@ -514,3 +574,7 @@ def main(argv: list[str] | None = None, on_error: Callable[[str], None] | None =
         return 130
     except BrokenPipeError:
         os._exit(0)
+    except OSError as e:  # a file the user named is missing or unreadable: say so, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"dynamos: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1

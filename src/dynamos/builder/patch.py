@@ -9,8 +9,10 @@ functions out -> link them with generated livepatch glue -> livepatch relocation
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -28,7 +30,7 @@ from dynamos.builder.klp import KlpSymbol, exported_symbols
 from dynamos.builder.linemap import stabilise_lines
 from dynamos.builder.objdiff import DiffResult, diff_objects, read_object
 from dynamos.builder.units import compile_original, compile_unit
-from dynamos.errors import BuildError
+from dynamos.errors import BuildError, UpdateSourceError
 from dynamos.lab.kallsyms import lab_symbol_table
 from dynamos.target import TargetKernel, cache_root
 from dynamos.target.images import KernelText, kernel_text
@@ -93,8 +95,70 @@ class PatchBuild:
         return lines
 
 
-def touched_files(patch_text: str) -> list[str]:
-    """Files a unified diff changes, relative to the tree root (``-p1`` paths)."""
+_HUNK_RE = re.compile(r"^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
+# Lines outside hunks from which GNU patch may take a file name: each such name is checked.
+_NAME_LINES = (("--- ", 1), ("+++ ", 1), ("*** ", 1), ("Index: ", 1), ("rename from ", 0), ("rename to ", 0),
+               ("copy from ", 0), ("copy to ", 0))
+MAX_PATCH_SIZE = 64 << 20
+
+
+def diff_file_names(patch_text: str) -> list[tuple[int, str, int]]:
+    """(line number, file name, leading components patch strips) of every header line of a diff.
+
+    Hunk bodies are skipped by their line counts, so a removed line that reads ``-- x`` is code,
+    not a file name.
+    """
+    out: list[tuple[int, str, int]] = []
+    old = new = 0
+    for number, line in enumerate(patch_text.splitlines(), 1):
+        if old > 0 or new > 0:
+            if line.startswith("\\"):
+                continue
+            tag = line[:1]
+            old -= tag != "+"
+            new -= tag != "-"
+            continue
+        hunk = _HUNK_RE.match(line)
+        if hunk:
+            old = int(hunk.group(1)) if hunk.group(1) is not None else 1
+            new = int(hunk.group(2)) if hunk.group(2) is not None else 1
+            continue
+        if line.startswith("diff --git "):
+            out += [(number, word, 1) for word in line[len("diff --git "):].split()]
+            continue
+        for prefix, strip in _NAME_LINES:
+            if line.startswith(prefix):
+                out.append((number, line[len(prefix):].split("\t")[0].strip(), strip))
+    return out
+
+
+def diff_path_problem(name: str, strip: int) -> str | None:
+    """Why a file name in a diff could lead outside the tree it is applied in, or None."""
+    if name == "/dev/null":
+        return None
+    if name.startswith('"'):
+        return "is a quoted name (its escapes could spell any path): not supported"
+    if name.startswith("/"):
+        return "is an absolute path: a patch names files relative to the source tree"
+    parts = name.split("/")
+    if ".." in parts:
+        return "holds '..': it would leave the source tree"
+    if not "/".join(parts[strip:]).strip("/"):
+        return "names no file once its first component is stripped (-p1)"
+    return None
+
+
+def touched_files(patch_text: str, patch: Path | None = None) -> list[str]:
+    """Files a unified diff changes, relative to the tree root (``-p1`` paths).
+
+    Every file name the diff holds is checked first: an absolute path or a '..' is refused,
+    naming the line, before anything is written.
+    """
+    for number, name, strip in diff_file_names(patch_text):
+        problem = diff_path_problem(name, strip)
+        if problem:
+            raise UpdateSourceError(f"file name {name!r} in the patch {problem}; refused before anything was "
+                                    "written", path=patch, line=number)
     files = []
     for line in patch_text.splitlines():
         m = re.match(r"^\+\+\+ (\S+)", line)
@@ -105,6 +169,20 @@ def touched_files(patch_text: str) -> list[str]:
     if not files:
         raise BuildError("the patch changes no file (is it a unified diff?)")
     return files
+
+
+def read_patch(patch: Path) -> str:
+    """A patch file's text: a regular file of bounded size (a FIFO would hang the build)."""
+    try:
+        info = os.stat(patch)
+        if not stat.S_ISREG(info.st_mode):
+            raise UpdateSourceError("is not a regular file: give a patch file", path=patch)
+        if info.st_size > MAX_PATCH_SIZE:
+            raise UpdateSourceError(f"is {info.st_size} bytes; a patch is at most {MAX_PATCH_SIZE}", path=patch)
+        with open(patch, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+            return f.read(MAX_PATCH_SIZE).decode("utf-8", errors="replace")
+    except OSError as e:
+        raise UpdateSourceError(f"cannot read the patch: {e.strerror or e}", path=patch) from e
 
 
 def patched_texts(patch: Path, tree: Path, files: list[str]) -> dict[str, bytes]:
@@ -118,9 +196,11 @@ def patched_texts(patch: Path, tree: Path, files: list[str]) -> dict[str, bytes]
                 raise BuildError(f"the patch changes {rel}, which is not in the kernel source "
                                  f"(new files need build-system changes: not supported)", path=patch)
             dest = Path(tmp) / rel
+            if not dest.resolve().is_relative_to(Path(tmp).resolve()):
+                raise UpdateSourceError(f"file name {rel!r} in the patch leaves the source tree", path=patch)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dest)
-        r = subprocess.run(["patch", "-p1", "--batch", "--forward", "--no-backup-if-mismatch", "-d", tmp,
+        r = subprocess.run(["patch", "-p1", "--unified", "--batch", "--forward", "--no-backup-if-mismatch", "-d", tmp,
                             "-i", str(patch.absolute())], capture_output=True, text=True)
         if r.returncode != 0:
             raise BuildError(f"the patch does not apply to this kernel's source:\n{(r.stdout + r.stderr).strip()}",
@@ -141,8 +221,8 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
     started = time.monotonic()
     phases: dict[str, float] = {}
     patch = Path(patch)
-    text = patch.read_text(errors="replace")
-    files = touched_files(text)
+    text = read_patch(patch)
+    files = touched_files(text, patch)
     for rel in files:
         for pattern, reason in REFUSED_PATHS:
             if pattern.search(rel):

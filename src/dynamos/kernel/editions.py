@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from dynamos.abi import (
 from dynamos.errors import RefusedError, TransitionError
 from dynamos.kernel import livepatch as lp
 from dynamos.kernel.modules import normalize_name
+from dynamos.update.names import checked_name
 
 
 @dataclass(frozen=True)
@@ -136,8 +138,8 @@ class FunctionControl:
 
     def edition_index(self, edition: str | int) -> int:
         """An edition by number or by name (of the C function, or the kernel function for 0)."""
+        text = checked_name(str(edition), "edition", "the caller")
         states = self.editions()
-        text = str(edition)
         for state in states:
             if text == str(state.index) or text == state.name:
                 return state.index
@@ -202,6 +204,7 @@ def functions_of(update: str, root: Path = Path("/")) -> list[FunctionControl]:
 def function_control(update: str, function: str, root: Path = Path("/")) -> FunctionControl:
     """One function's controls, with an error that says what exists instead."""
     name = normalize_name(update)
+    checked_name(function, "function name", "the caller")
     if not (root / "sys" / "module" / name).is_dir():
         raise RefusedError(f"no update named {name} is loaded")
     functions = functions_of(update, root)
@@ -227,13 +230,24 @@ class Selector:
     cpus: str | None = None
     share: float | None = None  # percent of calls
 
+    def __post_init__(self) -> None:
+        """Refuse a malformed selector when it is made, before any control file is looked at: the
+        runtime takes route commands as text lines, so a CPU list with a newline would be two."""
+        if self.pids is not None and (not self.pids or len(self.pids) > MAX_PIDS
+                                      or any(isinstance(p, bool) or not isinstance(p, int) or not 0 < p < 1 << 22
+                                             for p in self.pids)):
+            raise RefusedError(f"--pids needs 1 to {MAX_PIDS} positive process ids, got {list(self.pids)}")
+        if self.cpus is not None and not _CPU_LIST_RE.match(self.cpus):
+            raise RefusedError(f"--cpus {self.cpus!r} is not a CPU list (like 0-1,3)")
+        if self.share is not None and (isinstance(self.share, bool) or not isinstance(self.share, int | float)
+                                       or not 0 <= self.share <= 100):
+            raise RefusedError(f"--share is a percentage of calls from 0 to 100, got {self.share}")
+
     def command(self, edition: int) -> str:
         given = [k for k in ("pids", "cgroup", "cpus", "share") if getattr(self, k) is not None]
         if len(given) > 1:
             raise RefusedError(f"give one selector per switch, not {' and '.join('--' + g for g in given)}")
         if self.pids is not None:
-            if not self.pids or any(p <= 0 for p in self.pids):
-                raise RefusedError(f"--pids needs positive process ids, got {list(self.pids)}")
             return f"pids {edition} {','.join(map(str, self.pids))}"
         if self.cgroup is not None:
             cgroup_id, level = cgroup_identity(self.cgroup)
@@ -241,10 +255,35 @@ class Selector:
         if self.cpus is not None:
             return f"cpus {edition} {self.cpus}"
         if self.share is not None:
-            if not 0 <= self.share <= 100:
-                raise RefusedError(f"--share is a percentage of calls from 0 to 100, got {self.share}")
             return f"share {edition} {round(self.share * SHARE_SCALE / 100)}"
         return f"default {edition}"
+
+
+_CPU_LIST_RE = re.compile(r"^[0-9]{1,5}(-[0-9]{1,5})?(,[0-9]{1,5}(-[0-9]{1,5})?)*$")
+
+
+def parse_pids(text: str) -> tuple[int, ...]:
+    """``--pids`` as given ("812,813"): positive process ids, or a refusal naming the bad one."""
+    pids = []
+    for word in text.split(","):
+        if not word.strip().isdigit() or not word.strip().isascii():
+            raise RefusedError(f"--pids {text!r}: {word!r} is not a process id (give numbers like 812,813)")
+        pids.append(int(word))
+    return Selector(pids=tuple(pids)).pids or ()
+
+
+def parse_cpus(text: str) -> str:
+    """``--cpus`` as given ("0-1,3"), checked to be a CPU list."""
+    return Selector(cpus=text).cpus or ""
+
+
+def parse_share(text: str) -> float:
+    """``--share`` as given: a percentage from 0 to 100."""
+    try:
+        share = float(text)
+    except ValueError:
+        raise RefusedError(f"--share {text!r} is not a number (a percentage from 0 to 100)") from None
+    return Selector(share=share).share or 0.0
 
 
 def _cgroup2_mount(root: Path = Path("/")) -> Path:

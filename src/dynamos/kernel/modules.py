@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dynamos.kernel.syscalls import Syscalls
+from dynamos.update.names import checked_name
 
 # Taint flag the kernel sets on a livepatch module (TAINT_LIVEPATCH).
 LIVEPATCH_TAINT = "K"
@@ -32,9 +33,13 @@ class LoadedModule:
         return LIVEPATCH_TAINT in self.taints
 
 
-def normalize_name(update: str) -> str:
-    """Module (and livepatch) name of an update: the kernel turns '-' into '_' in module names."""
-    return update.replace("-", "_")
+def normalize_name(update: str, origin: str = "the caller") -> str:
+    """Module (and livepatch) name of an update: the kernel turns '-' into '_' in module names.
+
+    The name becomes a sysfs and /run path component, so it is checked here, where every
+    kernel-layer entry point passes it: a refusal names it and ``origin``.
+    """
+    return checked_name(update, "update name", origin).replace("-", "_")
 
 
 def loaded_modules(root: Path) -> dict[str, LoadedModule]:

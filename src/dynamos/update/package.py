@@ -19,6 +19,7 @@ import io
 import json
 import os
 import re
+import stat
 import tarfile
 import tempfile
 from collections.abc import Mapping
@@ -31,6 +32,8 @@ import dynamos
 from dynamos.abi import VMLINUX
 from dynamos.errors import PackageError
 from dynamos.update.model import CONSISTENCY_MODELS, UpdateSource
+from dynamos.update.names import name_refusal
+from dynamos.update.rules import kernel_symbol_problem, module_name_problem, release_problem, symbol_problem
 
 PACKAGE_SUFFIX = ".dynpkg"
 FORMAT_VERSION = 1
@@ -41,8 +44,13 @@ BUILD_LOG_MEMBER = "build.log"
 MEMBERS = (MANIFEST_MEMBER, MODULE_MEMBER, BUILD_LOG_MEMBER)
 DIGESTED_MEMBERS = (MODULE_MEMBER, BUILD_LOG_MEMBER)
 
-# A manifest is a few hundred bytes; refusing huge ones keeps a hostile file from eating memory.
+# Caps checked before anything is read: a manifest is a few hundred bytes, a livepatch module a few
+# hundred KiB, so a hostile file cannot make dynamos read (or a sparse member expand) much.
 MAX_MANIFEST_SIZE = 1 << 20
+MAX_MEMBER_SIZE = {MANIFEST_MEMBER: MAX_MANIFEST_SIZE, MODULE_MEMBER: 64 << 20, BUILD_LOG_MEMBER: 16 << 20}
+# The members, their headers and tar's end-of-archive blocks padded to a 10 KiB record.
+MAX_PACKAGE_SIZE = sum(MAX_MEMBER_SIZE.values()) + 64 * 1024
+_TAR_BLOCK = 512
 _ELF_MAGIC = b"\x7fELF"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _FILENAME_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]*$")
@@ -74,6 +82,7 @@ _FUNCTION_SCHEMA: dict[str, type | tuple[type, ...]] = {
     "kthread": bool,  # the main function of a kernel thread the update restarts
 }
 _FUNCTION_OPTIONAL = frozenset({"kthread"})
+_SYMBOL_SCHEMA: dict[str, type | tuple[type, ...]] = {"name": str, "object": str, "sympos": int}
 
 
 def package_filename(name: str, release: str) -> str:
@@ -315,25 +324,87 @@ def write_package(
     return path
 
 
-def _read_members(path: Path) -> dict[str, bytes]:
-    """The tar's members by name; refuse anything but exactly the expected regular files."""
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _kind_of(mode: int) -> str:
+    return next((what for test, what in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def _read_file(path: Path) -> bytes:
+    """The package's bytes: a regular file of bounded size, opened so that nothing can block.
+
+    A FIFO or a device would hang or stream forever: they are refused by ``stat`` before any
+    open, and the open itself is non-blocking and checked again on the descriptor (the name may
+    have been swapped in between).
+    """
     try:
-        tar = tarfile.open(path, mode="r:")
+        before = os.stat(path)
     except FileNotFoundError as e:
         raise PackageError("no such update package", path=path) from e
-    except IsADirectoryError as e:
-        raise PackageError("is a directory, not an update package", path=path) from e
-    except OSError as e:  # permissions and such (tarfile.ReadError is not an OSError)
+    except OSError as e:
         raise PackageError(f"cannot read update package: {e.strerror or e}", path=path) from e
+    if not stat.S_ISREG(before.st_mode):
+        raise PackageError(f"is {_kind_of(before.st_mode)}, not an update package (a regular file)", path=path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise PackageError(f"cannot read update package: {e.strerror or e}", path=path) from e
+    with os.fdopen(fd, "rb") as f:
+        now = os.fstat(f.fileno())
+        if not stat.S_ISREG(now.st_mode):
+            raise PackageError(f"is {_kind_of(now.st_mode)}, not an update package (a regular file)", path=path)
+        if now.st_size > MAX_PACKAGE_SIZE:
+            raise PackageError(f"is {now.st_size} bytes; an update package is at most {MAX_PACKAGE_SIZE}",
+                               path=path)
+        data = f.read(MAX_PACKAGE_SIZE + 1)
+    if len(data) > MAX_PACKAGE_SIZE:
+        raise PackageError(f"grew past {MAX_PACKAGE_SIZE} bytes while it was read", path=path)
+    return data
+
+
+def _check_member(info: tarfile.TarInfo, path: Path) -> None:
+    """A member must be a plain regular file within its size cap (checked before reading it)."""
+    if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.sparse is not None:
+        kind = "a sparse file" if info.issparse() or info.sparse is not None else "not a regular file"
+        raise PackageError(f"member {info.name} is {kind}", path=path)
+    cap = MAX_MEMBER_SIZE[info.name]
+    if not 0 <= info.size <= cap:
+        raise PackageError(f"member {info.name} is implausibly large ({info.size} bytes; at most {cap})", path=path)
+
+
+def _check_tar_end(data: bytes, infos: list[tarfile.TarInfo], path: Path) -> None:
+    """Nothing but tar's zero blocks may follow the last member: hidden bytes are refused."""
+    last = max(infos, key=lambda i: i.offset_data)
+    end = last.offset_data + -(-last.size // _TAR_BLOCK) * _TAR_BLOCK
+    trailer = data[end:]
+    if trailer.strip(b"\0") or len(trailer) > tarfile.RECORDSIZE + 2 * _TAR_BLOCK:
+        raise PackageError(f"{len(trailer)} bytes of trailing data after the last member "
+                           f"({last.name}): not what dynamos writes", path=path)
+
+
+def _read_members(path: Path) -> dict[str, bytes]:
+    """The tar's members by name; refuse anything but exactly the expected regular files."""
+    data = _read_file(path)
+    try:
+        tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
     except tarfile.TarError as e:
         raise PackageError(f"not an update package: not a plain tar archive ({e})", path=path) from e
 
     members: dict[str, bytes] = {}
     with tar:
-        try:
-            infos = tar.getmembers()
-        except tarfile.TarError as e:
-            raise PackageError(f"corrupt update package: {e}", path=path) from e
+        infos: list[tarfile.TarInfo] = []
+        while len(infos) <= 2 * len(MEMBERS):  # more than that is refused below, by name
+            try:
+                info = tar.next()
+            except (tarfile.TarError, ValueError, OverflowError) as e:
+                raise PackageError(f"corrupt update package: {e}", path=path) from e
+            if info is None:
+                break
+            if info.name in MEMBERS:  # checked as it comes: a huge size is refused before the next seek
+                _check_member(info, path)
+            infos.append(info)
         names = [i.name for i in infos]
         unexpected = sorted({n for n in names if n not in MEMBERS})
         missing = [n for n in MEMBERS if n not in names]
@@ -342,7 +413,7 @@ def _read_members(path: Path) -> dict[str, bytes]:
         if missing:
             problems.append(f"missing member(s) {', '.join(missing)}")
         if unexpected:
-            problems.append(f"unexpected member(s) {', '.join(unexpected)}")
+            problems.append(f"unexpected member(s) {', '.join(repr(n) for n in unexpected)}")
         if duplicated:
             problems.append(f"duplicated member(s) {', '.join(duplicated)}")
         if problems:
@@ -350,17 +421,18 @@ def _read_members(path: Path) -> dict[str, bytes]:
                 f"not a valid update package: {'; '.join(problems)} (expected exactly {', '.join(MEMBERS)})",
                 path=path,
             )
+        _check_tar_end(data, infos, path)
         for info in infos:
-            if not info.isreg():
-                raise PackageError(f"member {info.name} is not a regular file", path=path)
-            if info.name == MANIFEST_MEMBER and info.size > MAX_MANIFEST_SIZE:
-                raise PackageError(f"{MANIFEST_MEMBER} is implausibly large ({info.size} bytes)", path=path)
             try:
                 f = tar.extractfile(info)
                 assert f is not None  # regular file
-                members[info.name] = f.read()
+                content = f.read(info.size)
             except (tarfile.TarError, OSError) as e:
                 raise PackageError(f"corrupt update package: cannot read {info.name}: {e}", path=path) from e
+            if len(content) != info.size:
+                raise PackageError(f"corrupt update package: {info.name} is cut short "
+                                   f"({len(content)} of {info.size} bytes)", path=path)
+            members[info.name] = content
     return members
 
 
@@ -399,6 +471,7 @@ def _check_manifest(manifest: Any, path: Path) -> None:
         )
     if manifest.get("consistency", _MANIFEST_DEFAULTS["consistency"]) not in CONSISTENCY_MODELS:
         raise bad(f"consistency {manifest['consistency']!r} is not per-task or global")
+    _check_names(manifest, bad)
     if not manifest["functions"]:
         raise bad("functions is empty")
     for i, func in enumerate(manifest["functions"]):
@@ -411,6 +484,16 @@ def _check_manifest(manifest: Any, path: Path) -> None:
             if key in func and (not isinstance(func[key], types) or wrong_bool):
                 raise bad(f"functions[{i}].{key} has the wrong type ({type(func[key]).__name__})")
 
+    for i, sym in enumerate(manifest["klp_symbols"]):
+        if not isinstance(sym, dict) or set(sym) != set(_SYMBOL_SCHEMA):
+            raise bad(f"klp_symbols[{i}] must be an object with keys {', '.join(_SYMBOL_SCHEMA)}")
+        for key, types in _SYMBOL_SCHEMA.items():
+            if not isinstance(sym[key], types) or isinstance(sym[key], bool):
+                raise bad(f"klp_symbols[{i}].{key} has the wrong type ({type(sym[key]).__name__})")
+        if sym["sympos"] < 0:
+            raise bad(f"klp_symbols[{i}].sympos {sym['sympos']} is negative")
+        _check_symbol(f"klp_symbols[{i}]", sym["name"], sym["object"], bad, kernel_symbol=False)
+
     digests = manifest["digests"]
     if set(digests) != set(DIGESTED_MEMBERS):
         raise bad(
@@ -419,6 +502,61 @@ def _check_manifest(manifest: Any, path: Path) -> None:
     for member, digest in digests.items():
         if not isinstance(digest, str) or not _SHA256_RE.match(digest):
             raise bad(f"digest of {member} is not a sha256 hex string: {digest!r}")
+
+
+def _check_symbol(where: str, name: str, obj: str, bad: Any, *, kernel_symbol: bool) -> None:
+    problem = kernel_symbol_problem(name) if kernel_symbol else name_refusal(name)
+    if problem:
+        raise bad(f"{where}.name {name!r} {problem}")
+    problem = None if obj == VMLINUX else module_name_problem(obj)
+    if problem:
+        raise bad(f"{where}.object {obj!r} {problem}")
+
+
+def _check_names(manifest: dict[str, Any], bad: Any) -> None:
+    """Names that become paths (/sys/kernel/livepatch/<name>, /run/dynamos/updates/<name>.json)
+    or symbols the kernel looks up: refused unless they keep the one safe character set."""
+    for key in ("name", "livepatch_name"):
+        problem = name_refusal(manifest[key]) or module_name_problem(manifest[key])
+        if problem:
+            raise bad(f"{key} {manifest[key]!r} {problem}")
+    problem = release_problem(manifest["kernel_release"])
+    if problem:
+        raise bad(f"kernel_release {manifest['kernel_release']!r} {problem}")
+    for i, func in enumerate(manifest["functions"]):
+        if not isinstance(func, dict):
+            continue  # the schema check below says what is wrong
+        if isinstance(func.get("name"), str) and isinstance(func.get("object"), str):
+            _check_symbol(f"functions[{i}]", func["name"], func["object"], bad, kernel_symbol=True)
+        edition = func.get("edition")
+        if isinstance(edition, str) and edition and symbol_problem(edition):
+            raise bad(f"functions[{i}].edition {edition!r} {symbol_problem(edition)}")
+        sympos = func.get("sympos")
+        if isinstance(sympos, int) and not isinstance(sympos, bool) and sympos < 0:
+            raise bad(f"functions[{i}].sympos {sympos} is negative")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON allows a key twice and json keeps the last: two readers could see two manifests."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def _no_constant(word: str) -> Any:
+    raise ValueError(f"{word} is not JSON")
+
+
+def _parse_manifest(data: bytes, path: Path) -> Any:
+    try:
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+    except RecursionError as e:
+        raise PackageError(f"{MANIFEST_MEMBER} is nested too deeply to be a manifest", path=path) from e
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise PackageError(f"{MANIFEST_MEMBER} is not valid JSON: {e}", path=path) from e
 
 
 def read_package(path: Path | str) -> UpdatePackage:
@@ -431,10 +569,7 @@ def read_package(path: Path | str) -> UpdatePackage:
     """
     path = Path(path)
     members = _read_members(path)
-    try:
-        manifest = json.loads(members[MANIFEST_MEMBER].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PackageError(f"{MANIFEST_MEMBER} is not valid JSON: {e}", path=path) from e
+    manifest = _parse_manifest(members[MANIFEST_MEMBER], path)
     _check_manifest(manifest, path)
     if manifest_digest(manifest) != manifest["manifest_sha256"]:
         raise PackageError(

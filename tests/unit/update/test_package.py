@@ -283,7 +283,7 @@ def test_extra_member_is_refused(tmp_path: Path) -> None:
     path = build(tmp_path)
     rewrite(path, members_of(path) + [("payload.sh", b"rm -rf /\n")])
     assert read_error(path).message == (
-        "not a valid update package: unexpected member(s) payload.sh "
+        "not a valid update package: unexpected member(s) 'payload.sh' "
         "(expected exactly manifest.json, module.ko, build.log)"
     )
 
