@@ -98,8 +98,10 @@ def host_target() -> TargetKernel:
             f"no headers for the running kernel {rel}: install linux-headers-{rel} "
             f"or pass --kernel REL to build for a lab kernel"
         )
-    config = Path(f"/boot/config-{rel}")
-    return TargetKernel(rel, headers, Path(f"/lib/modules/{rel}"), Path(f"/boot/vmlinuz-{rel}"),
+    # No image or config in /boot (a lab guest, a container): BTF then comes from the running
+    # kernel's /sys/kernel/btf/vmlinux and the config from the headers.
+    config, image = Path(f"/boot/config-{rel}"), Path(f"/boot/vmlinuz-{rel}")
+    return TargetKernel(rel, headers, Path(f"/lib/modules/{rel}"), image if image.exists() else None,
                         config if config.exists() else None)
 
 
