@@ -167,6 +167,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         state = "enabled" if u["enabled"] else "disabled"
         if u["transition"]:
             state += f", in transition ({len(u.get('tasks_pending', []))} tasks pending)"
+        if u.get("warning"):
+            state += f" - {u['warning']}"
         funcs = ", ".join(
             f["name"] + ("" if f.get("object", "vmlinux") == "vmlinux" else f" [{f['object']}]")
             for f in u["functions"]

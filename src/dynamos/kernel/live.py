@@ -136,7 +136,9 @@ class LiveKernel:
             return now
 
         pkg: UpdatePackage | None = None
-        loading = False
+        loading = transitioned = False
+        before: set[str] = set()
+        notes: list[str] = []
         euid = self.sys.geteuid()
         if euid != 0:  # before reading the package: an unprivileged user may not even read it
             raise PreflightRefused(label, [Refusal.make("not-root", euid=euid)])
@@ -164,11 +166,15 @@ class LiveKernel:
             if pkg.consistency == "global":
                 self.transitions.switch_globally(pkg.livepatch_name, True, timeout, revert_timeout, progress, notes)
                 t = timed("switch", t)
+            transitioned = True  # from here on the update is applied: failures only leave old modules
             replaced: list[str] = []
             if pkg.replace:
                 replaced = self.transitions.unload_replaced(sorted(before - {pkg.livepatch_name}), notes)
             timed("unload", t)
         except BaseException as e:
+            if pkg is not None and transitioned:
+                raise self._cleanup_interrupted(pkg, sorted(before - {pkg.livepatch_name}), e, start,
+                                                details, notes) from e
             error: BaseException = e
             if pkg is not None and loading and not isinstance(e, DynamosError) and self._is_loaded(pkg.livepatch_name):
                 # Interrupted between init_module and the transition watch: undo the load too.
@@ -197,6 +203,21 @@ class LiveKernel:
         details.update(replaced=replaced, notes=notes)
         self.log.record("apply", pkg.livepatch_name, "ok", result.seconds, details)
         return result
+
+    def _cleanup_interrupted(self, pkg: UpdatePackage, old: list[str], e: BaseException, start: float,
+                             details: dict[str, Any], notes: list[str]) -> DynamosError:
+        """The update's transition completed, then unloading the modules it replaced was stopped:
+        the update stays applied (undoing it would be the wrong answer); say what is left."""
+        still = [n for n in old if n in loaded_modules(self.root)]
+        for name in old:
+            if not self._is_loaded(name):
+                self.records.remove(name)
+        details.update(notes=notes, still_loaded=still, error=str(e) or type(e).__name__)
+        self.log.record("apply", pkg.livepatch_name, "ok, cleanup interrupted", self.sys.monotonic() - start, details)
+        left = (f"the replaced module(s) {', '.join(still)} are still loaded (inactive; "
+                f"`dynamos revert NAME` unloads each)") if still else "no replaced module is left loaded"
+        return DynamosError(f"{pkg.livepatch_name}: applied (every task runs the new code); "
+                            f"{interrupted('unloading of the modules it replaced', e)}: {left}")
 
     def _record(self, pkg: UpdatePackage, package_path: Path | str, functions: list[dict[str, Any]],
                 notes: list[str]) -> None:
@@ -266,10 +287,19 @@ class LiveKernel:
             patch = self._revert_preflight(lp_name, notes)
             now = self.sys.monotonic()
             phases["preflight"], t = round(now - t, 6), now
+            switched_off = False
             if patch is not None and (editions.global_switch_state(lp_name, self.root) or {}).get("state") == "new":
                 self.transitions.switch_globally(lp_name, False, timeout, restore_timeout, progress, notes)
+                switched_off = True
             if patch is not None:
-                self.transitions.disable(patch, timeout, restore_timeout, progress)
+                try:
+                    self.transitions.disable(patch, timeout, restore_timeout, progress)
+                except BlockedTransition as blocked:
+                    if not (switched_off and blocked.outcome == "restored"):
+                        raise
+                    # Re-enabled, but every function still serves edition 0: put the editions back
+                    # (the state before the revert), or say that the fix is not running.
+                    raise self.transitions.restore_globally(lp_name, blocked, restore_timeout) from blocked
                 notes += self.transitions.signal_notes()
                 self.transitions.wait_gone(lp_name, self.transitions.unload_timeout)
             now = self.sys.monotonic()

@@ -107,6 +107,14 @@ class UpdateStatus:
     package: str | None = None
     applied: str | None = None  # ISO time dynamos applied it
     editions: list[dict[str, Any]] = field(default_factory=list)  # multi-edition functions' controls
+    global_switch: str | None = None  # global consistency: "new" (its editions serve) or "old" (edition 0)
+
+    @property
+    def warning(self) -> str | None:
+        """What the enabled/transition flags alone would hide: a global update serving edition 0."""
+        if self.global_switch == "old" and self.enabled and not self.transition:
+            return "loaded and enabled, but every function serves edition 0 (the original code): the fix is not running"
+        return None
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -126,6 +134,10 @@ class UpdateStatus:
                 data[key] = value
         if self.editions:
             data["editions"] = self.editions
+        if self.global_switch is not None:
+            data["global_switch"] = self.global_switch
+        if self.warning:
+            data["warning"] = self.warning
         return data
 
 

@@ -103,6 +103,7 @@ class StatusReader:
             package=record.get("package") if record else None,
             applied=record.get("applied") if record else None,
             editions=[f.to_json() for f in editions.functions_of(patch.name, self.root)],
+            global_switch=(editions.global_switch_state(patch.name, self.root) or {}).get("state"),
         )
 
     def _leftover_status(self, name: str) -> UpdateStatus:
