@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dynamos.errors import DynamosError
-from dynamos.kernel import BlockedTransition
+from dynamos.kernel import BlockedTransition, PreflightRefused
 from tests.support.harness import KernelHarness
 
 
@@ -62,3 +62,28 @@ def test_interrupting_the_cleanup_of_a_replace_keeps_the_new_update(harness: Ker
     assert patch.enabled and not patch.transition and "new" in h.sim.modules
     assert h.record("new").exists() and not h.record("old_a").exists() and h.record("old_b").exists()
     assert h.log()[-1]["result"] == "ok, cleanup interrupted" and h.log()[-1]["details"]["still_loaded"] == ["old_b"]
+
+
+@pytest.mark.parametrize("names, said", [
+    ({"module_name": "other_mod"}, "names itself other_mod"),
+    ({"modinfo_name": "other_mod"}, "name=other_mod"),
+])
+def test_a_module_named_otherwise_is_refused_before_loading(harness: KernelHarness, names: dict[str, str],
+                                                            said: str) -> None:
+    h = harness
+    with pytest.raises(PreflightRefused) as info:
+        h.kernel.apply(h.add("fix-x", image_names=names))
+    assert said in str(info.value) and [r.code for r in info.value.reasons] == ["module-identity"]
+    assert not h.syscalls("init_module") and not h.record("fix_x").exists()
+    assert h.log()[-1]["result"] == "refused"
+
+
+def test_module_identity_reads_the_image(harness: KernelHarness) -> None:
+    from dynamos.kernel.modident import identity_problem, module_identity
+    from dynamos.update.package import read_package
+
+    pkg = read_package(harness.add("fix-x"))
+    ident = module_identity(pkg.module)
+    assert (ident.this_module, ident.modinfo) == ("fix_x", "fix_x")
+    assert identity_problem(pkg.module, "fix_x") is None
+    assert "cannot be read" in (identity_problem(b"\x7fELF", "fix_x") or "")
