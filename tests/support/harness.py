@@ -98,8 +98,10 @@ class KernelHarness:
     def record(self, livepatch: str) -> Path:
         return self.sim.root / "run/dynamos/updates" / f"{livepatch}.json"
 
-    def log(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.log_path.read_text().splitlines()]
+    def log(self, intents: bool = False) -> list[dict[str, Any]]:
+        """The action log's entries: results only, unless ``intents`` (the journal's lines too)."""
+        entries = [json.loads(line) for line in self.log_path.read_text().splitlines()]
+        return [e for e in entries if intents or e.get("result") != "intent"]
 
     def syscalls(self, kind: str) -> list[tuple[Any, ...]]:
         return [c for c in self.sim.calls if c[0] == kind]

@@ -20,10 +20,11 @@ from dynamos.errors import DynamosError, PackageError, RefusedError
 from dynamos.kernel import editions
 from dynamos.kernel import livepatch as lp
 from dynamos.kernel.actionlog import ActionLog, default_log_path, now_iso
+from dynamos.kernel.journal import Journal
 from dynamos.kernel.modules import explain_load_error, last_kmsg_seq, loaded_modules, normalize_name
 from dynamos.kernel.preflight import Preflight
 from dynamos.kernel.refusals import REFUSALS, PreflightRefused, Refusal
-from dynamos.kernel.results import ApplyResult, KernelStatus, RevertResult
+from dynamos.kernel.results import ApplyResult, KernelStatus, RecoverResult, RevertResult
 from dynamos.kernel.state import UpdateRecords
 from dynamos.kernel.status import StatusReader
 from dynamos.kernel.syscalls import LibcSyscalls, Syscalls
@@ -56,6 +57,7 @@ class LiveKernel:
         unload_timeout: float = 10.0,
         log_path: Path | None = None,
         read_package: Callable[[Path], UpdatePackage] | None = None,
+        lock_wait: float | None = None,
     ):
         self.root = Path(root)
         self.sys: Syscalls = syscalls if syscalls is not None else LibcSyscalls()
@@ -65,7 +67,8 @@ class LiveKernel:
         self.checks = Preflight(self.root, self.sys, self.log)
         self.transitions = Transitions(self.root, self.sys, self.log, poll_interval=poll_interval,
                                        unload_timeout=unload_timeout)
-        self.reader = StatusReader(self.root, self.records)
+        self.journal = Journal(self.root, self.log, lock_wait)
+        self.reader = StatusReader(self.root, self.records, self.journal)
 
     @property
     def signalled(self) -> list[float]:
@@ -117,6 +120,28 @@ class LiveKernel:
         revert_timeout: float | None = None,
         force: bool = False,
     ) -> ApplyResult:
+        """Apply an update package under the operation lock, after recovering any operation the
+        journal shows was interrupted (see ``_apply``)."""
+        if self.sys.geteuid() != 0:  # refused before the lock, which only root may take
+            return self._apply(package_path, timeout, progress, revert_timeout=revert_timeout, force=force)
+        with self.journal.locked(str(package_path)):
+            recovered = self._recover_notes(timeout)
+            try:
+                result = self._apply(package_path, timeout, progress, revert_timeout=revert_timeout, force=force)
+            finally:
+                self.journal.done()
+        result.notes[:0] = recovered
+        return result
+
+    def _apply(
+        self,
+        package_path: Path | str,
+        timeout: float = 30.0,
+        progress: ProgressCallback | None = None,
+        *,
+        revert_timeout: float | None = None,
+        force: bool = False,
+    ) -> ApplyResult:
         """Apply an update package: verify, preflight, load, transition (reverting on timeout).
 
         ``timeout`` bounds the transition; ``revert_timeout`` (default: ``timeout``) bounds the
@@ -153,6 +178,9 @@ class LiveKernel:
             t = timed("preflight", t)
             before = set(lp.livepatch_names(self.root))
             functions = [_function_json(f) for f in pkg.patched_functions]
+            self.journal.intent("apply", pkg.livepatch_name, {
+                "update": pkg.name, "package": os.path.abspath(package_path), "consistency": pkg.consistency,
+                "replacing": sorted(before - {pkg.livepatch_name}) if pkg.replace else []})
             # Recorded before loading, so an update whose apply was killed midway is still
             # recognisable as dynamos' in status.
             self._record(pkg, package_path, functions, notes)
@@ -269,6 +297,26 @@ class LiveKernel:
         *,
         restore_timeout: float | None = None,
     ) -> RevertResult:
+        """Revert under the operation lock, after recovering interrupted operations (``_revert``)."""
+        if self.sys.geteuid() != 0:
+            return self._revert(name, timeout, progress, restore_timeout=restore_timeout)
+        with self.journal.locked(name):
+            recovered = self._recover_notes(timeout)
+            try:
+                result = self._revert(name, timeout, progress, restore_timeout=restore_timeout)
+            finally:
+                self.journal.done()
+        result.notes[:0] = recovered
+        return result
+
+    def _revert(
+        self,
+        name: str,
+        timeout: float = 30.0,
+        progress: ProgressCallback | None = None,
+        *,
+        restore_timeout: float | None = None,
+    ) -> RevertResult:
         """Disable an update and unload its module.
 
         If the reversal does not finish within ``timeout``, it is itself reversed (the update is
@@ -285,6 +333,7 @@ class LiveKernel:
         try:
             t = self.sys.monotonic()
             patch = self._revert_preflight(lp_name, notes)
+            self.journal.intent("revert", lp_name, {"update": record.get("update") if record else None})
             now = self.sys.monotonic()
             phases["preflight"], t = round(now - t, 6), now
             switched_off = False
@@ -347,6 +396,21 @@ class LiveKernel:
                 raise RefusedError(f"{lp_name}: refused, nothing was changed: "
                                    + REFUSALS["busy"].format(other=other.name))
         return patch
+
+    # -- recovery ---------------------------------------------------------------------------
+
+    def recover(self, timeout: float = 30.0) -> RecoverResult:
+        """Finish or undo every operation the journal shows was interrupted (see ``recovery``)."""
+        from dynamos.kernel.recovery import recover
+
+        with self.journal.locked("recover"):
+            return recover(self, timeout)
+
+    def _recover_notes(self, timeout: float) -> list[str]:
+        """Recover before a change, so it starts from a kernel every line of the log accounts for."""
+        if not self.journal.pending():
+            return []
+        return [f"recovered first: {line}" for line in self.recover(timeout).lines()]
 
     # -- status -----------------------------------------------------------------------------
 
