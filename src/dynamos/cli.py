@@ -124,7 +124,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
               "tasks are switched without the safety check and may keep running the old code; the modules "
               "of updates it replaces can then never be unloaded", file=sys.stderr)
     return _present(kernel.apply(Path(args.package), timeout=args.timeout, progress=ProgressPrinter(args.json),
-                                 force=args.force), args.json)
+                                 force=args.force, wait=args.wait), args.json)
 
 
 def cmd_blockers(args: argparse.Namespace) -> int:
@@ -147,7 +147,16 @@ def cmd_blockers(args: argparse.Namespace) -> int:
 def cmd_revert(args: argparse.Namespace) -> int:
     from dynamos import kernel
 
-    return _present(kernel.revert(args.name, timeout=args.timeout, progress=ProgressPrinter(args.json)), args.json)
+    return _present(kernel.revert(args.name, timeout=args.timeout, progress=ProgressPrinter(args.json),
+                                  wait=args.wait), args.json)
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from dynamos import kernel
+
+    result = kernel.recover(timeout=args.timeout, wait=args.wait)
+    _present(result, args.json)
+    return 1 if any(i["outcome"] == "failed" for i in result.items) else 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -159,6 +168,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         _print_json(data)
         return 0
     print(f"kernel {data['kernel']}, livepatch {'available' if data['livepatch'] else 'NOT available'}")
+    for op in data.get("interrupted", []):
+        what = "in progress" if op["in_progress"] else "interrupted"
+        print(f"{what}: {op['action']} of {op['update']} (pid {op['pid']}, {op['time']}); the kernel shows: "
+              f"{op['kernel']}" + ("" if op["in_progress"] else "; run `dynamos recover`"))
     if not data["updates"]:
         print("no live updates")
         return 0
@@ -193,7 +206,7 @@ def cmd_switch(args: argparse.Namespace) -> int:
 
     pids = tuple(int(p) for p in args.pids.split(",") if p) if args.pids is not None else None
     selector = Selector(pids=pids, cgroup=args.cgroup, cpus=args.cpus, share=args.share)
-    control = switch(args.update, args.function, args.edition, selector, reset=args.reset)
+    control = switch(args.update, args.function, args.edition, selector, reset=args.reset, wait=args.wait)
     if args.json:
         _print_json(control.to_json())
     else:
@@ -206,7 +219,7 @@ def cmd_retire(args: argparse.Namespace) -> int:
 
     try:
         result = retire(args.update, args.function, args.edition, timeout=args.timeout,
-                        progress=ProgressPrinter(args.json))
+                        progress=ProgressPrinter(args.json), wait=args.wait)
     except RetireTimeout as e:
         if args.json:
             _print_json(e.result.to_json())
@@ -390,6 +403,11 @@ def _add_lab_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--boot-timeout", type=float, default=60.0, metavar="S")
 
 
+def _add_wait_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", type=float, default=None, metavar="S",
+                   help="wait up to S seconds for another dynamos changing this kernel (default: refuse at once)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynamos", description="Live updates of a running Linux kernel.")
     parser.add_argument("--version", action="version", version=f"dynamos {__version__}")
@@ -418,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at the timeout, force the transition instead of reverting (unsafe: blocked tasks "
                         "may keep running old code); never the default")
     p.add_argument("--json", action="store_true")
+    _add_wait_option(p)
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("blockers", help="tasks not yet switched by a live update in transition, with stacks")
@@ -429,7 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S")
     p.add_argument("--json", action="store_true")
+    _add_wait_option(p)
     p.set_defaults(func=cmd_revert)
+
+    p = sub.add_parser("recover", help="finish or undo operations the action log shows were interrupted")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S")
+    p.add_argument("--json", action="store_true")
+    _add_wait_option(p)
+    p.set_defaults(func=cmd_recover)
 
     for verb in ("status", "list"):
         p = sub.add_parser(verb, help="live updates on this kernel")
@@ -449,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--share", type=float, metavar="PCT", help="this percentage of calls, spread evenly")
     which.add_argument("--reset", action="store_true", help="back to the route the update was loaded with")
     p.add_argument("--json", action="store_true")
+    _add_wait_option(p)
     p.set_defaults(func=cmd_switch)
 
     p = sub.add_parser("retire", help="take an edition out of service and wait for its calls to finish")
@@ -457,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("edition")
     p.add_argument("--timeout", type=float, default=10.0, metavar="S")
     p.add_argument("--json", action="store_true")
+    _add_wait_option(p)
     p.set_defaults(func=cmd_retire)
 
     p = sub.add_parser("monitor", help="count and time calls of kernel functions (a monitoring update)")
