@@ -70,7 +70,7 @@ class OperationLock:
         """Take the lock, or RefusedError naming the holder (after ``wait`` seconds, if given)."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as e:
             why = "it is a symbolic link" if e.errno == errno.ELOOP else (e.strerror or str(e))
             raise RefusedError(f"{what}: refused, nothing was changed: cannot open the lock {self.path}: {why}") from e

@@ -109,3 +109,31 @@ def test_switch_and_retire_are_journaled_and_locked(harness: KernelHarness) -> N
     finally:
         del os.environ["DYNAMOS_LOG"]
     assert [(e["action"], e["result"]) for e in h.log(intents=True)] == [("switch", "intent"), ("switch", "refused")]
+
+
+def test_unwritable_log_refuses_revert_and_switch_with_nothing_changed(harness: KernelHarness, tmp_path) -> None:
+    from dynamos.kernel import editions
+
+    h = harness
+    h.apply("fix-x")
+    (tmp_path / "blocker").write_text("")
+    h.kernel.log.path = tmp_path / "blocker" / "actions.log"
+    with pytest.raises(RefusedError, match="nothing was changed: cannot write the action log"):
+        h.kernel.revert("fix-x")
+    assert h.sim.patches["fix_x"].enabled and not h.syscalls("write-enabled") and h.record("fix_x").exists()
+    os.environ["DYNAMOS_LOG"] = str(h.kernel.log.path)
+    try:
+        with pytest.raises(RefusedError, match="cannot write the action log"):
+            editions.switch("fix-x", "f", 1, root=h.sim.root)
+    finally:
+        del os.environ["DYNAMOS_LOG"]
+
+
+def test_status_tells_an_operation_in_progress_from_an_interrupted_one(harness: KernelHarness) -> None:
+    h = harness
+    with h.kernel.journal.locked("test"):
+        h.kernel.journal.intent("apply", "fix_x", {})
+        (op,) = h.kernel.status().to_json()["interrupted"]
+        assert op["in_progress"] is True and op["kernel"] == "nothing named fix_x is loaded"
+    h.kernel.journal.done()
+    assert h.kernel.status().to_json()["interrupted"][0]["in_progress"] is False
