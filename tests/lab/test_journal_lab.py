@@ -33,6 +33,7 @@ def test_killed_apply_is_reported_and_recovered(guest, build):
     recovered = json.loads(guest.dynamos("recover", "--json").stdout)
     (item,) = [i for i in recovered["recovered"] if i["name"] == "cmdline_banner"]
     assert item["outcome"] in ("completed", "reverted and unloaded"), item
+    print(f"recover said: {item['outcome']}: {item['detail']}", file=sys.stderr)
     after = guest.status()
     assert "interrupted" not in after
     if item["outcome"] == "completed":
