@@ -58,9 +58,11 @@ def test_apply_status_revert_cycle(guest, build):
     assert guest.read("/proc/cmdline") == original
     assert guest.livepatches() == []
     assert "cmdline_banner" not in guest.modules()
-    log = guest.read("/var/log/dynamos/actions.log").splitlines()
-    actions = [json.loads(line)["action"] for line in log[-2:]]
-    assert actions == ["apply", "revert"]
+    log = [json.loads(line) for line in guest.read("/var/log/dynamos/actions.log").splitlines()]
+    # the journal: an intent before each change, its result (same op id) after
+    assert [(e["action"], e["result"]) for e in log[-4:]] == [
+        ("apply", "intent"), ("apply", "ok"), ("revert", "intent"), ("revert", "ok")]
+    assert log[-4]["op"] == log[-3]["op"] and log[-2]["op"] == log[-1]["op"]
 
 
 def test_stacked_updates(guest, build):

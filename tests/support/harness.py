@@ -62,14 +62,15 @@ class KernelHarness:
 
     def add(self, name: str, *functions: str | FunctionSpec, replace: bool = False,
             release: str | None = None, consistency: str = "per-task",
-            klp_symbols: list[dict[str, Any]] | None = None) -> Path:
+            klp_symbols: list[dict[str, Any]] | None = None, image_names: dict[str, str] | None = None) -> Path:
         """Write an update package replacing ``functions`` (default: cmdline_proc_show); its path."""
         specs = tuple(f if isinstance(f, FunctionSpec) else fn(f) for f in functions or ("cmdline_proc_show",))
         source = UpdateSource(directory=self.packages, name=name, description=f"{name} (simulated)",
                               functions=specs, c_files=(), replace=replace, consistency=consistency)
         release = release or self.sim.kernel_release
         image = simulated_module_image(source.livepatch_name,
-                             [{"name": f.name, "object": f.object, "sympos": f.sympos} for f in specs], replace)
+                             [{"name": f.name, "object": f.object, "sympos": f.sympos} for f in specs], replace,
+                             global_switch=consistency == "global", **(image_names or {}))
         return write_package(self.packages / f"{name}.dynpkg", source=source, kernel_release=release,
                              vermagic=f"{release} SMP preempt mod_unload modversions ", module=image,
                              klp_symbols=klp_symbols)
@@ -97,8 +98,10 @@ class KernelHarness:
     def record(self, livepatch: str) -> Path:
         return self.sim.root / "run/dynamos/updates" / f"{livepatch}.json"
 
-    def log(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.log_path.read_text().splitlines()]
+    def log(self, intents: bool = False) -> list[dict[str, Any]]:
+        """The action log's entries: results only, unless ``intents`` (the journal's lines too)."""
+        entries = [json.loads(line) for line in self.log_path.read_text().splitlines()]
+        return [e for e in entries if intents or e.get("result") != "intent"]
 
     def syscalls(self, kind: str) -> list[tuple[Any, ...]]:
         return [c for c in self.sim.calls if c[0] == kind]

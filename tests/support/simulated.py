@@ -6,8 +6,10 @@ sysfs, and every ``sleep`` (one poll of the caller) advances the transition the 
 does, per task. Tasks can be *blocked* (they never switch state) to reproduce stuck
 transitions. The real code path is exercised by the lab tests.
 
-A simulated module image is the ELF magic, a marker and JSON (see ``simulated_module_image``): it passes
-the package format's ELF check, and the simulated kernel refuses anything else with ENOEXEC.
+A simulated module image is a small relocatable ELF (see ``simulated_module_image``): ``.modinfo`` and
+``.gnu.linkonce.this_module`` name the module as Kbuild's would, and a section holds a marker and
+JSON saying which livepatch it registers (which may differ from its name, to test that check).
+The simulated kernel refuses anything without the marker with ENOEXEC.
 """
 
 from __future__ import annotations
@@ -15,19 +17,45 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dynamos.abi import VMLINUX
+from dynamos.abi import CONTROL_DIR, GLOBAL_FILE, VMLINUX
 
 DEFAULT_RELEASE = "6.1.0-56-amd64"
-IMAGE_MAGIC = b"\x7fELF\0dynamos-simulated-module\n"
+IMAGE_MAGIC = b"dynamos-simulated-module\n"
 
 
-def simulated_module_image(name: str, functions: list[dict[str, Any]], replace: bool = False) -> bytes:
-    """A module image the simulated kernel understands: the livepatch it registers."""
-    return IMAGE_MAGIC + json.dumps({"name": name, "functions": functions, "replace": replace}).encode()
+def _elf(sections: list[tuple[str, bytes]]) -> bytes:
+    """A minimal ELF64 little-endian relocatable object holding ``sections`` (no symbols)."""
+    names = b"\0" + b"".join(n.encode() + b"\0" for n, _ in sections) + b".shstrtab\0"
+    body, headers, offset = b"", [bytes(64)], 64
+    name_at = 1
+    for n, data in [*sections, (".shstrtab", names)]:
+        headers.append(struct.pack("<IIQQQQIIQQ", name_at, 1 if n != ".shstrtab" else 3, 0, 0,
+                                   offset + len(body), len(data), 0, 0, 1, 0))
+        name_at += len(n) + 1
+        body += data
+    shoff = 64 + len(body)
+    header = (b"\x7fELF\x02\x01\x01" + bytes(9)
+              + struct.pack("<HHIQQQIHHHHHH", 1, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64, len(headers), len(headers) - 1))
+    return header + body + b"".join(headers)
+
+
+def simulated_module_image(name: str, functions: list[dict[str, Any]], replace: bool = False, *,
+                 global_switch: bool = False, module_name: str | None = None,
+                 modinfo_name: str | None = None) -> bytes:
+    """A module image the simulated kernel understands: the livepatch it registers (``name``),
+    and the module name its ELF carries (``module_name``/``modinfo_name``, default ``name``)."""
+    spec = {"name": name, "functions": functions, "replace": replace, "global": global_switch}
+    this_module = bytearray(0x380)
+    own = (module_name or name).encode()[:55]
+    this_module[24:24 + len(own)] = own
+    modinfo = f"vermagic=simulated\0name={modinfo_name or module_name or name}\0".encode()
+    return _elf([(".modinfo", modinfo), (".gnu.linkonce.this_module", bytes(this_module)),
+                 (".dynamos.sim", IMAGE_MAGIC + json.dumps(spec).encode())])
 
 
 @dataclass
@@ -83,6 +111,8 @@ class SimulatedKernel:
     calls: list[tuple[Any, ...]] = field(default_factory=list)  # syscalls made, in order
     kmsg: list[str] = field(default_factory=list)
     polls: int = 0
+    global_state: dict[str, str] = field(default_factory=dict)  # update -> "old"/"new" (global consistency)
+    global_refuse: set[str] = field(default_factory=set)  # directions the global switch finds busy
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -129,9 +159,10 @@ class SimulatedKernel:
             self.kmsg.extend(self.load_messages)
             self.render()
             raise OSError(self.load_error, "init_module")
-        if not image.startswith(IMAGE_MAGIC):
+        at = image.find(IMAGE_MAGIC)
+        if not image.startswith(b"\x7fELF") or at < 0:
             raise OSError(errno.ENOEXEC, "init_module")
-        spec = json.loads(image[len(IMAGE_MAGIC):])
+        spec, _ = json.JSONDecoder().raw_decode(image[at + len(IMAGE_MAGIC):].decode(errors="replace"))
         name = spec["name"]
         if name in self.modules:
             raise OSError(errno.EEXIST, "init_module")
@@ -140,6 +171,8 @@ class SimulatedKernel:
         self.modules[name] = SimModule(name, True, refs=1)
         self.patches[name] = SimPatch(name, spec["functions"], spec.get("replace", False),
                                       polls_left=self.transition_polls)
+        if spec.get("global"):
+            self.global_state[name] = "old"
         self.kmsg.append(f"livepatch: enabling patch '{name}'")
         for t in self.tasks:
             t.state = 0  # every task starts unpatched and moves to the target
@@ -153,6 +186,7 @@ class SimulatedKernel:
         if module.refs:
             raise OSError(errno.EAGAIN, "delete_module")
         del self.modules[name]
+        self.global_state.pop(name, None)
         self.render()
 
     def mount(self, source: str, target: str, fstype: str, flags: int = 0, data: str | None = None) -> None:
@@ -192,6 +226,15 @@ class SimulatedKernel:
                         if t.blocked and t.wakes_on_signal:
                             t.blocked = False
                             t.state = 1 if patch.enabled else 0
+            self.render()
+            return
+        if Path(path).name == GLOBAL_FILE:
+            module = Path(path).relative_to(self.root / "sys/module").parts[0]
+            direction = value.split()[0].decode()
+            self.calls.append(("global", module, direction))
+            if module not in self.global_state or direction in self.global_refuse:
+                raise OSError(errno.EBUSY, path)
+            self.global_state[module] = direction
             self.render()
             return
         rel = Path(path).relative_to(self.root / "sys/kernel/livepatch")
@@ -293,6 +336,10 @@ class SimulatedKernel:
             if m.livepatch:  # every update module has the blocker signal parameter
                 (r / "sys/module" / m.name / "parameters").mkdir(parents=True, exist_ok=True)
                 (r / "sys/module" / m.name / "parameters/signal_blockers").write_text("0\n")
+            if m.name in self.global_state:
+                (r / "sys/module" / m.name / CONTROL_DIR).mkdir(parents=True, exist_ok=True)
+                (r / "sys/module" / m.name / CONTROL_DIR / GLOBAL_FILE).write_text(
+                    f"state {self.global_state[m.name]}\nattempts 1\nlongest_stop_ns 1000\n")
 
         tracing = r / "sys/kernel/tracing"
         if tracing.exists():

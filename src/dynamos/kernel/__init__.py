@@ -24,7 +24,14 @@ from dynamos.kernel.live import LiveKernel
 from dynamos.kernel.livepatch import Blocker, Livepatch, PatchedFunction, Task
 from dynamos.kernel.modules import normalize_name
 from dynamos.kernel.refusals import REFUSALS, PreflightRefused, Refusal
-from dynamos.kernel.results import ApplyResult, FunctionStatus, KernelStatus, RevertResult, UpdateStatus
+from dynamos.kernel.results import (
+    ApplyResult,
+    FunctionStatus,
+    KernelStatus,
+    RecoverResult,
+    RevertResult,
+    UpdateStatus,
+)
 from dynamos.kernel.symbols import Kallsyms, TraceableFunctions
 from dynamos.kernel.syscalls import LibcSyscalls, Syscalls
 from dynamos.kernel.transition import BlockedTransition, Progress
@@ -45,6 +52,7 @@ __all__ = [
     "PatchedFunction",
     "PreflightRefused",
     "Progress",
+    "RecoverResult",
     "Refusal",
     "RevertResult",
     "Syscalls",
@@ -55,6 +63,7 @@ __all__ = [
     "default_log_path",
     "normalize_name",
     "preflight",
+    "recover",
     "revert",
     "status",
 ]
@@ -67,17 +76,24 @@ def preflight(pkg: UpdatePackage) -> list[str]:
 
 def apply(
     package_path: Path | str, timeout: float = 30.0, progress: Callable[[Progress], None] | None = None,
-    force: bool = False,
+    force: bool = False, wait: float | None = None,
 ) -> ApplyResult:
-    """Apply an update package to the running kernel (``force``: see LiveKernel.apply)."""
-    return LiveKernel().apply(package_path, timeout=timeout, progress=progress, force=force)
+    """Apply an update package to the running kernel (``force``: see LiveKernel.apply; ``wait``:
+    seconds to wait for another dynamos' operation lock, else refused at once)."""
+    return LiveKernel(lock_wait=wait).apply(package_path, timeout=timeout, progress=progress, force=force)
 
 
 def revert(
-    name: str, timeout: float = 30.0, progress: Callable[[Progress], None] | None = None
+    name: str, timeout: float = 30.0, progress: Callable[[Progress], None] | None = None,
+    wait: float | None = None,
 ) -> RevertResult:
     """Revert an update (by update or livepatch name) and unload its module."""
-    return LiveKernel().revert(name, timeout=timeout, progress=progress)
+    return LiveKernel(lock_wait=wait).revert(name, timeout=timeout, progress=progress)
+
+
+def recover(timeout: float = 30.0, wait: float | None = None) -> RecoverResult:
+    """Finish or undo the operations the action log shows were interrupted."""
+    return LiveKernel(lock_wait=wait).recover(timeout)
 
 
 def status(name: str | None = None) -> KernelStatus:

@@ -1,12 +1,15 @@
 """The action log: one JSON line for everything dynamos does to a kernel.
 
 A kernel changed by hand is hard to reason about after the fact; the log answers "what was
-loaded, when, and did it work" on the machine itself. Writing it must never turn a successful
-kernel operation into a failure, so problems with the log only warn.
+loaded, when, and did it work" on the machine itself. Every line is fsynced: it is the journal
+``recover`` reads after a crash. An intent (written before a change) that cannot be written
+refuses the change (see ``journal``); a result that cannot be written only warns, since the
+change it reports has been made and failing it would misreport the kernel.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -35,6 +38,7 @@ class ActionLog:
 
     def __init__(self, path: Path):
         self.path = path
+        self.current_op: str | None = None  # the journal's operation in flight: its result carries the id
 
     def record(
         self,
@@ -45,27 +49,38 @@ class ActionLog:
         details: dict[str, Any] | None = None,
     ) -> bool:
         """Append one entry; return False (after a warning) if it could not be written."""
-        entry = {
-            "time": now_iso(),
+        entry: dict[str, Any] = {
             "action": action,
             "name": name,
             "result": result,
             "seconds": round(seconds, 6),
             "details": details or {},
         }
-        line = json.dumps(entry, sort_keys=False, default=str) + "\n"
+        if self.current_op is not None:
+            entry["op"] = self.current_op
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # One write() on an O_APPEND descriptor keeps concurrent writers' lines whole.
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-            try:
-                os.write(fd, line.encode())
-            finally:
-                os.close(fd)
+            self.write(entry, strict=True)
         except OSError as e:
             logger.warning("dynamos: could not write the action log %s: %s", self.path, e)
             return False
         return True
+
+    def write(self, entry: dict[str, Any], strict: bool = False) -> None:
+        """Append ``entry`` (time added first) and fsync it; OSError if ``strict`` and it failed."""
+        line = json.dumps({"time": now_iso(), **entry}, sort_keys=False, default=str) + "\n"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # One write() on an O_APPEND descriptor keeps concurrent writers' lines whole.
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            try:
+                if os.write(fd, line.encode()) != len(line.encode()):
+                    raise OSError(errno.EIO, "short write")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            if strict:
+                raise
 
     def entries(self) -> list[dict[str, Any]]:
         """Every readable entry, oldest first (lines that do not parse are skipped)."""

@@ -33,6 +33,8 @@ from dynamos.abi import (
 )
 from dynamos.errors import RefusedError, TransitionError
 from dynamos.kernel import livepatch as lp
+from dynamos.kernel.actionlog import ActionLog, default_log_path
+from dynamos.kernel.journal import Journal
 from dynamos.kernel.modules import normalize_name
 from dynamos.update.names import checked_name
 
@@ -309,8 +311,17 @@ def cgroup_identity(path: str, root: Path = Path("/")) -> tuple[int, int]:
 
 
 def switch(update: str, function: str, edition: str | int | None, selector: Selector = Selector(),
-           reset: bool = False, root: Path = Path("/")) -> FunctionControl:
-    """Route calls of a multi-edition function: takes effect for calls that start afterwards."""
+           reset: bool = False, root: Path = Path("/"), wait: float | None = None) -> FunctionControl:
+    """Route calls of a multi-edition function: takes effect for calls that start afterwards.
+    Under the operation lock (``wait``: see ``journal``), with intent and result in the action log."""
+    journal = Journal(root, ActionLog(default_log_path(root)), wait)
+    with journal.operation("switch", normalize_name(update), {"function": function, "edition": edition,
+                                                             "selector": repr(selector), "reset": reset}):
+        return _switch(update, function, edition, selector, reset, root)
+
+
+def _switch(update: str, function: str, edition: str | int | None, selector: Selector, reset: bool,
+            root: Path) -> FunctionControl:
     control = function_control(update, function, root)
     if reset:
         if edition is not None or selector != Selector():
@@ -349,13 +360,21 @@ def tasks_in(functions: Iterable[str], root: Path = Path("/")) -> list[dict[str,
 
 
 def retire(update: str, function: str, edition: str | int, timeout: float = 10.0,
-           progress: Callable[[str], None] | None = None, root: Path = Path("/")) -> RetireResult:
+           progress: Callable[[str], None] | None = None, root: Path = Path("/"),
+           wait: float | None = None) -> RetireResult:
     """Take an edition out of service and wait until no call is left in it.
 
     New calls stop reaching it at once (a call routed to it runs the default edition, or the
     original when the default is retired). On timeout the edition stays retired and the
     TransitionError's result names the tasks still inside it.
     """
+    journal = Journal(root, ActionLog(default_log_path(root)), wait)
+    with journal.operation("retire", normalize_name(update), {"function": function, "edition": edition}):
+        return _retire(update, function, edition, timeout, progress, root)
+
+
+def _retire(update: str, function: str, edition: str | int, timeout: float,
+            progress: Callable[[str], None] | None, root: Path) -> RetireResult:
     control = function_control(update, function, root)
     index = control.edition_index(edition)
     if index == 0:

@@ -20,10 +20,11 @@ from dynamos.errors import DynamosError, PackageError, RefusedError
 from dynamos.kernel import editions
 from dynamos.kernel import livepatch as lp
 from dynamos.kernel.actionlog import ActionLog, default_log_path, now_iso
+from dynamos.kernel.journal import Journal
 from dynamos.kernel.modules import explain_load_error, last_kmsg_seq, loaded_modules, normalize_name
 from dynamos.kernel.preflight import Preflight
 from dynamos.kernel.refusals import REFUSALS, PreflightRefused, Refusal
-from dynamos.kernel.results import ApplyResult, KernelStatus, RevertResult
+from dynamos.kernel.results import ApplyResult, KernelStatus, RecoverResult, RevertResult
 from dynamos.kernel.state import UpdateRecords
 from dynamos.kernel.status import StatusReader
 from dynamos.kernel.syscalls import LibcSyscalls, Syscalls
@@ -56,6 +57,7 @@ class LiveKernel:
         unload_timeout: float = 10.0,
         log_path: Path | None = None,
         read_package: Callable[[Path], UpdatePackage] | None = None,
+        lock_wait: float | None = None,
     ):
         self.root = Path(root)
         self.sys: Syscalls = syscalls if syscalls is not None else LibcSyscalls()
@@ -65,7 +67,8 @@ class LiveKernel:
         self.checks = Preflight(self.root, self.sys, self.log)
         self.transitions = Transitions(self.root, self.sys, self.log, poll_interval=poll_interval,
                                        unload_timeout=unload_timeout)
-        self.reader = StatusReader(self.root, self.records)
+        self.journal = Journal(self.root, self.log, lock_wait)
+        self.reader = StatusReader(self.root, self.records, self.journal)
 
     @property
     def signalled(self) -> list[float]:
@@ -117,6 +120,28 @@ class LiveKernel:
         revert_timeout: float | None = None,
         force: bool = False,
     ) -> ApplyResult:
+        """Apply an update package under the operation lock, after recovering any operation the
+        journal shows was interrupted (see ``_apply``)."""
+        if self.sys.geteuid() != 0:  # refused before the lock, which only root may take
+            return self._apply(package_path, timeout, progress, revert_timeout=revert_timeout, force=force)
+        with self.journal.locked(str(package_path)):
+            recovered = self._recover_notes(timeout)
+            try:
+                result = self._apply(package_path, timeout, progress, revert_timeout=revert_timeout, force=force)
+            finally:
+                self.journal.done()
+        result.notes[:0] = recovered
+        return result
+
+    def _apply(
+        self,
+        package_path: Path | str,
+        timeout: float = 30.0,
+        progress: ProgressCallback | None = None,
+        *,
+        revert_timeout: float | None = None,
+        force: bool = False,
+    ) -> ApplyResult:
         """Apply an update package: verify, preflight, load, transition (reverting on timeout).
 
         ``timeout`` bounds the transition; ``revert_timeout`` (default: ``timeout``) bounds the
@@ -136,7 +161,9 @@ class LiveKernel:
             return now
 
         pkg: UpdatePackage | None = None
-        loading = False
+        loading = transitioned = False
+        before: set[str] = set()
+        notes: list[str] = []
         euid = self.sys.geteuid()
         if euid != 0:  # before reading the package: an unprivileged user may not even read it
             raise PreflightRefused(label, [Refusal.make("not-root", euid=euid)])
@@ -151,6 +178,9 @@ class LiveKernel:
             t = timed("preflight", t)
             before = set(lp.livepatch_names(self.root))
             functions = [_function_json(f) for f in pkg.patched_functions]
+            self.journal.intent("apply", pkg.livepatch_name, {
+                "update": pkg.name, "package": os.path.abspath(package_path), "consistency": pkg.consistency,
+                "replacing": sorted(before - {pkg.livepatch_name}) if pkg.replace else []})
             # Recorded before loading, so an update whose apply was killed midway is still
             # recognisable as dynamos' in status.
             self._record(pkg, package_path, functions, notes)
@@ -164,11 +194,15 @@ class LiveKernel:
             if pkg.consistency == "global":
                 self.transitions.switch_globally(pkg.livepatch_name, True, timeout, revert_timeout, progress, notes)
                 t = timed("switch", t)
+            transitioned = True  # from here on the update is applied: failures only leave old modules
             replaced: list[str] = []
             if pkg.replace:
                 replaced = self.transitions.unload_replaced(sorted(before - {pkg.livepatch_name}), notes)
             timed("unload", t)
         except BaseException as e:
+            if pkg is not None and transitioned:
+                raise self._cleanup_interrupted(pkg, sorted(before - {pkg.livepatch_name}), e, start,
+                                                details, notes) from e
             error: BaseException = e
             if pkg is not None and loading and not isinstance(e, DynamosError) and self._is_loaded(pkg.livepatch_name):
                 # Interrupted between init_module and the transition watch: undo the load too.
@@ -197,6 +231,21 @@ class LiveKernel:
         details.update(replaced=replaced, notes=notes)
         self.log.record("apply", pkg.livepatch_name, "ok", result.seconds, details)
         return result
+
+    def _cleanup_interrupted(self, pkg: UpdatePackage, old: list[str], e: BaseException, start: float,
+                             details: dict[str, Any], notes: list[str]) -> DynamosError:
+        """The update's transition completed, then unloading the modules it replaced was stopped:
+        the update stays applied (undoing it would be the wrong answer); say what is left."""
+        still = [n for n in old if n in loaded_modules(self.root)]
+        for name in old:
+            if not self._is_loaded(name):
+                self.records.remove(name)
+        details.update(notes=notes, still_loaded=still, error=str(e) or type(e).__name__)
+        self.log.record("apply", pkg.livepatch_name, "ok, cleanup interrupted", self.sys.monotonic() - start, details)
+        left = (f"the replaced module(s) {', '.join(still)} are still loaded (inactive; "
+                f"`dynamos revert NAME` unloads each)") if still else "no replaced module is left loaded"
+        return DynamosError(f"{pkg.livepatch_name}: applied (every task runs the new code); "
+                            f"{interrupted('unloading of the modules it replaced', e)}: {left}")
 
     def _record(self, pkg: UpdatePackage, package_path: Path | str, functions: list[dict[str, Any]],
                 notes: list[str]) -> None:
@@ -248,6 +297,26 @@ class LiveKernel:
         *,
         restore_timeout: float | None = None,
     ) -> RevertResult:
+        """Revert under the operation lock, after recovering interrupted operations (``_revert``)."""
+        if self.sys.geteuid() != 0:
+            return self._revert(name, timeout, progress, restore_timeout=restore_timeout)
+        with self.journal.locked(name):
+            recovered = self._recover_notes(timeout)
+            try:
+                result = self._revert(name, timeout, progress, restore_timeout=restore_timeout)
+            finally:
+                self.journal.done()
+        result.notes[:0] = recovered
+        return result
+
+    def _revert(
+        self,
+        name: str,
+        timeout: float = 30.0,
+        progress: ProgressCallback | None = None,
+        *,
+        restore_timeout: float | None = None,
+    ) -> RevertResult:
         """Disable an update and unload its module.
 
         If the reversal does not finish within ``timeout``, it is itself reversed (the update is
@@ -264,12 +333,22 @@ class LiveKernel:
         try:
             t = self.sys.monotonic()
             patch = self._revert_preflight(lp_name, notes)
+            self.journal.intent("revert", lp_name, {"update": record.get("update") if record else None})
             now = self.sys.monotonic()
             phases["preflight"], t = round(now - t, 6), now
+            switched_off = False
             if patch is not None and (editions.global_switch_state(lp_name, self.root) or {}).get("state") == "new":
                 self.transitions.switch_globally(lp_name, False, timeout, restore_timeout, progress, notes)
+                switched_off = True
             if patch is not None:
-                self.transitions.disable(patch, timeout, restore_timeout, progress)
+                try:
+                    self.transitions.disable(patch, timeout, restore_timeout, progress)
+                except BlockedTransition as blocked:
+                    if not (switched_off and blocked.outcome == "restored"):
+                        raise
+                    # Re-enabled, but every function still serves edition 0: put the editions back
+                    # (the state before the revert), or say that the fix is not running.
+                    raise self.transitions.restore_globally(lp_name, blocked, restore_timeout) from blocked
                 notes += self.transitions.signal_notes()
                 self.transitions.wait_gone(lp_name, self.transitions.unload_timeout)
             now = self.sys.monotonic()
@@ -317,6 +396,21 @@ class LiveKernel:
                 raise RefusedError(f"{lp_name}: refused, nothing was changed: "
                                    + REFUSALS["busy"].format(other=other.name))
         return patch
+
+    # -- recovery ---------------------------------------------------------------------------
+
+    def recover(self, timeout: float = 30.0) -> RecoverResult:
+        """Finish or undo every operation the journal shows was interrupted (see ``recovery``)."""
+        from dynamos.kernel.recovery import recover
+
+        with self.journal.locked("recover"):
+            return recover(self, timeout)
+
+    def _recover_notes(self, timeout: float) -> list[str]:
+        """Recover before a change, so it starts from a kernel every line of the log accounts for."""
+        if not self.journal.pending():
+            return []
+        return [f"recovered first: {line}" for line in self.recover(timeout).lines()]
 
     # -- status -----------------------------------------------------------------------------
 

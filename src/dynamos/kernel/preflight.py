@@ -14,6 +14,7 @@ from pathlib import Path
 from dynamos.abi import generated_name
 from dynamos.kernel import livepatch as lp
 from dynamos.kernel.actionlog import ActionLog
+from dynamos.kernel.modident import identity_problem
 from dynamos.kernel.modules import LoadedModule, loaded_modules, lockdown_mode
 from dynamos.kernel.refusals import PreflightRefused, Refusal
 from dynamos.kernel.symbols import (
@@ -131,6 +132,10 @@ class Preflight:
             vermagic = pkg.vermagic.split()
             if vermagic and vermagic[0] != running:
                 reasons.append(Refusal.make("vermagic", vermagic=vermagic[0], running=running))
+
+        problem = identity_problem(pkg.module, name)
+        if problem is not None:
+            reasons.append(Refusal.make("module-identity", name=name, problem=problem))
 
         patches = lp.read_livepatches(self.root)
         modules = loaded_modules(self.root)

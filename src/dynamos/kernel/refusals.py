@@ -22,6 +22,8 @@ REFUSALS: dict[str, str] = {
     "vermagic": "the module's vermagic is for kernel {vermagic}, but the running kernel is {running}",
     "already-loaded": "a livepatch named {name} is already loaded "
                       "(revert it first, or build the new update with replace = true)",
+    "module-identity": "the manifest names the update's module {name}, but {problem}: the kernel would "
+                       "register it under another name, which dynamos could neither watch nor unload",
     "module-loaded": "a module named {name} is already loaded",
     "busy": "livepatch {other} is in transition and only one transition runs at a time: "
             "retry when it ends",

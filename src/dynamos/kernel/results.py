@@ -52,6 +52,31 @@ class ApplyResult:
 
 
 @dataclass
+class RecoverResult:
+    """What ``recover`` found in the journal and did: one item per interrupted operation.
+
+    outcome: "completed" (the operation's effect stands and is recorded), "reverted" (the
+    update was taken out), "not applied" (killed before loading: nothing to undo), "left
+    applied" (a revert that had not taken effect), "closed" (switch/retire: nothing to undo),
+    or a transition outcome when the kernel did not let it finish ("in transition", ...).
+    """
+
+    items: list[dict[str, Any]] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return [f"{i['action']} of {i['name']} (pid {i.get('pid')}, {i.get('time')}): {i['outcome']}: {i['detail']}"
+                for i in self.items]
+
+    def describe(self) -> str:
+        if not self.items:
+            return "nothing to recover: every operation in the action log has a result"
+        return "\n".join(self.lines())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"recovered": self.items}
+
+
+@dataclass
 class RevertResult:
     name: str  # livepatch name
     update: str | None  # dynamos update name, when dynamos applied it
@@ -107,6 +132,14 @@ class UpdateStatus:
     package: str | None = None
     applied: str | None = None  # ISO time dynamos applied it
     editions: list[dict[str, Any]] = field(default_factory=list)  # multi-edition functions' controls
+    global_switch: str | None = None  # global consistency: "new" (its editions serve) or "old" (edition 0)
+
+    @property
+    def warning(self) -> str | None:
+        """What the enabled/transition flags alone would hide: a global update serving edition 0."""
+        if self.global_switch == "old" and self.enabled and not self.transition:
+            return "loaded and enabled, but every function serves edition 0 (the original code): the fix is not running"
+        return None
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -126,6 +159,10 @@ class UpdateStatus:
                 data[key] = value
         if self.editions:
             data["editions"] = self.editions
+        if self.global_switch is not None:
+            data["global_switch"] = self.global_switch
+        if self.warning:
+            data["warning"] = self.warning
         return data
 
 
@@ -155,10 +192,16 @@ class KernelStatus:
     kernel: str
     livepatch: bool
     updates: list[UpdateStatus] = field(default_factory=list)
+    # Operations with an intent and no result in the journal: {"action", "update", "pid", "time",
+    # "in_progress" (its process still holds the lock), "kernel" (what the kernel shows now)}.
+    interrupted: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "kernel": self.kernel,
             "livepatch": self.livepatch,
             "updates": [u.to_json() for u in self.updates],
         }
+        if self.interrupted:
+            data["interrupted"] = self.interrupted
+        return data

@@ -15,6 +15,7 @@ from dynamos.abi import VMLINUX
 from dynamos.errors import DynamosError
 from dynamos.kernel import editions
 from dynamos.kernel import livepatch as lp
+from dynamos.kernel.journal import Journal, lock_holder
 from dynamos.kernel.modules import LoadedModule, loaded_modules, normalize_name
 from dynamos.kernel.results import FunctionStatus, KernelStatus, UpdateStatus
 from dynamos.kernel.state import UpdateRecords
@@ -26,12 +27,26 @@ def _recorded_function(f: Mapping[str, Any]) -> tuple[str, str, int | None]:
     return str(f.get("name")), str(f.get("object") or VMLINUX), int(sympos) if sympos else None
 
 
+def kernel_shows(root: Path, name: str) -> str:
+    """What the kernel shows of livepatch ``name`` now, in words (for interrupted operations)."""
+    patch = lp.read_livepatch(root, name)
+    if patch is None:
+        if name in loaded_modules(root):
+            return f"module {name} is loaded but registers no livepatch"
+        return f"nothing named {name} is loaded"
+    state = (editions.global_switch_state(name, root) or {}).get("state")
+    shown = (f"livepatch {name} is loaded, {'enabled' if patch.enabled else 'disabled'}, "
+             f"{'in transition' if patch.transition else 'transition finished'}")
+    return shown + (f", global switch {state}" if state else "")
+
+
 class StatusReader:
     """Reads the status of the kernel under ``root``."""
 
-    def __init__(self, root: Path, records: UpdateRecords):
+    def __init__(self, root: Path, records: UpdateRecords, journal: Journal | None = None):
         self.root = root
         self.records = records
+        self.journal = journal
 
     def transition_blockers(self, name: str | None = None) -> dict[str, list[lp.Blocker]]:
         """Tasks not yet switched, per livepatch in transition (or just ``name``)."""
@@ -62,6 +77,13 @@ class StatusReader:
         for module in modules.values():
             if module.is_livepatch and module.name not in seen:
                 status.updates.append(self._leftover_status(module.name))
+        if self.journal is not None:
+            holder = lock_holder(self.root)
+            status.interrupted = [
+                {"action": e.get("action"), "update": e.get("name"), "pid": e.get("pid"), "time": e.get("time"),
+                 "in_progress": holder is not None and holder == e.get("pid"),
+                 "kernel": kernel_shows(self.root, str(e.get("name")))}
+                for e in self.journal.pending()]
         if name is not None:
             wanted = normalize_name(name)
             status.updates = [u for u in status.updates if u.name == wanted]
@@ -103,6 +125,7 @@ class StatusReader:
             package=record.get("package") if record else None,
             applied=record.get("applied") if record else None,
             editions=[f.to_json() for f in editions.functions_of(patch.name, self.root)],
+            global_switch=(editions.global_switch_state(patch.name, self.root) or {}).get("state"),
         )
 
     def _leftover_status(self, name: str) -> UpdateStatus:

@@ -56,7 +56,9 @@ class BlockedTransition(TransitionError):
     """A transition did not finish in time; ``outcome`` says where the kernel was left.
 
     outcome: "reverted and unloaded", "reverted" (module still loaded), "restored"
-    (a revert was undone: the update stays applied), or "in transition" (the kernel still moves
+    (a revert was undone: the update stays applied), "restored, serving edition 0" (a global
+    update's revert was undone but its functions could not be switched back to their editions:
+    loaded and enabled, yet the fix is not running), or "in transition" (the kernel still moves
     tasks; nothing more dynamos could do in time).
     """
 
@@ -287,6 +289,26 @@ class Transitions:
         notes.append(f"global switch to the {'new' if to_new else 'original'} editions: state "
                      f"{stats.get('state')}, longest all-CPU stop {int(stats.get('longest_stop_ns', '0')) / 1000:.0f} "
                      f"us after {stats.get('attempts', '?')} attempt(s)")
+
+    def restore_globally(self, name: str, blocked: BlockedTransition, timeout: float) -> BlockedTransition:
+        """After a global update's revert was undone (``blocked``), switch its functions back to
+        their new editions; the error to raise says truthfully which editions now serve calls."""
+        path = editions.control_root(name, self.root) / GLOBAL_FILE
+        try:
+            self.sys.write_attribute(os.fspath(path), f"new {int(timeout * 1000)}".encode())
+        except OSError as e:
+            state = editions.global_switch_state(name, self.root) or {}
+            why = state.get("last_busy") or os.strerror(e.errno or 0)
+            return BlockedTransition(
+                f"{str(blocked).split('; restored')[0]}; the livepatch was re-enabled, but switching its "
+                f"functions back to their new editions failed ({why}): update {name} is loaded and enabled "
+                f"yet every function serves edition 0 (the kernel's original code), so the fix is NOT "
+                f"running. Run `dynamos revert {name}` again to take it out, then apply it anew.",
+                name=name, outcome="restored, serving edition 0", blockers=blocked.blockers)
+        return BlockedTransition(
+            f"{str(blocked).split('; restored')[0]}; restored: the update was re-enabled and its functions "
+            f"switched back to their new editions: it stays applied.\n{describe_blockers(blocked.blockers)}",
+            name=name, outcome="restored", blockers=blocked.blockers)
 
     def disable(self, patch: lp.Livepatch, timeout: float, restore_timeout: float,
                  progress: ProgressCallback | None) -> None:

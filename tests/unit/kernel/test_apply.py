@@ -228,12 +228,13 @@ def test_stuck_reversal_keeps_the_record_and_blockers_lists_it(harness: KernelHa
     assert update["tasks_pending"] == [{"pid": 42, "comm": "kworker/0:1"}]
 
 
-def test_unwritable_action_log_does_not_fail_apply(harness: KernelHarness, tmp_path: Path) -> None:
+def test_unwritable_action_log_refuses_apply_with_nothing_changed(harness: KernelHarness, tmp_path: Path) -> None:
     h = harness
     (tmp_path / "blocker").write_text("")
     h.kernel.log.path = tmp_path / "blocker" / "actions.log"
-    assert h.kernel.apply(h.add("fix-x")).livepatch_name == "fix_x"
-    assert h.kernel.blockers() == []
+    with pytest.raises(RefusedError, match="nothing was changed: cannot write the action log"):
+        h.kernel.apply(h.add("fix-x"))
+    assert not h.syscalls("init_module") and not h.sim.patches and not h.record("fix_x").exists()
 
 
 # --- kernel threads whose main function is replaced -------------------------------------------

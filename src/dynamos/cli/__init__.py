@@ -1,0 +1,180 @@
+"""Command line: argument parsing and presentation only; the work is in the library."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from dynamos import __version__
+from dynamos.cli.args import add_wait_option, cpus_arg, name_arg, pids_arg, seconds_arg, share_arg
+from dynamos.cli.commands import (
+    cmd_apply,
+    cmd_blockers,
+    cmd_build,
+    cmd_demo,
+    cmd_monitor,
+    cmd_recover,
+    cmd_retire,
+    cmd_revert,
+    cmd_status,
+    cmd_switch,
+)
+from dynamos.cli.lab import (
+    LAB_NAME,
+    add_lab_options,
+    cmd_lab_run,
+    cmd_lab_shell,
+    cmd_lab_start,
+    cmd_lab_status,
+    cmd_lab_stop,
+)
+from dynamos.errors import DynamosError
+from dynamos.target import DEFAULT_LAB_KERNEL
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynamos", description="Live updates of a running Linux kernel.")
+    parser.add_argument("--version", action="version", version=f"dynamos {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build", help="build an update package from an update source or a source patch")
+    p.add_argument("source", nargs="?", help="update source directory (update.toml + C files)")
+    p.add_argument("--patch", metavar="FILE", help="a unified diff against the target kernel's source")
+    p.add_argument("--name", type=name_arg("update name"),
+                   help="update name for --patch (default: from the patch file name)")
+    p.add_argument("--explain", action="store_true",
+                   help="with --patch: say per function why it is in the update, per refusal why")
+    p.add_argument("-o", "--output", help="package file or directory (default: current directory)")
+    p.add_argument("--kernel", metavar="REL", help="target kernel release (default: the running kernel)")
+    p.add_argument("--module-dir", action="append", metavar="DIR",
+                   help="directory of out-of-tree modules the update patches (their BTF gives prototypes)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("apply", help="apply an update package to this kernel")
+    p.add_argument("package")
+    p.add_argument("--timeout", type=seconds_arg, default=30.0, metavar="S",
+                   help="transition deadline; past it the update is reverted and unloaded")
+    p.add_argument("--check", action="store_true",
+                   help="verify and preflight only, and name the tasks that would hold up the transition")
+    p.add_argument("--force", action="store_true",
+                   help="at the timeout, force the transition instead of reverting (unsafe: blocked tasks "
+                        "may keep running old code); never the default")
+    p.add_argument("--json", action="store_true")
+    add_wait_option(p)
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("blockers", help="tasks not yet switched by a live update in transition, with stacks")
+    p.add_argument("name", nargs="?", type=name_arg("update name"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_blockers)
+
+    p = sub.add_parser("revert", help="disable and unload a live update")
+    p.add_argument("name", type=name_arg("update name"))
+    p.add_argument("--timeout", type=seconds_arg, default=30.0, metavar="S")
+    p.add_argument("--json", action="store_true")
+    add_wait_option(p)
+    p.set_defaults(func=cmd_revert)
+
+    p = sub.add_parser("recover", help="finish or undo operations the action log shows were interrupted")
+    p.add_argument("--timeout", type=seconds_arg, default=30.0, metavar="S")
+    p.add_argument("--json", action="store_true")
+    add_wait_option(p)
+    p.set_defaults(func=cmd_recover)
+
+    for verb in ("status", "list"):
+        p = sub.add_parser(verb, help="live updates on this kernel")
+        if verb == "status":
+            p.add_argument("name", nargs="?", type=name_arg("update name"))
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("switch", help="choose which edition of a multi-edition function serves calls")
+    p.add_argument("update", type=name_arg("update name"))
+    p.add_argument("function", type=name_arg("function name"), help="kernel function (as in 'dynamos status UPDATE')")
+    p.add_argument("edition", nargs="?", type=name_arg("edition"),
+                   help="edition number (0 = the kernel's original) or name")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--pids", type=pids_arg, metavar="P,...", help="only calls from these pids/tgids")
+    which.add_argument("--cgroup", metavar="PATH", help="only calls from tasks in this cgroup v2 (or below)")
+    which.add_argument("--cpus", type=cpus_arg, metavar="LIST", help="only calls on these CPUs, e.g. 0-1,3")
+    which.add_argument("--share", type=share_arg, metavar="PCT", help="this percentage of calls, spread evenly")
+    which.add_argument("--reset", action="store_true", help="back to the route the update was loaded with")
+    p.add_argument("--json", action="store_true")
+    add_wait_option(p)
+    p.set_defaults(func=cmd_switch)
+
+    p = sub.add_parser("retire", help="take an edition out of service and wait for its calls to finish")
+    p.add_argument("update", type=name_arg("update name"))
+    p.add_argument("function", type=name_arg("function name"))
+    p.add_argument("edition", type=name_arg("edition"))
+    p.add_argument("--timeout", type=seconds_arg, default=10.0, metavar="S")
+    p.add_argument("--json", action="store_true")
+    add_wait_option(p)
+    p.set_defaults(func=cmd_retire)
+
+    p = sub.add_parser("monitor", help="count and time calls of kernel functions (a monitoring update)")
+    p.add_argument("functions", nargs="*", metavar="FUNCTION", type=name_arg("function name"),
+                   help="NAME or MODULE:NAME")
+    p.add_argument("--show", action="store_true", help="show monitored functions (refreshing; --json: once)")
+    p.add_argument("--update", type=name_arg("update name"), help="with --show: only this update")
+    p.add_argument("--once", action="store_true", help="with --show: print the table once")
+    p.add_argument("--interval", type=seconds_arg, default=1.0, metavar="S")
+    p.add_argument("--name", type=name_arg("update name"), help="update name (default: monitor-<function>)")
+    p.add_argument("--kernel", metavar="REL", help="target kernel release (default: the running kernel)")
+    p.add_argument("-o", "--output", help="where to keep the package")
+    p.add_argument("--build-only", action="store_true", help="build the package, do not apply it")
+    p.add_argument("--timeout", type=seconds_arg, default=30.0, metavar="S")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_monitor)
+
+    p = sub.add_parser("demo", help="boot the lab and show a live update applied and reverted")
+    p.add_argument("--kernel", default=DEFAULT_LAB_KERNEL, metavar="REL")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    lab = sub.add_parser("lab", help="QEMU labs running a target kernel").add_subparsers(dest="lab_command",
+                                                                                         required=True)
+    p = lab.add_parser("start", help="boot a lab that stays up for later commands")
+    add_lab_options(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_lab_start)
+    p = lab.add_parser("stop", help="power a lab off")
+    p.add_argument("--name", default=LAB_NAME, type=name_arg("lab name"))
+    p.set_defaults(func=cmd_lab_stop)
+    p = lab.add_parser("status", help="running labs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_lab_status)
+    p = lab.add_parser("run", help="run a command as root in a lab (a running one, else a new one)")
+    add_lab_options(p)
+    p.add_argument("--timeout", type=seconds_arg, default=None, metavar="S")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming output")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_lab_run)
+    p = lab.add_parser("shell", help="interactive shell in a lab")
+    add_lab_options(p)
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_lab_shell)
+    return parser
+
+
+def main(argv: list[str] | None = None, on_error: Callable[[str], None] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DynamosError as e:
+        print(f"dynamos: error: {e}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        print("dynamos: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os._exit(0)
+    except OSError as e:  # a file the user named is missing or unreadable: say so, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"dynamos: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+

@@ -1,0 +1,265 @@
+"""The commands that build, apply and steer updates: each parses nothing and presents the library's answer."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dynamos.cli.present import ProgressPrinter, print_json, table
+from dynamos.errors import DynamosError
+
+
+# ----- build -----------------------------------------------------------------------------------
+def cmd_build(args: argparse.Namespace) -> int:
+    from dynamos.builder.kbuild import build_update
+    from dynamos.target import resolve_target
+
+    progress = ProgressPrinter(args.json)
+    if bool(args.patch) == bool(args.source):
+        raise DynamosError("build: give an update source directory, or --patch FILE (not both)")
+    target = resolve_target(args.kernel, progress)
+    output = Path(args.output) if args.output else Path.cwd()
+    if args.patch:
+        return _build_patch(args, target, output, progress)
+    result = build_update(Path(args.source), target, output=output, progress=progress,
+                          module_dirs=[Path(d) for d in args.module_dir or []])
+    if args.json:
+        print_json({"package": str(result.package_path), "kernel": target.release,
+                     "vermagic": result.vermagic, "seconds": round(result.seconds, 3),
+                     "build_dir": str(result.build_dir)})
+    else:
+        print(f"built {result.package_path} for {target.release} in {result.seconds:.1f} s")
+    return 0
+
+
+def _build_patch(args: argparse.Namespace, target, output: Path, progress: ProgressPrinter) -> int:
+    from dynamos.builder.patch import build_from_patch
+
+    result = build_from_patch(Path(args.patch), target, output=output, name=args.name, progress=progress)
+    if args.json:
+        print_json({"package": str(result.package_path), "kernel": target.release, "seconds": result.seconds,
+                     "phases": result.phases,
+                     "units": [{"path": u.path, "touched": u.touched, "object": u.object, "fidelity": u.fidelity,
+                                "resolved": u.resolved,
+                                "changed": [c.__dict__ for c in u.diff.changed],
+                                "new": [c.__dict__ for c in u.diff.new],
+                                "new_data": [c.__dict__ for c in u.diff.new_data],
+                                "unchanged": len(u.diff.unchanged)} for u in result.units],
+                     "skipped": result.skipped,
+                     "klp_symbols": [s.to_json() for s in result.klp_symbols]})
+        return 0
+    if args.explain:
+        print("\n".join(result.explain()))
+    print(f"built {result.package_path} for {target.release} in {result.seconds:.1f} s")
+    return 0
+
+
+# ----- live operations -------------------------------------------------------------------------
+def _present(result, as_json: bool) -> int:
+    """An apply/revert result: its JSON for scripts, its one-line description for people."""
+    if as_json:
+        print_json(result.to_json())
+    else:
+        print(result.describe())
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from dynamos import kernel
+
+    if args.check:
+        report = kernel.LiveKernel().check(Path(args.package))
+        if args.json:
+            print_json(report)
+            return 0
+        print(f"{report['update']}: would apply to {report['kernel']} ({report['consistency']} consistency); "
+              "nothing was loaded")
+        for note in report["notes"]:
+            print(f"  note: {note}")
+        for b in report["predicted_blockers"]:
+            print(f"  would wait for {b['comm']} (pid {b['pid']}, tid {b['tid']}): {', '.join(b['functions'])} "
+                  "on its stack:")
+            for frame in b["stack"]:
+                print(f"      {frame}")
+        if not report["predicted_blockers"]:
+            print("  no task has a function of the update on its stack now")
+        return 0
+    if args.force:
+        print("dynamos: warning: --force: if the transition is still blocked at the timeout, the blocking "
+              "tasks are switched without the safety check and may keep running the old code; the modules "
+              "of updates it replaces can then never be unloaded", file=sys.stderr)
+    return _present(kernel.apply(Path(args.package), timeout=args.timeout, progress=ProgressPrinter(args.json),
+                                 force=args.force, wait=args.wait), args.json)
+
+
+def cmd_blockers(args: argparse.Namespace) -> int:
+    from dynamos import kernel
+
+    found = kernel.LiveKernel().transition_blockers(args.name)
+    if args.json:
+        print_json({name: [b.to_json() for b in blockers] for name, blockers in found.items()})
+        return 0
+    if not found:
+        print("no live update is in transition" if args.name is None else f"{args.name} is not in transition")
+        return 0
+    for name, blockers in found.items():
+        print(f"{name}: {len(blockers)} task(s) not switched yet")
+        for b in blockers:
+            print("  " + b.describe())
+    return 0
+
+
+def cmd_revert(args: argparse.Namespace) -> int:
+    from dynamos import kernel
+
+    return _present(kernel.revert(args.name, timeout=args.timeout, progress=ProgressPrinter(args.json),
+                                  wait=args.wait), args.json)
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from dynamos import kernel
+
+    result = kernel.recover(timeout=args.timeout, wait=args.wait)
+    _present(result, args.json)
+    return 1 if any(i["outcome"] == "failed" for i in result.items) else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dynamos import kernel
+
+    status = kernel.status(getattr(args, "name", None))
+    data = status.to_json()
+    if args.json:
+        print_json(data)
+        return 0
+    print(f"kernel {data['kernel']}, livepatch {'available' if data['livepatch'] else 'NOT available'}")
+    for op in data.get("interrupted", []):
+        what = "in progress" if op["in_progress"] else "interrupted"
+        print(f"{what}: {op['action']} of {op['update']} (pid {op['pid']}, {op['time']}); the kernel shows: "
+              f"{op['kernel']}" + ("" if op["in_progress"] else "; run `dynamos recover`"))
+    if not data["updates"]:
+        print("no live updates")
+        return 0
+    rows = []
+    for u in data["updates"]:
+        state = "enabled" if u["enabled"] else "disabled"
+        if u["transition"]:
+            state += f", in transition ({len(u.get('tasks_pending', []))} tasks pending)"
+        if u.get("warning"):
+            state += f" - {u['warning']}"
+        funcs = ", ".join(
+            f["name"] + ("" if f.get("object", "vmlinux") == "vmlinux" else f" [{f['object']}]")
+            for f in u["functions"]
+        )
+        rows.append([u["name"], "dynamos" if u.get("dynamos") else "other", state, funcs])
+    print(table(rows, ["UPDATE", "BY", "STATE", "FUNCTIONS"]))
+    for u in data["updates"]:
+        for f in u.get("editions", []):
+            print(f"\n{u['name']} {f['function']}: route {'; '.join(f['route'])}")
+            print(table([[e["index"], e["name"], e["calls"], e["in_flight"], "live" if e["live"] else "retired"]
+                          for e in f["editions"]], ["EDITION", "NAME", "CALLS", "IN-FLIGHT", "STATE"]))
+            if "thread" in f:
+                t = f["thread"]
+                print(f"kernel thread: pid {t.get('pid')} on the {t.get('on')} code, {t.get('restarts')} restart(s), "
+                      f"last took {t.get('last_restart_ns', 0) / 1000:.0f} us")
+    return 0
+
+
+# ----- editions --------------------------------------------------------------------------------
+def cmd_switch(args: argparse.Namespace) -> int:
+    from dynamos.kernel.editions import Selector, switch
+
+    selector = Selector(pids=args.pids, cgroup=args.cgroup, cpus=args.cpus, share=args.share)
+    control = switch(args.update, args.function, args.edition, selector, reset=args.reset, wait=args.wait)
+    if args.json:
+        print_json(control.to_json())
+    else:
+        print(f"{control.update} {control.function}: route {'; '.join(control.route())}")
+    return 0
+
+
+def cmd_retire(args: argparse.Namespace) -> int:
+    from dynamos.kernel.editions import RetireTimeout, retire
+
+    try:
+        result = retire(args.update, args.function, args.edition, timeout=args.timeout,
+                        progress=ProgressPrinter(args.json), wait=args.wait)
+    except RetireTimeout as e:
+        if args.json:
+            print_json(e.result.to_json())
+        for holder in e.result.holders:
+            print(f"  {holder['comm']} (pid {holder['pid']}, tid {holder['tid']}):", file=sys.stderr)
+            for frame in holder["stack"]:
+                print(f"    {frame}", file=sys.stderr)
+        raise
+    if args.json:
+        print_json(result.to_json())
+    else:
+        print(f"{result.update} {result.function}: edition {result.edition} ({result.name}) retired; "
+              f"no call left in it after {result.seconds:.2f} s")
+    return 0
+
+
+def _monitor_table(rows) -> str:
+    def ns(value) -> str:
+        if value is None:
+            return "-"
+        return f"{value / 1000:.1f}us" if value >= 1000 else f"{value:.0f}ns"
+
+    return table([[r.update, r.function, f"{r.edition}:{r.name}", r.calls, r.in_flight, ns(r.mean_ns),
+                    ns(r.p50_ns), ns(r.p99_ns)] for r in rows],
+                  ["UPDATE", "FUNCTION", "EDITION", "CALLS", "IN-FLIGHT", "MEAN", "P50<", "P99<"])
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from dynamos.monitor import build_monitor, monitor_rows
+
+    if args.show:
+        if args.functions:
+            raise DynamosError("monitor --show takes no function names (it shows every monitored function)")
+        while True:
+            rows = monitor_rows(update=args.update)
+            if args.json:
+                print_json([r.to_json() for r in rows])
+                return 0
+            text = _monitor_table(rows) if rows else "no monitored functions (start with: dynamos monitor FUNCTION)"
+            if args.once:
+                print(text)
+                return 0
+            print("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S ") + "dynamos monitor (Ctrl-C to stop)\n" + text,
+                  flush=True)
+            time.sleep(args.interval)
+    if not args.functions:
+        raise DynamosError("monitor: name the kernel functions to watch, or use --show")
+    from dynamos import kernel
+    from dynamos.target import resolve_target
+
+    progress = ProgressPrinter(args.json)
+    target = resolve_target(args.kernel, progress)
+    output = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="dynamos-monitor-"))
+    built = build_monitor(args.functions, target, output, name=args.name, progress=progress)
+    if args.build_only:
+        print(built.package_path)
+        return 0
+    result = kernel.apply(built.package_path, timeout=args.timeout, progress=progress)
+    if args.json:
+        print_json(result.to_json())
+    else:
+        print(result.describe())
+        print("watch with: dynamos monitor --show; remove with: dynamos revert " + result.name)
+    return 0
+
+
+# ----- demo ------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dynamos.demo import run_demo
+
+    report = run_demo(kernel=args.kernel, progress=ProgressPrinter(args.json), say=None if args.json else print)
+    if args.json:
+        print_json(report.to_json())
+    return 0 if report.ok else 1
+
+
