@@ -172,16 +172,16 @@ def test_bad_switches_are_refused_and_change_nothing(guest, build):
     try:
         guest.dynamos("switch", "cmdline-editions", "cmdline_proc_show", "2", "--cpus", "1")
         before = editions_of(guest, "cmdline-editions")["route"]
-        for args, message in [
-            (["cmdline_proc_show", "7"], b"has no edition '7'"),
-            (["nosuch", "1"], b"nosuch is not a multi-edition function"),
-            (["cmdline_proc_show", "1", "--cpus", "0-99999"], b"refused"),
-            (["cmdline_proc_show", "1", "--cgroup", "/tmp"], b"not inside the cgroup v2 hierarchy"),
-            (["cmdline_proc_show", "0", "--share", "101"], b"percentage"),
-            (["cmdline_proc_show", "1", "--reset"], b"--reset takes no edition"),
+        for args, status, message in [
+            (["cmdline_proc_show", "7"], 5, b"has no edition '7'"),
+            (["nosuch", "1"], 5, b"nosuch is not a multi-edition function"),
+            (["cmdline_proc_show", "1", "--cpus", "0-99999"], 5, b"refused"),
+            (["cmdline_proc_show", "1", "--cgroup", "/tmp"], 5, b"not inside the cgroup v2 hierarchy"),
+            (["cmdline_proc_show", "0", "--share", "101"], 2, b"percentage"),  # a bad argument: a usage error
+            (["cmdline_proc_show", "1", "--reset"], 5, b"--reset takes no edition"),
         ]:
             r = guest.dynamos("switch", "cmdline-editions", *args, check=False)
-            assert r.status == 5 and message in r.stderr, (args, r)
+            assert r.status == status and message in r.stderr, (args, r)
         assert editions_of(guest, "cmdline-editions")["route"] == before
         r = guest.dynamos("switch", "no-such-update", "f", "1", check=False)
         assert r.status == 5 and b"no update named no_such_update is loaded" in r.stderr
