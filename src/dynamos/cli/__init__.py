@@ -18,6 +18,7 @@ from dynamos.cli.commands import (
     cmd_recover,
     cmd_retire,
     cmd_revert,
+    cmd_signer_new,
     cmd_status,
     cmd_switch,
 )
@@ -50,8 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel", metavar="REL", help="target kernel release (default: the running kernel)")
     p.add_argument("--module-dir", action="append", metavar="DIR",
                    help="directory of out-of-tree modules the update patches (their BTF gives prototypes)")
+    p.add_argument("--signer", metavar="DIR", help="signer directory (default: $DYNAMOS_SIGNER, else "
+                   "/etc/dynamos/signer, else the lab key made on first use)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("signer", help="make a signer: the keys that sign packages and their modules")
+    signer_sub = p.add_subparsers(dest="signer_command", required=True)
+    p = signer_sub.add_parser("new", help="make a signer directory (X.509 module key + OpenPGP package key)")
+    p.add_argument("directory")
+    p.add_argument("--name", required=True, help="who signs, as hosts will see it (e.g. 'Example Corp fixes')")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_signer_new)
 
     p = sub.add_parser("apply", help="apply an update package to this kernel")
     p.add_argument("package")
@@ -62,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="at the timeout, force the transition instead of reverting (unsafe: blocked tasks "
                         "may keep running old code); never the default")
+    p.add_argument("--trust-store", metavar="DIR",
+                   help="directory of trusted signers' keyrings "
+                        "(default: $DYNAMOS_TRUST_STORE, else /etc/dynamos/trusted)")
+    p.add_argument("--allow-unsigned", action="store_true", help="load an unsigned package (development only; warned)")
+    p.add_argument("--allow-older", action="store_true",
+                   help="load a package older than the newest one accepted for the same update")
     p.add_argument("--json", action="store_true")
     add_wait_option(p)
     p.set_defaults(func=cmd_apply)

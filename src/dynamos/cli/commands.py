@@ -25,7 +25,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.patch:
         return _build_patch(args, target, output, progress)
     result = build_update(Path(args.source), target, output=output, progress=progress,
-                          module_dirs=[Path(d) for d in args.module_dir or []])
+                          module_dirs=[Path(d) for d in args.module_dir or []], signer=_signer(args))
     if args.json:
         print_json({"package": str(result.package_path), "kernel": target.release,
                      "vermagic": result.vermagic, "seconds": round(result.seconds, 3),
@@ -35,10 +35,38 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _signer(args: argparse.Namespace):
+    from dynamos.builder.signing import configured_signer
+    from dynamos.target import cache_root
+
+    signer = configured_signer(args.signer, cache_root())
+    if not args.json:
+        print(f"signing with {signer.name} ({signer.fingerprint[-16:]}, {signer.directory})")
+    return signer
+
+
+def cmd_signer_new(args: argparse.Namespace) -> int:
+    from dynamos.builder.signing import new_signer
+
+    signer = new_signer(Path(args.directory), args.name)
+    data = {**signer.manifest_signer(), "directory": str(signer.directory),
+            "trusted_keyring": str(signer.trusted_keyring), "module_certificate": str(signer.directory / "module.der")}
+    if args.json:
+        print_json(data)
+        return 0
+    print(f"made signer {signer.name} in {signer.directory}\n"
+          f"  package key (OpenPGP) {signer.fingerprint}: hosts trust it by copying {signer.trusted_keyring}\n"
+          f"    into /etc/dynamos/trusted/ (any NAME.gpg)\n"
+          f"  module key (X.509) id {signer.module_key_id}: hosts that enforce module signatures need\n"
+          f"    {data['module_certificate']} in a kernel keyring (UEFI db, or mokutil --import)")
+    return 0
+
+
 def _build_patch(args: argparse.Namespace, target, output: Path, progress: ProgressPrinter) -> int:
     from dynamos.builder.patch import build_from_patch
 
-    result = build_from_patch(Path(args.patch), target, output=output, name=args.name, progress=progress)
+    result = build_from_patch(Path(args.patch), target, output=output, name=args.name, progress=progress,
+                              signer=_signer(args))
     if args.json:
         print_json({"package": str(result.package_path), "kernel": target.release, "seconds": result.seconds,
                      "phases": result.phases,
@@ -67,16 +95,28 @@ def _present(result, as_json: bool) -> int:
     return 0
 
 
+def _trust_policy(args: argparse.Namespace):
+    from dynamos.kernel.trust import TrustPolicy
+    from dynamos.update.signature import trust_store_path
+
+    if args.allow_unsigned:
+        print("dynamos: warning: --allow-unsigned: an unsigned package is loaded without knowing who made it "
+              "(for development only)", file=sys.stderr)
+    return TrustPolicy(trust_store_path(args.trust_store), args.allow_unsigned, args.allow_older)
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     from dynamos import kernel
 
+    trust = _trust_policy(args)
     if args.check:
-        report = kernel.LiveKernel().check(Path(args.package))
+        report = kernel.LiveKernel(trust=trust).check(Path(args.package))
         if args.json:
             print_json(report)
             return 0
         print(f"{report['update']}: would apply to {report['kernel']} ({report['consistency']} consistency); "
               "nothing was loaded")
+        print(f"  signed by {_signer_text(report['signer'])}")
         for note in report["notes"]:
             print(f"  note: {note}")
         for b in report["predicted_blockers"]:
@@ -92,7 +132,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
               "tasks are switched without the safety check and may keep running the old code; the modules "
               "of updates it replaces can then never be unloaded", file=sys.stderr)
     return _present(kernel.apply(Path(args.package), timeout=args.timeout, progress=ProgressPrinter(args.json),
-                                 force=args.force, wait=args.wait), args.json)
+                                 force=args.force, wait=args.wait, trust=trust), args.json)
+
+
+def _signer_text(signer: dict | None) -> str:
+    if not signer:
+        return "-"
+    return f"{signer['name']} ({signer['fingerprint'][-16:]})" if signer.get("fingerprint") else signer["name"]
 
 
 def cmd_blockers(args: argparse.Namespace) -> int:
@@ -154,8 +200,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             f["name"] + ("" if f.get("object", "vmlinux") == "vmlinux" else f" [{f['object']}]")
             for f in u["functions"]
         )
-        rows.append([u["name"], "dynamos" if u.get("dynamos") else "other", state, funcs])
-    print(table(rows, ["UPDATE", "BY", "STATE", "FUNCTIONS"]))
+        by = _signer_text(u.get("signer")) if u.get("dynamos") else "other (not dynamos)"
+        rows.append([u["name"], by, state, funcs])
+    print(table(rows, ["UPDATE", "SIGNED BY", "STATE", "FUNCTIONS"]))
     for u in data["updates"]:
         for f in u.get("editions", []):
             print(f"\n{u['name']} {f['function']}: route {'; '.join(f['route'])}")

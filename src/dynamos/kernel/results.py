@@ -131,6 +131,7 @@ class UpdateStatus:
     update: str | None = None  # dynamos update name
     package: str | None = None
     applied: str | None = None  # ISO time dynamos applied it
+    signer: dict[str, str] | None = None  # who signed its package: name, fingerprint ("" if unsigned)
     editions: list[dict[str, Any]] = field(default_factory=list)  # multi-edition functions' controls
     global_switch: str | None = None  # global consistency: "new" (its editions serve) or "old" (edition 0)
 
@@ -154,7 +155,8 @@ class UpdateStatus:
         data["objects"] = [{"name": o, "patched": p} for o, p in self.objects.items()]
         data["functions"] = [f.to_json() for f in self.functions]
         data["tasks_pending"] = [t.to_json() for t in self.tasks_pending]
-        for key, value in (("update", self.update), ("package", self.package), ("applied", self.applied)):
+        for key, value in (("update", self.update), ("package", self.package), ("applied", self.applied),
+                           ("signer", self.signer)):
             if value is not None:
                 data[key] = value
         if self.editions:
@@ -179,6 +181,7 @@ class KernelStatus:
                       "functions": [{"name": "f", "object": "vmlinux", "sympos"?: 2, "patched": true}],
                       "tasks_pending": [{"pid": 1, "comm": "init", "tid"?: 2}],
                       "update"?: "fix-x", "package"?: "/path/fix-x_6.1.0-56-amd64.dynpkg", "applied"?: "ISO time",
+                      "signer"?: {"name": "Example Fixes", "fingerprint": "D745..."},
                       "editions"?: [{"function": "pipe_write", "route": ["default 1"],
                                      "editions": [{"index": 0, "name": "pipe_write", "calls": 7,
                                                    "in_flight": 0, "live": true}],

@@ -124,6 +124,7 @@ class StatusReader:
             update=record.get("update") if record else None,
             package=record.get("package") if record else None,
             applied=record.get("applied") if record else None,
+            signer=record.get("signer") if record else None,
             editions=[f.to_json() for f in editions.functions_of(patch.name, self.root)],
             global_switch=(editions.global_switch_state(patch.name, self.root) or {}).get("state"),
         )
@@ -143,4 +144,5 @@ class StatusReader:
             update=record.get("update") if record else None,
             package=record.get("package") if record else None,
             applied=record.get("applied") if record else None,
+            signer=record.get("signer") if record else None,
         )

@@ -103,6 +103,7 @@ def test_status_shape_of_a_dynamos_update(harness: KernelHarness) -> None:
     (update,) = data["updates"]
     applied = update.pop("applied")
     assert applied.endswith("+00:00")
+    assert update.pop("signer") == {"name": "unsigned (allowed by --allow-unsigned)", "fingerprint": ""}
     assert data == {
         "kernel": "6.1.0-56-amd64",
         "livepatch": True,
