@@ -1,7 +1,7 @@
 """A corpus of bad inputs: each is refused with a clear message, never a traceback, and nothing changes.
 
 One table per category (update sources, source patches, damaged packages, forged packages,
-commands). Every case says what is refused and where (file and line, field or argument); the
+wrongly signed packages, commands). Every case says what is refused and where (file and line, field or argument); the
 kernel cases run on the simulated kernel (``harness``) and check that its modules, livepatch
 directories and /run/dynamos state are exactly as before. Commands run through
 ``dynamos.cli.main`` with the kernel layer pointed at the simulated kernel (these tests may run as
@@ -334,7 +334,7 @@ def test_damaged_package_is_refused_and_nothing_changes(harness: KernelHarness, 
     assert_refused_package(harness, path, fragments)
 
 
-# --- forged packages (what is checked today: digests; signatures come later) -----------------
+# --- forged packages (what the digests and manifest checks catch, signed or not) ----------------
 
 
 def forged_manifest(change: Callable[[dict[str, Any]], None], *, redigest: bool = True) -> Callable[[Path], None]:
@@ -423,6 +423,93 @@ def test_forged_package_is_refused_and_nothing_changes(harness: KernelHarness, f
     assert not (harness.sim.root / "run/x.json").exists() and not (harness.sim.root / "x.json").exists()
 
 
+# --- wrongly signed packages (the production policy: a trust store, no unsigned) -------------
+
+
+def drop_signature(path: Path, *_: Any) -> None:
+    replace_members(path, lambda ms: [reg(n, d) for n, d in ms if n != "manifest.sig"])
+
+
+def replace_members(path: Path, change: Callable[[list[tuple[str, bytes]]], list[tuple[tarfile.TarInfo, bytes]]]):
+    path.write_bytes(tar_of(change(members_of(path))))
+
+
+def signature_of(data: bytes) -> Callable[..., None]:
+    return lambda path, *_: replace_members(path, lambda ms: [reg(n, data if n == "manifest.sig" else d)
+                                                               for n, d in ms])
+
+
+def signature_of_other_package(path: Path, h: KernelHarness, signer: Any, _other: Any) -> None:
+    other = dict(members_of(h.add("fix-other", "vfs_read", signer=signer)))
+    signature_of(other["manifest.sig"])(path)
+
+
+def sign_claiming(path: Path, h: KernelHarness, signer: Any, other: Any) -> None:
+    """Signed by the trusted signer, but the manifest names the other one (both trusted here)."""
+    h.trust(other)
+    members = dict(members_of(path))
+    manifest = json.loads(members["manifest.json"])
+    manifest["signer"] = other.manifest_signer()
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    members["manifest.json"] = json.dumps(manifest).encode()
+    members["manifest.sig"] = signer.sign_manifest(members["manifest.json"])
+    path.write_bytes(tar_of([reg(n, d) for n, d in members.items()]))
+
+
+def signed_by_stranger(path: Path, h: KernelHarness, _signer: Any, other: Any) -> None:
+    path.write_bytes(h.add("fix-x", signer=other).read_bytes())
+
+
+def revoke(path: Path, h: KernelHarness, *_: Any) -> None:
+    for ring in h.trusted.iterdir():
+        ring.unlink()
+
+
+def symlinked_store(path: Path, h: KernelHarness, *_: Any) -> None:
+    """A keyring that is a symlink is not trusted: whoever can plant a link cannot add a signer."""
+    for ring in h.trusted.iterdir():
+        ring.rename(h.trusted.parent / "elsewhere.gpg")
+        ring.symlink_to(h.trusted.parent / "elsewhere.gpg")
+
+
+def forged_signed(change: Callable[[dict[str, Any]], None]) -> Callable[..., None]:
+    return lambda path, *_: forged_manifest(change)(path)
+
+
+SIGNED_PACKAGES: list[tuple[str, Callable[..., None], tuple[str, ...]]] = [
+    ("unsigned", drop_signature, ("not signed", "--allow-unsigned")),
+    ("stranger", signed_by_stranger, ("not in the trust store", "someone else")),
+    ("revoked-signer", revoke, ("no trusted signers", "holds no *.gpg")),
+    ("symlinked-keyring", symlinked_store, ("no trusted signers",)),
+    ("description-forged", forged_signed(setter("description", value="honest")), ("changed after signing",)),
+    ("function-added", forged_signed(lambda m: m["functions"].append(dict(m["functions"][0], name="vfs_read"))),
+     ("changed after signing",)),
+    ("module-digest-swapped", forged_signed(setter("digests", "module.ko", value="0" * 64)),
+     ("module.ko sha256 mismatch",)),
+    ("claims-other-signer", forged_signed(setter("signer", "name", value="Debian")), ("changed after signing",)),
+    ("signer-not-hex", forged_signed(setter("signer", "fingerprint", value="../../etc")), ("must be hex",)),
+    ("signature-garbage", signature_of(b"\x89not a signature at all"), ("valid signature",)),
+    ("signature-empty", signature_of(b""), ("valid signature",)),
+    ("signature-huge", signature_of(b"\x89" * (65 << 10)), ("manifest.sig is implausibly large",)),
+    ("signature-of-other-package", signature_of_other_package, ("changed after signing",)),
+    ("signed-claiming-other", sign_claiming, ("but the manifest names",)),
+    ("signature-duplicated", lambda path, *_: replace_members(
+        path, lambda ms: [reg(n, d) for n, d in ms] + [reg(n, d) for n, d in ms if n == "manifest.sig"]),
+     ("duplicated member(s) manifest.sig",)),
+]
+
+
+@pytest.mark.parametrize(("forge", "fragments"), [pytest.param(d, f, id=i) for i, d, f in SIGNED_PACKAGES])
+def test_wrongly_signed_package_is_refused_and_nothing_changes(harness: KernelHarness, signer: Any,
+                                                               other_signer: Any, forge: Callable[..., None],
+                                                               fragments: tuple[str, ...]) -> None:
+    harness.use_trust()
+    harness.trust(signer)
+    path = harness.add("fix-x", signer=signer)
+    forge(path, harness, signer, other_signer)
+    assert_refused_package(harness, path, fragments)
+
+
 # --- commands --------------------------------------------------------------------------------
 
 
@@ -437,6 +524,8 @@ def fake_editions(root: Path) -> None:
 # (id, argv, exit status, message fragments); "{tmp}" in argv is the test's directory.
 COMMANDS: list[tuple[str, list[str], int, tuple[str, ...]]] = [
     ("revert-dotdot", ["revert", "../debug/kprobes"], 2, ("update name '../debug/kprobes'", "command line")),
+    ("signer-name-newline", ["signer", "new", "{tmp}/s", "--name", "a\nb"], 4, ("signer name", "no newline")),
+    ("signer-no-name", ["signer", "new", "{tmp}/s"], 2, ("--name",)),
     ("revert-empty", ["revert", ""], 2, ("update name ''", "empty")),
     ("revert-absolute", ["revert", "/sys/kernel/debug/kprobes"], 2, ("update name '/sys/kernel/debug/kprobes'",)),
     ("revert-not-loaded", ["revert", "nope"], 5, ("no livepatch named nope",)),
