@@ -523,46 +523,46 @@ def fake_editions(root: Path) -> None:
 
 # (id, argv, exit status, message fragments); "{tmp}" in argv is the test's directory.
 COMMANDS: list[tuple[str, list[str], int, tuple[str, ...]]] = [
-    ("revert-dotdot", ["revert", "../debug/kprobes"], 2, ("update name '../debug/kprobes'", "command line")),
+    ("revert-dotdot", ["revert", "../debug/kprobes"], 64, ("update name '../debug/kprobes'", "command line")),
     ("signer-name-newline", ["signer", "new", "{tmp}/s", "--name", "a\nb"], 4, ("signer name", "no newline")),
-    ("signer-no-name", ["signer", "new", "{tmp}/s"], 2, ("--name",)),
-    ("revert-empty", ["revert", ""], 2, ("update name ''", "empty")),
-    ("revert-absolute", ["revert", "/sys/kernel/debug/kprobes"], 2, ("update name '/sys/kernel/debug/kprobes'",)),
+    ("signer-no-name", ["signer", "new", "{tmp}/s"], 64, ("--name",)),
+    ("revert-empty", ["revert", ""], 64, ("update name ''", "empty")),
+    ("revert-absolute", ["revert", "/sys/kernel/debug/kprobes"], 64, ("update name '/sys/kernel/debug/kprobes'",)),
     ("revert-not-loaded", ["revert", "nope"], 5, ("no livepatch named nope",)),
-    ("revert-timeout-nan", ["revert", "up", "--timeout", "nan"], 2, ("--timeout", "'nan'")),
-    ("status-dotdot", ["status", "../x"], 2, ("update name '../x'",)),
-    ("status-unknown", ["status", "nope"], 1, ("no livepatch named nope",)),
-    ("blockers-slash", ["blockers", "a/b"], 2, ("update name 'a/b'",)),
+    ("revert-timeout-nan", ["revert", "up", "--timeout", "nan"], 64, ("--timeout", "'nan'")),
+    ("status-dotdot", ["status", "../x"], 64, ("update name '../x'",)),
+    ("status-unknown", ["status", "nope"], 5, ("no livepatch named nope",)),
+    ("blockers-slash", ["blockers", "a/b"], 64, ("update name 'a/b'",)),
     ("apply-missing", ["apply", "{tmp}/missing.dynpkg"], 3, ("no such update package",)),
     ("apply-fifo", ["apply", "{tmp}/fifo"], 3, ("a FIFO",)),
     ("apply-directory", ["apply", "{tmp}"], 3, ("a directory",)),
     ("apply-check-fifo", ["apply", "--check", "{tmp}/fifo"], 3, ("a FIFO",)),
-    ("apply-timeout-negative", ["apply", "x.dynpkg", "--timeout", "-1"], 2, ("--timeout", "at least 0")),
-    ("switch-pids-abc", ["switch", "up", "f", "1", "--pids", "1,abc"], 2, ("--pids", "'abc' is not a process id")),
-    ("switch-pids-zero", ["switch", "up", "f", "1", "--pids", "0"], 2, ("--pids", "positive")),
-    ("switch-pids-empty", ["switch", "up", "f", "1", "--pids", ""], 2, ("--pids", "not a process id")),
-    ("switch-pids-too-many", ["switch", "up", "f", "1", "--pids", ",".join(map(str, range(1, 40)))], 2,
+    ("apply-timeout-negative", ["apply", "x.dynpkg", "--timeout", "-1"], 64, ("--timeout", "at least 0")),
+    ("switch-pids-abc", ["switch", "up", "f", "1", "--pids", "1,abc"], 64, ("--pids", "'abc' is not a process id")),
+    ("switch-pids-zero", ["switch", "up", "f", "1", "--pids", "0"], 64, ("--pids", "positive")),
+    ("switch-pids-empty", ["switch", "up", "f", "1", "--pids", ""], 64, ("--pids", "not a process id")),
+    ("switch-pids-too-many", ["switch", "up", "f", "1", "--pids", ",".join(map(str, range(1, 40)))], 64,
      ("--pids", "1 to 16")),
-    ("switch-cpus-garbage", ["switch", "up", "f", "1", "--cpus", "all"], 2, ("--cpus 'all'", "CPU list")),
-    ("switch-cpus-newline", ["switch", "up", "f", "1", "--cpus", "0\nreset"], 2, ("--cpus", "CPU list")),
-    ("switch-share-high", ["switch", "up", "f", "1", "--share", "150"], 2, ("--share", "0 to 100", "150")),
-    ("switch-share-nan", ["switch", "up", "f", "1", "--share", "nan"], 2, ("--share", "nan")),
-    ("switch-share-word", ["switch", "up", "f", "1", "--share", "half"], 2, ("--share 'half'", "not a number")),
-    ("switch-update-dotdot", ["switch", "../up", "f", "1"], 2, ("update name '../up'",)),
-    ("switch-function-slash", ["switch", "up", "../f", "1"], 2, ("function name '../f'",)),
-    ("switch-edition-slash", ["switch", "up", "f", "../1"], 2, ("edition '../1'",)),
+    ("switch-cpus-garbage", ["switch", "up", "f", "1", "--cpus", "all"], 64, ("--cpus 'all'", "CPU list")),
+    ("switch-cpus-newline", ["switch", "up", "f", "1", "--cpus", "0\nreset"], 64, ("--cpus", "CPU list")),
+    ("switch-share-high", ["switch", "up", "f", "1", "--share", "150"], 64, ("--share", "0 to 100", "150")),
+    ("switch-share-nan", ["switch", "up", "f", "1", "--share", "nan"], 64, ("--share", "nan")),
+    ("switch-share-word", ["switch", "up", "f", "1", "--share", "half"], 64, ("--share 'half'", "not a number")),
+    ("switch-update-dotdot", ["switch", "../up", "f", "1"], 64, ("update name '../up'",)),
+    ("switch-function-slash", ["switch", "up", "../f", "1"], 64, ("function name '../f'",)),
+    ("switch-edition-slash", ["switch", "up", "f", "../1"], 64, ("edition '../1'",)),
     ("switch-unknown-edition", ["switch", "up", "f", "f_v9"], 5, ("no edition 'f_v9'", "1=f_v2")),
     ("switch-unknown-function", ["switch", "up", "g", "1"], 5, ("g is not a multi-edition function",)),
     ("switch-unknown-update", ["switch", "down", "f", "1"], 5, ("no update named down",)),
-    ("retire-edition-dotdot", ["retire", "up", "f", ".."], 2, ("edition '..'",)),
-    ("retire-timeout-inf", ["retire", "up", "f", "1", "--timeout", "inf"], 2, ("--timeout", "'inf'")),
+    ("retire-edition-dotdot", ["retire", "up", "f", ".."], 64, ("edition '..'",)),
+    ("retire-timeout-inf", ["retire", "up", "f", "1", "--timeout", "inf"], 64, ("--timeout", "'inf'")),
     ("retire-unknown-edition", ["retire", "up", "f", "9"], 5, ("no edition '9'",)),
-    ("monitor-update-dotdot", ["monitor", "--show", "--update", "../x"], 2, ("update name '../x'",)),
-    ("monitor-function-slash", ["monitor", "fs/read", "--build-only"], 2, ("function name 'fs/read'",)),
-    ("lab-stop-dotdot", ["lab", "stop", "--name", "../../etc"], 2, ("lab name '../../etc'",)),
-    ("lab-run-cpus-zero", ["lab", "run", "--cpus", "0", "--", "true"], 2, ("--cpus", "at least 1")),
-    ("lab-run-memory-word", ["lab", "run", "--memory", "lots", "--", "true"], 2, ("--memory", "not an integer")),
-    ("build-name-slash", ["build", "--patch", "x.patch", "--name", "a/b"], 2, ("update name 'a/b'",)),
+    ("monitor-update-dotdot", ["monitor", "--show", "--update", "../x"], 64, ("update name '../x'",)),
+    ("monitor-function-slash", ["monitor", "fs/read", "--build-only"], 64, ("function name 'fs/read'",)),
+    ("lab-stop-dotdot", ["lab", "stop", "--name", "../../etc"], 64, ("lab name '../../etc'",)),
+    ("lab-run-cpus-zero", ["lab", "run", "--cpus", "0", "--", "true"], 64, ("--cpus", "at least 1")),
+    ("lab-run-memory-word", ["lab", "run", "--memory", "lots", "--", "true"], 64, ("--memory", "not an integer")),
+    ("build-name-slash", ["build", "--patch", "x.patch", "--name", "a/b"], 64, ("update name 'a/b'",)),
 ]
 
 
@@ -609,3 +609,21 @@ def test_corpus_is_large_enough() -> None:
              "commands": len(COMMANDS)}
     assert sum(sizes.values()) >= 60, sizes
     assert hashlib.sha256(b"").hexdigest()  # (digests are what forged packages are checked against)
+
+
+@pytest.mark.parametrize(("argv", "status"), [pytest.param(a, s, id=i) for i, a, s, _ in COMMANDS])
+def test_bad_command_with_json_says_why_on_stdout(cli_on_harness: KernelHarness, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str], argv: list[str],
+                                                  status: int) -> None:
+    """A script that asked for --json gets one object on stdout for a failure too, with the exit
+    status it sees and the same message as stderr."""
+    os.mkfifo(tmp_path / "fifo")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    at = argv.index("--") if "--" in argv else len(argv)
+    got = cli.main([*argv[:at], "--json", *argv[at:]])
+    captured = capsys.readouterr()
+    assert got == status
+    report = json.loads(captured.out)
+    assert report["ok"] is False and report["exit_status"] == status
+    assert report["error"] and report["error"] in captured.err
+    assert isinstance(report["refusals"], list)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
 
 from dynamos import __version__
 from dynamos.cli.args import add_wait_option, cpus_arg, name_arg, pids_arg, seconds_arg, share_arg
@@ -31,12 +30,21 @@ from dynamos.cli.lab import (
     cmd_lab_status,
     cmd_lab_stop,
 )
-from dynamos.errors import DynamosError
+from dynamos.cli.present import print_json
+from dynamos.errors import DynamosError, UsageError
 from dynamos.target import DEFAULT_LAB_KERNEL
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake raised (exit 64, and JSON with --json) instead of exiting 2,
+    the status dynamos gives an invalid update source. Subcommand parsers are of this class too."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}\n{self.format_usage().rstrip()}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dynamos", description="Live updates of a running Linux kernel.")
+    parser = _Parser(prog="dynamos", description="Live updates of a running Linux kernel.")
     parser.add_argument("--version", action="version", version=f"dynamos {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -178,20 +186,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None, on_error: Callable[[str], None] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _fail(message: str, status: int, as_json: bool, refusals: list[dict[str, str]] | None = None) -> int:
+    """Report a failure: the message on stderr, and with --json one object on stdout that says
+    the same, so a script reads why from the output it parses."""
+    print(f"dynamos: {message}", file=sys.stderr)
+    if as_json:
+        print_json({"ok": False, "exit_status": status, "error": message.removeprefix("error: "),
+                    "refusals": refusals or []})
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in words[:words.index("--")] if "--" in words else "--json" in words
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except DynamosError as e:
-        print(f"dynamos: error: {e}", file=sys.stderr)
-        return e.exit_status
+        return _fail(f"error: {e}", e.exit_status, as_json, e.refusals())
     except KeyboardInterrupt:
-        print("dynamos: interrupted", file=sys.stderr)
-        return 130
+        return _fail("interrupted", 130, as_json)
     except BrokenPipeError:
         os._exit(0)
     except OSError as e:  # a file the user named is missing or unreadable: say so, no traceback
         where = f"{e.filename}: " if e.filename else ""
-        print(f"dynamos: error: {where}{e.strerror or e}", file=sys.stderr)
-        return 1
+        return _fail(f"error: {where}{e.strerror or e}", 1, as_json)
 

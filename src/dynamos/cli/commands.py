@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from dynamos.cli.present import ProgressPrinter, print_json, table
-from dynamos.errors import DynamosError
+from dynamos.errors import DynamosError, UsageError
 
 
 # ----- build -----------------------------------------------------------------------------------
@@ -19,7 +19,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     progress = ProgressPrinter(args.json)
     if bool(args.patch) == bool(args.source):
-        raise DynamosError("build: give an update source directory, or --patch FILE (not both)")
+        raise UsageError("build: give an update source directory, or --patch FILE (not both)")
     target = resolve_target(args.kernel, progress)
     output = Path(args.output) if args.output else Path.cwd()
     if args.patch:

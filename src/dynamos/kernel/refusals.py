@@ -84,3 +84,6 @@ class PreflightRefused(RefusedError):
                 f"  - {r.message}" for r in reasons
             )
         super().__init__(text)
+
+    def refusals(self) -> list[dict[str, str]]:
+        return [{"code": r.code, "message": r.message} for r in self.reasons]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dynamos.abi import VMLINUX
-from dynamos.errors import DynamosError
+from dynamos.errors import RefusedError
 from dynamos.kernel import editions
 from dynamos.kernel import livepatch as lp
 from dynamos.kernel.journal import Journal, lock_holder
@@ -88,7 +88,7 @@ class StatusReader:
             wanted = normalize_name(name)
             status.updates = [u for u in status.updates if u.name == wanted]
             if not status.updates:
-                raise DynamosError(f"no livepatch named {wanted} is loaded")
+                raise RefusedError(f"no livepatch named {wanted} is loaded")
         return status
 
     def _update_status(self, patch: lp.Livepatch, modules: Mapping[str, LoadedModule]) -> UpdateStatus:

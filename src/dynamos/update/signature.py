@@ -34,6 +34,9 @@ class SignatureRefused(PackageError):
         self.code = code
         super().__init__(message, path=path)
 
+    def refusals(self) -> list[dict[str, str]]:
+        return [{"code": self.code, "message": self.message}]
+
 
 @dataclass(frozen=True)
 class VerifiedSigner:
