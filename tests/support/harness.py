@@ -82,11 +82,13 @@ class KernelHarness:
     def add(self, name: str, *functions: str | FunctionSpec, replace: bool = False,
             release: str | None = None, consistency: str = "per-task",
             klp_symbols: list[dict[str, Any]] | None = None, image_names: dict[str, str] | None = None,
-            signer: Signer | None = None, created: datetime | None = None) -> Path:
+            signer: Signer | None = None, created: datetime | None = None, version: str | None = None,
+            cves: tuple[str, ...] = ()) -> Path:
         """Write an update package replacing ``functions`` (default: cmdline_proc_show); its path."""
         specs = tuple(f if isinstance(f, FunctionSpec) else fn(f) for f in functions or ("cmdline_proc_show",))
         source = UpdateSource(directory=self.packages, name=name, description=f"{name} (simulated)",
-                              functions=specs, c_files=(), replace=replace, consistency=consistency)
+                              functions=specs, c_files=(), replace=replace, consistency=consistency,
+                              version=version, cves=cves)
         release = release or self.sim.kernel_release
         image = simulated_module_image(source.livepatch_name,
                              [{"name": f.name, "object": f.object, "sympos": f.sympos} for f in specs], replace,

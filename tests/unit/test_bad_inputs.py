@@ -57,6 +57,10 @@ def toml(update: str = 'name = "fix"', function: str = 'name = "cmdline_proc_sho
 # (id, update.toml text or None, C files, message fragments (bad value / field), line or None)
 UPDATE_SOURCES: list[tuple[str, str | None, dict[str, str], tuple[str, ...], int | None]] = [
     ("name-dotdot", toml('name = "../../etc/x"'), {}, ("name", "'../../etc/x'"), 2),
+    ("version-slash", toml('name = "fix"\nversion = "1/2"'), {}, ("version", "'1/2'"), 3),
+    ("cves-not-list", toml('name = "fix"\ncves = "CVE-2024-1086"'), {}, ("cves must be a list",), 3),
+    ("cve-garbage", toml('name = "fix"\ncves = ["CVE-24-1", "CVE-2024-1086"]'), {}, ("'CVE-24-1'", "CVE id"), 3),
+    ("cve-twice", toml('name = "fix"\ncves = ["CVE-2024-1086", "CVE-2024-1086"]'), {}, ("listed twice",), 3),
     ("name-slash", toml('name = "a/b"'), {}, ("name", "'a/b'"), 2),
     ("name-uppercase", toml('name = "Fix"'), {}, ("name", "'Fix'", "lowercase"), 2),
     ("name-empty", toml('name = ""'), {}, ("name", "empty"), 2),

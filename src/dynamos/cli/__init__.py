@@ -13,6 +13,7 @@ from dynamos.cli.commands import (
     cmd_blockers,
     cmd_build,
     cmd_demo,
+    cmd_info,
     cmd_monitor,
     cmd_recover,
     cmd_retire,
@@ -113,8 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(verb, help="live updates on this kernel")
         if verb == "status":
             p.add_argument("name", nargs="?", type=name_arg("update name"))
+        p.add_argument("--uname", action="store_true",
+                       help="print only the effective kernel: the release plus the updates whose code runs")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("info", help="what a package is, who signed it and what it fixes, without applying it")
+    p.add_argument("package")
+    p.add_argument("--trust-store", metavar="DIR", help="trust store to check the signer against")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("switch", help="choose which edition of a multi-edition function serves calls")
     p.add_argument("update", type=name_arg("update name"))

@@ -178,10 +178,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     status = kernel.status(getattr(args, "name", None))
     data = status.to_json()
+    if args.uname:
+        if args.json:
+            print_json({"effective_kernel": data["effective_kernel"], "cves": data["cves"]})
+        else:
+            print(data["effective_kernel"])
+        return 0
     if args.json:
         print_json(data)
         return 0
     print(f"kernel {data['kernel']}, livepatch {'available' if data['livepatch'] else 'NOT available'}")
+    fixes = f", fixes {', '.join(data['cves'])}" if data["cves"] else ""
+    print(f"effective kernel {data['effective_kernel']}{fixes}")
     for op in data.get("interrupted", []):
         what = "in progress" if op["in_progress"] else "interrupted"
         print(f"{what}: {op['action']} of {op['update']} (pid {op['pid']}, {op['time']}); the kernel shows: "
@@ -212,6 +220,41 @@ def cmd_status(args: argparse.Namespace) -> int:
                 t = f["thread"]
                 print(f"kernel thread: pid {t.get('pid')} on the {t.get('on')} code, {t.get('restarts')} restart(s), "
                       f"last took {t.get('last_restart_ns', 0) / 1000:.0f} us")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from dynamos.update.package import read_package
+    from dynamos.update.signature import SignatureRefused, trust_store_path, verify_signature
+
+    pkg = read_package(Path(args.package))
+    store = trust_store_path(args.trust_store)
+    try:
+        signer = verify_signature(pkg.manifest_bytes, pkg.signature, pkg.manifest, store=store, path=pkg.path)
+        trust = {"trusted": True, "signer": signer.to_json()}
+    except SignatureRefused as e:
+        trust = {"trusted": False, "code": e.code, "reason": e.message, "signer_claim": pkg.signer_claim}
+    data = {"update": pkg.name, "livepatch_name": pkg.livepatch_name, "description": pkg.description,
+            "version": pkg.version, "cves": list(pkg.cves), "kernel": pkg.kernel_release,
+            "consistency": pkg.consistency, "replace": pkg.replace, "created": pkg.manifest["created"],
+            "module_sha256": pkg.module_sha256, "trust_store": str(store), **trust,
+            "functions": pkg.functions}
+    if args.json:
+        print_json(data)
+        return 0
+    print(f"{pkg.name} {pkg.version or ''}".rstrip() + f": {pkg.description}")
+    print(f"  for kernel {pkg.kernel_release}; built {data['created']}; {pkg.consistency} consistency"
+          + ("; replaces earlier updates" if pkg.replace else ""))
+    if pkg.cves:
+        print(f"  fixes {', '.join(pkg.cves)}")
+    if trust["trusted"]:
+        print(f"  signed by {_signer_text(trust['signer'])}: trusted by {store}")
+    else:
+        print(f"  NOT trusted by {store}: {trust['reason']}")
+    print(f"  module sha256 {pkg.module_sha256}")
+    for f in pkg.patched_functions:
+        where = "" if f.object == "vmlinux" else f" [{f.object}]"
+        print(f"  replaces {f.name}{where}")
     return 0
 
 

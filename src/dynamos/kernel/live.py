@@ -279,6 +279,9 @@ class LiveKernel:
             "replace": bool(pkg.replace),
             "applied": now_iso(),
             "created": pkg.manifest["created"],
+            "description": pkg.description,
+            "version": pkg.version,
+            "cves": list(pkg.cves),
             "signer": signer.to_json(),
             "functions": functions,
         }

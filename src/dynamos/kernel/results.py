@@ -132,8 +132,17 @@ class UpdateStatus:
     package: str | None = None
     applied: str | None = None  # ISO time dynamos applied it
     signer: dict[str, str] | None = None  # who signed its package: name, fingerprint ("" if unsigned)
+    description: str | None = None
+    version: str | None = None  # the update's own version ([update] version)
+    cves: list[str] = field(default_factory=list)  # what it fixes ([update] cves)
+    module_sha256: str | None = None
     editions: list[dict[str, Any]] = field(default_factory=list)  # multi-edition functions' controls
     global_switch: str | None = None  # global consistency: "new" (its editions serve) or "old" (edition 0)
+
+    @property
+    def serving(self) -> bool:
+        """Whether the update's code is what runs: enabled, transition over, not held on edition 0."""
+        return self.enabled and not self.transition and self.warning is None
 
     @property
     def warning(self) -> str | None:
@@ -156,9 +165,12 @@ class UpdateStatus:
         data["functions"] = [f.to_json() for f in self.functions]
         data["tasks_pending"] = [t.to_json() for t in self.tasks_pending]
         for key, value in (("update", self.update), ("package", self.package), ("applied", self.applied),
-                           ("signer", self.signer)):
+                           ("signer", self.signer), ("description", self.description), ("version", self.version),
+                           ("module_sha256", self.module_sha256)):
             if value is not None:
                 data[key] = value
+        if self.cves:
+            data["cves"] = self.cves
         if self.editions:
             data["editions"] = self.editions
         if self.global_switch is not None:
@@ -199,9 +211,26 @@ class KernelStatus:
     # "in_progress" (its process still holds the lock), "kernel" (what the kernel shows now)}.
     interrupted: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def effective_kernel(self) -> str:
+        """The release plus the dynamos updates whose code runs, each with its version
+        ("6.1.0-56-amd64+fix-x=1.2+cmdline-banner"): what the kernel effectively is, in one word."""
+        parts = [self.kernel]
+        for u in self.updates:
+            if u.dynamos and u.serving:
+                parts.append(f"{u.update or u.name}={u.version}" if u.version else (u.update or u.name))
+        return "+".join(parts)
+
+    @property
+    def fixes(self) -> list[str]:
+        """CVEs the running code carries: those of the dynamos updates that serve calls."""
+        return sorted({c for u in self.updates if u.dynamos and u.serving for c in u.cves})
+
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "kernel": self.kernel,
+            "effective_kernel": self.effective_kernel,
+            "cves": self.fixes,
             "livepatch": self.livepatch,
             "updates": [u.to_json() for u in self.updates],
         }

@@ -16,7 +16,14 @@ from dynamos.abi import VMLINUX
 from dynamos.errors import PackageError
 from dynamos.update.model import CONSISTENCY_MODELS
 from dynamos.update.names import name_refusal
-from dynamos.update.rules import kernel_symbol_problem, module_name_problem, release_problem, symbol_problem
+from dynamos.update.rules import (
+    CVE_RE,
+    kernel_symbol_problem,
+    module_name_problem,
+    release_problem,
+    symbol_problem,
+    version_problem,
+)
 
 FORMAT_VERSION = 1
 MANIFEST_MEMBER = "manifest.json"
@@ -39,10 +46,12 @@ _MANIFEST_SCHEMA: dict[str, type | tuple[type, ...]] = {
     "klp_symbols": list,
     "manifest_sha256": str,
     "consistency": str,
+    "version": str,  # the update's own version; absent: none given
+    "cves": list,  # CVE ids it fixes
     "signer": dict,  # who signed it: name, fingerprint (OpenPGP), module_key_id (X.509); absent: unsigned
 }
 # Keys a package may lack (written before they existed): their default.
-MANIFEST_DEFAULTS: dict[str, Any] = {"consistency": "per-task", "signer": None}
+MANIFEST_DEFAULTS: dict[str, Any] = {"consistency": "per-task", "signer": None, "version": None, "cves": []}
 _FUNCTION_SCHEMA: dict[str, type | tuple[type, ...]] = {
     "name": str,
     "edition": str,
@@ -129,6 +138,10 @@ def check_manifest(manifest: Any, path: Path, digested: tuple[str, ...]) -> None
             raise bad(f"klp_symbols[{i}].sympos {sym['sympos']} is negative")
         _check_symbol(f"klp_symbols[{i}]", sym["name"], sym["object"], bad, kernel_symbol=False)
 
+    if "version" in manifest and version_problem(manifest["version"]):
+        raise bad(f"version {manifest['version']!r} {version_problem(manifest['version'])}")
+    if not all(isinstance(c, str) and CVE_RE.match(c) for c in manifest.get("cves", [])):
+        raise bad(f"cves must be CVE ids (CVE-YYYY-NNNN): {manifest['cves']!r}")
     signer = manifest.get("signer")
     if signer is not None:
         keys = {"name", "fingerprint", "module_key_id"}

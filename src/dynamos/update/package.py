@@ -173,6 +173,14 @@ class UpdatePackage:
         return tuple(PackagedSymbol.from_json(s) for s in self.manifest["klp_symbols"])
 
     @property
+    def version(self) -> str | None:
+        return self.manifest.get("version")
+
+    @property
+    def cves(self) -> tuple[str, ...]:
+        return tuple(self.manifest.get("cves", ()))
+
+    @property
     def signer_claim(self) -> dict[str, str] | None:
         """Who the manifest says signed it (name, OpenPGP fingerprint, module key id): a claim
         until the signature is verified against a trust store."""
@@ -195,6 +203,8 @@ def _build_manifest(
     signer: dict[str, str] | None,
 ) -> dict[str, Any]:
     return {**({"signer": signer} if signer else {}),
+            **({"version": source.version} if source.version else {}),
+            **({"cves": list(source.cves)} if source.cves else {}),
         "format": FORMAT_VERSION,
         "dynamos_version": dynamos.__version__,
         "name": source.name,
