@@ -23,6 +23,7 @@ from elftools.elf.elffile import ELFFile
 from dynamos.builder import dispatch
 from dynamos.builder.cgen import generate_kbuild, generate_livepatch_source, thunk_target
 from dynamos.builder.klp import KlpSymbol, convert_to_klp, exported_symbols, klp_symbols_needed
+from dynamos.builder.namecheck import check_names
 from dynamos.builder.signing import Signer, configured_signer
 from dynamos.errors import BuildError
 from dynamos.target import TargetKernel, cache_root
@@ -109,6 +110,7 @@ def build_update(source_dir: Path | str, target: TargetKernel, output: Path | No
     source_dir = Path(source_dir)
     source = load_update_source(source_dir)
     _check_release(source, target)
+    check_names(source, target, lambda message: say(f"warning: {message}"), module_dirs)
     _check_toolchain(target)
     author_files = _author_files(source)
 
