@@ -3,32 +3,14 @@ is refused before the kernel sees it, and says why."""
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 
 from dynamos.builder.kbuild import build_update
 from dynamos.builder.signing import new_signer
 from dynamos.errors import PackageError
-from dynamos.update.manifest import manifest_digest
 from tests.lab.test_live_updates import EXAMPLES
-
-
-def _forge(pkg, out, change) -> None:
-    """The package with its manifest changed and every digest recomputed: only the signature can tell."""
-    with tarfile.open(pkg) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for info, data in members:
-            if info.name == "manifest.json":
-                manifest = json.loads(data)
-                change(manifest)
-                manifest["manifest_sha256"] = manifest_digest(manifest)
-                data = json.dumps(manifest).encode()
-                info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    out.write_bytes(buf.getvalue())
+from tests.support.forgery import forge_manifest
 
 
 def test_lab_key_is_trusted_in_the_guest_and_status_names_it(guest, build):
@@ -47,7 +29,7 @@ def test_forged_unsigned_and_stranger_packages_are_refused(guest, build, workdir
     before = guest.read("/proc/cmdline")
 
     forged = workdir / "forged.dynpkg"
-    _forge(pkg, forged, lambda m: m.update(description="harmless, honest"))
+    forge_manifest(pkg, lambda m: m.update(description="harmless, honest"), out=forged)
     r = guest.dynamos("apply", str(forged), check=False)
     assert r.status == PackageError.exit_status and "changed after signing" in r.stderr.decode()
 

@@ -6,18 +6,16 @@ by the real gpgv against a trust store directory; only the kernel is simulated.
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from dynamos.builder.signing import Signer
 from dynamos.kernel import PreflightRefused
-from dynamos.update.manifest import manifest_digest
 from dynamos.update.modsig import read_module_signature
 from dynamos.update.signature import SignatureRefused
+from tests.support.forgery import forge_manifest
 from tests.support.harness import KernelHarness
 
 
@@ -87,29 +85,12 @@ def test_empty_trust_store_says_where(harness: KernelHarness, signer: Signer) ->
     assert err.code == "trust-store" and str(h.trusted) in str(err)
 
 
-def _rewrite_manifest(path, change) -> None:
-    """Edit a package's manifest the way a forger would: digests recomputed, signature kept."""
-    with tarfile.open(path) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for info, data in members:
-            if info.name == "manifest.json":
-                manifest = json.loads(data)
-                change(manifest)
-                manifest["manifest_sha256"] = manifest_digest(manifest)
-                data = (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode()
-                info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    path.write_bytes(out.getvalue())
-
-
 def test_forged_manifest_is_refused(harness: KernelHarness, signer: Signer) -> None:
     h = harness
     h.use_trust()
     h.trust(signer)
     path = h.add("fix-x", signer=signer)
-    _rewrite_manifest(path, lambda m: m["functions"].append(dict(m["functions"][0], name="vfs_read")))
+    forge_manifest(path, lambda m: m["functions"].append(dict(m["functions"][0], name="vfs_read")))
     err = signature_refusal(h, path)
     assert err.code == "bad-signature" and "changed after signing" in str(err)
 
