@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -293,15 +294,35 @@ def cmd_retire(args: argparse.Namespace) -> int:
     return 0
 
 
-def _monitor_table(rows) -> str:
-    def ns(value) -> str:
-        if value is None:
-            return "-"
-        return f"{value / 1000:.1f}us" if value >= 1000 else f"{value:.0f}ns"
+def _monitor_show(args: argparse.Namespace, monitor_rows) -> int:
+    """Refresh until Ctrl-C: on a terminal the screen is redrawn; into a pipe each interval is
+    appended with no escapes; with --json one object per interval (one line each)."""
+    from dynamos.cli import monitorview as view
 
-    return table([[r.update, r.function, f"{r.edition}:{r.name}", r.calls, r.in_flight, ns(r.mean_ns),
-                    ns(r.p50_ns), ns(r.p99_ns)] for r in rows],
-                  ["UPDATE", "FUNCTION", "EDITION", "CALLS", "IN-FLIGHT", "MEAN", "P50<", "P99<"])
+    before, last = None, time.monotonic()
+    redraw = sys.stdout.isatty()
+    while True:
+        rows = monitor_rows(update=args.update)
+        now = time.monotonic()
+        call_rates = view.rates(rows, before, now - last)
+        before, last = view.counts(rows), now
+        if args.json:
+            data = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "functions": [{**r.to_json(), "calls_per_s": None if rate == "-" else float(rate[:-2])}
+                                  for r, rate in zip(rows, call_rates, strict=True)]}
+            if args.once:
+                print_json(data)
+                return 0
+            print(json.dumps(data), flush=True)
+        else:
+            text = (view.monitor_table(rows, call_rates) + "\n\n" + view.histograms(rows)).rstrip() if rows else \
+                "no monitored functions (start with: dynamos monitor FUNCTION)"
+            if args.once:
+                print(text)
+                return 0
+            head = time.strftime("%H:%M:%S ") + "dynamos monitor (Ctrl-C to stop)"
+            print(("\x1b[H\x1b[2J" if redraw else "\n") + head + "\n" + text, flush=True)
+        time.sleep(args.interval)
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
@@ -310,18 +331,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     if args.show:
         if args.functions:
             raise DynamosError("monitor --show takes no function names (it shows every monitored function)")
-        while True:
-            rows = monitor_rows(update=args.update)
-            if args.json:
-                print_json([r.to_json() for r in rows])
-                return 0
-            text = _monitor_table(rows) if rows else "no monitored functions (start with: dynamos monitor FUNCTION)"
-            if args.once:
-                print(text)
-                return 0
-            print("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S ") + "dynamos monitor (Ctrl-C to stop)\n" + text,
-                  flush=True)
-            time.sleep(args.interval)
+        return _monitor_show(args, monitor_rows)
     if not args.functions:
         raise DynamosError("monitor: name the kernel functions to watch, or use --show")
     from dynamos import kernel

@@ -35,6 +35,7 @@ class LabConfig:
     boot_timeout: float = 60.0
     root_cache: str = "cache=loose"  # 9p cache mode of the read-only root share
     append: str = ""  # extra kernel command line
+    tcg_threads: str = "multi"  # TCG: a host thread per vCPU ("multi") or all vCPUs on one ("single")
 
 
 def default_shares() -> list[str]:
@@ -149,7 +150,9 @@ def qemu_argv(target: TargetKernel, config: LabConfig, accel: str, state_dir: Pa
     if accel == "kvm":
         argv += ["-accel", "kvm", "-cpu", "host"]
     else:
-        argv += ["-accel", "tcg,thread=multi", "-cpu", "max"]
+        if config.tcg_threads not in ("multi", "single"):
+            raise LabError(f"tcg_threads must be multi or single, not {config.tcg_threads!r}")
+        argv += ["-accel", f"tcg,thread={config.tcg_threads}", "-cpu", "max"]
     for i, (path, writable) in enumerate(shares):
         # An output maps the guest's owners and modes into xattrs (mapped-xattr): QEMU runs as
         # root, and with security_model=none a guest could leave a setuid-root file on the host.
