@@ -40,6 +40,8 @@ OVMF_VARS = "OVMF_VARS_4M.fd"  # its empty variable store: no PK, KEK or db
 # store is the same bytes for the same certificates.
 DB_OWNER = "6c2d7b41-8a4e-4f0e-9d2b-64796e616d6f"
 FIRMWARES = ("pvh", "uefi")
+# Stores kept in the cache, most recently used first: test keys are throwaway, one store a session.
+KEEP_STORES = 8
 
 
 def ovmf_file(name: str, ovmf_dir: Path = OVMF_DIR) -> Path:
@@ -81,6 +83,7 @@ def enrolled_vars(certs: Sequence[str], ovmf_dir: Path = OVMF_DIR) -> Path:
     out_dir = cache_root() / "uefi"
     out = out_dir / f"vars-{key.hexdigest()[:32]}.fd"
     if out.is_file():
+        os.utime(out)  # recently used: kept by the pruning below
         return out
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{out.name}.{os.getpid()}.tmp"
@@ -93,7 +96,20 @@ def enrolled_vars(certs: Sequence[str], ovmf_dir: Path = OVMF_DIR) -> Path:
         said = (r.stderr or r.stdout).strip().splitlines()[-3:]
         raise LabError(f"UEFI lab: virt-fw-vars could not enroll {', '.join(certs)} in db: " + " / ".join(said))
     tmp.rename(out)
+    _prune(out_dir)
     return out
+
+
+def _prune(out_dir: Path) -> None:
+    def last_used(store: Path) -> float:
+        try:
+            return store.stat().st_mtime
+        except FileNotFoundError:  # pruned meanwhile by another lab
+            return 0.0
+
+    stores = sorted(out_dir.glob("vars-*.fd"), key=last_used, reverse=True)
+    for old in stores[KEEP_STORES:]:
+        old.unlink(missing_ok=True)
 
 
 def firmware_argv(certs: Sequence[str], state_dir: Path, ovmf_dir: Path = OVMF_DIR) -> list[str]:

@@ -1,0 +1,234 @@
+"""Module signatures on hosts that enforce them, proven on the real kernel under real firmware.
+
+A UEFI lab (OVMF) boots with a throwaway certificate in the UEFI db. Debian's 6.1 kernel loads db
+into its ``.platform`` keyring even with Secure Boot off and lets module signature checks fall back
+to that keyring, so the guest trusts modules signed with the throwaway key. One lab boots with
+``module.sig_enforce=1``, one with ``lockdown=integrity``; in each, a tiny module built against the
+target's headers is loaded signed by the trusted key, unsigned, signed by a foreign key, and
+signed then altered, and the kernel's errno and log lines are checked for each.
+
+What the kernel does (6.1.0-56-amd64; kernel/module/signing.c):
+- sig_enforce: unsigned and foreign-key modules fail with EKEYREJECTED, logging "Loading of
+  unsigned module is rejected" / "Loading of module with unavailable key is rejected".
+- lockdown=integrity: the same two fail with EPERM and "Lockdown: <comm>: unsigned module loading
+  is restricted; see man kernel_lockdown.7".
+- An altered module signed by the trusted key fails with EKEYREJECTED in both, with no log line
+  of its own (the signature does not verify: no fallback to the lockdown or enforce policy).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dynamos.lab import Lab
+from dynamos.lab.vm import labs_dir
+
+from .conftest import Guest, lab_config
+
+pytestmark = pytest.mark.lab
+
+MODULE = "dynamos_sigtest"
+MODULE_SOURCE = r"""
+#include <linux/module.h>
+#include <linux/init.h>
+
+static int __init sigtest_init(void)
+{
+	pr_info("dynamos_sigtest: loaded\n");
+	return 0;
+}
+
+static void __exit sigtest_exit(void)
+{
+}
+
+module_init(sigtest_init);
+module_exit(sigtest_exit);
+MODULE_LICENSE("GPL");
+MODULE_DESCRIPTION("dynamos lab: a module to sign");
+"""
+SIG_MAGIC = b"~Module signature appended~\n"
+PKEY_ID_PKCS7 = 2
+VARIANTS = ("trusted", "unsigned", "foreign", "altered")
+
+# Runs in the guest: loads each module file, records the errno and the kernel log lines that the
+# load printed, unloads what loaded. Output: one JSON object.
+GUEST_LOADER = r"""
+import errno, json, os, sys
+from dynamos.kernel import LibcSyscalls
+
+def kmsg_after(fd):
+    lines = []
+    while True:
+        try:
+            rec = os.read(fd, 8192).decode(errors="replace")
+        except BlockingIOError:
+            return lines
+        lines.append(rec.split(";", 1)[-1].strip())
+
+sc = LibcSyscalls()
+results = {}
+for path in sys.argv[2:]:
+    fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    os.lseek(fd, 0, os.SEEK_END)
+    try:
+        sc.init_module(open(path, "rb").read())
+        err = None
+    except OSError as e:
+        err = errno.errorcode.get(e.errno, str(e.errno))
+    if err is None:
+        sc.delete_module(sys.argv[1])
+    results[os.path.basename(path)] = {"errno": err, "kmsg": kmsg_after(fd)}
+    os.close(fd)
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(autouse=True)
+def kernel_left_as_found():
+    """These tests boot labs of their own: the session lab's check does not apply (and would boot it)."""
+    yield
+
+
+def openssl_cert(directory: Path, name: str, subject: str) -> tuple[Path, Path]:
+    key, cert = directory / f"{name}.key", directory / f"{name}.pem"
+    subprocess.run(["openssl", "req", "-new", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", subject, "-keyout", str(key), "-out", str(cert),
+                    "-addext", "subjectKeyIdentifier=hash", "-addext", "keyUsage=digitalSignature",
+                    "-addext", "extendedKeyUsage=codeSigning"], check=True, capture_output=True)
+    return key, cert
+
+
+def subject_key_id(cert: Path) -> str:
+    out = subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-ext", "subjectKeyIdentifier"],
+                         check=True, capture_output=True, text=True).stdout
+    return out.splitlines()[-1].strip().replace(":", "").lower()
+
+
+def sign_module(module: bytes, key: Path, cert: Path) -> bytes:
+    """``module`` with a detached PKCS#7 signature appended as scripts/sign-file appends it."""
+    signature = subprocess.run(
+        ["openssl", "cms", "-sign", "-binary", "-noattr", "-nocerts", "-nosmimecap", "-md", "sha256",
+         "-outform", "DER", "-signer", str(cert), "-inkey", str(key)],
+        input=module, check=True, capture_output=True).stdout
+    # struct module_signature: algo, hash, id_type, signer_len, key_id_len, pad[3], sig_len (BE).
+    info = struct.pack(">BBBBB3xI", 0, 0, PKEY_ID_PKCS7, 0, 0, len(signature))
+    return module + signature + info + SIG_MAGIC
+
+
+@pytest.fixture(scope="module")
+def keys(workdir) -> dict[str, tuple[Path, Path]]:
+    d = workdir / "sigkeys"
+    d.mkdir(exist_ok=True)
+    return {"trusted": openssl_cert(d, "trusted", "/O=dynamos tests/CN=dynamos lab trusted key"),
+            "foreign": openssl_cert(d, "foreign", "/O=dynamos tests/CN=dynamos lab foreign key")}
+
+
+@pytest.fixture(scope="module")
+def module_files(target, workdir, keys) -> dict[str, str]:
+    """The test module built against the target's headers, as each variant's file."""
+    build = workdir / "sigtest-module"
+    build.mkdir(exist_ok=True)
+    (build / f"{MODULE}.c").write_text(MODULE_SOURCE)
+    (build / "Kbuild").write_text(f"obj-m := {MODULE}.o\n")
+    r = subprocess.run(["make", "-s", "-C", str(target.headers_dir), f"M={build}", "modules"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, f"building {MODULE} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}"
+    plain = (build / f"{MODULE}.ko").read_bytes()
+    assert not plain.endswith(SIG_MAGIC), "Kbuild signed the module: the unsigned case would not be one"
+    trusted = sign_module(plain, *keys["trusted"])
+    # Altered after signing: one byte of the module body (inside its .modinfo description string).
+    at = trusted.index(b"a module to sign")
+    altered = trusted[:at] + b"A" + trusted[at + 1:]
+    images = {"trusted": trusted, "unsigned": plain, "foreign": sign_module(plain, *keys["foreign"]),
+              "altered": altered}
+    files = {}
+    for name, image in images.items():
+        path = build / f"{name}.ko"
+        path.write_bytes(image)
+        files[name] = str(path)
+    (build / "loader.py").write_text(GUEST_LOADER)
+    return files
+
+
+def boot_uefi(target, workdir, name: str, cert: Path, append: str) -> tuple[Lab, float]:
+    state_dir = labs_dir() / f"pytest-{name}-{Path(workdir).name}"
+    t0 = time.monotonic()
+    lab = Lab.boot(lab_config(target, workdir, firmware="uefi", db_certs=[str(cert)], append=append,
+                              boot_timeout=180),
+                   state_dir=state_dir, progress=lambda m: print(f"lab {name}: {m}", file=sys.stderr))
+    return lab, time.monotonic() - t0
+
+
+def load_all(guest: Guest, files: dict[str, str]) -> dict[str, dict]:
+    loader = str(Path(files["trusted"]).parent / "loader.py")
+    out = guest.run(sys.executable, loader, MODULE, *(files[v] for v in VARIANTS)).stdout
+    results = json.loads(out)
+    return {v: results[Path(files[v]).name] for v in VARIANTS}
+
+
+def platform_key_line(guest: Guest, cert: Path) -> str:
+    """The /proc/keys line of the db certificate: description "<CN>: <subject key id, hex>"."""
+    keys_text = guest.read("/proc/keys")
+    assert re.search(r"keyring\s+\.platform: [1-9]", keys_text), keys_text
+    skid = subject_key_id(cert)
+    lines = [line for line in keys_text.splitlines() if f"dynamos lab trusted key: {skid}" in line]
+    assert len(lines) == 1, f"the db certificate (key id {skid}) is not in /proc/keys:\n{keys_text}"
+    assert " asymmetri " in lines[0] and "X509.rsa" in lines[0], lines[0]
+    return lines[0]
+
+
+def test_sig_enforce_trusts_only_the_db_key(target, workdir, keys, module_files):
+    lab, boot_s = boot_uefi(target, workdir, "sig-enforce", keys["trusted"][1], "module.sig_enforce=1")
+    try:
+        guest = Guest(lab)
+        print(f"UEFI lab up in {boot_s:.1f} s; {platform_key_line(guest, keys['trusted'][1])}", file=sys.stderr)
+        assert guest.read("/sys/module/module/parameters/sig_enforce").strip() == "Y"
+        assert "secureboot: Secure boot disabled" in guest.sh("dmesg")  # db is trusted all the same
+        t0 = time.monotonic()
+        r = load_all(guest, module_files)
+        print(f"loads in {time.monotonic() - t0:.1f} s: {json.dumps(r)}", file=sys.stderr)
+        assert r["trusted"]["errno"] is None and "dynamos_sigtest: loaded" in r["trusted"]["kmsg"], r["trusted"]
+        assert r["unsigned"]["errno"] == "EKEYREJECTED", r["unsigned"]
+        assert "Loading of unsigned module is rejected" in r["unsigned"]["kmsg"], r["unsigned"]
+        assert r["foreign"]["errno"] == "EKEYREJECTED", r["foreign"]
+        assert "Loading of module with unavailable key is rejected" in r["foreign"]["kmsg"], r["foreign"]
+        assert r["altered"]["errno"] == "EKEYREJECTED", r["altered"]
+        assert MODULE not in guest.modules()
+    finally:
+        lab.kill()
+        lab.discard()
+
+
+def test_lockdown_integrity_trusts_only_the_db_key(target, workdir, keys, module_files):
+    lab, boot_s = boot_uefi(target, workdir, "lockdown", keys["trusted"][1], "lockdown=integrity")
+    try:
+        guest = Guest(lab)
+        print(f"UEFI lab up in {boot_s:.1f} s", file=sys.stderr)
+        platform_key_line(guest, keys["trusted"][1])
+        assert guest.read("/sys/kernel/security/lockdown").strip() == "none [integrity] confidentiality"
+        assert guest.read("/sys/module/module/parameters/sig_enforce").strip() == "N"
+        r = load_all(guest, module_files)
+        print(f"loads: {json.dumps(r)}", file=sys.stderr)
+        assert r["trusted"]["errno"] is None and "dynamos_sigtest: loaded" in r["trusted"]["kmsg"], r["trusted"]
+        lockdown_says = re.compile(r"^Lockdown: \S+: unsigned module loading is restricted; "
+                                   r"see man kernel_lockdown\.7$")
+        for variant in ("unsigned", "foreign"):
+            assert r[variant]["errno"] == "EPERM", r[variant]
+            assert any(lockdown_says.match(line) for line in r[variant]["kmsg"]), r[variant]
+        assert r["altered"]["errno"] == "EKEYREJECTED", r["altered"]
+        # What the lab and dynamos read still works under integrity lockdown.
+        status = json.loads(guest.dynamos("status", "--json").stdout)
+        assert status.get("updates", []) == [], status
+        assert MODULE not in guest.modules()
+    finally:
+        lab.kill()
+        lab.discard()
