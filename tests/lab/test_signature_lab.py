@@ -14,6 +14,16 @@ What the kernel does (6.1.0-56-amd64; kernel/module/signing.c):
   is restricted; see man kernel_lockdown.7".
 - An altered module signed by the trusted key fails with EKEYREJECTED in both, with no log line
   of its own (the signature does not verify: no fallback to the lockdown or enforce policy).
+- A signature naming its signer by subject key id (``openssl cms -keyid``) is accepted like one
+  naming it by issuer and serial number (what sign-file writes).
+- The db certificate is in /proc/keys as an ``asymmetri`` key whose description is
+  "<name>: <subject key id, lowercase hex>" (the serial number's hex when the certificate has no
+  SKID), <name> being the CN, or "<O>: <CN>" when the CN does not start with the O (the kernel's
+  x509_fabricate_name; the first 7 bytes alike count as a start). It also logs
+  "integrity: Loaded X.509 cert '<description>'" after "integrity: Loading X.509 certificate: UEFI:db".
+- lockdown=integrity: /sys/kernel/security/lockdown reads "none [integrity] confidentiality";
+  debugfs stays mounted but its files refuse reads and writes (EPERM, "Lockdown: <comm>: debugfs
+  access is restricted"), /dev/mem is refused; tracefs, ftrace, kallsyms and the lab agent work.
 """
 
 from __future__ import annotations
@@ -57,7 +67,7 @@ MODULE_DESCRIPTION("dynamos lab: a module to sign");
 """
 SIG_MAGIC = b"~Module signature appended~\n"
 PKEY_ID_PKCS7 = 2
-VARIANTS = ("trusted", "unsigned", "foreign", "altered")
+VARIANTS = ("trusted", "keyid", "unsigned", "foreign", "altered")
 
 # Runs in the guest: loads each module file, records the errno and the kernel log lines that the
 # load printed, unloads what loaded. Output: one JSON object.
@@ -113,11 +123,12 @@ def subject_key_id(cert: Path) -> str:
     return out.splitlines()[-1].strip().replace(":", "").lower()
 
 
-def sign_module(module: bytes, key: Path, cert: Path) -> bytes:
-    """``module`` with a detached PKCS#7 signature appended as scripts/sign-file appends it."""
+def sign_module(module: bytes, key: Path, cert: Path, by_key_id: bool = False) -> bytes:
+    """``module`` with a detached PKCS#7 signature appended as scripts/sign-file appends it; the
+    signer named by issuer and serial number (as sign-file does), or by subject key id."""
     signature = subprocess.run(
         ["openssl", "cms", "-sign", "-binary", "-noattr", "-nocerts", "-nosmimecap", "-md", "sha256",
-         "-outform", "DER", "-signer", str(cert), "-inkey", str(key)],
+         "-outform", "DER", "-signer", str(cert), "-inkey", str(key), *(["-keyid"] if by_key_id else [])],
         input=module, check=True, capture_output=True).stdout
     # struct module_signature: algo, hash, id_type, signer_len, key_id_len, pad[3], sig_len (BE).
     info = struct.pack(">BBBBB3xI", 0, 0, PKEY_ID_PKCS7, 0, 0, len(signature))
@@ -148,8 +159,8 @@ def module_files(target, workdir, keys) -> dict[str, str]:
     # Altered after signing: one byte of the module body (inside its .modinfo description string).
     at = trusted.index(b"a module to sign")
     altered = trusted[:at] + b"A" + trusted[at + 1:]
-    images = {"trusted": trusted, "unsigned": plain, "foreign": sign_module(plain, *keys["foreign"]),
-              "altered": altered}
+    images = {"trusted": trusted, "keyid": sign_module(plain, *keys["trusted"], by_key_id=True),
+              "unsigned": plain, "foreign": sign_module(plain, *keys["foreign"]), "altered": altered}
     files = {}
     for name, image in images.items():
         path = build / f"{name}.ko"
@@ -196,7 +207,8 @@ def test_sig_enforce_trusts_only_the_db_key(target, workdir, keys, module_files)
         t0 = time.monotonic()
         r = load_all(guest, module_files)
         print(f"loads in {time.monotonic() - t0:.1f} s: {json.dumps(r)}", file=sys.stderr)
-        assert r["trusted"]["errno"] is None and "dynamos_sigtest: loaded" in r["trusted"]["kmsg"], r["trusted"]
+        for variant in ("trusted", "keyid"):
+            assert r[variant]["errno"] is None and "dynamos_sigtest: loaded" in r[variant]["kmsg"], r[variant]
         assert r["unsigned"]["errno"] == "EKEYREJECTED", r["unsigned"]
         assert "Loading of unsigned module is rejected" in r["unsigned"]["kmsg"], r["unsigned"]
         assert r["foreign"]["errno"] == "EKEYREJECTED", r["foreign"]
@@ -218,14 +230,23 @@ def test_lockdown_integrity_trusts_only_the_db_key(target, workdir, keys, module
         assert guest.read("/sys/module/module/parameters/sig_enforce").strip() == "N"
         r = load_all(guest, module_files)
         print(f"loads: {json.dumps(r)}", file=sys.stderr)
-        assert r["trusted"]["errno"] is None and "dynamos_sigtest: loaded" in r["trusted"]["kmsg"], r["trusted"]
+        for variant in ("trusted", "keyid"):
+            assert r[variant]["errno"] is None and "dynamos_sigtest: loaded" in r[variant]["kmsg"], r[variant]
         lockdown_says = re.compile(r"^Lockdown: \S+: unsigned module loading is restricted; "
                                    r"see man kernel_lockdown\.7$")
         for variant in ("unsigned", "foreign"):
             assert r[variant]["errno"] == "EPERM", r[variant]
             assert any(lockdown_says.match(line) for line in r[variant]["kmsg"]), r[variant]
         assert r["altered"]["errno"] == "EKEYREJECTED", r["altered"]
-        # What the lab and dynamos read still works under integrity lockdown.
+        # Integrity lockdown shuts debugfs (read and write: nothing of dynamos or the lab uses it),
+        # not tracefs, ftrace or kallsyms.
+        tracer = "/sys/kernel/tracing/current_tracer"
+        out = guest.sh("cat /sys/kernel/debug/sched/features 2>&1; echo status=$?; "
+                       f"echo function > {tracer} && echo nop > {tracer} && echo tracer=ok; "
+                       "grep -m1 ' T do_sys_open' /proc/kallsyms; dmesg | grep debugfs")
+        assert "Operation not permitted" in out and "status=1" in out and "tracer=ok" in out, out
+        assert re.search(r"^ffffffff[0-9a-f]{8} T do_sys_open$", out, re.M), out
+        assert "Lockdown: cat: debugfs access is restricted; see man kernel_lockdown.7" in out, out
         status = json.loads(guest.dynamos("status", "--json").stdout)
         assert status.get("updates", []) == [], status
         assert MODULE not in guest.modules()
