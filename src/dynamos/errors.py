@@ -20,11 +20,22 @@ class DynamosError(Exception):
         self.line = line
         super().__init__(self.__str__())
 
+    def refusals(self) -> list[dict[str, str]]:
+        """Machine-readable reasons (``{"code", "message"}``) for ``--json``; [] if it has none."""
+        return []
+
     def __str__(self) -> str:
         if self.path is None:
             return self.message
         where = str(self.path) if self.line is None else f"{self.path}:{self.line}"
         return f"{where}: {self.message}"
+
+
+class UsageError(DynamosError):
+    """A command line dynamos cannot make sense of: an unknown option, a missing or malformed
+    argument (EX_USAGE, as sysexits.h numbers it)."""
+
+    exit_status = 64
 
 
 class UpdateSourceError(DynamosError):

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 import subprocess
 import sys
 import time
@@ -38,8 +37,10 @@ from pathlib import Path
 
 import pytest
 
+from dynamos.builder.modsign import sign_module
 from dynamos.lab import Lab
 from dynamos.lab.vm import labs_dir
+from dynamos.update.modsig import read_module_signature, trailer
 
 from .conftest import Guest, lab_config
 
@@ -65,8 +66,6 @@ module_exit(sigtest_exit);
 MODULE_LICENSE("GPL");
 MODULE_DESCRIPTION("dynamos lab: a module to sign");
 """
-SIG_MAGIC = b"~Module signature appended~\n"
-PKEY_ID_PKCS7 = 2
 VARIANTS = ("trusted", "keyid", "unsigned", "foreign", "altered")
 
 # Runs in the guest: loads each module file, records the errno and the kernel log lines that the
@@ -123,16 +122,13 @@ def subject_key_id(cert: Path) -> str:
     return out.splitlines()[-1].strip().replace(":", "").lower()
 
 
-def sign_module(module: bytes, key: Path, cert: Path, by_key_id: bool = False) -> bytes:
-    """``module`` with a detached PKCS#7 signature appended as scripts/sign-file appends it; the
-    signer named by issuer and serial number (as sign-file does), or by subject key id."""
+def sign_by_key_id(module: bytes, key: Path, cert: Path) -> bytes:
+    """``module`` signed as sign_module signs it, but the signer named by its subject key id."""
     signature = subprocess.run(
         ["openssl", "cms", "-sign", "-binary", "-noattr", "-nocerts", "-nosmimecap", "-md", "sha256",
-         "-outform", "DER", "-signer", str(cert), "-inkey", str(key), *(["-keyid"] if by_key_id else [])],
+         "-outform", "DER", "-signer", str(cert), "-inkey", str(key), "-keyid"],
         input=module, check=True, capture_output=True).stdout
-    # struct module_signature: algo, hash, id_type, signer_len, key_id_len, pad[3], sig_len (BE).
-    info = struct.pack(">BBBBB3xI", 0, 0, PKEY_ID_PKCS7, 0, 0, len(signature))
-    return module + signature + info + SIG_MAGIC
+    return module + trailer(signature)
 
 
 @pytest.fixture(scope="module")
@@ -154,12 +150,12 @@ def module_files(target, workdir, keys) -> dict[str, str]:
                        capture_output=True, text=True)
     assert r.returncode == 0, f"building {MODULE} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}"
     plain = (build / f"{MODULE}.ko").read_bytes()
-    assert not plain.endswith(SIG_MAGIC), "Kbuild signed the module: the unsigned case would not be one"
+    assert read_module_signature(plain) is None, "Kbuild signed the module: the unsigned case would not be one"
     trusted = sign_module(plain, *keys["trusted"])
     # Altered after signing: one byte of the module body (inside its .modinfo description string).
     at = trusted.index(b"a module to sign")
     altered = trusted[:at] + b"A" + trusted[at + 1:]
-    images = {"trusted": trusted, "keyid": sign_module(plain, *keys["trusted"], by_key_id=True),
+    images = {"trusted": trusted, "keyid": sign_by_key_id(plain, *keys["trusted"]),
               "unsigned": plain, "foreign": sign_module(plain, *keys["foreign"]), "altered": altered}
     files = {}
     for name, image in images.items():

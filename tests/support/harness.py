@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from dynamos.abi import VMLINUX
+from dynamos.builder.signing import Signer
 from dynamos.kernel import ApplyResult, LiveKernel
+from dynamos.kernel.trust import TrustPolicy
 from dynamos.update.model import FunctionSpec, KthreadRestart, UpdateSource
 from dynamos.update.package import UpdatePackage, read_package, write_package
 from tests.support.simulated import SimModule, SimulatedKernel, simulated_module_image
@@ -55,25 +58,48 @@ class KernelHarness:
         self.packages = tmp_path / "pkgs"
         self.packages.mkdir()
         self.log_path = tmp_path / "actions.log"
+        self.trusted = tmp_path / "trusted"  # the trust store: empty until a test trusts a signer
+        self.trusted.mkdir()
+        # Unsigned packages are allowed unless a test asks for the production policy (``use_trust``):
+        # signing every simulated package would only slow the tests that are about something else.
+        self.use_trust(allow_unsigned=True)
+
+    def use_trust(self, *, allow_unsigned: bool = False, allow_older: bool = False) -> LiveKernel:
+        """A LiveKernel with this trust policy over the harness' trust store (and make it ``kernel``)."""
         self.kernel = LiveKernel(self.sim.root, self.sim, poll_interval=0.1, unload_timeout=2.0,
-                                 log_path=self.log_path)
+                                 log_path=self.log_path,
+                                 trust=TrustPolicy(self.trusted, allow_unsigned, allow_older))
+        return self.kernel
+
+    def trust(self, signer: Signer) -> Path:
+        """Put ``signer``'s public keyring in the trust store; its path (remove it to revoke)."""
+        path = self.trusted / f"{signer.fingerprint[-16:].lower()}.gpg"
+        path.write_bytes(signer.trusted_keyring.read_bytes())
+        return path
 
     # -- packages ----------------------------------------------------------------------------
 
     def add(self, name: str, *functions: str | FunctionSpec, replace: bool = False,
             release: str | None = None, consistency: str = "per-task",
-            klp_symbols: list[dict[str, Any]] | None = None, image_names: dict[str, str] | None = None) -> Path:
+            klp_symbols: list[dict[str, Any]] | None = None, image_names: dict[str, str] | None = None,
+            signer: Signer | None = None, created: datetime | None = None, version: str | None = None,
+            cves: tuple[str, ...] = ()) -> Path:
         """Write an update package replacing ``functions`` (default: cmdline_proc_show); its path."""
         specs = tuple(f if isinstance(f, FunctionSpec) else fn(f) for f in functions or ("cmdline_proc_show",))
         source = UpdateSource(directory=self.packages, name=name, description=f"{name} (simulated)",
-                              functions=specs, c_files=(), replace=replace, consistency=consistency)
+                              functions=specs, c_files=(), replace=replace, consistency=consistency,
+                              version=version, cves=cves)
         release = release or self.sim.kernel_release
         image = simulated_module_image(source.livepatch_name,
                              [{"name": f.name, "object": f.object, "sympos": f.sympos} for f in specs], replace,
                              global_switch=consistency == "global", **(image_names or {}))
+        signing: dict[str, Any] = {}
+        if signer is not None:  # as the builder signs: the module first, then the manifest
+            image = signer.sign_module(image)
+            signing = {"signer": signer.manifest_signer(), "sign": signer.sign_manifest}
         return write_package(self.packages / f"{name}.dynpkg", source=source, kernel_release=release,
                              vermagic=f"{release} SMP preempt mod_unload modversions ", module=image,
-                             klp_symbols=klp_symbols)
+                             klp_symbols=klp_symbols, created=created, **signing)
 
     def package(self, name: str = "fix-x", *functions: str | FunctionSpec, vermagic: str | None = None,
                 **kw: Any) -> UpdatePackage:

@@ -1,7 +1,7 @@
 """A corpus of bad inputs: each is refused with a clear message, never a traceback, and nothing changes.
 
 One table per category (update sources, source patches, damaged packages, forged packages,
-commands). Every case says what is refused and where (file and line, field or argument); the
+wrongly signed packages, commands). Every case says what is refused and where (file and line, field or argument); the
 kernel cases run on the simulated kernel (``harness``) and check that its modules, livepatch
 directories and /run/dynamos state are exactly as before. Commands run through
 ``dynamos.cli.main`` with the kernel layer pointed at the simulated kernel (these tests may run as
@@ -57,6 +57,10 @@ def toml(update: str = 'name = "fix"', function: str = 'name = "cmdline_proc_sho
 # (id, update.toml text or None, C files, message fragments (bad value / field), line or None)
 UPDATE_SOURCES: list[tuple[str, str | None, dict[str, str], tuple[str, ...], int | None]] = [
     ("name-dotdot", toml('name = "../../etc/x"'), {}, ("name", "'../../etc/x'"), 2),
+    ("version-slash", toml('name = "fix"\nversion = "1/2"'), {}, ("version", "'1/2'"), 3),
+    ("cves-not-list", toml('name = "fix"\ncves = "CVE-2024-1086"'), {}, ("cves must be a list",), 3),
+    ("cve-garbage", toml('name = "fix"\ncves = ["CVE-24-1", "CVE-2024-1086"]'), {}, ("'CVE-24-1'", "CVE id"), 3),
+    ("cve-twice", toml('name = "fix"\ncves = ["CVE-2024-1086", "CVE-2024-1086"]'), {}, ("listed twice",), 3),
     ("name-slash", toml('name = "a/b"'), {}, ("name", "'a/b'"), 2),
     ("name-uppercase", toml('name = "Fix"'), {}, ("name", "'Fix'", "lowercase"), 2),
     ("name-empty", toml('name = ""'), {}, ("name", "empty"), 2),
@@ -334,7 +338,7 @@ def test_damaged_package_is_refused_and_nothing_changes(harness: KernelHarness, 
     assert_refused_package(harness, path, fragments)
 
 
-# --- forged packages (what is checked today: digests; signatures come later) -----------------
+# --- forged packages (what the digests and manifest checks catch, signed or not) ----------------
 
 
 def forged_manifest(change: Callable[[dict[str, Any]], None], *, redigest: bool = True) -> Callable[[Path], None]:
@@ -423,6 +427,93 @@ def test_forged_package_is_refused_and_nothing_changes(harness: KernelHarness, f
     assert not (harness.sim.root / "run/x.json").exists() and not (harness.sim.root / "x.json").exists()
 
 
+# --- wrongly signed packages (the production policy: a trust store, no unsigned) -------------
+
+
+def drop_signature(path: Path, *_: Any) -> None:
+    replace_members(path, lambda ms: [reg(n, d) for n, d in ms if n != "manifest.sig"])
+
+
+def replace_members(path: Path, change: Callable[[list[tuple[str, bytes]]], list[tuple[tarfile.TarInfo, bytes]]]):
+    path.write_bytes(tar_of(change(members_of(path))))
+
+
+def signature_of(data: bytes) -> Callable[..., None]:
+    return lambda path, *_: replace_members(path, lambda ms: [reg(n, data if n == "manifest.sig" else d)
+                                                               for n, d in ms])
+
+
+def signature_of_other_package(path: Path, h: KernelHarness, signer: Any, _other: Any) -> None:
+    other = dict(members_of(h.add("fix-other", "vfs_read", signer=signer)))
+    signature_of(other["manifest.sig"])(path)
+
+
+def sign_claiming(path: Path, h: KernelHarness, signer: Any, other: Any) -> None:
+    """Signed by the trusted signer, but the manifest names the other one (both trusted here)."""
+    h.trust(other)
+    members = dict(members_of(path))
+    manifest = json.loads(members["manifest.json"])
+    manifest["signer"] = other.manifest_signer()
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    members["manifest.json"] = json.dumps(manifest).encode()
+    members["manifest.sig"] = signer.sign_manifest(members["manifest.json"])
+    path.write_bytes(tar_of([reg(n, d) for n, d in members.items()]))
+
+
+def signed_by_stranger(path: Path, h: KernelHarness, _signer: Any, other: Any) -> None:
+    path.write_bytes(h.add("fix-x", signer=other).read_bytes())
+
+
+def revoke(path: Path, h: KernelHarness, *_: Any) -> None:
+    for ring in h.trusted.iterdir():
+        ring.unlink()
+
+
+def symlinked_store(path: Path, h: KernelHarness, *_: Any) -> None:
+    """A keyring that is a symlink is not trusted: whoever can plant a link cannot add a signer."""
+    for ring in h.trusted.iterdir():
+        ring.rename(h.trusted.parent / "elsewhere.gpg")
+        ring.symlink_to(h.trusted.parent / "elsewhere.gpg")
+
+
+def forged_signed(change: Callable[[dict[str, Any]], None]) -> Callable[..., None]:
+    return lambda path, *_: forged_manifest(change)(path)
+
+
+SIGNED_PACKAGES: list[tuple[str, Callable[..., None], tuple[str, ...]]] = [
+    ("unsigned", drop_signature, ("not signed", "--allow-unsigned")),
+    ("stranger", signed_by_stranger, ("not in the trust store", "someone else")),
+    ("revoked-signer", revoke, ("no trusted signers", "holds no *.gpg")),
+    ("symlinked-keyring", symlinked_store, ("no trusted signers",)),
+    ("description-forged", forged_signed(setter("description", value="honest")), ("changed after signing",)),
+    ("function-added", forged_signed(lambda m: m["functions"].append(dict(m["functions"][0], name="vfs_read"))),
+     ("changed after signing",)),
+    ("module-digest-swapped", forged_signed(setter("digests", "module.ko", value="0" * 64)),
+     ("module.ko sha256 mismatch",)),
+    ("claims-other-signer", forged_signed(setter("signer", "name", value="Debian")), ("changed after signing",)),
+    ("signer-not-hex", forged_signed(setter("signer", "fingerprint", value="../../etc")), ("must be hex",)),
+    ("signature-garbage", signature_of(b"\x89not a signature at all"), ("valid signature",)),
+    ("signature-empty", signature_of(b""), ("valid signature",)),
+    ("signature-huge", signature_of(b"\x89" * (65 << 10)), ("manifest.sig is implausibly large",)),
+    ("signature-of-other-package", signature_of_other_package, ("changed after signing",)),
+    ("signed-claiming-other", sign_claiming, ("but the manifest names",)),
+    ("signature-duplicated", lambda path, *_: replace_members(
+        path, lambda ms: [reg(n, d) for n, d in ms] + [reg(n, d) for n, d in ms if n == "manifest.sig"]),
+     ("duplicated member(s) manifest.sig",)),
+]
+
+
+@pytest.mark.parametrize(("forge", "fragments"), [pytest.param(d, f, id=i) for i, d, f in SIGNED_PACKAGES])
+def test_wrongly_signed_package_is_refused_and_nothing_changes(harness: KernelHarness, signer: Any,
+                                                               other_signer: Any, forge: Callable[..., None],
+                                                               fragments: tuple[str, ...]) -> None:
+    harness.use_trust()
+    harness.trust(signer)
+    path = harness.add("fix-x", signer=signer)
+    forge(path, harness, signer, other_signer)
+    assert_refused_package(harness, path, fragments)
+
+
 # --- commands --------------------------------------------------------------------------------
 
 
@@ -436,44 +527,46 @@ def fake_editions(root: Path) -> None:
 
 # (id, argv, exit status, message fragments); "{tmp}" in argv is the test's directory.
 COMMANDS: list[tuple[str, list[str], int, tuple[str, ...]]] = [
-    ("revert-dotdot", ["revert", "../debug/kprobes"], 2, ("update name '../debug/kprobes'", "command line")),
-    ("revert-empty", ["revert", ""], 2, ("update name ''", "empty")),
-    ("revert-absolute", ["revert", "/sys/kernel/debug/kprobes"], 2, ("update name '/sys/kernel/debug/kprobes'",)),
+    ("revert-dotdot", ["revert", "../debug/kprobes"], 64, ("update name '../debug/kprobes'", "command line")),
+    ("signer-name-newline", ["signer", "new", "{tmp}/s", "--name", "a\nb"], 4, ("signer name", "no newline")),
+    ("signer-no-name", ["signer", "new", "{tmp}/s"], 64, ("--name",)),
+    ("revert-empty", ["revert", ""], 64, ("update name ''", "empty")),
+    ("revert-absolute", ["revert", "/sys/kernel/debug/kprobes"], 64, ("update name '/sys/kernel/debug/kprobes'",)),
     ("revert-not-loaded", ["revert", "nope"], 5, ("no livepatch named nope",)),
-    ("revert-timeout-nan", ["revert", "up", "--timeout", "nan"], 2, ("--timeout", "'nan'")),
-    ("status-dotdot", ["status", "../x"], 2, ("update name '../x'",)),
-    ("status-unknown", ["status", "nope"], 1, ("no livepatch named nope",)),
-    ("blockers-slash", ["blockers", "a/b"], 2, ("update name 'a/b'",)),
+    ("revert-timeout-nan", ["revert", "up", "--timeout", "nan"], 64, ("--timeout", "'nan'")),
+    ("status-dotdot", ["status", "../x"], 64, ("update name '../x'",)),
+    ("status-unknown", ["status", "nope"], 5, ("no livepatch named nope",)),
+    ("blockers-slash", ["blockers", "a/b"], 64, ("update name 'a/b'",)),
     ("apply-missing", ["apply", "{tmp}/missing.dynpkg"], 3, ("no such update package",)),
     ("apply-fifo", ["apply", "{tmp}/fifo"], 3, ("a FIFO",)),
     ("apply-directory", ["apply", "{tmp}"], 3, ("a directory",)),
     ("apply-check-fifo", ["apply", "--check", "{tmp}/fifo"], 3, ("a FIFO",)),
-    ("apply-timeout-negative", ["apply", "x.dynpkg", "--timeout", "-1"], 2, ("--timeout", "at least 0")),
-    ("switch-pids-abc", ["switch", "up", "f", "1", "--pids", "1,abc"], 2, ("--pids", "'abc' is not a process id")),
-    ("switch-pids-zero", ["switch", "up", "f", "1", "--pids", "0"], 2, ("--pids", "positive")),
-    ("switch-pids-empty", ["switch", "up", "f", "1", "--pids", ""], 2, ("--pids", "not a process id")),
-    ("switch-pids-too-many", ["switch", "up", "f", "1", "--pids", ",".join(map(str, range(1, 40)))], 2,
+    ("apply-timeout-negative", ["apply", "x.dynpkg", "--timeout", "-1"], 64, ("--timeout", "at least 0")),
+    ("switch-pids-abc", ["switch", "up", "f", "1", "--pids", "1,abc"], 64, ("--pids", "'abc' is not a process id")),
+    ("switch-pids-zero", ["switch", "up", "f", "1", "--pids", "0"], 64, ("--pids", "positive")),
+    ("switch-pids-empty", ["switch", "up", "f", "1", "--pids", ""], 64, ("--pids", "not a process id")),
+    ("switch-pids-too-many", ["switch", "up", "f", "1", "--pids", ",".join(map(str, range(1, 40)))], 64,
      ("--pids", "1 to 16")),
-    ("switch-cpus-garbage", ["switch", "up", "f", "1", "--cpus", "all"], 2, ("--cpus 'all'", "CPU list")),
-    ("switch-cpus-newline", ["switch", "up", "f", "1", "--cpus", "0\nreset"], 2, ("--cpus", "CPU list")),
-    ("switch-share-high", ["switch", "up", "f", "1", "--share", "150"], 2, ("--share", "0 to 100", "150")),
-    ("switch-share-nan", ["switch", "up", "f", "1", "--share", "nan"], 2, ("--share", "nan")),
-    ("switch-share-word", ["switch", "up", "f", "1", "--share", "half"], 2, ("--share 'half'", "not a number")),
-    ("switch-update-dotdot", ["switch", "../up", "f", "1"], 2, ("update name '../up'",)),
-    ("switch-function-slash", ["switch", "up", "../f", "1"], 2, ("function name '../f'",)),
-    ("switch-edition-slash", ["switch", "up", "f", "../1"], 2, ("edition '../1'",)),
+    ("switch-cpus-garbage", ["switch", "up", "f", "1", "--cpus", "all"], 64, ("--cpus 'all'", "CPU list")),
+    ("switch-cpus-newline", ["switch", "up", "f", "1", "--cpus", "0\nreset"], 64, ("--cpus", "CPU list")),
+    ("switch-share-high", ["switch", "up", "f", "1", "--share", "150"], 64, ("--share", "0 to 100", "150")),
+    ("switch-share-nan", ["switch", "up", "f", "1", "--share", "nan"], 64, ("--share", "nan")),
+    ("switch-share-word", ["switch", "up", "f", "1", "--share", "half"], 64, ("--share 'half'", "not a number")),
+    ("switch-update-dotdot", ["switch", "../up", "f", "1"], 64, ("update name '../up'",)),
+    ("switch-function-slash", ["switch", "up", "../f", "1"], 64, ("function name '../f'",)),
+    ("switch-edition-slash", ["switch", "up", "f", "../1"], 64, ("edition '../1'",)),
     ("switch-unknown-edition", ["switch", "up", "f", "f_v9"], 5, ("no edition 'f_v9'", "1=f_v2")),
     ("switch-unknown-function", ["switch", "up", "g", "1"], 5, ("g is not a multi-edition function",)),
     ("switch-unknown-update", ["switch", "down", "f", "1"], 5, ("no update named down",)),
-    ("retire-edition-dotdot", ["retire", "up", "f", ".."], 2, ("edition '..'",)),
-    ("retire-timeout-inf", ["retire", "up", "f", "1", "--timeout", "inf"], 2, ("--timeout", "'inf'")),
+    ("retire-edition-dotdot", ["retire", "up", "f", ".."], 64, ("edition '..'",)),
+    ("retire-timeout-inf", ["retire", "up", "f", "1", "--timeout", "inf"], 64, ("--timeout", "'inf'")),
     ("retire-unknown-edition", ["retire", "up", "f", "9"], 5, ("no edition '9'",)),
-    ("monitor-update-dotdot", ["monitor", "--show", "--update", "../x"], 2, ("update name '../x'",)),
-    ("monitor-function-slash", ["monitor", "fs/read", "--build-only"], 2, ("function name 'fs/read'",)),
-    ("lab-stop-dotdot", ["lab", "stop", "--name", "../../etc"], 2, ("lab name '../../etc'",)),
-    ("lab-run-cpus-zero", ["lab", "run", "--cpus", "0", "--", "true"], 2, ("--cpus", "at least 1")),
-    ("lab-run-memory-word", ["lab", "run", "--memory", "lots", "--", "true"], 2, ("--memory", "not an integer")),
-    ("build-name-slash", ["build", "--patch", "x.patch", "--name", "a/b"], 2, ("update name 'a/b'",)),
+    ("monitor-update-dotdot", ["monitor", "--show", "--update", "../x"], 64, ("update name '../x'",)),
+    ("monitor-function-slash", ["monitor", "fs/read", "--build-only"], 64, ("function name 'fs/read'",)),
+    ("lab-stop-dotdot", ["lab", "stop", "--name", "../../etc"], 64, ("lab name '../../etc'",)),
+    ("lab-run-cpus-zero", ["lab", "run", "--cpus", "0", "--", "true"], 64, ("--cpus", "at least 1")),
+    ("lab-run-memory-word", ["lab", "run", "--memory", "lots", "--", "true"], 64, ("--memory", "not an integer")),
+    ("build-name-slash", ["build", "--patch", "x.patch", "--name", "a/b"], 64, ("update name 'a/b'",)),
 ]
 
 
@@ -520,3 +613,21 @@ def test_corpus_is_large_enough() -> None:
              "commands": len(COMMANDS)}
     assert sum(sizes.values()) >= 60, sizes
     assert hashlib.sha256(b"").hexdigest()  # (digests are what forged packages are checked against)
+
+
+@pytest.mark.parametrize(("argv", "status"), [pytest.param(a, s, id=i) for i, a, s, _ in COMMANDS])
+def test_bad_command_with_json_says_why_on_stdout(cli_on_harness: KernelHarness, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str], argv: list[str],
+                                                  status: int) -> None:
+    """A script that asked for --json gets one object on stdout for a failure too, with the exit
+    status it sees and the same message as stderr."""
+    os.mkfifo(tmp_path / "fifo")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    at = argv.index("--") if "--" in argv else len(argv)
+    got = cli.main([*argv[:at], "--json", *argv[at:]])
+    captured = capsys.readouterr()
+    assert got == status
+    report = json.loads(captured.out)
+    assert report["ok"] is False and report["exit_status"] == status
+    assert report["error"] and report["error"] in captured.err
+    assert isinstance(report["refusals"], list)

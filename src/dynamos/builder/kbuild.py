@@ -23,6 +23,8 @@ from elftools.elf.elffile import ELFFile
 from dynamos.builder import dispatch
 from dynamos.builder.cgen import generate_kbuild, generate_livepatch_source, thunk_target
 from dynamos.builder.klp import KlpSymbol, convert_to_klp, exported_symbols, klp_symbols_needed
+from dynamos.builder.namecheck import check_names
+from dynamos.builder.signing import Signer, configured_signer
 from dynamos.errors import BuildError
 from dynamos.target import TargetKernel, cache_root
 from dynamos.target.make import MAKE_JOBS, error_lines, make_env, stream_make
@@ -96,7 +98,7 @@ def _say_nothing(_message: str) -> None:
 
 def build_update(source_dir: Path | str, target: TargetKernel, output: Path | None = None,
                  progress: Callable[[str], None] | None = None,
-                 module_dirs: Sequence[Path] = ()) -> BuildResult:
+                 module_dirs: Sequence[Path] = (), signer: Signer | None = None) -> BuildResult:
     """Build the update source in ``source_dir`` into a livepatch module for ``target``.
 
     With ``output`` (a file, or a directory to put the package in) also write the update
@@ -108,6 +110,7 @@ def build_update(source_dir: Path | str, target: TargetKernel, output: Path | No
     source_dir = Path(source_dir)
     source = load_update_source(source_dir)
     _check_release(source, target)
+    check_names(source, target, lambda message: say(f"warning: {message}"), module_dirs)
     _check_toolchain(target)
     author_files = _author_files(source)
 
@@ -118,7 +121,7 @@ def build_update(source_dir: Path | str, target: TargetKernel, output: Path | No
 
     package_path = None
     if output is not None:
-        package_path = write_package_of(Path(output), source, target, linked)
+        package_path = write_package_of(Path(output), source, target, linked, signer)
         say(f"wrote {package_path}")
     return BuildResult(module_path=linked.module_path, module=linked.module, vermagic=linked.vermagic,
                        build_log=linked.log, build_dir=build_dir, seconds=time.monotonic() - started,
@@ -307,13 +310,17 @@ def _check_module(module: bytes, module_path: Path, target: TargetKernel) -> str
     return vermagic
 
 
-def write_package_of(output: Path, source: UpdateSource, target: TargetKernel, linked: LinkedModule) -> Path:
-    """The update package of a linked module: into ``output`` (a file, or a directory to name it in)."""
-
+def write_package_of(output: Path, source: UpdateSource, target: TargetKernel, linked: LinkedModule,
+                     signer: Signer | None = None) -> Path:
+    """The signed update package of a linked module: into ``output`` (a file, or a directory to
+    name it in). Signed by ``signer``, else the configured one (see ``configured_signer``): the
+    module first, as the last change to its bytes, then the manifest that holds its digest."""
+    signer = signer or configured_signer(None, cache_root())
     path = output / package_filename(source.name, target.release) if output.is_dir() else output
     return write_package(path, source=source, kernel_release=target.release, vermagic=linked.vermagic,
-                         module=linked.module, build_log=linked.log,
-                         klp_symbols=[s.to_json() for s in linked.klp_symbols])
+                         module=signer.sign_module(linked.module), build_log=linked.log,
+                         klp_symbols=[s.to_json() for s in linked.klp_symbols],
+                         signer=signer.manifest_signer(), sign=signer.sign_manifest)
 
 
 def _klp_symbols(module: bytes, source: UpdateSource, target: TargetKernel) -> list[KlpSymbol]:

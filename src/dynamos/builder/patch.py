@@ -29,6 +29,7 @@ from dynamos.builder.kbuild import BUILD_LOG, build_lock, link_module, write_pac
 from dynamos.builder.klp import KlpSymbol, exported_symbols
 from dynamos.builder.linemap import stabilise_lines
 from dynamos.builder.objdiff import DiffResult, diff_objects, read_object
+from dynamos.builder.signing import Signer
 from dynamos.builder.units import compile_original, compile_unit
 from dynamos.errors import BuildError, UpdateSourceError
 from dynamos.lab.kallsyms import lab_symbol_table
@@ -210,7 +211,7 @@ def patched_texts(patch: Path, tree: Path, files: list[str]) -> dict[str, bytes]
 
 def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None = None, name: str | None = None,
                      symtab: SymbolTable | None = None,
-                     progress: Callable[[str], None] | None = None) -> PatchBuild:
+                     progress: Callable[[str], None] | None = None, signer: Signer | None = None) -> PatchBuild:
     """Build an update package from a source patch against ``target``.
 
     ``symtab`` is the target's symbol table at link-time addresses (default: the lab's, fetched
@@ -303,7 +304,7 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
 
     package_path = None
     if output is not None:
-        package_path = write_package_of(Path(output), update, target, linked)
+        package_path = write_package_of(Path(output), update, target, linked, signer)
         say(f"wrote {package_path}")
     return PatchBuild(update_name, package_path, units, linked.klp_symbols, round(time.monotonic() - started, 3),
                       phases, skipped)

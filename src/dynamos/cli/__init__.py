@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
 
 from dynamos import __version__
 from dynamos.cli.args import add_wait_option, cpus_arg, name_arg, pids_arg, seconds_arg, share_arg
@@ -14,10 +13,12 @@ from dynamos.cli.commands import (
     cmd_blockers,
     cmd_build,
     cmd_demo,
+    cmd_info,
     cmd_monitor,
     cmd_recover,
     cmd_retire,
     cmd_revert,
+    cmd_signer_new,
     cmd_status,
     cmd_switch,
 )
@@ -30,12 +31,21 @@ from dynamos.cli.lab import (
     cmd_lab_status,
     cmd_lab_stop,
 )
-from dynamos.errors import DynamosError
+from dynamos.cli.present import print_json
+from dynamos.errors import DynamosError, UsageError
 from dynamos.target import DEFAULT_LAB_KERNEL
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake raised (exit 64, and JSON with --json) instead of exiting 2,
+    the status dynamos gives an invalid update source. Subcommand parsers are of this class too."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}\n{self.format_usage().rstrip()}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dynamos", description="Live updates of a running Linux kernel.")
+    parser = _Parser(prog="dynamos", description="Live updates of a running Linux kernel.")
     parser.add_argument("--version", action="version", version=f"dynamos {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -50,8 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel", metavar="REL", help="target kernel release (default: the running kernel)")
     p.add_argument("--module-dir", action="append", metavar="DIR",
                    help="directory of out-of-tree modules the update patches (their BTF gives prototypes)")
+    p.add_argument("--signer", metavar="DIR", help="signer directory (default: $DYNAMOS_SIGNER, else "
+                   "/etc/dynamos/signer, else the lab key made on first use)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("signer", help="make a signer: the keys that sign packages and their modules")
+    signer_sub = p.add_subparsers(dest="signer_command", required=True)
+    p = signer_sub.add_parser("new", help="make a signer directory (X.509 module key + OpenPGP package key)")
+    p.add_argument("directory")
+    p.add_argument("--name", required=True, help="who signs, as hosts will see it (e.g. 'Example Corp fixes')")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_signer_new)
 
     p = sub.add_parser("apply", help="apply an update package to this kernel")
     p.add_argument("package")
@@ -62,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="at the timeout, force the transition instead of reverting (unsafe: blocked tasks "
                         "may keep running old code); never the default")
+    p.add_argument("--trust-store", metavar="DIR",
+                   help="directory of trusted signers' keyrings "
+                        "(default: $DYNAMOS_TRUST_STORE, else /etc/dynamos/trusted)")
+    p.add_argument("--allow-unsigned", action="store_true", help="load an unsigned package (development only; warned)")
+    p.add_argument("--allow-older", action="store_true",
+                   help="load a package older than the newest one accepted for the same update")
     p.add_argument("--json", action="store_true")
     add_wait_option(p)
     p.set_defaults(func=cmd_apply)
@@ -88,8 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(verb, help="live updates on this kernel")
         if verb == "status":
             p.add_argument("name", nargs="?", type=name_arg("update name"))
+        p.add_argument("--uname", action="store_true",
+                       help="print only the effective kernel: the release plus the updates whose code runs")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("info", help="what a package is, who signed it and what it fixes, without applying it")
+    p.add_argument("package")
+    p.add_argument("--trust-store", metavar="DIR", help="trust store to check the signer against")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("switch", help="choose which edition of a multi-edition function serves calls")
     p.add_argument("update", type=name_arg("update name"))
@@ -161,20 +195,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None, on_error: Callable[[str], None] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _fail(message: str, status: int, as_json: bool, refusals: list[dict[str, str]] | None = None) -> int:
+    """Report a failure: the message on stderr, and with --json one object on stdout that says
+    the same, so a script reads why from the output it parses."""
+    print(f"dynamos: {message}", file=sys.stderr)
+    if as_json:
+        print_json({"ok": False, "exit_status": status, "error": message.removeprefix("error: "),
+                    "refusals": refusals or []})
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in words[:words.index("--")] if "--" in words else "--json" in words
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except DynamosError as e:
-        print(f"dynamos: error: {e}", file=sys.stderr)
-        return e.exit_status
+        return _fail(f"error: {e}", e.exit_status, as_json, e.refusals())
     except KeyboardInterrupt:
-        print("dynamos: interrupted", file=sys.stderr)
-        return 130
+        return _fail("interrupted", 130, as_json)
     except BrokenPipeError:
         os._exit(0)
     except OSError as e:  # a file the user named is missing or unreadable: say so, no traceback
         where = f"{e.filename}: " if e.filename else ""
-        print(f"dynamos: error: {where}{e.strerror or e}", file=sys.stderr)
-        return 1
+        return _fail(f"error: {where}{e.strerror or e}", 1, as_json)
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from dynamos.cli.present import ProgressPrinter, print_json, table
-from dynamos.errors import DynamosError
+from dynamos.errors import DynamosError, UsageError
 
 
 # ----- build -----------------------------------------------------------------------------------
@@ -19,13 +19,13 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     progress = ProgressPrinter(args.json)
     if bool(args.patch) == bool(args.source):
-        raise DynamosError("build: give an update source directory, or --patch FILE (not both)")
+        raise UsageError("build: give an update source directory, or --patch FILE (not both)")
     target = resolve_target(args.kernel, progress)
     output = Path(args.output) if args.output else Path.cwd()
     if args.patch:
         return _build_patch(args, target, output, progress)
     result = build_update(Path(args.source), target, output=output, progress=progress,
-                          module_dirs=[Path(d) for d in args.module_dir or []])
+                          module_dirs=[Path(d) for d in args.module_dir or []], signer=_signer(args))
     if args.json:
         print_json({"package": str(result.package_path), "kernel": target.release,
                      "vermagic": result.vermagic, "seconds": round(result.seconds, 3),
@@ -35,10 +35,38 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _signer(args: argparse.Namespace):
+    from dynamos.builder.signing import configured_signer
+    from dynamos.target import cache_root
+
+    signer = configured_signer(args.signer, cache_root())
+    if not args.json:
+        print(f"signing with {signer.name} ({signer.fingerprint[-16:]}, {signer.directory})")
+    return signer
+
+
+def cmd_signer_new(args: argparse.Namespace) -> int:
+    from dynamos.builder.signing import new_signer
+
+    signer = new_signer(Path(args.directory), args.name)
+    data = {**signer.manifest_signer(), "directory": str(signer.directory),
+            "trusted_keyring": str(signer.trusted_keyring), "module_certificate": str(signer.directory / "module.der")}
+    if args.json:
+        print_json(data)
+        return 0
+    print(f"made signer {signer.name} in {signer.directory}\n"
+          f"  package key (OpenPGP) {signer.fingerprint}: hosts trust it by copying {signer.trusted_keyring}\n"
+          f"    into /etc/dynamos/trusted/ (any NAME.gpg)\n"
+          f"  module key (X.509) id {signer.module_key_id}: hosts that enforce module signatures need\n"
+          f"    {data['module_certificate']} in a kernel keyring (UEFI db, or mokutil --import)")
+    return 0
+
+
 def _build_patch(args: argparse.Namespace, target, output: Path, progress: ProgressPrinter) -> int:
     from dynamos.builder.patch import build_from_patch
 
-    result = build_from_patch(Path(args.patch), target, output=output, name=args.name, progress=progress)
+    result = build_from_patch(Path(args.patch), target, output=output, name=args.name, progress=progress,
+                              signer=_signer(args))
     if args.json:
         print_json({"package": str(result.package_path), "kernel": target.release, "seconds": result.seconds,
                      "phases": result.phases,
@@ -67,16 +95,28 @@ def _present(result, as_json: bool) -> int:
     return 0
 
 
+def _trust_policy(args: argparse.Namespace):
+    from dynamos.kernel.trust import TrustPolicy
+    from dynamos.update.signature import trust_store_path
+
+    if args.allow_unsigned:
+        print("dynamos: warning: --allow-unsigned: an unsigned package is loaded without knowing who made it "
+              "(for development only)", file=sys.stderr)
+    return TrustPolicy(trust_store_path(args.trust_store), args.allow_unsigned, args.allow_older)
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     from dynamos import kernel
 
+    trust = _trust_policy(args)
     if args.check:
-        report = kernel.LiveKernel().check(Path(args.package))
+        report = kernel.LiveKernel(trust=trust).check(Path(args.package))
         if args.json:
             print_json(report)
             return 0
         print(f"{report['update']}: would apply to {report['kernel']} ({report['consistency']} consistency); "
               "nothing was loaded")
+        print(f"  signed by {_signer_text(report['signer'])}")
         for note in report["notes"]:
             print(f"  note: {note}")
         for b in report["predicted_blockers"]:
@@ -92,7 +132,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
               "tasks are switched without the safety check and may keep running the old code; the modules "
               "of updates it replaces can then never be unloaded", file=sys.stderr)
     return _present(kernel.apply(Path(args.package), timeout=args.timeout, progress=ProgressPrinter(args.json),
-                                 force=args.force, wait=args.wait), args.json)
+                                 force=args.force, wait=args.wait, trust=trust), args.json)
+
+
+def _signer_text(signer: dict | None) -> str:
+    if not signer:
+        return "-"
+    return f"{signer['name']} ({signer['fingerprint'][-16:]})" if signer.get("fingerprint") else signer["name"]
 
 
 def cmd_blockers(args: argparse.Namespace) -> int:
@@ -132,10 +178,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     status = kernel.status(getattr(args, "name", None))
     data = status.to_json()
+    if args.uname:
+        if args.json:
+            print_json({"effective_kernel": data["effective_kernel"], "cves": data["cves"]})
+        else:
+            print(data["effective_kernel"])
+        return 0
     if args.json:
         print_json(data)
         return 0
     print(f"kernel {data['kernel']}, livepatch {'available' if data['livepatch'] else 'NOT available'}")
+    fixes = f", fixes {', '.join(data['cves'])}" if data["cves"] else ""
+    print(f"effective kernel {data['effective_kernel']}{fixes}")
     for op in data.get("interrupted", []):
         what = "in progress" if op["in_progress"] else "interrupted"
         print(f"{what}: {op['action']} of {op['update']} (pid {op['pid']}, {op['time']}); the kernel shows: "
@@ -154,8 +208,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             f["name"] + ("" if f.get("object", "vmlinux") == "vmlinux" else f" [{f['object']}]")
             for f in u["functions"]
         )
-        rows.append([u["name"], "dynamos" if u.get("dynamos") else "other", state, funcs])
-    print(table(rows, ["UPDATE", "BY", "STATE", "FUNCTIONS"]))
+        by = _signer_text(u.get("signer")) if u.get("dynamos") else "other (not dynamos)"
+        rows.append([u["name"], by, state, funcs])
+    print(table(rows, ["UPDATE", "SIGNED BY", "STATE", "FUNCTIONS"]))
     for u in data["updates"]:
         for f in u.get("editions", []):
             print(f"\n{u['name']} {f['function']}: route {'; '.join(f['route'])}")
@@ -165,6 +220,41 @@ def cmd_status(args: argparse.Namespace) -> int:
                 t = f["thread"]
                 print(f"kernel thread: pid {t.get('pid')} on the {t.get('on')} code, {t.get('restarts')} restart(s), "
                       f"last took {t.get('last_restart_ns', 0) / 1000:.0f} us")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from dynamos.update.package import read_package
+    from dynamos.update.signature import SignatureRefused, trust_store_path, verify_signature
+
+    pkg = read_package(Path(args.package))
+    store = trust_store_path(args.trust_store)
+    try:
+        signer = verify_signature(pkg.manifest_bytes, pkg.signature, pkg.manifest, store=store, path=pkg.path)
+        trust = {"trusted": True, "signer": signer.to_json()}
+    except SignatureRefused as e:
+        trust = {"trusted": False, "code": e.code, "reason": e.message, "signer_claim": pkg.signer_claim}
+    data = {"update": pkg.name, "livepatch_name": pkg.livepatch_name, "description": pkg.description,
+            "version": pkg.version, "cves": list(pkg.cves), "kernel": pkg.kernel_release,
+            "consistency": pkg.consistency, "replace": pkg.replace, "created": pkg.manifest["created"],
+            "module_sha256": pkg.module_sha256, "trust_store": str(store), **trust,
+            "functions": pkg.functions}
+    if args.json:
+        print_json(data)
+        return 0
+    print(f"{pkg.name} {pkg.version or ''}".rstrip() + f": {pkg.description}")
+    print(f"  for kernel {pkg.kernel_release}; built {data['created']}; {pkg.consistency} consistency"
+          + ("; replaces earlier updates" if pkg.replace else ""))
+    if pkg.cves:
+        print(f"  fixes {', '.join(pkg.cves)}")
+    if trust["trusted"]:
+        print(f"  signed by {_signer_text(trust['signer'])}: trusted by {store}")
+    else:
+        print(f"  NOT trusted by {store}: {trust['reason']}")
+    print(f"  module sha256 {pkg.module_sha256}")
+    for f in pkg.patched_functions:
+        where = "" if f.object == "vmlinux" else f" [{f.object}]"
+        print(f"  replaces {f.name}{where}")
     return 0
 
 

@@ -35,6 +35,7 @@ from dynamos.kernel.results import (
 from dynamos.kernel.symbols import Kallsyms, TraceableFunctions
 from dynamos.kernel.syscalls import LibcSyscalls, Syscalls
 from dynamos.kernel.transition import BlockedTransition, Progress
+from dynamos.kernel.trust import TrustPolicy
 from dynamos.update.package import UpdatePackage
 
 __all__ = [
@@ -76,11 +77,12 @@ def preflight(pkg: UpdatePackage) -> list[str]:
 
 def apply(
     package_path: Path | str, timeout: float = 30.0, progress: Callable[[Progress], None] | None = None,
-    force: bool = False, wait: float | None = None,
+    force: bool = False, wait: float | None = None, trust: TrustPolicy | None = None,
 ) -> ApplyResult:
     """Apply an update package to the running kernel (``force``: see LiveKernel.apply; ``wait``:
-    seconds to wait for another dynamos' operation lock, else refused at once)."""
-    return LiveKernel(lock_wait=wait).apply(package_path, timeout=timeout, progress=progress, force=force)
+    seconds to wait for another dynamos' operation lock, else refused at once; ``trust``: which
+    signers are accepted, default the trust store)."""
+    return LiveKernel(lock_wait=wait, trust=trust).apply(package_path, timeout=timeout, progress=progress, force=force)
 
 
 def revert(

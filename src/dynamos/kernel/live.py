@@ -29,8 +29,10 @@ from dynamos.kernel.state import UpdateRecords
 from dynamos.kernel.status import StatusReader
 from dynamos.kernel.syscalls import LibcSyscalls, Syscalls
 from dynamos.kernel.transition import BlockedTransition, ProgressCallback, Transitions, interrupted
+from dynamos.kernel.trust import AcceptedPackages, TrustPolicy
 from dynamos.update import package as packages
 from dynamos.update.package import PackagedFunction, UpdatePackage
+from dynamos.update.signature import VerifiedSigner
 
 PHASES = ("verify", "preflight", "load", "transition", "switch", "unload")
 
@@ -58,11 +60,14 @@ class LiveKernel:
         log_path: Path | None = None,
         read_package: Callable[[Path], UpdatePackage] | None = None,
         lock_wait: float | None = None,
+        trust: TrustPolicy | None = None,
     ):
         self.root = Path(root)
         self.sys: Syscalls = syscalls if syscalls is not None else LibcSyscalls()
         self.log = ActionLog(log_path if log_path is not None else default_log_path(self.root))
         self.records = UpdateRecords(self.root)
+        self.trust = trust if trust is not None else TrustPolicy()
+        self.accepted = AcceptedPackages(self.root)
         self._read_package = read_package if read_package is not None else packages.read_package
         self.checks = Preflight(self.root, self.sys, self.log)
         self.transitions = Transitions(self.root, self.sys, self.log, poll_interval=poll_interval,
@@ -89,9 +94,11 @@ class LiveKernel:
     def check(self, package_path: Path | str) -> dict[str, Any]:
         """What ``apply`` would do, without loading anything: verification, preflight, blockers."""
         pkg = self._read_package(Path(package_path))
+        signer = self._verify(pkg)
         notes = self.preflight(pkg)
         found, _ = self.predicted_blockers(pkg)
-        return {"update": pkg.name, "livepatch_name": pkg.livepatch_name, "kernel": pkg.kernel_release,
+        return {"update": pkg.name, "signer": signer.to_json(), "livepatch_name": pkg.livepatch_name,
+                "kernel": pkg.kernel_release,
                 "consistency": pkg.consistency, "notes": notes,
                 "predicted_blockers": [{**b.to_json(), "functions": hits} for b, hits in found]}
 
@@ -170,9 +177,11 @@ class LiveKernel:
         try:
             t = self.sys.monotonic()
             pkg = self._read_package(Path(package_path))
-            t = timed("verify", t)
             label = pkg.livepatch_name
             details["update"] = pkg.name
+            signer = self._verify(pkg)
+            details["signer"] = signer.to_json()
+            t = timed("verify", t)
             notes = self.preflight(pkg)
             notes += self.predicted_blockers(pkg)[1]
             t = timed("preflight", t)
@@ -183,7 +192,7 @@ class LiveKernel:
                 "replacing": sorted(before - {pkg.livepatch_name}) if pkg.replace else []})
             # Recorded before loading, so an update whose apply was killed midway is still
             # recognisable as dynamos' in status.
-            self._record(pkg, package_path, functions, notes)
+            self._record(pkg, package_path, functions, notes, signer)
             loading = True
             self._load(pkg)
             t = timed("load", t)
@@ -216,6 +225,11 @@ class LiveKernel:
 
         for old in replaced:
             self.records.remove(old)
+        try:
+            self.accepted.remember(pkg, signer)
+        except OSError as e:
+            notes.append(f"could not record the package as accepted in {self.accepted.directory} "
+                         f"(an older package of {pkg.name} would not be refused): {e.strerror or e}")
         result = ApplyResult(
             name=pkg.name,
             livepatch_name=pkg.livepatch_name,
@@ -247,8 +261,15 @@ class LiveKernel:
         return DynamosError(f"{pkg.livepatch_name}: applied (every task runs the new code); "
                             f"{interrupted('unloading of the modules it replaced', e)}: {left}")
 
+    def _verify(self, pkg: UpdatePackage) -> VerifiedSigner:
+        """The package's signer (refused unless the trust store vouches for it), and no replay."""
+        signer = self.trust.verify(pkg)
+        live = self.records.read(pkg.livepatch_name) if self._is_loaded(pkg.livepatch_name) else None
+        self.accepted.check(pkg, self.trust, (live or {}).get("created"))
+        return signer
+
     def _record(self, pkg: UpdatePackage, package_path: Path | str, functions: list[dict[str, Any]],
-                notes: list[str]) -> None:
+                notes: list[str], signer: VerifiedSigner) -> None:
         record = {
             "update": pkg.name,
             "livepatch": pkg.livepatch_name,
@@ -257,6 +278,11 @@ class LiveKernel:
             "kernel": pkg.kernel_release,
             "replace": bool(pkg.replace),
             "applied": now_iso(),
+            "created": pkg.manifest["created"],
+            "description": pkg.description,
+            "version": pkg.version,
+            "cves": list(pkg.cves),
+            "signer": signer.to_json(),
             "functions": functions,
         }
         try:

@@ -15,7 +15,7 @@ from dynamos.abi import generated_name
 from dynamos.kernel import livepatch as lp
 from dynamos.kernel.actionlog import ActionLog
 from dynamos.kernel.modident import identity_problem
-from dynamos.kernel.modules import LoadedModule, loaded_modules, lockdown_mode
+from dynamos.kernel.modules import LoadedModule, loaded_modules
 from dynamos.kernel.refusals import PreflightRefused, Refusal
 from dynamos.kernel.symbols import (
     TEXT_TYPES,
@@ -27,6 +27,7 @@ from dynamos.kernel.symbols import (
     parse_enabled_functions,
 )
 from dynamos.kernel.syscalls import Syscalls
+from dynamos.kernel.trust import module_signature_refusals
 from dynamos.update.package import PackagedSymbol, UpdatePackage
 
 
@@ -37,13 +38,6 @@ class Preflight:
         self.root = root
         self.sys = syscalls
         self.log = log
-
-    def _sig_enforced(self) -> bool:
-        try:
-            value = (self.root / "sys/module/module/parameters/sig_enforce").read_text().strip()
-        except OSError:
-            return False
-        return value in ("Y", "1")
 
     def _tracefs(self, may_mount: bool) -> Tracefs:
         t0 = self.sys.monotonic()
@@ -120,11 +114,7 @@ class Preflight:
         lp_root = lp.livepatch_root(self.root)
         if not lp_root.is_dir():
             reasons.append(Refusal.make("no-livepatch", path=lp_root))
-        mode = lockdown_mode(self.root)
-        if mode not in (None, "none"):
-            reasons.append(Refusal.make("lockdown", mode=mode))
-        elif self._sig_enforced():
-            reasons.append(Refusal.make("sig-enforced"))
+        reasons += module_signature_refusals(self.root, pkg, notes)
         running = self.sys.release()
         if pkg.kernel_release != running:
             reasons.append(Refusal.make("release", package=pkg.kernel_release, running=running))

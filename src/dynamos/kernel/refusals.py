@@ -14,10 +14,14 @@ from dynamos.errors import RefusedError
 REFUSALS: dict[str, str] = {
     "not-root": "dynamos must run as root to change the kernel (effective uid is {euid})",
     "no-livepatch": "this kernel has no livepatch support: {path} is missing (CONFIG_LIVEPATCH)",
-    "lockdown": "kernel lockdown is active ({mode}): the kernel loads only signed modules, "
-                "and the update's module is unsigned",
-    "sig-enforced": "the kernel enforces module signatures (module.sig_enforce=1), "
-                    "and the update's module is unsigned",
+    "module-unsigned": "{why}: the kernel loads only signed modules, and the update's module is unsigned "
+                       "(build it with a signer whose certificate the kernel trusts)",
+    "module-key-unknown": "{why}: the update's module is signed, but its package does not say with which key, "
+                          "so dynamos cannot check that the kernel trusts it (rebuild it with a signer)",
+    "module-key-untrusted": "{why}: the update's module is signed by {signer} (key id {key_id}), a key none of "
+                            "the kernel's keyrings holds (enrol its certificate: UEFI db or MOK)",
+    "older-package": "{update}: this package was built {created}, before the newest one accepted for the same "
+                     "update ({newest}); a superseded fix is not applied again unless asked (--allow-older)",
     "release": "the package is for kernel {package}, but the running kernel is {running}",
     "vermagic": "the module's vermagic is for kernel {vermagic}, but the running kernel is {running}",
     "already-loaded": "a livepatch named {name} is already loaded "
@@ -80,3 +84,6 @@ class PreflightRefused(RefusedError):
                 f"  - {r.message}" for r in reasons
             )
         super().__init__(text)
+
+    def refusals(self) -> list[dict[str, str]]:
+        return [{"code": r.code, "message": r.message} for r in self.reasons]

@@ -131,8 +131,18 @@ class UpdateStatus:
     update: str | None = None  # dynamos update name
     package: str | None = None
     applied: str | None = None  # ISO time dynamos applied it
+    signer: dict[str, str] | None = None  # who signed its package: name, fingerprint ("" if unsigned)
+    description: str | None = None
+    version: str | None = None  # the update's own version ([update] version)
+    cves: list[str] = field(default_factory=list)  # what it fixes ([update] cves)
+    module_sha256: str | None = None
     editions: list[dict[str, Any]] = field(default_factory=list)  # multi-edition functions' controls
     global_switch: str | None = None  # global consistency: "new" (its editions serve) or "old" (edition 0)
+
+    @property
+    def serving(self) -> bool:
+        """Whether the update's code is what runs: enabled, transition over, not held on edition 0."""
+        return self.enabled and not self.transition and self.warning is None
 
     @property
     def warning(self) -> str | None:
@@ -154,9 +164,13 @@ class UpdateStatus:
         data["objects"] = [{"name": o, "patched": p} for o, p in self.objects.items()]
         data["functions"] = [f.to_json() for f in self.functions]
         data["tasks_pending"] = [t.to_json() for t in self.tasks_pending]
-        for key, value in (("update", self.update), ("package", self.package), ("applied", self.applied)):
+        for key, value in (("update", self.update), ("package", self.package), ("applied", self.applied),
+                           ("signer", self.signer), ("description", self.description), ("version", self.version),
+                           ("module_sha256", self.module_sha256)):
             if value is not None:
                 data[key] = value
+        if self.cves:
+            data["cves"] = self.cves
         if self.editions:
             data["editions"] = self.editions
         if self.global_switch is not None:
@@ -179,6 +193,7 @@ class KernelStatus:
                       "functions": [{"name": "f", "object": "vmlinux", "sympos"?: 2, "patched": true}],
                       "tasks_pending": [{"pid": 1, "comm": "init", "tid"?: 2}],
                       "update"?: "fix-x", "package"?: "/path/fix-x_6.1.0-56-amd64.dynpkg", "applied"?: "ISO time",
+                      "signer"?: {"name": "Example Fixes", "fingerprint": "D745..."},
                       "editions"?: [{"function": "pipe_write", "route": ["default 1"],
                                      "editions": [{"index": 0, "name": "pipe_write", "calls": 7,
                                                    "in_flight": 0, "live": true}],
@@ -196,9 +211,26 @@ class KernelStatus:
     # "in_progress" (its process still holds the lock), "kernel" (what the kernel shows now)}.
     interrupted: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def effective_kernel(self) -> str:
+        """The release plus the dynamos updates whose code runs, each with its version
+        ("6.1.0-56-amd64+fix-x=1.2+cmdline-banner"): what the kernel effectively is, in one word."""
+        parts = [self.kernel]
+        for u in self.updates:
+            if u.dynamos and u.serving:
+                parts.append(f"{u.update or u.name}={u.version}" if u.version else (u.update or u.name))
+        return "+".join(parts)
+
+    @property
+    def fixes(self) -> list[str]:
+        """CVEs the running code carries: those of the dynamos updates that serve calls."""
+        return sorted({c for u in self.updates if u.dynamos and u.serving for c in u.cves})
+
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "kernel": self.kernel,
+            "effective_kernel": self.effective_kernel,
+            "cves": self.fixes,
             "livepatch": self.livepatch,
             "updates": [u.to_json() for u in self.updates],
         }

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dynamos.abi import VMLINUX
-from dynamos.errors import DynamosError
+from dynamos.errors import RefusedError
 from dynamos.kernel import editions
 from dynamos.kernel import livepatch as lp
 from dynamos.kernel.journal import Journal, lock_holder
@@ -88,7 +88,7 @@ class StatusReader:
             wanted = normalize_name(name)
             status.updates = [u for u in status.updates if u.name == wanted]
             if not status.updates:
-                raise DynamosError(f"no livepatch named {wanted} is loaded")
+                raise RefusedError(f"no livepatch named {wanted} is loaded")
         return status
 
     def _update_status(self, patch: lp.Livepatch, modules: Mapping[str, LoadedModule]) -> UpdateStatus:
@@ -124,6 +124,11 @@ class StatusReader:
             update=record.get("update") if record else None,
             package=record.get("package") if record else None,
             applied=record.get("applied") if record else None,
+            signer=record.get("signer") if record else None,
+            description=record.get("description") if record else None,
+            version=record.get("version") if record else None,
+            cves=list(record.get("cves", [])) if record else [],
+            module_sha256=record.get("module_sha256") if record else None,
             editions=[f.to_json() for f in editions.functions_of(patch.name, self.root)],
             global_switch=(editions.global_switch_state(patch.name, self.root) or {}).get("state"),
         )
@@ -143,4 +148,5 @@ class StatusReader:
             update=record.get("update") if record else None,
             package=record.get("package") if record else None,
             applied=record.get("applied") if record else None,
+            signer=record.get("signer") if record else None,
         )

@@ -58,10 +58,16 @@ for spec in $SHARES; do
     i=$((i+1))
 done
 hostname dynamos-lab
+# The guest's trust store: the lab key only, in the guest's own /run (never the host's /etc), so
+# packages built for the lab apply there and nowhere else unless a host trusts that key.
+if [ -n "$TRUST_KEYRING" ]; then
+    mkdir -p $R/run/dynamos-trusted && cp "$R$TRUST_KEYRING" $R/run/dynamos-trusted/lab.gpg \
+        || say "cannot install the lab key from $TRUST_KEYRING"
+fi
 say "agent starting"
 # Commands in the guest use the host's dynamos cache (shared at the same path), and root's usual
 # PATH: /bin alone (the initramfs' busybox) would hide modprobe, depmod, sysctl and the like.
-export HOME=/root DYNAMOS_CACHE PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root DYNAMOS_CACHE DYNAMOS_TRUST_STORE=/run/dynamos-trusted PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 chroot $R $AGENT_PYTHON -S -E $AGENT_PATH
 say "agent exited with status $?"
 poweroff -f

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dynamos.builder.signing import lab_signer
 from dynamos.errors import LabError
 from dynamos.lab.firmware import FIRMWARES, firmware_argv
 from dynamos.lab.initramfs import cached_initramfs, files_cpio
@@ -127,6 +128,7 @@ def lab_initramfs(target: TargetKernel, shares: list[tuple[str, bool]], root_cac
         f"ROOT_CACHE={shlex.quote(root_cache)}",
         f"DYNAMOS_CACHE={shlex.quote(str(cache_root()))}",
         f"MODULES_RELEASE={shlex.quote(target.release if target.modules_dir else '')}",
+        f"TRUST_KEYRING={shlex.quote(str(lab_signer(cache_root()).trusted_keyring))}",
     ]) + "\n"
     base = cached_initramfs(target, init.read_text(), cache_root() / "initramfs")
     return base.read_bytes() + files_cpio({"lab.conf": conf.encode()})

@@ -74,6 +74,26 @@ class CommandResult:
         }
 
 
+# QEMU 7.2's multi-threaded TCG (Debian 12's) now and then dies of SIGSEGV while a guest boots on
+# a loaded host (seen here once in a few hundred boots: host dmesg "qemu-system-x86[...]: segfault
+# at a0 ... in qemu-system-x86_64"); a race in QEMU fixed in later releases, not the guest's fault.
+# A boot that ends that way is tried once more, saying so; a crash after boot is reported as is.
+CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL})
+BOOT_CRASH_RETRIES = 1
+
+
+class QemuCrashed(LabError):
+    """QEMU itself died of a fault signal."""
+
+    def __init__(self, message: str, signum: int):
+        self.signum = signum
+        super().__init__(message)
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
 class GuestCrashed(LabError):
     """The guest kernel died (panic, crash) while a command ran; the console lines say why."""
 
@@ -166,21 +186,31 @@ class Lab:
         initrd.write_bytes(lab_initramfs(target, shares, config.root_cache))
         argv = qemu_argv(target, config, accel, state_dir, initrd, shares)
         (state_dir / "qemu.cmdline").write_text(shlex.join(argv) + "\n")
-        log = open(state_dir / "qemu.log", "wb")
         say(f"booting {target.release} ({accel.upper()}, {config.cpus} CPU, {config.memory_mb} MiB)")
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=detach)
-        log.close()
-        info = {"pid": proc.pid, "kernel": target.release, "accel": accel,
-                "shares": [p for p, w in shares if not w], "outputs": [p for p, w in shares if w],
-                "config": asdict(config), "started": time.time()}
-        lab = cls(state_dir, info)
-        lab._proc = proc
-        try:
-            uptime = lab._wait_ready(config.boot_timeout, proc)
-        except BaseException:
-            lab.kill()
-            raise
+        for attempt in range(1 + BOOT_CRASH_RETRIES):
+            log = open(state_dir / "qemu.log", "wb")
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=detach)
+            log.close()
+            info = {"pid": proc.pid, "kernel": target.release, "accel": accel,
+                    "shares": [p for p, w in shares if not w], "outputs": [p for p, w in shares if w],
+                    "config": asdict(config), "started": time.time()}
+            lab = cls(state_dir, info)
+            lab._proc = proc
+            try:
+                uptime = lab._wait_ready(config.boot_timeout, proc)
+                break
+            except QemuCrashed as e:
+                lab.kill()
+                if attempt == BOOT_CRASH_RETRIES:
+                    raise
+                info["boot_crashes"] = attempt + 1
+                say(f"QEMU crashed while booting ({e.signal_name}); booting again")
+                if lab.console_path.exists():  # kept for a look at what the guest had printed
+                    lab.console_path.replace(state_dir / f"console.crash{attempt + 1}.log")
+            except BaseException:
+                lab.kill()
+                raise
         info["boot_seconds"] = round(time.monotonic() - t0, 3)
         info["guest_uptime_at_ready"] = uptime
         lab._save()
@@ -192,7 +222,7 @@ class Lab:
         deadline = time.monotonic() + timeout
         while not self.socket_path.exists():
             if proc.poll() is not None:
-                raise LabError(self._boot_failure(f"QEMU exited with status {proc.returncode}"))
+                raise self._stopped(proc, f"QEMU exited with status {proc.returncode}")
             if time.monotonic() > deadline:
                 raise LabError(self._boot_failure("QEMU did not create its control socket"))
             time.sleep(0.01)
@@ -203,7 +233,7 @@ class Lab:
             while True:
                 now = time.monotonic()
                 if proc.poll() is not None:
-                    raise LabError(self._boot_failure(f"the guest stopped (QEMU status {proc.returncode})"))
+                    raise self._stopped(proc, f"the guest stopped (QEMU status {proc.returncode})")
                 if now > deadline:
                     raise LabError(self._boot_failure(f"the guest agent did not answer within {timeout:.0f} s"))
                 if now - last_ping > 1.0:
@@ -215,10 +245,17 @@ class Lab:
                     continue
                 except OSError:  # the guest went down: QEMU closed the channel
                     proc.wait(timeout=10)
-                    raise LabError(self._boot_failure(f"the guest stopped (QEMU status {proc.returncode})")) from None
+                    raise self._stopped(proc, f"the guest stopped (QEMU status {proc.returncode})") from None
                 for kind, payload in _frames(reader, data):
                     if kind == P.HELLO:
                         return _guest_data(P.decode_hello, payload)[1]
+
+    def _stopped(self, proc: subprocess.Popen, why: str) -> LabError:
+        """The error for a QEMU that ended during boot: QemuCrashed when a fault signal ended it."""
+        if proc.returncode is not None and -proc.returncode in CRASH_SIGNALS:
+            return QemuCrashed(self._boot_failure(f"QEMU crashed ({signal.Signals(-proc.returncode).name})"),
+                               -proc.returncode)
+        return LabError(self._boot_failure(why))
 
     def _boot_failure(self, why: str) -> str:
         console = self.console_text()

@@ -169,6 +169,12 @@ struct dynamos_function {
 	struct module *module;
 	struct dynamos_function *prior;
 	unsigned int prior_version;
+	/*
+	 * A lockdep class of this function's own for @lock: the global switch holds every
+	 * function's lock at once, which one shared class would report as recursive locking.
+	 * Empty without CONFIG_LOCKDEP; last, and never read by another runtime version.
+	 */
+	struct lock_class_key lock_key;
 };
 
 static __always_inline bool dynamos_rule_matches(struct dynamos_function *fn,

@@ -458,7 +458,11 @@ static int init_function(struct dynamos_function *fn, bool takeover)
 
 	if (fn->nr_editions < 1 || fn->nr_editions > DYNAMOS_MAX_EDITIONS)
 		return -EINVAL;
-	mutex_init(&fn->lock);
+	/*
+	 * The key is in the update module's static data: lockdep takes such keys as they are,
+	 * and the module loader forgets them when the module is freed (lockdep_free_key_range).
+	 */
+	__mutex_init(&fn->lock, fn->name, &fn->lock_key);
 	fn->retired = 0;
 	fn->stats = alloc_percpu(struct dynamos_cpu_stats);
 	route = kmalloc(sizeof(*route), GFP_KERNEL);

@@ -14,6 +14,8 @@ Schema (``update.toml``)::
     replace = true              # optional: atomic replace of earlier updates
     consistency = "global"      # optional: "per-task" (livepatch's, default) or "global"
     transfer = "convert_state"  # optional, global: void convert_state(bool to_new), all CPUs stopped
+    version = "1.2"             # optional: the update's own version, shown by status and info
+    cves = ["CVE-2024-1086"]    # optional: what it fixes, shown by status and info
 
     [[function]]                # one or more
     name = "cmdline_proc_show"  # required: kernel function to replace
@@ -140,6 +142,8 @@ class UpdateSource:
     transfer: str | None = None  # global: C hook converting shared data at that instant
     hooks: tuple[tuple[str, str], ...] = ()  # (livepatch callback, C function): state transfer hooks
     states: tuple[tuple[int, int], ...] = ()  # (id, version): system states this update sets up (klp_state)
+    version: str | None = None  # the update's own version
+    cves: tuple[str, ...] = ()  # the CVEs it fixes
 
     @property
     def toml_path(self) -> Path:

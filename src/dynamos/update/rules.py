@@ -103,6 +103,17 @@ def release_problem(kernel: str) -> str | None:
     return None
 
 
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+~:-]{0,63}$")
+CVE_RE = re.compile(r"^CVE-[0-9]{4}-[0-9]{4,7}$")
+
+
+def version_problem(version: str) -> str | None:
+    """Why a value is not an update version (Debian's version characters, at most 64), or None."""
+    if not _VERSION_RE.match(version):
+        return "is not a version (letters, digits and .+~:-, starting with a letter or digit, at most 64)"
+    return None
+
+
 class Checker:
     """Knows the file being validated and where its tables are written, so each check can say
     where it failed.

@@ -24,10 +24,19 @@ from dynamos.update.model import (
     SymbolSpec,
     UpdateSource,
 )
-from dynamos.update.rules import Checker, module_name_problem, name_problem, release_problem, symbol_problem, toml_type
+from dynamos.update.rules import (
+    CVE_RE,
+    Checker,
+    module_name_problem,
+    name_problem,
+    release_problem,
+    symbol_problem,
+    toml_type,
+    version_problem,
+)
 from dynamos.update.tomllines import NoLines, TomlLines, toml_error
 
-UPDATE_KEYS = ("name", "description", "kernel", "replace", "consistency", "transfer")
+UPDATE_KEYS = ("name", "description", "kernel", "replace", "consistency", "transfer", "version", "cves")
 FUNCTION_KEYS = ("name", "edition", "editions", "default", "policy", "monitor", "object", "sympos")
 SYMBOL_KEYS = ("name", "object", "sympos")
 KTHREAD_KEYS = ("function", "object", "stop", "start", "transfer")
@@ -94,6 +103,7 @@ def _validate(data: dict[str, Any], check: Checker, directory: Path, c_files: tu
     if consistency == "global":
         functions = tuple(_dispatched(f) for f in functions)
     symbols = _validate_symbols(data, check)
+    version, cves = _validate_fixes(data["update"], check)
 
     if not check.compiled:
         if not c_files and any(f.author_functions for f in functions):
@@ -120,7 +130,28 @@ def _validate(data: dict[str, Any], check: Checker, directory: Path, c_files: tu
         transfer=transfer,
         hooks=hooks,
         states=states,
+        version=version,
+        cves=cves,
     )
+
+
+def _validate_fixes(upd: dict[str, Any], check: Checker) -> tuple[str | None, tuple[str, ...]]:
+    """[update] version and cves: what the update is and what it fixes, for status and info."""
+    tpath = ("update",)
+    version = check.string(upd, "version", "[update]", tpath, 0, required=False)
+    problem = version_problem(version) if version is not None else None
+    if problem:
+        raise check.fail(f"[update] version {version!r} {problem}", check.lines.key(tpath, 0, "version"))
+    cves = upd.get("cves", [])
+    line = check.lines.key(tpath, 0, "cves")
+    if not isinstance(cves, list) or not all(isinstance(c, str) for c in cves):
+        raise check.fail(f"[update] cves must be a list of strings like \"CVE-2024-1086\", got {cves!r}", line)
+    bad = [c for c in cves if not CVE_RE.match(c)]
+    if bad:
+        raise check.fail(f"[update] cves: {bad[0]!r} is not a CVE id (CVE-YYYY-NNNN)", line)
+    if len(set(cves)) != len(cves):
+        raise check.fail("[update] cves: an id is listed twice", line)
+    return version, tuple(cves)
 
 
 def _validate_hook_definitions(functions: tuple[FunctionSpec, ...], transfer: str | None,

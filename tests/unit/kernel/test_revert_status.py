@@ -9,6 +9,7 @@ import pytest
 
 from dynamos.errors import DynamosError, RefusedError
 from dynamos.kernel import BlockedTransition
+from dynamos.update.package import read_package
 from tests.support.harness import KernelHarness, fn
 
 # -- revert ----------------------------------------------------------------------------------
@@ -91,7 +92,8 @@ def test_revert_stuck_is_restored_and_names_blockers(harness: KernelHarness) -> 
 
 def test_status_without_livepatches(harness: KernelHarness) -> None:
     h = harness
-    assert h.kernel.status().to_json() == {"kernel": "6.1.0-56-amd64", "livepatch": True, "updates": []}
+    assert h.kernel.status().to_json() == {"kernel": "6.1.0-56-amd64", "effective_kernel": "6.1.0-56-amd64",
+                                           "cves": [], "livepatch": True, "updates": []}
     shutil.rmtree(h.sim.root / "sys/kernel/livepatch")
     assert h.kernel.status().to_json()["livepatch"] is False
 
@@ -103,8 +105,12 @@ def test_status_shape_of_a_dynamos_update(harness: KernelHarness) -> None:
     (update,) = data["updates"]
     applied = update.pop("applied")
     assert applied.endswith("+00:00")
+    assert update.pop("signer") == {"name": "unsigned (allowed by --allow-unsigned)", "fingerprint": ""}
+    assert update.pop("module_sha256") == read_package(h.packages / "fix-x.dynpkg").module_sha256
     assert data == {
         "kernel": "6.1.0-56-amd64",
+        "effective_kernel": "6.1.0-56-amd64+fix-x",
+        "cves": [],
         "livepatch": True,
         "updates": [{
             "name": "fix_x",
@@ -121,6 +127,7 @@ def test_status_shape_of_a_dynamos_update(harness: KernelHarness) -> None:
             "tasks_pending": [],
             "update": "fix-x",
             "package": str(h.packages / "fix-x.dynpkg"),
+            "description": "fix-x (simulated)",
         }],
     }
 
@@ -168,3 +175,19 @@ def test_status_after_replace_keeps_replace_flag(harness: KernelHarness) -> None
     h.apply("new", "do_sys_open", replace=True)
     updates = h.kernel.status().to_json()["updates"]
     assert [(u["name"], u.get("replace")) for u in updates] == [("new", True)]
+
+
+def test_effective_kernel_counts_only_updates_whose_code_runs(harness: KernelHarness) -> None:
+    h = harness
+    h.kernel.apply(h.add("fix-x", version="1.2", cves=("CVE-2024-1086", "CVE-2023-0001")))
+    h.kernel.apply(h.add("fix-y", "vfs_read"))
+    status = h.kernel.status()
+    assert status.effective_kernel == "6.1.0-56-amd64+fix-x=1.2+fix-y"
+    assert status.fixes == ["CVE-2023-0001", "CVE-2024-1086"]
+    update = status.to_json()["updates"][0]
+    assert (update["version"], update["cves"]) == ("1.2", ["CVE-2024-1086", "CVE-2023-0001"])
+    h.kernel.apply(h.add("fix-z", "do_sys_open", cves=("CVE-2022-2222",)))
+    h.sim.patches["fix_z"].transition = True  # as while being reverted: its code is not (all) running
+    h.sim.render()
+    status = h.kernel.status()
+    assert "fix-z" not in status.effective_kernel and "CVE-2022-2222" not in status.fixes

@@ -161,3 +161,28 @@ def test_unknown_release_fails_clearly(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("DYNAMOS_CACHE", str(tmp_path))
     with pytest.raises(TargetError, match="cannot download kernel 6.1.0-999-amd64"):
         fetch_target("6.1.0-999-amd64")
+
+
+def test_a_qemu_that_crashes_while_booting_is_booted_once_more(tmp_path: Path, target, monkeypatch):
+    """QEMU 7.2's multi-threaded TCG sometimes dies of SIGSEGV during a boot: the lab boots again
+    once and says so; a second crash, or any other failure, is the error it is."""
+    from dynamos.lab import vm
+    from dynamos.lab.machine import LabConfig
+
+    marker = tmp_path / "crashed-once"
+    fake = tmp_path / "qemu.sh"
+    fake.write_text(f"#!/bin/sh\nif [ ! -e {marker} ]; then touch {marker}; kill -SEGV $$; fi\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(vm, "qemu_argv", lambda *a, **k: [str(fake)])
+    monkeypatch.setattr(vm, "lab_initramfs", lambda *a, **k: b"")
+    monkeypatch.setattr(vm, "ensure_module_index", lambda *a, **k: None)
+    said: list[str] = []
+    with pytest.raises(vm.LabError) as info:
+        vm.Lab.boot(LabConfig(kernel=target.release, accel="tcg", boot_timeout=10), tmp_path / "lab",
+                    progress=said.append)
+    assert not isinstance(info.value, vm.QemuCrashed) and "QEMU exited with status 3" in str(info.value)
+    assert any("QEMU crashed while booting (SIGSEGV); booting again" in s for s in said)
+    marker.unlink()
+    monkeypatch.setattr(vm, "BOOT_CRASH_RETRIES", 0)
+    with pytest.raises(vm.QemuCrashed, match="QEMU crashed \\(SIGSEGV\\)"):
+        vm.Lab.boot(LabConfig(kernel=target.release, accel="tcg", boot_timeout=10), tmp_path / "lab2")

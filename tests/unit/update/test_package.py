@@ -284,7 +284,7 @@ def test_extra_member_is_refused(tmp_path: Path) -> None:
     rewrite(path, members_of(path) + [("payload.sh", b"rm -rf /\n")])
     assert read_error(path).message == (
         "not a valid update package: unexpected member(s) 'payload.sh' "
-        "(expected exactly manifest.json, module.ko, build.log)"
+        "(expected manifest.json, module.ko, build.log, and manifest.sig when signed)"
     )
 
 
@@ -293,7 +293,7 @@ def test_missing_member_is_refused(tmp_path: Path) -> None:
     rewrite(path, [(n, d) for n, d in members_of(path) if n != "build.log"])
     assert read_error(path).message == (
         "not a valid update package: missing member(s) build.log "
-        "(expected exactly manifest.json, module.ko, build.log)"
+        "(expected manifest.json, module.ko, build.log, and manifest.sig when signed)"
     )
 
 

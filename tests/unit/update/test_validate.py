@@ -359,7 +359,7 @@ def test_unknown_key_in_update_names_it_and_suggests(tmp_path: Path) -> None:
 def test_unknown_key_without_close_match_lists_allowed(tmp_path: Path) -> None:
     err = load_error(tmp_path, MINIMAL.replace("\n\n", '\nauthor = "me"\n\n', 1))
     assert err.message == ("[update]: unknown key 'author' (allowed keys: name, description, kernel, replace, "
-                           "consistency, transfer)")
+                           "consistency, transfer, version, cves)")
     assert err.line == 4
 
 
