@@ -23,7 +23,8 @@ What the kernel does (6.1.0-56-amd64; kernel/module/signing.c):
   "integrity: Loaded X.509 cert '<description>'" after "integrity: Loading X.509 certificate: UEFI:db".
 - lockdown=integrity: /sys/kernel/security/lockdown reads "none [integrity] confidentiality";
   debugfs stays mounted but its files refuse reads and writes (EPERM, "Lockdown: <comm>: debugfs
-  access is restricted"), /dev/mem is refused; tracefs, ftrace, kallsyms and the lab agent work.
+  access is restricted"), /dev/mem is refused; tracefs, ftrace, kallsyms and the lab agent work,
+  and ``dynamos apply`` of a package whose module key is in db applies and reverts.
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ from pathlib import Path
 import pytest
 
 from dynamos.builder.modsign import sign_module
+from dynamos.builder.signing import configured_signer
 from dynamos.lab import Lab
 from dynamos.lab.vm import labs_dir
+from dynamos.target import cache_root
 from dynamos.update.modsig import read_module_signature, trailer
 
-from .conftest import Guest, lab_config
+from .conftest import EXAMPLES, Guest, lab_config
 
 pytestmark = pytest.mark.lab
 
@@ -166,10 +169,10 @@ def module_files(target, workdir, keys) -> dict[str, str]:
     return files
 
 
-def boot_uefi(target, workdir, name: str, cert: Path, append: str) -> tuple[Lab, float]:
+def boot_uefi(target, workdir, name: str, certs: list[Path], append: str) -> tuple[Lab, float]:
     state_dir = labs_dir() / f"pytest-{name}-{Path(workdir).name}"
     t0 = time.monotonic()
-    lab = Lab.boot(lab_config(target, workdir, firmware="uefi", db_certs=[str(cert)], append=append,
+    lab = Lab.boot(lab_config(target, workdir, firmware="uefi", db_certs=[str(c) for c in certs], append=append,
                               boot_timeout=180),
                    state_dir=state_dir, progress=lambda m: print(f"lab {name}: {m}", file=sys.stderr))
     return lab, time.monotonic() - t0
@@ -194,7 +197,7 @@ def platform_key_line(guest: Guest, cert: Path) -> str:
 
 
 def test_sig_enforce_trusts_only_the_db_key(target, workdir, keys, module_files):
-    lab, boot_s = boot_uefi(target, workdir, "sig-enforce", keys["trusted"][1], "module.sig_enforce=1")
+    lab, boot_s = boot_uefi(target, workdir, "sig-enforce", [keys["trusted"][1]], "module.sig_enforce=1")
     try:
         guest = Guest(lab)
         print(f"UEFI lab up in {boot_s:.1f} s; {platform_key_line(guest, keys['trusted'][1])}", file=sys.stderr)
@@ -216,8 +219,11 @@ def test_sig_enforce_trusts_only_the_db_key(target, workdir, keys, module_files)
         lab.discard()
 
 
-def test_lockdown_integrity_trusts_only_the_db_key(target, workdir, keys, module_files):
-    lab, boot_s = boot_uefi(target, workdir, "lockdown", keys["trusted"][1], "lockdown=integrity")
+def test_lockdown_integrity_trusts_only_the_db_key(target, workdir, keys, module_files, build):
+    pkg = build(EXAMPLES / "cmdline-banner")  # its module signed by the configured signer (the lab key)
+    signer = configured_signer(None, cache_root())
+    lab, boot_s = boot_uefi(target, workdir, "lockdown", [keys["trusted"][1], signer.module_cert],
+                            "lockdown=integrity")
     try:
         guest = Guest(lab)
         print(f"UEFI lab up in {boot_s:.1f} s", file=sys.stderr)
@@ -243,8 +249,12 @@ def test_lockdown_integrity_trusts_only_the_db_key(target, workdir, keys, module
         assert "Operation not permitted" in out and "status=1" in out and "tracer=ok" in out, out
         assert re.search(r"^ffffffff[0-9a-f]{8} T do_sys_open$", out, re.M), out
         assert "Lockdown: cat: debugfs access is restricted; see man kernel_lockdown.7" in out, out
-        status = json.loads(guest.dynamos("status", "--json").stdout)
-        assert status.get("updates", []) == [], status
+        # dynamos itself: apply finds the signer's key id in /proc/keys and the kernel takes the module.
+        original = guest.read("/proc/cmdline")
+        guest.dynamos("apply", str(pkg))
+        assert guest.read("/proc/cmdline").startswith("[live-updated by dynamos]")
+        guest.dynamos("revert", "cmdline-banner")
+        assert guest.livepatches() == [] and guest.read("/proc/cmdline") == original
         assert MODULE not in guest.modules()
     finally:
         lab.kill()
