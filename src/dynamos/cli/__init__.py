@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 from dynamos import __version__
 from dynamos.cli.args import add_wait_option, cpus_arg, name_arg, pids_arg, seconds_arg, share_arg
@@ -22,6 +23,7 @@ from dynamos.cli.commands import (
     cmd_status,
     cmd_switch,
 )
+from dynamos.cli.docs import bash_completion, finish, man_page
 from dynamos.cli.lab import (
     LAB_NAME,
     add_lab_options,
@@ -192,7 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_lab_options(p)
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_lab_shell)
-    return parser
+
+    p = sub.add_parser("docs", help="print the man page or the bash completion script, made from this parser")
+    p.add_argument("what", choices=["man", "bash-completion"])
+    p.set_defaults(func=cmd_docs)
+    return finish(parser)
+
+
+def cmd_docs(args: argparse.Namespace) -> int:
+    parser = build_parser()
+    sys.stdout.write(man_page(parser) if args.what == "man" else bash_completion(parser))
+    return 0
 
 
 def _fail(message: str, status: int, as_json: bool, refusals: list[dict[str, str]] | None = None) -> int:
@@ -212,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except DynamosError as e:
+        if "-v" in words or "--verbose" in words:  # the causes behind the message, for a bug report
+            traceback.print_exception(e, file=sys.stderr)
         return _fail(f"error: {e}", e.exit_status, as_json, e.refusals())
     except KeyboardInterrupt:
         return _fail("interrupted", 130, as_json)

@@ -18,7 +18,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from dynamos.builder.kbuild import build_update
     from dynamos.target import resolve_target
 
-    progress = ProgressPrinter(args.json)
+    progress = ProgressPrinter(args.json or args.quiet)
     if bool(args.patch) == bool(args.source):
         raise UsageError("build: give an update source directory, or --patch FILE (not both)")
     target = resolve_target(args.kernel, progress)
@@ -132,7 +132,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
         print("dynamos: warning: --force: if the transition is still blocked at the timeout, the blocking "
               "tasks are switched without the safety check and may keep running the old code; the modules "
               "of updates it replaces can then never be unloaded", file=sys.stderr)
-    return _present(kernel.apply(Path(args.package), timeout=args.timeout, progress=ProgressPrinter(args.json),
+    progress = ProgressPrinter(args.json or args.quiet)
+    return _present(kernel.apply(Path(args.package), timeout=args.timeout, progress=progress,
                                  force=args.force, wait=args.wait, trust=trust), args.json)
 
 
@@ -162,7 +163,7 @@ def cmd_blockers(args: argparse.Namespace) -> int:
 def cmd_revert(args: argparse.Namespace) -> int:
     from dynamos import kernel
 
-    return _present(kernel.revert(args.name, timeout=args.timeout, progress=ProgressPrinter(args.json),
+    return _present(kernel.revert(args.name, timeout=args.timeout, progress=ProgressPrinter(args.json or args.quiet),
                                   wait=args.wait), args.json)
 
 
@@ -277,7 +278,7 @@ def cmd_retire(args: argparse.Namespace) -> int:
 
     try:
         result = retire(args.update, args.function, args.edition, timeout=args.timeout,
-                        progress=ProgressPrinter(args.json), wait=args.wait)
+                        progress=ProgressPrinter(args.json or args.quiet), wait=args.wait)
     except RetireTimeout as e:
         if args.json:
             print_json(e.result.to_json())
@@ -337,7 +338,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from dynamos import kernel
     from dynamos.target import resolve_target
 
-    progress = ProgressPrinter(args.json)
+    progress = ProgressPrinter(args.json or args.quiet)
     target = resolve_target(args.kernel, progress)
     output = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="dynamos-monitor-"))
     built = build_monitor(args.functions, target, output, name=args.name, progress=progress)
@@ -357,7 +358,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from dynamos.demo import run_demo
 
-    report = run_demo(kernel=args.kernel, progress=ProgressPrinter(args.json), say=None if args.json else print)
+    progress = ProgressPrinter(args.json or args.quiet)
+    report = run_demo(kernel=args.kernel, progress=progress, say=None if args.json else print)
     if args.json:
         print_json(report.to_json())
     return 0 if report.ok else 1

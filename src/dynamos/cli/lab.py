@@ -28,7 +28,7 @@ def _lab_config(args: argparse.Namespace):
 def cmd_lab_start(args: argparse.Namespace) -> int:
     from dynamos.lab import start_lab
 
-    progress = ProgressPrinter(args.json)
+    progress = ProgressPrinter(args.json or args.quiet)
     lab = start_lab(args.name, _lab_config(args), progress)
     info = {"name": args.name, "kernel": lab.kernel, "accel": lab.info["accel"], "pid": lab.pid,
             "boot_seconds": lab.info["boot_seconds"], "state_dir": str(lab.state_dir)}
