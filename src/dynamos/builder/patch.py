@@ -437,7 +437,8 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes],
     diff = diff_objects(before, after)
     statics = resolve_static_locals(rel, before, after, fidelity.data_addresses, symtab, obj)
     for name, how in statics.how.items():
-        say(f"{rel}: static {name} is the kernel's {how}")
+        if statics.found[name].name != name:  # renumbered by one compile or the other
+            say(f"{rel}: static {name} is the kernel's {how}")
     return UnitReport(rel, diff, times, resolved, obj, fidelity.summary(), sorted(patched), statics)
 
 
