@@ -1,0 +1,84 @@
+"""Static locals and compiler-named data through real patches, in the lab kernel.
+
+A static variable of a function that gcc inlined into its callers keeps the running kernel's
+value across the update (the update's code uses the kernel's copy, found by address whatever
+gcc's number), and ``__func__`` in a changed module function is the update's own constant.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tests.lab.test_patches import applied, patch_package, tree  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.lab
+
+# security/commoncap.c: warn_setuid_and_fcaps_mixed() is inlined into the bprm hook; its
+# `static int warned` (warned.N in kallsyms, one of many) becomes a counter the patch prints.
+WARNED_BEFORE = """\tstatic int warned;
+\tif (!warned) {
+\t\tprintk(KERN_INFO "warning: `%s' has both setuid-root and"
+\t\t\t" effective capabilities. Therefore not raising all"
+\t\t\t" capabilities.\\n", fname);
+\t\twarned = 1;
+\t}"""
+WARNED_AFTER = """\tstatic int warned;
+\tif (warned < 5) {
+\t\tprintk(KERN_INFO "dynamos-warned %d: `%s'\\n", warned, fname);
+\t\twarned++;
+\t}"""
+
+# Exec a setuid-root file with file capabilities as an unprivileged user: the mix the warning is about.
+TRIGGER = r"""
+import os, shutil, struct
+path = "/tmp/suidcap"
+if not os.path.exists(path):
+    shutil.copy("/bin/true", path)
+    os.chown(path, 0, 0)
+    os.chmod(path, 0o4755)
+    # VFS_CAP_REVISION_2 | effective; permitted: CAP_NET_RAW
+    os.setxattr(path, "security.capability", struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0))
+pid = os.fork()
+if pid == 0:
+    os.setgid(65534)
+    os.setuid(65534)
+    os.execv(path, [path])
+os.waitpid(pid, 0)
+"""
+
+
+def trigger(guest) -> None:
+    guest.run(sys.executable, "-c", TRIGGER)
+
+
+def test_a_static_local_of_an_inlined_function_keeps_its_state(guest, patch_package):  # noqa: F811
+    pkg = patch_package("fcaps-warned", {"security/commoncap.c": [(WARNED_BEFORE, WARNED_AFTER)]})
+    guest.sh("dmesg -c > /dev/null")
+    trigger(guest)  # the kernel's own code: warns once per boot and sets warned = 1
+    trigger(guest)
+    with applied(guest, pkg):
+        trigger(guest)
+        trigger(guest)
+        lines = [line for line in guest.sh("dmesg").splitlines() if "dynamos-warned" in line]
+        # The counter continues from the running kernel's 1, not from a copy's 0.
+        assert [line.split("dynamos-warned ")[1].split(":")[0] for line in lines] == ["1", "2"], lines
+
+
+def test_func_in_a_changed_module_function(guest, patch_package, target):  # noqa: F811
+    # loop.c has several __func__; the changed function prints its own name through __func__.
+    pkg = patch_package("loop-func", {"drivers/block/loop.c": [
+        ("\tif (rc)\n\t\tpr_warn(\"%s: partition scan of loop%d (%s) failed (rc=%d)\\n\",",
+         "\tpr_warn(\"dynamos %s: partition scan of loop%d (%s) gave rc=%d\\n\",")]})
+    guest.run("modprobe", "loop")
+    try:
+        with applied(guest, pkg) as r:
+            assert {f["object"] for f in r["functions"]} == {"loop"}, r["functions"]
+            guest.sh("dmesg -c > /dev/null; dd if=/dev/zero of=/tmp/loopimg bs=1k count=256 2>/dev/null; "
+                     "losetup -P /dev/loop0 /tmp/loopimg; losetup -d /dev/loop0")
+            lines = [line for line in guest.sh("dmesg").splitlines() if "dynamos " in line]
+            assert lines and all("dynamos loop_reread_partitions: partition scan of loop0" in line
+                                 for line in lines), lines
+    finally:
+        guest.run("modprobe", "-r", "loop", check=False)
