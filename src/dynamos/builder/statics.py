@@ -12,8 +12,9 @@ of one object often have a ``__func__.10``. A name is therefore never trusted ac
   repeats: objdiff's data keys); the original's to the kernel's copy by address, which the
   fidelity check learnt from the matched functions that use it (their linked fields point at it);
   the address gives the kernel's symbol, whatever its number, and its sympos. Failing that, a base
-  name that only one local symbol of the object carries. Otherwise the build is refused, naming
-  the variable and the functions using it.
+  name that only one local symbol of the object carries, or only one lying between the file's
+  other variables of the same section. Otherwise the build is refused, naming the variable and
+  the functions using it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from dynamos.builder.elf import (
     RelocatableElf,
 )
 from dynamos.builder.klp import KlpSymbol
-from dynamos.builder.objdiff import ObjectInfo
+from dynamos.builder.objdiff import DataItem, ObjectInfo
 from dynamos.errors import BuildError
 from dynamos.target.symtab import Sym, SymbolTable
 
@@ -117,9 +118,14 @@ def resolve_static_locals(path: str, original: ObjectInfo, patched: ObjectInfo, 
             out.how[item.symbol] = f"{sym.name} at {addr:#x} (the address the matched code uses)"
             continue
         same = index.locals_named(base_name(before.symbol))
+        between = _between_neighbours(before, original, addresses, same)
         if len(same) == 1:
             out.found[item.symbol] = index.klp(same[0])
             out.how[item.symbol] = f"{same[0].name} (the only local {base_name(before.symbol)} of {obj})"
+        elif between is not None:
+            out.found[item.symbol] = index.klp(between)
+            out.how[item.symbol] = (f"{between.name} at {between.addr:#x} (between the file's other "
+                                    f"{between_kind(before)} variables)")
         elif not same:
             out.refused[item.symbol] = (f"{what}: {obj} has no such variable (optimised away in the running "
                                         f"kernel?), and the changed code must use the kernel's copy")
@@ -128,6 +134,27 @@ def resolve_static_locals(path: str, original: ObjectInfo, patched: ObjectInfo, 
                                         f"{base_name(before.symbol)} and no matched function of the file tells "
                                         f"which is this file's")
     return out
+
+
+def between_kind(item: DataItem) -> str:
+    """The section an object lands in when the kernel compiles the file whole: ``.bss.count.1``
+    (this compile's ``-fdata-sections``) is ``.bss``; ``.data.once`` stays itself."""
+    suffix = "." + item.symbol
+    return item.section[:-len(suffix)] if item.section.endswith(suffix) else item.section
+
+
+def _between_neighbours(before: DataItem, original: ObjectInfo, addresses: dict[str, int],
+                        candidates: list[Sym]) -> Sym | None:
+    """The one candidate lying between the file's other variables of the same section whose
+    addresses are known: the linker keeps one file's section in one piece, so nothing of another
+    file can be there."""
+    kind = between_kind(before)
+    known = [addresses[o.symbol] for o in original.data.values()
+             if o.symbol in addresses and o.symbol != before.symbol and between_kind(o) == kind]
+    if len(known) < 2:
+        return None
+    inside = [c for c in candidates if min(known) < c.addr < max(known)]
+    return inside[0] if len(inside) == 1 else None
 
 
 class _BaseIndex:

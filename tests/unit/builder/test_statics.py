@@ -97,6 +97,31 @@ def test_a_unique_base_name_is_found_without_an_address(objects, kernel) -> None
     assert statics.lookup(named(objects["patched"], "count")) == KlpSymbol("count.23", "vmlinux", 0)
 
 
+# The file's own variables around messages place it without an address of its own.
+BRACKETED = COMMON.replace("static inline", "static int first_state = 5;\nstatic inline") \
+    .replace("static int __attribute__((noinline)) counter", "static int last_state = 6;\n"
+             "static int __attribute__((noinline)) counter") + """
+int user1(int x) { printk("%s %d\\n", __func__, bump()); first_state += x; last_state -= x; return counter(x) + 1; }
+"""
+
+
+def test_a_variable_between_the_files_others_is_the_files(objects, tmp_path: Path) -> None:
+    whole = compile_unit(tmp_path / "w", "unit", BRACKETED, sections=False)
+    original = compile_unit(tmp_path / "a", "unit", BRACKETED)
+    patched = compile_unit(tmp_path / "p", "unit", BRACKETED.replace("+ 1; }", "+ 2; }"))
+    text, symtab = link([objects["other"], whole])
+    report = check(original, (text, symtab))
+    messages = named(original, "messages")
+    addresses = {n: a for n, a in report.data_addresses.items() if n != messages}
+    assert symtab.lookup(messages)  # gcc numbered both files' alike here; the address still decides
+    statics = resolve_static_locals("unit.c", read_object(original), read_object(patched), addresses, symtab)
+    assert len([s for s in symtab.symbols if base_name(s.name) == "messages"]) == 2  # other.c has one too
+    kernel = next(s for s in symtab.symbols if s.addr == report.data_addresses[messages])
+    found = statics.lookup(named(patched, "messages"))
+    assert found is not None and (found.name, found.object) == (kernel.name, "vmlinux")
+    assert "between the file's other .data variables" in statics.how[named(patched, "messages")]
+
+
 def test_an_ambiguous_variable_is_refused_naming_it_and_its_users(objects, kernel) -> None:
     statics = resolve_static_locals("unit.c", read_object(objects["original"]), read_object(objects["patched"]),
                                     {}, kernel[1])
