@@ -90,6 +90,18 @@ def test_variables_with_state_are_the_kernels_copies_whatever_their_numbers(obje
     assert not any(base_name(n) in ("__func__", "CSWTCH") for n in statics.found)
 
 
+def test_a_kernel_symbol_named_like_this_compiles_local_is_not_trusted(objects, kernel) -> None:
+    """The other file's count is called what this compile calls its own: a unique name, yet not
+    this file's variable. The fidelity check places it only from what matched."""
+    text, symtab = kernel
+    ours, theirs = named(objects["original"], "count"), named(objects["other"], "count")
+    table = SymbolTable(s._replace(name=ours) if s.name == theirs else s for s in symtab.symbols)
+    assert len(table.lookup(ours)) == 1
+    report = check(objects["original"], (text, table))
+    assert report.ok, "\n".join(f.describe() for f in report.mismatches)
+    assert report.data_addresses[ours] == table.lookup("count.23")[0].addr != table.lookup(ours)[0].addr
+
+
 def test_a_unique_base_name_is_found_without_an_address(objects, kernel) -> None:
     symtab = SymbolTable(s for s in kernel[1].symbols if s.name != named(objects["other"], "count"))
     statics = resolve_static_locals("unit.c", read_object(objects["original"]), read_object(objects["patched"]),
