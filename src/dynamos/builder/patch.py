@@ -90,6 +90,10 @@ class PatchBuild:
                 lines.append(f"  new       {c.name}: {c.reason}")
             for c in unit.diff.new_data:
                 lines.append(f"  new data  {c.name}: {c.reason}")
+            kept = {c.name for c in unit.diff.changed} | {c.name for c in unit.diff.new}
+            for name, sym in unit.statics.found.items():
+                if sym.name != name and unit.statics.users.get(name, set()) & kept:
+                    lines.append(f"  static    {name} is the kernel's {unit.statics.how[name]}")
             for r in unit.diff.refused:
                 lines.append(f"  REFUSED   {r.name}: {r.reason}")
             if unit.diff.unchanged:

@@ -81,6 +81,7 @@ class StaticLocals:
     found: dict[str, KlpSymbol] = field(default_factory=dict)  # patched ELF name -> kernel symbol
     refused: dict[str, str] = field(default_factory=dict)  # patched ELF name -> why it cannot be found
     how: dict[str, str] = field(default_factory=dict)  # patched ELF name -> how it was found (for the log)
+    users: dict[str, set[str]] = field(default_factory=dict)  # patched ELF name -> functions using it
 
     def lookup(self, name: str) -> KlpSymbol | None:
         """The kernel's copy of a file-local variable, None if this is not one; refused ones raise."""
@@ -96,8 +97,8 @@ def resolve_static_locals(path: str, original: ObjectInfo, patched: ObjectInfo, 
     ``addresses`` are the original object's data addresses the fidelity check learnt (vmlinux,
     or the module image that ``symtab`` describes); ``obj`` names the object for livepatch.
     """
-    out = StaticLocals()
     users = data_users(patched)
+    out = StaticLocals(users=users)
     index = _BaseIndex(symtab, obj)
     for key, item in patched.data.items():
         if item.binding != "local" or (not item.writable and COMPILER_CONSTANT.match(item.symbol)):
