@@ -7,6 +7,7 @@ gcc's number), and ``__func__`` in a changed module function is the update's own
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -20,16 +21,31 @@ PATCHES = Path(__file__).resolve().parent / "patches"
 
 # security/commoncap.c: warn_setuid_and_fcaps_mixed() is inlined into the bprm hook; its
 # `static int warned` (warned.N in kallsyms, one of many) becomes a counter the patch prints.
-WARNED_BEFORE = """\tstatic int warned;
+WARNED_BEFORE = """static void warn_setuid_and_fcaps_mixed(const char *fname)
+{
+\tstatic int warned;
 \tif (!warned) {
 \t\tprintk(KERN_INFO "warning: `%s' has both setuid-root and"
 \t\t\t" effective capabilities. Therefore not raising all"
 \t\t\t" capabilities.\\n", fname);
 \t\twarned = 1;
 \t}"""
-WARNED_AFTER = """\tstatic int warned;
+# A new helper with a static of its own comes first: gcc numbers warned otherwise than the kernel
+# did (warned.3, which is another file's variable in the running kernel).
+WARNED_AFTER = """static noinline unsigned int dynamos_count_call(void)
+{
+\tstatic unsigned int calls;
+
+\treturn ++calls;
+}
+
+static void warn_setuid_and_fcaps_mixed(const char *fname)
+{
+\tstatic int warned;
+\tunsigned int call = dynamos_count_call();
+
 \tif (warned < 5) {
-\t\tprintk(KERN_INFO "dynamos-warned %d: `%s'\\n", warned, fname);
+\t\tprintk(KERN_INFO "dynamos-warned %d: `%s' (call %u of the update)\\n", warned, fname, call);
 \t\twarned++;
 \t}"""
 
@@ -65,8 +81,11 @@ def test_a_static_local_of_an_inlined_function_keeps_its_state(guest, patch_pack
         trigger(guest)
         trigger(guest)
         lines = [line for line in guest.sh("dmesg").splitlines() if "dynamos-warned" in line]
-        # The counter continues from the running kernel's 1, not from a copy's 0.
-        assert [line.split("dynamos-warned ")[1].split(":")[0] for line in lines] == ["1", "2"], lines
+        seen = [re.search(r"dynamos-warned (\d+): .* \(call (\d+) of the update\)", line) for line in lines]
+        # warned continues from the running kernel's 1 (not a copy's 0, nor another file's
+        # warned.3); calls, new with the update, starts from the update's own 0.
+        got = [m.groups() if m else line for m, line in zip(seen, lines, strict=True)]
+        assert got == [("1", "1"), ("2", "2")], lines
 
 
 def test_func_in_a_changed_module_function(guest, patch_package, target):  # noqa: F811
