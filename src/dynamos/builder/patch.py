@@ -28,7 +28,7 @@ from dynamos.builder.fidelity import check_fidelity
 from dynamos.builder.kbuild import BUILD_LOG, build_lock, link_module, write_package_of
 from dynamos.builder.klp import KlpSymbol, exported_symbols
 from dynamos.builder.linemap import stabilise_lines
-from dynamos.builder.objdiff import DiffResult, diff_objects, read_object
+from dynamos.builder.objdiff import DiffResult, align_statics, diff_objects, read_object
 from dynamos.builder.statics import StaticLocals, resolve_static_locals
 from dynamos.builder.units import compile_original, compile_unit
 from dynamos.errors import BuildError, UpdateSourceError
@@ -437,7 +437,8 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes],
     say(f"compiling {rel} (patched)")
     new = compile_unit(source, unit, work / "objects" / _obj_name(rel, "patched"), sources=stable)
     times["patched"] = round(time.monotonic() - t, 3)
-    before, after = read_object(orig.object_path), read_object(new.object_path)
+    before = read_object(orig.object_path)
+    after = align_statics(before, read_object(new.object_path))
     diff = diff_objects(before, after)
     statics = resolve_static_locals(rel, before, after, fidelity.data_addresses, symtab, obj)
     for name, how in statics.how.items():

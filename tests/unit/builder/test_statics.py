@@ -16,7 +16,7 @@ from elftools.elf.elffile import ELFFile
 from dynamos.builder.elf import RelocatableElf
 from dynamos.builder.extract import extract_functions
 from dynamos.builder.klp import KlpSymbol
-from dynamos.builder.objdiff import read_object
+from dynamos.builder.objdiff import align_statics, diff_objects, read_object
 from dynamos.builder.statics import StaticLocals, base_name, carried_constant_sections, resolve_static_locals
 from dynamos.errors import BuildError
 from dynamos.target.modimage import module_image
@@ -184,3 +184,33 @@ def test_compiler_constants_travel_with_the_changed_function(objects) -> None:
     symbols = ELFFile(io.BytesIO(e.object)).get_section_by_name(".symtab")
     defined = {s.name for s in symbols.iter_symbols() if s["st_shndx"] != "SHN_UNDEF"}
     assert any(n.startswith("__func__.") for n in defined) and any(n.startswith("CSWTCH.") for n in defined)
+
+
+SECOND = """
+static int __attribute__((noinline)) counter(int x) { static int count = 3; count += x; return count; }
+int user1(int x) { return counter(x) + 1; }
+"""
+# The fix adds a second `static int count` in a new function: the first one's key turns from
+# `count` into `counter/count`, yet it is the same variable with the kernel's state.
+SECOND_PATCHED = SECOND.replace(
+    "int user1", "int __attribute__((noinline)) fresh(int x) { static int count = 9; return count += x; }\nint user1"
+).replace("counter(x) + 1", "counter(x) + fresh(x)")
+
+
+@pytest.mark.parametrize("direction", ["added", "removed"])
+def test_a_static_whose_key_changed_is_not_new_data(tmp_path: Path, direction: str) -> None:
+    before, after = (SECOND, SECOND_PATCHED) if direction == "added" else (SECOND_PATCHED, SECOND)
+    original = read_object(compile_unit(tmp_path / "a", "u", before))
+    patched = read_object(compile_unit(tmp_path / "p", "u", after))
+    assert ("count" in original.data) != ("count" in patched.data)  # the keys differ
+    diff = diff_objects(original, patched)
+    assert [c.name for c in diff.changed] == ["user1"]  # counter itself did not change
+    fresh = [patched.data["fresh/count"].symbol] if direction == "added" else []
+    assert [c.name for c in diff.new_data] == fresh  # only the new function's count is new
+    if direction == "added":
+        aligned = align_statics(original, patched)
+        kernel_count = original.data["count"].symbol
+        symtab = SymbolTable.parse(f"ffffffff82000000 d {kernel_count}\n")
+        statics = resolve_static_locals("u.c", original, aligned, {}, symtab)
+        counter_count = next(i.symbol for i in aligned.data.values() if statics.users.get(i.symbol) == {"counter"})
+        assert statics.lookup(counter_count) == KlpSymbol(kernel_count, "vmlinux", 0)
