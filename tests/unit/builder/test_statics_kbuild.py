@@ -10,13 +10,17 @@ from dynamos.builder.patch import build_from_patch
 from dynamos.target.source import prepare_source
 
 
-def build(target, tmp_path: Path, rel: str, old: str, new: str, name: str):
+def build(target, tmp_path: Path, rel: str, old: str, new: str, name: str, before: str = "", helper: str = ""):
+    """Build ``rel`` with ``old`` replaced by ``new`` (and ``helper`` inserted ahead of ``before``)."""
     tree = prepare_source(target).tree
-    before = (tree / rel).read_text()
-    assert old in before
+    text = (tree / rel).read_text()
+    assert old in text and before in text
+    after = text.replace(old, new, 1)
+    if helper:
+        after = after.replace(before, helper + before, 1)
     patch = tmp_path / f"{name}.patch"
-    patch.write_text("".join(difflib.unified_diff(before.splitlines(True), before.replace(old, new, 1)
-                                                  .splitlines(True), f"a/{rel}", f"b/{rel}")))
+    patch.write_text("".join(difflib.unified_diff(text.splitlines(True), after.splitlines(True),
+                                                  f"a/{rel}", f"b/{rel}")))
     return build_from_patch(patch, target, name=name)
 
 
@@ -29,14 +33,21 @@ def test_func_of_a_module_unit_travels_with_the_update(target, tmp_path: Path) -
 
 
 def test_static_local_of_an_inlined_function_is_the_kernels_copy(target, tmp_path: Path) -> None:
-    # audit_rate_check is inlined into audit_log_start; its static `messages` is the running
-    # kernel's messages.N whatever number the builder's compile gives it.
+    # audit_rate_check is inlined into audit_log_start; a new helper with a static of its own
+    # makes gcc number its statics messages.4 and last_check.3, where the running kernel has
+    # messages.3 and last_check.2. The previous builder refused: "messages.4 is used by the
+    # changed code but the kernel has no such symbol".
     b = build(target, tmp_path, "kernel/audit.c", "if (++messages < audit_rate_limit) {",
-              "if (++messages <= audit_rate_limit) {", "audit-messages")
-    unit = b.units[0]
-    found = {name: sym for name, sym in unit.statics.found.items() if name.startswith("messages.")}
-    assert len(found) == 1, unit.statics.found
-    sym = next(iter(found.values()))
-    kernel = [s for s in b.klp_symbols if s.name.startswith("messages.")]
-    assert kernel == [sym] and sym.object == "vmlinux", b.klp_symbols
-    assert "the address the matched code uses" in unit.statics.how[next(iter(found))]
+              "if (++messages + 0 * dynamos_rate_calls() < audit_rate_limit) {", "audit-messages",
+              before="static inline int audit_rate_check(void)\n{\n",
+              helper="static noinline unsigned int dynamos_rate_calls(void)\n{\n\tstatic unsigned int calls;\n\n"
+                     "\treturn ++calls;\n}\n\n")
+    statics = b.units[0].statics
+    renamed = {name: sym.name for name, sym in statics.found.items() if sym.name != name}
+    assert {n.split(".")[0] for n in renamed} >= {"messages", "last_check"}, renamed
+    kernel = {s.name: s for s in b.klp_symbols}
+    for name in ("messages", "last_check"):
+        patched = next(n for n in renamed if n.startswith(name + "."))
+        assert renamed[patched] in kernel and kernel[renamed[patched]].object == "vmlinux", b.klp_symbols
+        assert patched not in kernel
+        assert "the address the matched code uses" in statics.how[patched]
