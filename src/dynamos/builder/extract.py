@@ -44,6 +44,7 @@ from dynamos.builder.elf import (
     section_rule,
 )
 from dynamos.builder.klp import SHN_LIVEPATCH, KlpSymbol
+from dynamos.builder.statics import carried_constant_sections
 from dynamos.errors import BuildError
 
 # String literals (".rodata.str1.1", or per function ".rodata.<func>.str1.1" with -fdata-sections)
@@ -189,6 +190,7 @@ def _kept_sections(obj: RelocatableElf, functions: set[str], new_data: set[str],
         keep.add(data_sections[name])
     keep |= {i for i, s in enumerate(obj.sections)
              if CONSTANTS.match(s.name) or (rules[i] is not None and rules[i].carry is Carry.WHOLE)}
+    keep |= carried_constant_sections(obj)  # __func__.N, CSWTCH.N: gcc's numbers differ from the kernel's
     # Read-only data no symbol names (literals gcc placed in plain .rodata) is stateless too.
     named = {s.shndx for s in obj.symbols if s.type in (STT_OBJECT, STT_FUNC) and s.name}
     keep |= {i for i, s in enumerate(obj.sections)

@@ -28,8 +28,9 @@ from dynamos.builder.fidelity import check_fidelity
 from dynamos.builder.kbuild import BUILD_LOG, build_lock, link_module, write_package_of
 from dynamos.builder.klp import KlpSymbol, exported_symbols
 from dynamos.builder.linemap import stabilise_lines
-from dynamos.builder.objdiff import DiffResult, diff_objects, read_object
+from dynamos.builder.objdiff import DiffResult, align_statics, diff_objects, read_object
 from dynamos.builder.signing import Signer
+from dynamos.builder.statics import StaticLocals, resolve_static_locals
 from dynamos.builder.units import compile_original, compile_unit
 from dynamos.errors import BuildError, UpdateSourceError
 from dynamos.lab.kallsyms import lab_symbol_table
@@ -63,6 +64,7 @@ class UnitReport:
     object: str = VMLINUX  # vmlinux, or the loadable module the file is built into
     fidelity: str = ""  # what the compiled original was compared with, and how it went
     touched: list[str] = field(default_factory=list)  # the patched files it compiles (itself, or included)
+    statics: StaticLocals = field(default_factory=StaticLocals)  # its file-local variables in the kernel
 
 
 @dataclass
@@ -89,6 +91,10 @@ class PatchBuild:
                 lines.append(f"  new       {c.name}: {c.reason}")
             for c in unit.diff.new_data:
                 lines.append(f"  new data  {c.name}: {c.reason}")
+            kept = {c.name for c in unit.diff.changed} | {c.name for c in unit.diff.new}
+            for name, sym in unit.statics.found.items():
+                if sym.name != name and unit.statics.users.get(name, set()) & kept:
+                    lines.append(f"  static    {name} is the kernel's {unit.statics.how[name]}")
             for r in unit.diff.refused:
                 lines.append(f"  REFUSED   {r.name}: {r.reason}")
             if unit.diff.unchanged:
@@ -418,8 +424,8 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes],
         fidelity = check_fidelity(orig.object_path, target, symtab, text=text)
     else:
         say(f"checking {rel} against the shipped module {obj}")
-        module_symtab, module_text = module_image(target.module_path(obj).read_bytes(), obj)
-        fidelity = check_fidelity(orig.object_path, target, module_symtab, text=module_text,
+        symtab, module_text = module_image(target.module_path(obj).read_bytes(), obj)
+        fidelity = check_fidelity(orig.object_path, target, symtab, text=module_text,
                                   against=f"module {obj} of kernel {target.release}")
     if fidelity.functions and len(fidelity.absent) == len(fidelity.functions):
         if optional:
@@ -432,8 +438,14 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes],
     say(f"compiling {rel} (patched)")
     new = compile_unit(source, unit, work / "objects" / _obj_name(rel, "patched"), sources=stable)
     times["patched"] = round(time.monotonic() - t, 3)
-    diff = diff_objects(read_object(orig.object_path), read_object(new.object_path))
-    return UnitReport(rel, diff, times, resolved, obj, fidelity.summary(), sorted(patched))
+    before = read_object(orig.object_path)
+    after = align_statics(before, read_object(new.object_path))
+    diff = diff_objects(before, after)
+    statics = resolve_static_locals(rel, before, after, fidelity.data_addresses, symtab, obj)
+    for name, how in statics.how.items():
+        if statics.found[name].name != name:  # renumbered by one compile or the other
+            say(f"{rel}: static {name} is the kernel's {how}")
+    return UnitReport(rel, diff, times, resolved, obj, fidelity.summary(), sorted(patched), statics)
 
 
 def _module_symbols(target: TargetKernel, module: str) -> list[str] | None:
@@ -489,6 +501,10 @@ def _resolver(unit: str, exported: set[str], sympos: _Sympos):
             # symbols: linking them would make the update depend on the module being loaded)
         if name == "__fentry__" or name.startswith("__x86_") or name == "__stack_chk_fail":
             return None  # exported helpers every module uses
+        if local:
+            found = sympos.unit.statics.lookup(name)  # raises for a variable that cannot be found
+            if found is not None:
+                return found
         return KlpSymbol(name, obj, sympos.position(name, local))
     return resolve
 

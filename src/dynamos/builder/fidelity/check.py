@@ -36,15 +36,32 @@ class _Addresses:
             return self.learnt[anchor]
         kind, _, key = anchor.partition(":")
         if kind == "sym":
-            return self.symtab.unique_address(key)
+            return self._unique(key)
         index = int(key)
         if index in self.unit.merged:
             return None
         for name, value in self.unit.placement.get(index, ()):
-            addr = self.learnt.get(f"sym:{name}") or self.symtab.unique_address(name)
+            addr = self.learnt.get(f"sym:{name}") or self._unique(name)
             if addr is not None:
                 return addr - value
         return None
+
+    def _unique(self, name: str) -> int | None:
+        return None if name in self.unit.numbered else self.symtab.unique_address(name)
+
+    def data_addresses(self) -> dict[str, int]:
+        """Kernel addresses of the unit's named data (not functions) that are known."""
+        out = {}
+        for index, names in self.unit.placement.items():
+            section = self.known(f"sec:{index}")
+            for name, value in names:
+                if name in self.unit.functions:
+                    continue
+                addr = self.learnt.get(f"sym:{name}")
+                addr = addr if addr is not None else None if section is None else section + value
+                if addr is not None:
+                    out[name] = addr
+        return out
 
     def own_address(self, item: ObjectItem) -> int | None:
         """Where this file's copy of ``item`` is, when known (a weak name may be someone else's)."""
@@ -102,6 +119,7 @@ def check_fidelity(original_object: Path | bytes, target: TargetKernel, symtab: 
     report = FidelityReport(unit_name, against or f"kernel {target.release}")
     report.passes = matcher.learn()
     report.learnt = len(matcher.addresses.learnt)
+    report.data_addresses = matcher.addresses.data_addresses()
     for name in wanted:
         func = unit.functions[name]
         checks = tuple(c for c, _ in matcher.evaluate(func))

@@ -108,6 +108,8 @@ class FidelityReport:
     functions: dict[str, FunctionCheck] = field(default_factory=dict)
     passes: int = 0  # resolution passes until nothing more was learnt
     learnt: int = 0  # addresses learnt from matched functions and data
+    # The unit's named data (static variables, gcc's numbered locals) -> this file's copy's address
+    data_addresses: dict[str, int] = field(default_factory=dict)
 
     def _with(self, status: Status) -> list[FunctionCheck]:
         return [f for f in self.functions.values() if f.status is status]

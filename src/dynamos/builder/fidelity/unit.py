@@ -7,7 +7,8 @@ with or without ``-ffunction-sections``.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from dynamos.builder.elf import (
     REL32_SIZE,
@@ -17,6 +18,7 @@ from dynamos.builder.elf import (
     SHF_STRINGS,
     SHN_LORESERVE,
     SHT_PROGBITS,
+    STB_LOCAL,
     STB_WEAK,
     STT_FUNC,
     STT_OBJECT,
@@ -29,6 +31,8 @@ from dynamos.builder.elf import (
     plain_reloc_kind,
 )
 from dynamos.errors import BuildError
+
+NUMBERED_LOCAL = re.compile(r"^(?P<base>.+?)\.\d+$")
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,9 @@ class ObjectUnit:
     # whole, so one such symbol's kernel address places the section.
     placement: dict[int, list[tuple[str, int]]]
     merged: set[int]  # SHF_MERGE sections: the linker reorders their contents, they cannot be placed
+    # File-local names with gcc's number (``count.1``, ``__func__.3``): the kernel's copy was numbered by
+    # another compile, so a same-named kernel symbol may be another file's; only what matched tells.
+    numbered: set[str] = field(default_factory=set)
 
 
 def read_object_unit(data: bytes, what: str = "object") -> ObjectUnit:
@@ -113,7 +120,9 @@ def read_object_unit(data: bytes, what: str = "object") -> ObjectUnit:
             functions.setdefault(sym.name, item)
         elif item.relocs:
             items.append(item)
-    return ObjectUnit(functions, items, placement, merged)
+    numbered = {s.name for s in obj.symbols if s.binding == STB_LOCAL and s.type != STT_SECTION
+                and NUMBERED_LOCAL.match(s.name)}
+    return ObjectUnit(functions, items, placement, merged, numbered)
 
 
 def _field_reloc(obj: RelocatableElf, rela: Rela, offset: int, what: str, strict: bool,

@@ -18,8 +18,9 @@ and the patched file with its line numbers stabilised (``linemap``), or every WA
 normalise.py reads an object (through the one ELF model) into comparable items; diff.py compares two.
 """
 
+from dynamos.builder.objdiff.align import align_statics
 from dynamos.builder.objdiff.diff import Change, DiffRefusal, DiffResult, SpecialUse, diff_objects
 from dynamos.builder.objdiff.normalise import DataItem, Function, ObjectInfo, Reloc, TableEntry, read_object
 
 __all__ = ["Change", "DataItem", "DiffRefusal", "DiffResult", "Function", "ObjectInfo", "Reloc", "SpecialUse",
-           "TableEntry", "diff_objects", "read_object"]
+           "TableEntry", "align_statics", "diff_objects", "read_object"]

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from dynamos.builder.elf import CARRIED_WRITABLE_SECTIONS, DEFAULT_RULE, Handling, section_rule
+from dynamos.builder.objdiff.align import align_statics
 from dynamos.builder.objdiff.normalise import DataItem, Function, ObjectInfo, TableEntry
 
 
@@ -56,6 +57,7 @@ class DiffResult:
 
 def diff_objects(original: ObjectInfo, patched: ObjectInfo) -> DiffResult:
     """Compare two compiled translation units function by function (see module docstring)."""
+    patched = align_statics(original, patched)  # a static whose key changed is still the same variable
     result = DiffResult()
     units_o, units_p = original.units(), patched.units()
     changed: dict[str, str] = {}

@@ -1,0 +1,128 @@
+"""Static locals and compiler-named data through real patches, in the lab kernel.
+
+A static variable of a function that gcc inlined into its callers keeps the running kernel's
+value across the update (the update's code uses the kernel's copy, found by address whatever
+gcc's number), and ``__func__`` in a changed module function is the update's own constant.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from dynamos.builder.patch import build_from_patch
+from tests.lab.test_patches import applied, patch_package, tree  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.lab
+PATCHES = Path(__file__).resolve().parent / "patches"
+
+# security/commoncap.c: warn_setuid_and_fcaps_mixed() is inlined into the bprm hook; its
+# `static int warned` (warned.N in kallsyms, one of many) becomes a counter the patch prints.
+WARNED_BEFORE = """static void warn_setuid_and_fcaps_mixed(const char *fname)
+{
+\tstatic int warned;
+\tif (!warned) {
+\t\tprintk(KERN_INFO "warning: `%s' has both setuid-root and"
+\t\t\t" effective capabilities. Therefore not raising all"
+\t\t\t" capabilities.\\n", fname);
+\t\twarned = 1;
+\t}"""
+# A new helper with a static of its own comes first: gcc numbers warned otherwise than the kernel
+# did (warned.3, which is another file's variable in the running kernel).
+WARNED_AFTER = """static noinline unsigned int dynamos_count_call(void)
+{
+\tstatic unsigned int calls;
+
+\treturn ++calls;
+}
+
+static void warn_setuid_and_fcaps_mixed(const char *fname)
+{
+\tstatic int warned;
+\tunsigned int call = dynamos_count_call();
+
+\tif (warned < 5) {
+\t\tprintk(KERN_INFO "dynamos-warned %d: `%s' (call %u of the update)\\n", warned, fname, call);
+\t\twarned++;
+\t}"""
+
+# Exec a setuid-root file with file capabilities as an unprivileged user: the mix the warning is about.
+TRIGGER = r"""
+import os, shutil, struct
+path = "/tmp/suidcap"
+if not os.path.exists(path):
+    shutil.copy("/bin/true", path)
+    os.chown(path, 0, 0)
+    os.chmod(path, 0o4755)
+    # VFS_CAP_REVISION_2 | effective; permitted: CAP_NET_RAW
+    os.setxattr(path, "security.capability", struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0))
+pid = os.fork()
+if pid == 0:
+    os.setgid(65534)
+    os.setuid(65534)
+    os.execv(path, [path])
+os.waitpid(pid, 0)
+"""
+
+
+def trigger(guest) -> None:
+    guest.run(sys.executable, "-c", TRIGGER)
+
+
+def test_a_static_local_of_an_inlined_function_keeps_its_state(guest, patch_package):  # noqa: F811
+    pkg = patch_package("fcaps-warned", {"security/commoncap.c": [(WARNED_BEFORE, WARNED_AFTER)]})
+    guest.sh("dmesg -c > /dev/null")
+    trigger(guest)  # the kernel's own code: warns once per boot and sets warned = 1
+    trigger(guest)
+    with applied(guest, pkg):
+        trigger(guest)
+        trigger(guest)
+        lines = [line for line in guest.sh("dmesg").splitlines() if "dynamos-warned" in line]
+        seen = [re.search(r"dynamos-warned (\d+): .* \(call (\d+) of the update\)", line) for line in lines]
+        # warned continues from the running kernel's 1 (not a copy's 0, nor another file's
+        # warned.3); calls, new with the update, starts from the update's own 0.
+        got = [m.groups() if m else line for m, line in zip(seen, lines, strict=True)]
+        assert got == [("1", "1"), ("2", "2")], lines
+
+
+def test_func_in_a_changed_module_function(guest, patch_package, target):  # noqa: F811
+    # loop.c has several __func__; the changed function prints its own name through __func__.
+    pkg = patch_package("loop-func", {"drivers/block/loop.c": [
+        ("\tif (rc)\n\t\tpr_warn(\"%s: partition scan of loop%d (%s) failed (rc=%d)\\n\",",
+         "\tpr_warn(\"dynamos %s: partition scan of loop%d (%s) gave rc=%d\\n\",")]})
+    guest.run("modprobe", "loop")
+    try:
+        with applied(guest, pkg) as r:
+            assert {f["object"] for f in r["functions"]} == {"loop"}, r["functions"]
+            guest.sh("dmesg -c > /dev/null; dd if=/dev/zero of=/tmp/loopimg bs=1k count=256 2>/dev/null; "
+                     "losetup -P /dev/loop0 /tmp/loopimg; losetup -d /dev/loop0")
+            lines = [line for line in guest.sh("dmesg").splitlines() if "dynamos " in line]
+            assert lines and all("dynamos loop_reread_partitions: partition scan of loop0" in line
+                                 for line in lines), lines
+    finally:
+        guest.run("modprobe", "-r", "loop", check=False)
+
+
+def test_debians_nfsd_security_revision_builds_and_applies(guest, target, workdir):
+    """Issue 10's refusal: nfs4state.c of module nfsd has two __func__.10, and the builder could
+    not tell which was this file's. Debian's own revision now builds, loads and reverts."""
+    out = workdir / "patch-packages"
+    out.mkdir(exist_ok=True)
+    build = build_from_patch(PATCHES / "debian-6.1.192-3-nfsd-sequence.patch", target, output=out,
+                             name="nfsd-sequence")
+    assert not [s for s in build.klp_symbols if s.name.startswith("__func__")], build.klp_symbols
+    before = guest.modules()
+    guest.run("modprobe", "nfsd")
+    try:
+        with applied(guest, build.package_path) as r:
+            assert [(f["name"], f["object"]) for f in r["functions"]] == [("nfsd4_sequence", "nfsd")]
+            assert "nfsd_sequence" in guest.livepatches()
+            assert guest.read("/sys/kernel/livepatch/nfsd_sequence/transition").strip() == "0"
+    finally:
+        guest.run("modprobe", "-r", "nfsd", check=False)
+        left = guest.modules() - before  # kmod leaves sunrpc and grace behind (see test_lab.py)
+        if left:
+            guest.run("modprobe", "-r", *sorted(left), check=False)
