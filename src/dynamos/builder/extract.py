@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 from dynamos.abi import VMLINUX, edition_prefix
 from dynamos.builder.elf import (
-    ALT_REPL_LEN,
-    ALT_REPL_OFFSET,
     MAX_PC_BIAS,
+    REL32_SIZE,
+    RELOC_KINDS,
     SECTION_RULES,
     SHF_ALLOC,
     SHF_EXECINSTR,
@@ -35,7 +35,6 @@ from dynamos.builder.elf import (
     STT_FUNC,
     STT_OBJECT,
     STT_SECTION,
-    TABLE_LAYOUTS,
     Carry,
     Rela,
     RelocatableElf,
@@ -85,7 +84,7 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
             raise BuildError(f"section {obj.sections[idx].name} has entries in the changed code: {rule.carry_why}")
     tables = {i for i, rule in enumerate(rules) if rule is not None and rule.carry in (Carry.ENTRIES, Carry.PARALLEL)}
     _filter_tables(obj, relas_of, keep, rules)
-    _prune_replacements(obj, relas_of)
+    _prune_pieces(obj, relas_of, keep, rules)
 
     klp: dict[str, KlpSymbol] = {}  # placeholder name -> kernel symbol
     named_at = _named_symbol_lookup(obj)
@@ -188,7 +187,7 @@ def _kept_sections(obj: RelocatableElf, functions: set[str], new_data: set[str],
             raise BuildError(f"patched object has no section for new variable {name}")
         keep.add(data_sections[name])
     keep |= {i for i, s in enumerate(obj.sections)
-             if CONSTANTS.match(s.name) or (rules[i] is not None and rules[i].carry is Carry.WHOLE)}
+             if CONSTANTS.match(s.name) or (rules[i] is not None and rules[i].carry is Carry.PIECES)}
     # Read-only data no symbol names (literals gcc placed in plain .rodata) is stateless too.
     named = {s.shndx for s in obj.symbols if s.type in (STT_OBJECT, STT_FUNC) and s.name}
     keep |= {i for i, s in enumerate(obj.sections)
@@ -282,23 +281,46 @@ def _filter_tables(obj: RelocatableElf, relas_of: dict[int, int], keep: set[int]
             sec.data = b"".join(sec.data[i * size:(i + 1) * size] for i in kept_entries.get(rule.driver, []))
 
 
-def _prune_replacements(obj: RelocatableElf, relas_of: dict[int, int]) -> None:
-    """``.altinstr_replacement`` holds the replacement code of every alternative in the file; only
-    the parts kept ``.altinstructions`` entries point at run in the update. Drop the relocations of
-    the other parts, or the update would ask the kernel for symbols only left-behind code uses."""
-    alt, repl = obj.section_index(".altinstructions"), obj.section_index(".altinstr_replacement")
-    if repl is None or repl not in relas_of:
-        return
-    size = TABLE_LAYOUTS[".altinstructions"].entry_size
-    ranges = []
-    if alt is not None and alt in relas_of:
-        data = obj.sections[alt].data
-        for r in obj.relocations(relas_of[alt]):
-            if r.offset % size == ALT_REPL_OFFSET and obj.symbols[r.sym].shndx == repl:
-                start = r.addend + obj.symbols[r.sym].value
-                ranges.append((start, start + data[r.offset - ALT_REPL_OFFSET + ALT_REPL_LEN]))
-    ri = relas_of[repl]
-    obj.set_relocations(ri, [r for r in obj.relocations(ri) if any(a <= r.offset < b for a, b in ranges)])
+def _prune_pieces(obj: RelocatableElf, relas_of: dict[int, int], keep: set[int],
+                  rules: list[SectionRule | None]) -> None:
+    """Sections of code outside any function (alternative replacements, static_cpu_has() tests) hold
+    the pieces of every function in the file; they travel whole, but only the pieces kept code jumps
+    to, or kept table entries name, run in the update. Drop the relocations of the others, or the
+    update would ask the kernel for symbols (and jump back into functions) only left-behind code uses.
+
+    Call after ``_filter_tables``: the entries left are the kept ones. A piece an entry names is as
+    long as the entry says; a piece code jumps to reaches up to the next piece any code jumps to.
+    """
+    pieces = {i for i, rule in enumerate(rules) if rule is not None and rule.carry is Carry.PIECES}
+    starts: dict[int, set[int]] = {i: {obj.sections[i].size} for i in pieces}
+    used: dict[int, list[tuple[int, int]]] = {i: [] for i in pieces}
+    jumps: list[tuple[int, int]] = []
+    for host, ri in relas_of.items():
+        sec, rule = obj.sections[host], rules[host]
+        layout = rule.layout if rule is not None else None
+        is_code = bool(sec.flags & SHF_EXECINSTR) and host not in pieces
+        if not is_code and (layout is None or layout.piece_offset is None or layout.piece_length_offset is None):
+            continue
+        for r in obj.relocations(ri):
+            sym = obj.symbols[r.sym]
+            if sym.shndx not in pieces:
+                continue
+            kind = RELOC_KINDS.get(r.type)
+            start = sym.value + r.addend
+            if is_code:
+                start += REL32_SIZE if kind is not None and kind.pc_relative else 0
+                starts[sym.shndx].add(start)
+                if host in keep:
+                    jumps.append((sym.shndx, start))
+            elif layout is not None and r.offset % layout.entry_size == layout.piece_offset:
+                length = sec.data[r.offset - layout.piece_offset + layout.piece_length_offset]
+                used[sym.shndx].append((start, start + length))
+    for index, start in jumps:
+        used[index].append((start, min((a for a in starts[index] if a > start), default=start)))
+    for index in pieces:
+        if index in relas_of:
+            ri = relas_of[index]
+            obj.set_relocations(ri, [r for r in obj.relocations(ri) if any(a <= r.offset < b for a, b in used[index])])
 
 
 def _empty(sec: Section) -> None:

@@ -16,6 +16,7 @@ from dynamos.builder.extract import extract_functions
 from dynamos.builder.klp import KlpSymbol
 from dynamos.errors import BuildError
 from tests.support.gcc import compile_kernel_like
+from tests.support.kernel_asm import STATIC_CPU_HAS
 
 SOURCE = """
 static int counter;
@@ -132,6 +133,43 @@ def test_replacement_code_of_left_behind_alternatives_asks_for_nothing(tmp_path:
     elf = ELFFile(io.BytesIO(e.object))
     assert len(list(elf.get_section_by_name(".rela.altinstr_replacement").iter_relocations())) == 1
     assert elf.get_section_by_name(".altinstructions")["sh_size"] == 12
+
+
+CPU_FEATURES = STATIC_CPU_HAS + """
+extern int printk(const char *fmt, ...);
+int first(int x) { if (static_cpu_has(4 * 32 + 31)) return printk("first %d", x); return x; }
+int second(int x) { if (static_cpu_has(1 * 32 + 5)) return printk("second %d", x); return x + 1; }
+"""
+
+
+def relocations(elf: ELFFile, name: str) -> list[tuple[str, int]]:
+    """(symbol or section, addend) of each relocation of section ``name``."""
+    symtab, sections_ = elf.get_section_by_name(".symtab"), list(elf.iter_sections())
+    out = []
+    for r in elf.get_section_by_name(f".rela{name}").iter_relocations():
+        sym = symtab.get_symbol(r["r_info_sym"])
+        out.append((sym.name or sections_[sym["st_shndx"]].name, r["r_addend"]))
+    return out
+
+
+def test_static_cpu_has_travels_with_the_changed_function(tmp_path: Path):
+    """The loader applies the update's alternatives to the update's copy (module_finalize): the kept
+    function's entries, its replacement and its run-time test travel; that test jumps back into the
+    copy, and nothing of second()'s is linked or asked for."""
+    def exported(name: str, local: bool) -> KlpSymbol | None:
+        return None if name in ("printk", "boot_cpu_data") else resolve(name, local)
+
+    e = extract_functions(compile_c(tmp_path, CPU_FEATURES), {"first"}, set(), exported)
+    assert e.klp_placeholders == {}
+    elf = ELFFile(io.BytesIO(e.object))
+    assert elf.get_section_by_name(".altinstructions")["sh_size"] == 2 * 12
+    entries = relocations(elf, ".altinstructions")
+    assert [name for name, _ in entries] == [".text.first", ".altinstr_replacement"] * 2
+    assert relocations(elf, ".altinstr_replacement") == [(".text.first", 0x24)]  # jmp t_no, in first
+    aux = relocations(elf, ".altinstr_aux")
+    assert sorted(aux) == [(".text.first", 0xA), (".text.first", 0x24), ("boot_cpu_data", 0xE)]
+    (tmp_path / "x.o").write_bytes(e.object)
+    subprocess.run(["ld", "-r", "-o", str(tmp_path / "linked.o"), str(tmp_path / "x.o")], check=True)
 
 
 JUMP_LABEL = """

@@ -44,7 +44,7 @@ def test_disagreements_between_diff_and_extraction_are_visible() -> None:
 
 def test_lookups() -> None:
     assert carried("__bug_table") is Carry.ENTRIES and carried(".orc_unwind") is Carry.PARALLEL
-    assert carried(".altinstr_replacement") is Carry.WHOLE and carried(".altinstr_aux") is Carry.REFUSE
+    assert carried(".altinstr_replacement") is Carry.PIECES and carried(".altinstr_aux") is Carry.PIECES
     assert carried(".text.foo") is Carry.DROP and carried(".init.text") is Carry.DROP
     assert section_rule(".discard.reachable").handling is Handling.IGNORE
 

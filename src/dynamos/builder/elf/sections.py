@@ -32,7 +32,8 @@ class Carry(Enum):
 
     ENTRIES = "entries"  # a per-function table: the entries about kept code travel, the others are dropped
     PARALLEL = "parallel"  # entries travel with the entries of the same index of another table (``driver``)
-    WHOLE = "whole"  # copied as it is (stateless); only the relocations of used parts are kept
+    PIECES = "pieces"  # code outside any function, in pieces the kept code or kept entries use: copied
+    # whole, and only the used pieces keep their relocations (the others never run in the update)
     REFUSE = "refuse"  # entries about kept code stop the extraction (``carry_why`` says why)
     DROP = "drop"  # left behind
 
@@ -75,9 +76,13 @@ SECTION_RULES: tuple[SectionRule, ...] = (
     SectionRule(".static_call_sites", _I, "static-call sites; an unlisted site calls the trampoline", _ENTRIES,
                 key="static call"),
     SectionRule(".smp_locks", _I, "LOCK prefixes kept for UP patching; leaving them is correct", _ENTRIES),
-    SectionRule(".altinstr_replacement", _I, "replacement code; compared via .altinstructions entries", Carry.WHOLE),
-    SectionRule(".altinstr_aux", _I, "static_cpu_has fallback code; compared via its users", Carry.REFUSE,
-                carry_why="alternative auxiliary code is not handled yet"),
+    # The module loader applies a module's alternatives as for any module (module_finalize): the
+    # replacements an update's entries name, and the static_cpu_has() tests its code jumps to before
+    # that (they jump back into the update's copy), travel with the code.
+    SectionRule(".altinstr_replacement", _I, "replacement code; compared via .altinstructions entries",
+                Carry.PIECES),
+    SectionRule(".altinstr_aux", _I, "static_cpu_has() run-time tests; compared via the code jumping to them",
+                Carry.PIECES),
     SectionRule(".discard.*", _I, "objtool annotations, dropped at link time"),
     SectionRule(".note.*", _I, "notes (build id, GNU properties), not code or data"),
     SectionRule("__jump_table", _P, "static-key sites (struct jump_entry)", _ENTRIES, key="static key"),
