@@ -11,7 +11,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from dynamos.builder.elf import sections
-from dynamos.builder.elf.sections import Carry
+from dynamos.builder.elf.sections import SECTION_RULES, Carry, Handling
 from dynamos.builder.extract import extract_functions
 from dynamos.builder.klp import KlpSymbol
 from dynamos.errors import BuildError
@@ -170,6 +170,25 @@ def test_static_cpu_has_travels_with_the_changed_function(tmp_path: Path):
     assert sorted(aux) == [(".text.first", 0xA), (".text.first", 0x24), ("boot_cpu_data", 0xE)]
     (tmp_path / "x.o").write_bytes(e.object)
     subprocess.run(["ld", "-r", "-o", str(tmp_path / "linked.o"), str(tmp_path / "x.o")], check=True)
+
+
+PER_FUNCTION = [r for r in SECTION_RULES if r.handling is Handling.PER_FUNCTION]
+
+
+@pytest.mark.parametrize("rule", PER_FUNCTION, ids=[r.pattern for r in PER_FUNCTION])
+def test_every_table_the_diff_compares_per_function_travels_with_the_function(tmp_path: Path, rule):
+    """What the diff compares per function (its entries decide whether the function changed),
+    extraction carries with the function: the diff and extraction cannot disagree about a table."""
+    assert rule.layout is not None and not any(c in rule.pattern for c in "*?[")
+    size, at = rule.layout.entry_size, rule.layout.code_offset
+    entry = (f'.pushsection {rule.pattern},\\"a\\"\\n.skip {at}\\n.quad 1b\\n.skip {size - at - 8}\\n'
+             '.popsection\\n')
+    text = "".join(f'int {name}(int v) {{ asm volatile("1: nop\\n{entry}"); return v + {n}; }}\n'
+                   for n, name in enumerate(("kept", "left")))
+    e = extract_functions(compile_c(tmp_path, text), {"kept"}, set(), resolve)
+    elf = ELFFile(io.BytesIO(e.object))
+    assert elf.get_section_by_name(rule.pattern)["sh_size"] == size, rule.pattern
+    assert [name for name, _ in relocations(elf, rule.pattern)] == [".text.kept"]
 
 
 JUMP_LABEL = """

@@ -5,8 +5,8 @@ match no row are code (executable), merged constants, data (.data*, .bss*, .roda
 allocated and unknown, refused by the diff on any change (DEFAULT_RULE) and left behind by
 extraction. Entry sizes come from the architecture (``x86_64.TABLE_LAYOUTS``), never from here.
 
-Where the diff and extraction do not agree yet, the row says so in ``gap`` rather than hiding it in
-two tables: ``.parainstructions`` is compared per function but not carried.
+The diff and extraction read the same row, so they cannot disagree: every table the diff compares
+per function is one whose entries extraction carries (a unit test holds the two to that).
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ class SectionRule:
     driver: str | None = None  # Carry.PARALLEL: the table whose kept entries decide
     carry_why: str = ""  # Carry.REFUSE: the reason extraction gives
     key: str = ""  # what an entry's key is (the layout says where): a key of a module cannot be carried
-    gap: str = ""  # a known disagreement between the diff and extraction, kept until its issue is fixed
 
     @property
     def layout(self) -> TableLayout | None:
@@ -89,8 +88,7 @@ SECTION_RULES: tuple[SectionRule, ...] = (
     SectionRule(".altinstructions", _P, "CPU-feature alternatives (struct alt_instr)", _ENTRIES),
     SectionRule("__bug_table", _P, "BUG/WARN sites (struct bug_entry)", _ENTRIES),
     SectionRule("__ex_table", _P, "exception fixups (struct exception_table_entry)", _ENTRIES),
-    SectionRule(".parainstructions", _P, "paravirt sites (struct paravirt_patch_site)",
-                gap="diffed per function, but extraction does not carry the entries yet (a later issue)"),
+    SectionRule(".parainstructions", _P, "paravirt sites (struct paravirt_patch_site)", _ENTRIES),
     SectionRule(".init.*", _B, "__init: runs only at boot or module load and is freed afterwards"),
     SectionRule(".exit.*", _B, "__exit: runs only at module unload, or never when built in"),
     SectionRule(".head.text", _B, "early boot code: runs once before the kernel is up"),
