@@ -114,7 +114,7 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
                 converted.add(r.sym)
         obj.set_relocations(ri, relas)
 
-    _check_jump_keys(obj, relas_of, klp)
+    _check_links_at_load(obj, relas_of, klp)
 
     dropped = []
     strtab, shstrtab = obj.sections[obj.symtab_index].link, obj.shstrndx
@@ -153,19 +153,26 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
     return Extraction(obj.to_bytes(), editions, dict(sorted(klp.items())), sorted(dropped))
 
 
-def _check_jump_keys(obj: RelocatableElf, relas_of: dict[int, int], klp: dict[str, KlpSymbol]) -> None:
-    """The kernel registers a module's jump labels and static calls as the module loads.
-    Livepatch writes the relocations to vmlinux symbols before that (klp_apply_section_relocs
-    from the loader), so a key of vmlinux, exported or not, is linked in time; a key of a module
-    is resolved only once that module is patched, too late for those tables, and is refused."""
+def _check_links_at_load(obj: RelocatableElf, relas_of: dict[int, int], klp: dict[str, KlpSymbol]) -> None:
+    """The kernel registers a module's jump labels and static calls, and copies its alternatives'
+    replacement code into place, as the module loads. Livepatch writes the relocations to vmlinux
+    symbols before that (klp_apply_section_relocs from the loader), so a key or a symbol of vmlinux,
+    exported or not, is linked in time; one of a module is resolved only once that module is
+    patched, too late for those tables and copies, and is refused."""
     for rule in SECTION_RULES:
-        index = obj.section_index(rule.pattern) if rule.key and rule.layout else None
-        if index is None or index not in relas_of or rule.layout is None:
+        index = obj.section_index(rule.pattern) if rule.key or rule.copied_at_load else None
+        if index is None or index not in relas_of:
             continue
         for r in obj.relocations(relas_of[index]):
-            key = klp.get(obj.symbols[r.sym].name)
-            if r.offset % rule.layout.entry_size == rule.layout.key_offset and key and key.object != VMLINUX:
-                raise BuildError(f"the changed code uses {rule.key} {key.name} of module {key.object}: the kernel "
+            used = klp.get(obj.symbols[r.sym].name)
+            if used is None or used.object == VMLINUX:
+                continue
+            if rule.copied_at_load:
+                raise BuildError(f"the changed code's {rule.pattern} uses {used.name} of module {used.object}: the "
+                                 f"kernel copies that code into the update as it loads, before livepatch resolves "
+                                 f"that module's symbols, so it cannot be carried by an update")
+            if rule.layout is not None and r.offset % rule.layout.entry_size == rule.layout.key_offset:
+                raise BuildError(f"the changed code uses {rule.key} {used.name} of module {used.object}: the kernel "
                                  f"reads a livepatch module's {rule.pattern} before it resolves that module's "
                                  f"symbols, so it cannot be carried by an update")
 

@@ -135,6 +135,18 @@ def test_replacement_code_of_left_behind_alternatives_asks_for_nothing(tmp_path:
     assert elf.get_section_by_name(".altinstructions")["sh_size"] == 12
 
 
+def test_replacement_code_using_a_symbol_of_a_module_is_refused(tmp_path: Path):
+    """apply_alternatives copies a replacement into the update's code as it loads, before livepatch
+    resolves a module's symbols: the copy would keep an unrelocated call."""
+    def in_module(name: str, local: bool) -> KlpSymbol | None:
+        return KlpSymbol(name, "crc_t10dif") if name == "show_target" else resolve(name, local)
+
+    with pytest.raises(BuildError, match="altinstr_replacement uses show_target of module crc_t10dif"):
+        extract_functions(compile_c(tmp_path, ALTERNATIVES), {"show"}, set(), in_module)
+    e = extract_functions(compile_c(tmp_path, ALTERNATIVES), {"other"}, set(), in_module)  # other_target: vmlinux
+    assert [k.name for k in e.klp_placeholders.values()] == ["other_target"]
+
+
 CPU_FEATURES = STATIC_CPU_HAS + """
 extern int printk(const char *fmt, ...);
 int first(int x) { if (static_cpu_has(4 * 32 + 31)) return printk("first %d", x); return x; }

@@ -47,6 +47,9 @@ class SectionRule:
     driver: str | None = None  # Carry.PARALLEL: the table whose kept entries decide
     carry_why: str = ""  # Carry.REFUSE: the reason extraction gives
     key: str = ""  # what an entry's key is (the layout says where): a key of a module cannot be carried
+    # The kernel copies this code into the module's own as the module loads (apply_alternatives, from
+    # module_finalize): a symbol of a module it uses, which livepatch resolves only later, cannot be carried.
+    copied_at_load: bool = False
 
     @property
     def layout(self) -> TableLayout | None:
@@ -79,7 +82,7 @@ SECTION_RULES: tuple[SectionRule, ...] = (
     # replacements an update's entries name, and the static_cpu_has() tests its code jumps to before
     # that (they jump back into the update's copy), travel with the code.
     SectionRule(".altinstr_replacement", _I, "replacement code; compared via .altinstructions entries",
-                Carry.PIECES),
+                Carry.PIECES, copied_at_load=True),
     SectionRule(".altinstr_aux", _I, "static_cpu_has() run-time tests; compared via the code jumping to them",
                 Carry.PIECES),
     SectionRule(".discard.*", _I, "objtool annotations, dropped at link time"),
