@@ -350,6 +350,40 @@ def test_static_cpu_has_in_a_changed_function(guest, patch_package):
     assert guest.read("/proc/cmdline") == original
 
 
+GS_BASE = """
+import ctypes
+libc, base = ctypes.CDLL(None, use_errno=True), ctypes.c_ulong()
+assert libc.syscall(158, 0x1001, ctypes.c_ulong(0x10000)) == 0  # arch_prctl(ARCH_SET_GS)
+assert libc.syscall(158, 0x1004, ctypes.byref(base)) == 0  # arch_prctl(ARCH_GET_GS)
+print(hex(base.value))
+"""
+
+
+def test_paravirt_sites_of_a_changed_function(guest, patch_package):
+    """x86_gsbase_read_cpu_inactive() saves and restores the interrupt flag, and may read an MSR,
+    through paravirt calls: its .parainstructions entries travel with it and the loader patches them
+    in the update's copy (apply_paravirt), so no site is left calling through pv_ops."""
+    pkg = patch_package("gsbase-odd", {"arch/x86/kernel/process_64.c": [
+        ("\t\trdmsrl(MSR_KERNEL_GS_BASE, gsbase);\n\t}\n\n\treturn gsbase;",
+         "\t\trdmsrl(MSR_KERNEL_GS_BASE, gsbase);\n\t}\n\n\treturn gsbase | 1;")]})
+    package = read_package(pkg)
+    obj = RelocatableElf.parse(package.module)
+    index = {sec.name: i for i, sec in enumerate(obj.sections)}
+    text = index[".text.x86_gsbase_read_cpu_inactive"]
+    para = [r for r in obj.relocations_by_target()[index[".parainstructions"]] if obj.symbol_section(r.sym) == text]
+    assert len(para) >= 3, para  # irq save, irq restore, and more
+    assert guest.run(sys.executable, "-c", GS_BASE).stdout.decode().strip() == "0x10000"
+    with applied(guest, pkg) as r:
+        assert "x86_gsbase_read_cpu_inactive" in [f["name"] for f in r["functions"]]
+        assert guest.run(sys.executable, "-c", GS_BASE).stdout.decode().strip() == "0x10001"
+        edition = next(f["edition"] for f in package.manifest["functions"]
+                       if f["name"] == "x86_gsbase_read_cpu_inactive")
+        _, *code = guest.run(sys.executable, "-c", READ_CODE, edition, "2",
+                             *(str(obj.symbols[r.sym].value + r.addend) for r in para)).stdout.decode().split()
+        assert len(code) == len(para) and "ff15" not in code, code  # call *pv_ops+...(%rip): unpatched
+    assert guest.run(sys.executable, "-c", GS_BASE).stdout.decode().strip() == "0x10000"
+
+
 def test_jump_label_on_a_module_static_key_is_refused(tree, target, workdir):
     """A key defined in a loadable module is resolved only when livepatch patches that module,
     after the kernel has read the update's jump table: refused, naming the key."""
