@@ -83,8 +83,8 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
                 and _table_mentions(obj, relas_of[idx], keep):
             raise BuildError(f"section {obj.sections[idx].name} has entries in the changed code: {rule.carry_why}")
     tables = {i for i, rule in enumerate(rules) if rule is not None and rule.carry in (Carry.ENTRIES, Carry.PARALLEL)}
+    keep -= _prune_pieces(obj, relas_of, keep, rules)
     _filter_tables(obj, relas_of, keep, rules)
-    _prune_pieces(obj, relas_of, keep, rules)
 
     klp: dict[str, KlpSymbol] = {}  # placeholder name -> kernel symbol
     named_at = _named_symbol_lookup(obj)
@@ -289,14 +289,15 @@ def _filter_tables(obj: RelocatableElf, relas_of: dict[int, int], keep: set[int]
 
 
 def _prune_pieces(obj: RelocatableElf, relas_of: dict[int, int], keep: set[int],
-                  rules: list[SectionRule | None]) -> None:
+                  rules: list[SectionRule | None]) -> set[int]:
     """Sections of code outside any function (alternative replacements, static_cpu_has() tests) hold
     the pieces of every function in the file; they travel whole, but only the pieces kept code jumps
-    to, or kept table entries name, run in the update. Drop the relocations of the others, or the
-    update would ask the kernel for symbols (and jump back into functions) only left-behind code uses.
+    to, or entries about kept code name, run in the update. Drop the relocations of the others, or
+    the update would ask the kernel for symbols (and jump back into functions) only left-behind code
+    uses. Returns the sections none of whose pieces is used: they are not carried at all.
 
-    Call after ``_filter_tables``: the entries left are the kept ones. A piece an entry names is as
-    long as the entry says; a piece code jumps to reaches up to the next piece any code jumps to.
+    A piece an entry names is as long as the entry says; a piece code jumps to reaches up to the
+    next piece any code jumps to.
     """
     pieces = {i for i, rule in enumerate(rules) if rule is not None and rule.carry is Carry.PIECES}
     starts: dict[int, set[int]] = {i: {obj.sections[i].size} for i in pieces}
@@ -308,7 +309,10 @@ def _prune_pieces(obj: RelocatableElf, relas_of: dict[int, int], keep: set[int],
         is_code = bool(sec.flags & SHF_EXECINSTR) and host not in pieces
         if not is_code and (layout is None or layout.piece_offset is None or layout.piece_length_offset is None):
             continue
-        for r in obj.relocations(ri):
+        relas = obj.relocations(ri)
+        kept_entries = {r.offset // layout.entry_size for r in relas if r.offset % layout.entry_size ==
+                        layout.code_offset and obj.symbols[r.sym].shndx in keep} if layout is not None else set()
+        for r in relas:
             sym = obj.symbols[r.sym]
             if sym.shndx not in pieces:
                 continue
@@ -319,7 +323,8 @@ def _prune_pieces(obj: RelocatableElf, relas_of: dict[int, int], keep: set[int],
                 starts[sym.shndx].add(start)
                 if host in keep:
                     jumps.append((sym.shndx, start))
-            elif layout is not None and r.offset % layout.entry_size == layout.piece_offset:
+            elif layout is not None and r.offset % layout.entry_size == layout.piece_offset \
+                    and r.offset // layout.entry_size in kept_entries:
                 length = sec.data[r.offset - layout.piece_offset + layout.piece_length_offset]
                 used[sym.shndx].append((start, start + length))
     for index, start in jumps:
@@ -328,6 +333,7 @@ def _prune_pieces(obj: RelocatableElf, relas_of: dict[int, int], keep: set[int],
         if index in relas_of:
             ri = relas_of[index]
             obj.set_relocations(ri, [r for r in obj.relocations(ri) if any(a <= r.offset < b for a, b in used[index])])
+    return {index for index in pieces if not used[index]}
 
 
 def _empty(sec: Section) -> None:

@@ -184,6 +184,15 @@ def test_static_cpu_has_travels_with_the_changed_function(tmp_path: Path):
     subprocess.run(["ld", "-r", "-o", str(tmp_path / "linked.o"), str(tmp_path / "x.o")], check=True)
 
 
+def test_alternatives_no_kept_code_uses_are_not_carried(tmp_path: Path):
+    text = CPU_FEATURES + "int third(int x) { return printk(\"third %d\", x); }\n"
+    e = extract_functions(compile_c(tmp_path, text), {"third"}, set(), resolve)
+    elf = ELFFile(io.BytesIO(e.object))
+    for name in (".altinstructions", ".altinstr_replacement", ".altinstr_aux"):
+        assert elf.get_section_by_name(name)["sh_size"] == 0, name
+    assert {".altinstr_replacement", ".altinstr_aux"} <= set(e.dropped_sections)
+
+
 PER_FUNCTION = [r for r in SECTION_RULES if r.handling is Handling.PER_FUNCTION]
 
 
