@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from dynamos.builder.elf import STT_SECTION, RelocatableElf
 from dynamos.builder.patch import build_from_patch
 from dynamos.errors import BuildError
 from dynamos.target.source import prepare_source
@@ -262,6 +263,125 @@ def test_jump_label_on_a_non_exported_static_key(guest, patch_package):
         assert guest.read(sysctl).strip() == "1"
     finally:
         guest.sh(f"echo 0 > {sysctl}")
+
+
+# Reads code of the running kernel through /proc/kcore: argv is a symbol, then offsets in it and a
+# length; prints the symbol's address and the bytes at each offset (hex).
+READ_CODE = """
+import struct, sys
+name, length = sys.argv[1], int(sys.argv[2])
+addr = next(int(f[0], 16) for f in (line.split() for line in open("/proc/kallsyms")) if f[2] == name)
+out = [str(addr)]
+with open("/proc/kcore", "rb") as core:
+    head = core.read(64)
+    phoff, = struct.unpack_from("<Q", head, 32)
+    size, count = struct.unpack_from("<HH", head, 54)
+    core.seek(phoff)
+    table = core.read(size * count)
+    for site in map(int, sys.argv[3:]):
+        for i in range(count):
+            kind, _, offset, vaddr, _, _, memsz, _ = struct.unpack_from("<IIQQQQQQ", table, i * size)
+            if kind == 1 and vaddr <= addr + site < vaddr + memsz:
+                core.seek(offset + addr + site - vaddr)
+                out.append(core.read(length).hex())
+                break
+print(" ".join(out))
+"""
+X86_FEATURE_HYPERVISOR, X86_FEATURE_AVX512F = 4 * 32 + 31, 9 * 32 + 16
+
+
+def alternative_sites(module: bytes, section: str) -> dict[int, list[int]]:
+    """cpuid -> the offsets in ``section`` of the module's alternatives on that feature; checks
+    that every entry, replacement and run-time test of the module is about that section (the
+    update's copy of the function), as ``readelf -r`` would show."""
+    obj = RelocatableElf.parse(module)
+    relocs = obj.relocations_by_target()
+    index = {sec.name: i for i, sec in enumerate(obj.sections)}
+    text = index[section]
+    for name in (".altinstr_aux", ".altinstr_replacement"):
+        code = {obj.symbol_section(r.sym) for r in relocs[index[name]] if obj.symbols[r.sym].type == STT_SECTION}
+        assert code == {text}, (name, code)  # section symbols: the jumps back into the copy
+    table = obj.sections[index[".altinstructions"]].data
+    sites: dict[int, list[int]] = {}
+    for r in relocs[index[".altinstructions"]]:
+        if r.offset % 12 == 0:
+            assert obj.symbol_section(r.sym) == text and table[r.offset + 10] == 5  # instrlen: a jmp rel32
+            cpuid = int.from_bytes(table[r.offset + 8:r.offset + 10], "little")
+            sites.setdefault(cpuid, []).append(obj.symbols[r.sym].value + r.addend)
+    return sites
+
+
+def test_static_cpu_has_in_a_changed_function(guest, patch_package):
+    """The update's own alternatives: the module loader applies them to the update's copy of the
+    function as it loads (module_finalize), and the run-time tests they replace jump back into it."""
+    pkg = patch_package("cmdline-cpu-features", {"fs/proc/cmdline.c": [
+        ("\tseq_puts(m, saved_command_line);",
+         '\tseq_printf(m, "[hypervisor %d avx512f %d] ", static_cpu_has(X86_FEATURE_HYPERVISOR) ? 1 : 0,\n'
+         "\t\t   static_cpu_has(X86_FEATURE_AVX512F) ? 1 : 0);\n\tseq_puts(m, saved_command_line);")]})
+    package = read_package(pkg)
+    sites = alternative_sites(package.module, ".text.cmdline_proc_show")
+    assert set(sites) >= {X86_FEATURE_HYPERVISOR, X86_FEATURE_AVX512F}, sites
+    flags = next(line for line in guest.read("/proc/cpuinfo").splitlines() if line.startswith("flags")).split()
+    has = {X86_FEATURE_HYPERVISOR: "hypervisor" in flags, X86_FEATURE_AVX512F: "avx512f" in flags}
+    original = guest.read("/proc/cmdline")
+    with applied(guest, pkg) as r:
+        (func,) = r["functions"]
+        assert func["name"] == "cmdline_proc_show"
+        expected = f"[hypervisor {int(has[X86_FEATURE_HYPERVISOR])} avx512f {int(has[X86_FEATURE_AVX512F])}] "
+        assert guest.read("/proc/cmdline") == expected + original
+        # The site each feature test left in the copy: NOPs (fall through to "yes") or a jump to
+        # "no" inside the copy; never, as compiled, a jump out to the run-time test.
+        offsets = [site for feature in has for site in sites[feature]]
+        edition = next(f["edition"] for f in package.manifest["functions"])
+        start, *code = guest.run(sys.executable, "-c", READ_CODE, edition, "5",
+                                 *map(str, offsets)).stdout.decode().split()
+        size = next(sym.size for sym in RelocatableElf.parse(package.module).symbols if sym.name == edition)
+        for offset, hexed in zip(offsets, code, strict=True):
+            feature = next(f for f in has if offset in sites[f])
+            insn = bytes.fromhex(hexed)
+            if insn[0] == 0xE9:
+                target = offset + 5 + int.from_bytes(insn[1:5], "little", signed=True)
+            elif insn[0] == 0xEB:
+                target = offset + 2 + int.from_bytes(insn[1:2], "little", signed=True)
+            else:
+                target = offset + 5  # NOPs
+            assert 0 < target < size, (feature, hexed, hex(int(start)))  # inside the update's copy
+            assert (target == offset + 5) == has[feature], (feature, hexed)
+    assert guest.read("/proc/cmdline") == original
+
+
+GS_BASE = """
+import ctypes
+libc, base = ctypes.CDLL(None, use_errno=True), ctypes.c_ulong()
+assert libc.syscall(158, 0x1001, ctypes.c_ulong(0x10000)) == 0  # arch_prctl(ARCH_SET_GS)
+assert libc.syscall(158, 0x1004, ctypes.byref(base)) == 0  # arch_prctl(ARCH_GET_GS)
+print(hex(base.value))
+"""
+
+
+def test_paravirt_sites_of_a_changed_function(guest, patch_package):
+    """x86_gsbase_read_cpu_inactive() saves and restores the interrupt flag, and may read an MSR,
+    through paravirt calls: its .parainstructions entries travel with it and the loader patches them
+    in the update's copy (apply_paravirt), so no site is left calling through pv_ops."""
+    pkg = patch_package("gsbase-odd", {"arch/x86/kernel/process_64.c": [
+        ("\t\trdmsrl(MSR_KERNEL_GS_BASE, gsbase);\n\t}\n\n\treturn gsbase;",
+         "\t\trdmsrl(MSR_KERNEL_GS_BASE, gsbase);\n\t}\n\n\treturn gsbase | 1;")]})
+    package = read_package(pkg)
+    obj = RelocatableElf.parse(package.module)
+    index = {sec.name: i for i, sec in enumerate(obj.sections)}
+    text = index[".text.x86_gsbase_read_cpu_inactive"]
+    para = [r for r in obj.relocations_by_target()[index[".parainstructions"]] if obj.symbol_section(r.sym) == text]
+    assert len(para) >= 3, para  # irq save, irq restore, and more
+    assert guest.run(sys.executable, "-c", GS_BASE).stdout.decode().strip() == "0x10000"
+    with applied(guest, pkg) as r:
+        assert "x86_gsbase_read_cpu_inactive" in [f["name"] for f in r["functions"]]
+        assert guest.run(sys.executable, "-c", GS_BASE).stdout.decode().strip() == "0x10001"
+        edition = next(f["edition"] for f in package.manifest["functions"]
+                       if f["name"] == "x86_gsbase_read_cpu_inactive")
+        _, *code = guest.run(sys.executable, "-c", READ_CODE, edition, "2",
+                             *(str(obj.symbols[r.sym].value + r.addend) for r in para)).stdout.decode().split()
+        assert len(code) == len(para) and "ff15" not in code, code  # call *pv_ops+...(%rip): unpatched
+    assert guest.run(sys.executable, "-c", GS_BASE).stdout.decode().strip() == "0x10000"
 
 
 def test_jump_label_on_a_module_static_key_is_refused(tree, target, workdir):

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 from dynamos.abi import VMLINUX, edition_prefix
 from dynamos.builder.elf import (
-    ALT_REPL_LEN,
-    ALT_REPL_OFFSET,
     MAX_PC_BIAS,
+    REL32_SIZE,
+    RELOC_KINDS,
     SECTION_RULES,
     SHF_ALLOC,
     SHF_EXECINSTR,
@@ -35,7 +35,6 @@ from dynamos.builder.elf import (
     STT_FUNC,
     STT_OBJECT,
     STT_SECTION,
-    TABLE_LAYOUTS,
     Carry,
     Rela,
     RelocatableElf,
@@ -85,8 +84,8 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
                 and _table_mentions(obj, relas_of[idx], keep):
             raise BuildError(f"section {obj.sections[idx].name} has entries in the changed code: {rule.carry_why}")
     tables = {i for i, rule in enumerate(rules) if rule is not None and rule.carry in (Carry.ENTRIES, Carry.PARALLEL)}
+    keep -= _prune_pieces(obj, relas_of, keep, rules)
     _filter_tables(obj, relas_of, keep, rules)
-    _prune_replacements(obj, relas_of)
 
     klp: dict[str, KlpSymbol] = {}  # placeholder name -> kernel symbol
     named_at = _named_symbol_lookup(obj)
@@ -116,7 +115,7 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
                 converted.add(r.sym)
         obj.set_relocations(ri, relas)
 
-    _check_jump_keys(obj, relas_of, klp)
+    _check_links_at_load(obj, relas_of, klp)
 
     dropped = []
     strtab, shstrtab = obj.sections[obj.symtab_index].link, obj.shstrndx
@@ -155,19 +154,26 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
     return Extraction(obj.to_bytes(), editions, dict(sorted(klp.items())), sorted(dropped))
 
 
-def _check_jump_keys(obj: RelocatableElf, relas_of: dict[int, int], klp: dict[str, KlpSymbol]) -> None:
-    """The kernel registers a module's jump labels and static calls as the module loads.
-    Livepatch writes the relocations to vmlinux symbols before that (klp_apply_section_relocs
-    from the loader), so a key of vmlinux, exported or not, is linked in time; a key of a module
-    is resolved only once that module is patched, too late for those tables, and is refused."""
+def _check_links_at_load(obj: RelocatableElf, relas_of: dict[int, int], klp: dict[str, KlpSymbol]) -> None:
+    """The kernel registers a module's jump labels and static calls, and copies its alternatives'
+    replacement code into place, as the module loads. Livepatch writes the relocations to vmlinux
+    symbols before that (klp_apply_section_relocs from the loader), so a key or a symbol of vmlinux,
+    exported or not, is linked in time; one of a module is resolved only once that module is
+    patched, too late for those tables and copies, and is refused."""
     for rule in SECTION_RULES:
-        index = obj.section_index(rule.pattern) if rule.key and rule.layout else None
-        if index is None or index not in relas_of or rule.layout is None:
+        index = obj.section_index(rule.pattern) if rule.key or rule.copied_at_load else None
+        if index is None or index not in relas_of:
             continue
         for r in obj.relocations(relas_of[index]):
-            key = klp.get(obj.symbols[r.sym].name)
-            if r.offset % rule.layout.entry_size == rule.layout.key_offset and key and key.object != VMLINUX:
-                raise BuildError(f"the changed code uses {rule.key} {key.name} of module {key.object}: the kernel "
+            used = klp.get(obj.symbols[r.sym].name)
+            if used is None or used.object == VMLINUX:
+                continue
+            if rule.copied_at_load:
+                raise BuildError(f"the changed code's {rule.pattern} uses {used.name} of module {used.object}: the "
+                                 f"kernel copies that code into the update as it loads, before livepatch resolves "
+                                 f"that module's symbols, so it cannot be carried by an update")
+            if rule.layout is not None and r.offset % rule.layout.entry_size == rule.layout.key_offset:
+                raise BuildError(f"the changed code uses {rule.key} {used.name} of module {used.object}: the kernel "
                                  f"reads a livepatch module's {rule.pattern} before it resolves that module's "
                                  f"symbols, so it cannot be carried by an update")
 
@@ -189,7 +195,7 @@ def _kept_sections(obj: RelocatableElf, functions: set[str], new_data: set[str],
             raise BuildError(f"patched object has no section for new variable {name}")
         keep.add(data_sections[name])
     keep |= {i for i, s in enumerate(obj.sections)
-             if CONSTANTS.match(s.name) or (rules[i] is not None and rules[i].carry is Carry.WHOLE)}
+             if CONSTANTS.match(s.name) or (rules[i] is not None and rules[i].carry is Carry.PIECES)}
     keep |= carried_constant_sections(obj)  # __func__.N, CSWTCH.N: gcc's numbers differ from the kernel's
     # Read-only data no symbol names (literals gcc placed in plain .rodata) is stateless too.
     named = {s.shndx for s in obj.symbols if s.type in (STT_OBJECT, STT_FUNC) and s.name}
@@ -284,23 +290,52 @@ def _filter_tables(obj: RelocatableElf, relas_of: dict[int, int], keep: set[int]
             sec.data = b"".join(sec.data[i * size:(i + 1) * size] for i in kept_entries.get(rule.driver, []))
 
 
-def _prune_replacements(obj: RelocatableElf, relas_of: dict[int, int]) -> None:
-    """``.altinstr_replacement`` holds the replacement code of every alternative in the file; only
-    the parts kept ``.altinstructions`` entries point at run in the update. Drop the relocations of
-    the other parts, or the update would ask the kernel for symbols only left-behind code uses."""
-    alt, repl = obj.section_index(".altinstructions"), obj.section_index(".altinstr_replacement")
-    if repl is None or repl not in relas_of:
-        return
-    size = TABLE_LAYOUTS[".altinstructions"].entry_size
-    ranges = []
-    if alt is not None and alt in relas_of:
-        data = obj.sections[alt].data
-        for r in obj.relocations(relas_of[alt]):
-            if r.offset % size == ALT_REPL_OFFSET and obj.symbols[r.sym].shndx == repl:
-                start = r.addend + obj.symbols[r.sym].value
-                ranges.append((start, start + data[r.offset - ALT_REPL_OFFSET + ALT_REPL_LEN]))
-    ri = relas_of[repl]
-    obj.set_relocations(ri, [r for r in obj.relocations(ri) if any(a <= r.offset < b for a, b in ranges)])
+def _prune_pieces(obj: RelocatableElf, relas_of: dict[int, int], keep: set[int],
+                  rules: list[SectionRule | None]) -> set[int]:
+    """Sections of code outside any function (alternative replacements, static_cpu_has() tests) hold
+    the pieces of every function in the file; they travel whole, but only the pieces kept code jumps
+    to, or entries about kept code name, run in the update. Drop the relocations of the others, or
+    the update would ask the kernel for symbols (and jump back into functions) only left-behind code
+    uses. Returns the sections none of whose pieces is used: they are not carried at all.
+
+    A piece an entry names is as long as the entry says; a piece code jumps to reaches up to the
+    next piece any code jumps to.
+    """
+    pieces = {i for i, rule in enumerate(rules) if rule is not None and rule.carry is Carry.PIECES}
+    starts: dict[int, set[int]] = {i: {obj.sections[i].size} for i in pieces}
+    used: dict[int, list[tuple[int, int]]] = {i: [] for i in pieces}
+    jumps: list[tuple[int, int]] = []
+    for host, ri in relas_of.items():
+        sec, rule = obj.sections[host], rules[host]
+        layout = rule.layout if rule is not None else None
+        is_code = bool(sec.flags & SHF_EXECINSTR) and host not in pieces
+        if not is_code and (layout is None or layout.piece_offset is None or layout.piece_length_offset is None):
+            continue
+        relas = obj.relocations(ri)
+        kept_entries = {r.offset // layout.entry_size for r in relas if r.offset % layout.entry_size ==
+                        layout.code_offset and obj.symbols[r.sym].shndx in keep} if layout is not None else set()
+        for r in relas:
+            sym = obj.symbols[r.sym]
+            if sym.shndx not in pieces:
+                continue
+            kind = RELOC_KINDS.get(r.type)
+            start = sym.value + r.addend
+            if is_code:
+                start += REL32_SIZE if kind is not None and kind.pc_relative else 0
+                starts[sym.shndx].add(start)
+                if host in keep:
+                    jumps.append((sym.shndx, start))
+            elif layout is not None and r.offset % layout.entry_size == layout.piece_offset \
+                    and r.offset // layout.entry_size in kept_entries:
+                length = sec.data[r.offset - layout.piece_offset + layout.piece_length_offset]
+                used[sym.shndx].append((start, start + length))
+    for index, start in jumps:
+        used[index].append((start, min((a for a in starts[index] if a > start), default=start)))
+    for index in pieces:
+        if index in relas_of:
+            ri = relas_of[index]
+            obj.set_relocations(ri, [r for r in obj.relocations(ri) if any(a <= r.offset < b for a, b in used[index])])
+    return {index for index in pieces if not used[index]}
 
 
 def _empty(sec: Section) -> None:

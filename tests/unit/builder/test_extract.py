@@ -11,11 +11,12 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from dynamos.builder.elf import sections
-from dynamos.builder.elf.sections import Carry
+from dynamos.builder.elf.sections import SECTION_RULES, Carry, Handling
 from dynamos.builder.extract import extract_functions
 from dynamos.builder.klp import KlpSymbol
 from dynamos.errors import BuildError
 from tests.support.gcc import compile_kernel_like
+from tests.support.kernel_asm import STATIC_CPU_HAS
 
 SOURCE = """
 static int counter;
@@ -132,6 +133,83 @@ def test_replacement_code_of_left_behind_alternatives_asks_for_nothing(tmp_path:
     elf = ELFFile(io.BytesIO(e.object))
     assert len(list(elf.get_section_by_name(".rela.altinstr_replacement").iter_relocations())) == 1
     assert elf.get_section_by_name(".altinstructions")["sh_size"] == 12
+
+
+def test_replacement_code_using_a_symbol_of_a_module_is_refused(tmp_path: Path):
+    """apply_alternatives copies a replacement into the update's code as it loads, before livepatch
+    resolves a module's symbols: the copy would keep an unrelocated call."""
+    def in_module(name: str, local: bool) -> KlpSymbol | None:
+        return KlpSymbol(name, "crc_t10dif") if name == "show_target" else resolve(name, local)
+
+    with pytest.raises(BuildError, match="altinstr_replacement uses show_target of module crc_t10dif"):
+        extract_functions(compile_c(tmp_path, ALTERNATIVES), {"show"}, set(), in_module)
+    e = extract_functions(compile_c(tmp_path, ALTERNATIVES), {"other"}, set(), in_module)  # other_target: vmlinux
+    assert [k.name for k in e.klp_placeholders.values()] == ["other_target"]
+
+
+CPU_FEATURES = STATIC_CPU_HAS + """
+extern int printk(const char *fmt, ...);
+int first(int x) { if (static_cpu_has(4 * 32 + 31)) return printk("first %d", x); return x; }
+int second(int x) { if (static_cpu_has(1 * 32 + 5)) return printk("second %d", x); return x + 1; }
+"""
+
+
+def relocations(elf: ELFFile, name: str) -> list[tuple[str, int]]:
+    """(symbol or section, addend) of each relocation of section ``name``."""
+    symtab, sections_ = elf.get_section_by_name(".symtab"), list(elf.iter_sections())
+    out = []
+    for r in elf.get_section_by_name(f".rela{name}").iter_relocations():
+        sym = symtab.get_symbol(r["r_info_sym"])
+        out.append((sym.name or sections_[sym["st_shndx"]].name, r["r_addend"]))
+    return out
+
+
+def test_static_cpu_has_travels_with_the_changed_function(tmp_path: Path):
+    """The loader applies the update's alternatives to the update's copy (module_finalize): the kept
+    function's entries, its replacement and its run-time test travel; that test jumps back into the
+    copy, and nothing of second()'s is linked or asked for."""
+    def exported(name: str, local: bool) -> KlpSymbol | None:
+        return None if name in ("printk", "boot_cpu_data") else resolve(name, local)
+
+    e = extract_functions(compile_c(tmp_path, CPU_FEATURES), {"first"}, set(), exported)
+    assert e.klp_placeholders == {}
+    elf = ELFFile(io.BytesIO(e.object))
+    assert elf.get_section_by_name(".altinstructions")["sh_size"] == 2 * 12
+    entries = relocations(elf, ".altinstructions")
+    assert [name for name, _ in entries] == [".text.first", ".altinstr_replacement"] * 2
+    assert relocations(elf, ".altinstr_replacement") == [(".text.first", 0x24)]  # jmp t_no, in first
+    aux = relocations(elf, ".altinstr_aux")
+    assert sorted(aux) == [(".text.first", 0xA), (".text.first", 0x24), ("boot_cpu_data", 0xE)]
+    (tmp_path / "x.o").write_bytes(e.object)
+    subprocess.run(["ld", "-r", "-o", str(tmp_path / "linked.o"), str(tmp_path / "x.o")], check=True)
+
+
+def test_alternatives_no_kept_code_uses_are_not_carried(tmp_path: Path):
+    text = CPU_FEATURES + "int third(int x) { return printk(\"third %d\", x); }\n"
+    e = extract_functions(compile_c(tmp_path, text), {"third"}, set(), resolve)
+    elf = ELFFile(io.BytesIO(e.object))
+    for name in (".altinstructions", ".altinstr_replacement", ".altinstr_aux"):
+        assert elf.get_section_by_name(name)["sh_size"] == 0, name
+    assert {".altinstr_replacement", ".altinstr_aux"} <= set(e.dropped_sections)
+
+
+PER_FUNCTION = [r for r in SECTION_RULES if r.handling is Handling.PER_FUNCTION]
+
+
+@pytest.mark.parametrize("rule", PER_FUNCTION, ids=[r.pattern for r in PER_FUNCTION])
+def test_every_table_the_diff_compares_per_function_travels_with_the_function(tmp_path: Path, rule):
+    """What the diff compares per function (its entries decide whether the function changed),
+    extraction carries with the function: the diff and extraction cannot disagree about a table."""
+    assert rule.layout is not None and not any(c in rule.pattern for c in "*?[")
+    size, at = rule.layout.entry_size, rule.layout.code_offset
+    entry = (f'.pushsection {rule.pattern},\\"a\\"\\n.skip {at}\\n.quad 1b\\n.skip {size - at - 8}\\n'
+             '.popsection\\n')
+    text = "".join(f'int {name}(int v) {{ asm volatile("1: nop\\n{entry}"); return v + {n}; }}\n'
+                   for n, name in enumerate(("kept", "left")))
+    e = extract_functions(compile_c(tmp_path, text), {"kept"}, set(), resolve)
+    elf = ELFFile(io.BytesIO(e.object))
+    assert elf.get_section_by_name(rule.pattern)["sh_size"] == size, rule.pattern
+    assert [name for name, _ in relocations(elf, rule.pattern)] == [".text.kept"]
 
 
 JUMP_LABEL = """

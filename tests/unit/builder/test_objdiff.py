@@ -17,6 +17,7 @@ from dynamos.builder.linemap import stabilise_lines
 from dynamos.builder.objdiff import DiffResult, ObjectInfo, diff_objects, read_object
 from dynamos.errors import BuildError
 from tests.support.gcc import compile_kernel_like
+from tests.support.kernel_asm import STATIC_CPU_HAS
 
 BASE = """\
 extern int printk(const char *fmt, ...);
@@ -342,6 +343,50 @@ def test_jump_table_change_of_unchanged_function_is_refused(tmp_path: Path) -> N
                     "if (key_on(&key_b))\n\t\treturn printk(\"second")
     result = diff(tmp_path, JUMP_LABEL, patched)
     assert "__jump_table entries of second_user changed" in refusal(result, "second_user")
+
+
+CPU_FEATURES = STATIC_CPU_HAS + """
+extern int printk(const char *fmt, ...);
+
+int first(int x)
+{
+\tif (static_cpu_has(4 * 32 + 31))
+\t\treturn printk("first %d\\n", x);
+\treturn x;
+}
+
+int second(int x)
+{
+\tif (static_cpu_has(1 * 32 + 5))
+\t\treturn printk("second %d\\n", x);
+\treturn x + 1;
+}
+"""
+
+
+@pytest.mark.parametrize("changed, old, new, entries", [
+    # A second feature test in first() grows .altinstr_replacement and .altinstr_aux in front of
+    # second()'s pieces: second()'s entries and its jump into .altinstr_aux point elsewhere, to the
+    # same code.
+    ("first", "\tif (static_cpu_has(4 * 32 + 31))\n",
+     "\tif (static_cpu_has(4 * 32 + 31) && !static_cpu_has(9 * 32 + 16))\n", 4),
+    # first()'s empty replacement shares its offset with second()'s jump: a call before second()'s
+    # test moves the labels that jump goes to, which is no change of first().
+    ("second", "\tif (static_cpu_has(1 * 32 + 5))\n", "\tprintk(\"before\");\n\tif (static_cpu_has(1 * 32 + 5))\n", 2),
+])
+def test_alternatives_that_only_moved_are_no_change(tmp_path: Path, changed: str, old: str, new: str,
+                                                    entries: int) -> None:
+    result = diff(tmp_path, CPU_FEATURES, patch(CPU_FEATURES, old, new))
+    assert names(result.changed) == {changed} and result.unchanged == sorted({"first", "second"} - {changed})
+    assert not result.refused
+    assert [(s.section, s.function, s.entries) for s in result.special] == [(".altinstructions", changed, entries)]
+
+
+def test_another_cpu_feature_is_a_change(tmp_path: Path) -> None:
+    # Only the feature bit differs: in the run-time test (.altinstr_aux) and in the entry's cpuid.
+    result = diff(tmp_path, CPU_FEATURES, patch(CPU_FEATURES, "static_cpu_has(1 * 32 + 5)",
+                                                "static_cpu_has(1 * 32 + 6)"))
+    assert names(result.changed) == {"second"} and not result.refused
 
 
 DESCRIPTORS = """\

@@ -53,8 +53,6 @@ from dynamos.builder.elf.sections import (
     section_rule,
 )
 from dynamos.builder.elf.x86_64 import (
-    ALT_REPL_LEN,
-    ALT_REPL_OFFSET,
     BRANCH_DISPLACEMENTS,
     EM_X86_64,
     ENDBR_SIZE,
@@ -84,7 +82,7 @@ __all__ = [
     "CARRIED_WRITABLE_SECTIONS", "DATA_PREFIXES", "DEFAULT_RULE", "SECTION_RULES", "Carry", "Handling",
     "SectionRule", "carried", "section_rule",
     # x86-64
-    "ALT_REPL_LEN", "ALT_REPL_OFFSET", "BRANCH_DISPLACEMENTS", "EM_X86_64", "ENDBR_SIZE", "FENTRY_CALL_SIZE",
+    "BRANCH_DISPLACEMENTS", "EM_X86_64", "ENDBR_SIZE", "FENTRY_CALL_SIZE",
     "FENTRY_RELOC_OFFSETS", "KERNEL_TEXT_START", "MASK64", "MAX_PC_BIAS", "MODULES_VADDR", "REL32_SIZE",
     "RELOC_KINDS", "SHORT_BRANCHES", "TABLE_LAYOUTS", "RelocKind", "TableLayout", "plain_reloc_kind",
 ]

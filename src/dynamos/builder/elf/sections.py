@@ -5,8 +5,8 @@ match no row are code (executable), merged constants, data (.data*, .bss*, .roda
 allocated and unknown, refused by the diff on any change (DEFAULT_RULE) and left behind by
 extraction. Entry sizes come from the architecture (``x86_64.TABLE_LAYOUTS``), never from here.
 
-Where the diff and extraction do not agree yet, the row says so in ``gap`` rather than hiding it in
-two tables: ``.parainstructions`` is compared per function but not carried.
+The diff and extraction read the same row, so they cannot disagree: every table the diff compares
+per function is one whose entries extraction carries (a unit test holds the two to that).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ class Carry(Enum):
 
     ENTRIES = "entries"  # a per-function table: the entries about kept code travel, the others are dropped
     PARALLEL = "parallel"  # entries travel with the entries of the same index of another table (``driver``)
-    WHOLE = "whole"  # copied as it is (stateless); only the relocations of used parts are kept
+    PIECES = "pieces"  # code outside any function, in pieces the kept code or kept entries use: copied
+    # whole, and only the used pieces keep their relocations (the others never run in the update)
     REFUSE = "refuse"  # entries about kept code stop the extraction (``carry_why`` says why)
     DROP = "drop"  # left behind
 
@@ -46,7 +47,9 @@ class SectionRule:
     driver: str | None = None  # Carry.PARALLEL: the table whose kept entries decide
     carry_why: str = ""  # Carry.REFUSE: the reason extraction gives
     key: str = ""  # what an entry's key is (the layout says where): a key of a module cannot be carried
-    gap: str = ""  # a known disagreement between the diff and extraction, kept until its issue is fixed
+    # The kernel copies this code into the module's own as the module loads (apply_alternatives, from
+    # module_finalize): a symbol of a module it uses, which livepatch resolves only later, cannot be carried.
+    copied_at_load: bool = False
 
     @property
     def layout(self) -> TableLayout | None:
@@ -75,17 +78,20 @@ SECTION_RULES: tuple[SectionRule, ...] = (
     SectionRule(".static_call_sites", _I, "static-call sites; an unlisted site calls the trampoline", _ENTRIES,
                 key="static call"),
     SectionRule(".smp_locks", _I, "LOCK prefixes kept for UP patching; leaving them is correct", _ENTRIES),
-    SectionRule(".altinstr_replacement", _I, "replacement code; compared via .altinstructions entries", Carry.WHOLE),
-    SectionRule(".altinstr_aux", _I, "static_cpu_has fallback code; compared via its users", Carry.REFUSE,
-                carry_why="alternative auxiliary code is not handled yet"),
+    # The module loader applies a module's alternatives as for any module (module_finalize): the
+    # replacements an update's entries name, and the static_cpu_has() tests its code jumps to before
+    # that (they jump back into the update's copy), travel with the code.
+    SectionRule(".altinstr_replacement", _I, "replacement code; compared via .altinstructions entries",
+                Carry.PIECES, copied_at_load=True),
+    SectionRule(".altinstr_aux", _I, "static_cpu_has() run-time tests; compared via the code jumping to them",
+                Carry.PIECES),
     SectionRule(".discard.*", _I, "objtool annotations, dropped at link time"),
     SectionRule(".note.*", _I, "notes (build id, GNU properties), not code or data"),
     SectionRule("__jump_table", _P, "static-key sites (struct jump_entry)", _ENTRIES, key="static key"),
     SectionRule(".altinstructions", _P, "CPU-feature alternatives (struct alt_instr)", _ENTRIES),
     SectionRule("__bug_table", _P, "BUG/WARN sites (struct bug_entry)", _ENTRIES),
     SectionRule("__ex_table", _P, "exception fixups (struct exception_table_entry)", _ENTRIES),
-    SectionRule(".parainstructions", _P, "paravirt sites (struct paravirt_patch_site)",
-                gap="diffed per function, but extraction does not carry the entries yet (a later issue)"),
+    SectionRule(".parainstructions", _P, "paravirt sites (struct paravirt_patch_site)", _ENTRIES),
     SectionRule(".init.*", _B, "__init: runs only at boot or module load and is freed afterwards"),
     SectionRule(".exit.*", _B, "__exit: runs only at module unload, or never when built in"),
     SectionRule(".head.text", _B, "early boot code: runs once before the kernel is up"),

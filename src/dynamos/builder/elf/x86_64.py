@@ -49,6 +49,10 @@ class TableLayout:
     entry_size: int
     code_offset: int = 0  # where an entry's relocation says which code it is about
     key_offset: int | None = None  # where an entry names a key (static key, static call)
+    # Where an entry points at code of its own outside any function (an alternative's replacement),
+    # and where the entry says how many bytes of it there are (u8): the piece is exactly that long.
+    piece_offset: int | None = None
+    piece_length_offset: int | None = None
 
 
 TABLE_LAYOUTS: dict[str, TableLayout] = {
@@ -57,8 +61,9 @@ TABLE_LAYOUTS: dict[str, TableLayout] = {
     ".orc_unwind": TableLayout(6),  # struct orc_entry, parallel to .orc_unwind_ip (no relocations)
     "__bug_table": TableLayout(12),  # struct bug_entry: bug_addr_disp, file_disp, line, flags
     "__ex_table": TableLayout(12),  # struct exception_table_entry: insn, fixup, data
-    ".altinstructions": TableLayout(12),  # struct alt_instr: instr_offset, repl_offset, cpuid, lengths
-    ".parainstructions": TableLayout(16),  # struct paravirt_patch_site
+    # struct alt_instr: instr_offset (s32), repl_offset (s32), cpuid (u16), instrlen, replacementlen (u8)
+    ".altinstructions": TableLayout(12, piece_offset=4, piece_length_offset=11),
+    ".parainstructions": TableLayout(16),  # struct paravirt_patch_site: instr (u8 *), type, len (u8)
     ".return_sites": TableLayout(4),  # objtool: return thunk sites (s32)
     ".retpoline_sites": TableLayout(4),  # objtool: indirect call thunk sites (s32)
     ".call_sites": TableLayout(4),  # objtool: call depth tracking sites (s32)
@@ -67,7 +72,6 @@ TABLE_LAYOUTS: dict[str, TableLayout] = {
     ".static_call_sites": TableLayout(8, key_offset=4),  # struct static_call_site: addr, key
     "__jump_table": TableLayout(16, key_offset=8),  # struct jump_entry: code, target, key
 }
-ALT_REPL_OFFSET, ALT_REPL_LEN = 4, 11  # struct alt_instr: repl_offset (s32), replacementlen (u8)
 
 
 # ----- relocations ------------------------------------------------------------------------------

@@ -312,18 +312,39 @@ class _Reader:
         start, digest = self._piece(target_sec, target)
         return Reloc(r.offset - base, r.type, f"{target_sec.name}:{digest}", addend - start)
 
-    def _piece(self, sec: _Section, target: int) -> tuple[int, str]:
-        """Identity of unnamed bytes: from the referenced offset to the next referenced offset,
-        with its own relocations by raw name (no recursion), so moving the piece is no change."""
-        anchors = self.anchors.get(sec.index, [])
-        start = max([a for a in anchors if a <= target], default=0)
-        end = min([a for a in anchors if a > start] + [sec.size])
-        h = hashlib.sha256(_mask(sec.data[start:end], (r for r in self.relocs.get(sec.index, ())
-                                                        if start <= r.offset < end), start))
-        for r in self.relocs.get(sec.index, ()):
-            if start <= r.offset < end:
-                h.update(f"{r.offset - start}:{r.type}:{self.syms[r.sym].name}:{r.addend};".encode())
+    def _piece(self, sec: _Section, target: int, length: int | None = None) -> tuple[int, str]:
+        """Identity of unnamed bytes (alternative replacements, static_cpu_has() tests): ``length``
+        bytes from the target when the reference says how many, else from the referenced offset to
+        the next one. Its own relocations count by what they hit (a function and the offset in it) or
+        else by raw name, without recursing into other pieces, so moving a piece is no change."""
+        if length is not None:
+            start, end = target, target + length
+        else:
+            anchors = self.anchors.get(sec.index, [])
+            start = max([a for a in anchors if a <= target], default=0)
+            end = min([a for a in anchors if a > start] + [sec.size])
+        rows = [r for r in self.relocs.get(sec.index, ()) if start <= r.offset < end]
+        h = hashlib.sha256(_mask(sec.data[start:end], rows, start))
+        for r in rows:
+            sym = self.syms[r.sym]
+            hit = self.target_symbol(sec, r) if _section_like(sym) else None
+            name, addend = (hit.name, sym.value + r.addend - hit.value) if hit is not None else (sym.name, r.addend)
+            h.update(f"{r.offset - start}:{r.type}:{name}:{addend};".encode())
         return start, h.hexdigest()[:16]
+
+    def sized_piece(self, host: _Section, offset: int, length: int, base: int) -> Reloc | None:
+        """The relocation at ``offset`` of a table entry that names ``length`` bytes of unnamed code
+        (an alternative's replacement), as that exact piece; None when it names a symbol."""
+        r = next((r for r in self.relocs.get(host.index, ()) if r.offset == offset), None)
+        if r is None or not _section_like(self.syms[r.sym]):
+            return None
+        sym = self.syms[r.sym]
+        target = sym.value + r.addend + self._bias(host, RELOC_KINDS[r.type])
+        target_sec = self.sections[sym.shndx]
+        if self.hit(sym.shndx, target) is not None:
+            return None
+        _start, digest = self._piece(target_sec, target, length)
+        return Reloc(r.offset - base, r.type, f"{target_sec.name}:{digest}", 0)
 
     def item_relocs(self, sec: _Section, start: int, end: int) -> tuple[tuple[Reloc, ...], bytes]:
         """Normalised relocations of [start, end) in ``sec`` and its bytes with their sites zeroed."""
@@ -392,8 +413,15 @@ class _Reader:
         return min(after, default=sec.size) - sym.value
 
     def _entries(self, sec: _Section, rule: SectionRule, info: ObjectInfo) -> Iterator[TableEntry]:
+        layout = rule.layout
         for start in range(0, sec.size, rule.entry_size):
             relocs, blob = self.item_relocs(sec, start, start + rule.entry_size)
+            if layout is not None and layout.piece_offset is not None and layout.piece_length_offset is not None:
+                # The piece is as long as the entry says, not up to whatever comes next (the next
+                # function's replacement may start where an empty one is).
+                piece = self.sized_piece(sec, start + layout.piece_offset, sec.data[start + layout.piece_length_offset],
+                                         start)
+                relocs = tuple(piece if piece is not None and r.offset == piece.offset else r for r in relocs)
             owner = next((info.unit_of(r.symbol) for r in relocs if r.symbol in info.functions), None)
             yield TableEntry(owner, blob, relocs)
 
