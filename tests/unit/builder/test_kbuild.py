@@ -13,6 +13,7 @@ from dynamos.builder import kbuild
 from dynamos.builder.kbuild import BuildResult, build_update, error_lines, read_modinfo, rewrite_paths
 from dynamos.errors import BuildError
 from dynamos.target import TargetKernel
+from dynamos.update.modsig import read_module_signature, unsigned_part
 
 RELEASE = "6.1.0-56-amd64"
 
@@ -139,7 +140,9 @@ def test_build_writes_the_package_into_an_output_directory(built: Built, target:
     assert call["path"] == expected
     assert call["kernel_release"] == target.release
     assert call["vermagic"] == built.result.vermagic
-    assert call["module"] == built.result.module
+    # The package holds the module signed (last, after every rewrite): the ELF bytes are the build's.
+    assert read_module_signature(call["module"]) is not None
+    assert unsigned_part(call["module"]) == built.result.module
     assert call["build_log"] == built.result.build_log
     assert call["source"].name == "cmdline-banner"
 
