@@ -520,7 +520,7 @@ def write_journal(source: KernelSource, obj_rel: str, originals: Mapping[str, tu
               "files": [{"path": rel, "atime_ns": stat.st_atime_ns, "mtime_ns": stat.st_mtime_ns,
                          "content": content.hex(), "sha256": hashlib.sha256(content).hexdigest()}
                         for rel, (content, stat) in originals.items()]}
-    tmp = journal_path(source).with_suffix(".tmp")
+    tmp = journal_path(source).with_suffix(f".{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(json.dumps(record))
         f.flush()

@@ -137,10 +137,11 @@ def test_unknown_file(source: KernelSource, tmp_path: Path) -> None:
 
 def test_killed_compile_is_recovered(source: KernelSource, tmp_path: Path) -> None:
     """A compile killed while the patched text was in place: the next use of the tree puts it back."""
-    before = tree_snapshot(source)
     path = source.tree / CMDLINE
-    source_mod.write_journal(source, "fs/proc/cmdline.o", {CMDLINE: (before[0], path.stat())})
-    path.write_bytes(b"/* left behind by a killed compile */\n")
+    with source_mod.tree_lock(source.release):  # as the killed compile held it: no one else sees this
+        before = tree_snapshot(source)
+        source_mod.write_journal(source, "fs/proc/cmdline.o", {CMDLINE: (before[0], path.stat())})
+        path.write_bytes(b"/* left behind by a killed compile */\n")
     try:
         compile_unit(source, CMDLINE, tmp_path / "after.o")
     finally:
