@@ -56,7 +56,7 @@ def _resolve(k: LiveKernel, e: dict[str, Any], timeout: float) -> tuple[str, str
     if action == "apply":
         return _finish_apply(k, name, e.get("details") or {}, timeout)
     if action == "revert":
-        return _finish_revert(k, name, timeout)
+        return finish_revert(k, name, timeout)
     return "closed", f"interrupted; nothing to undo; now: {kernel_shows(k.root, name)}"
 
 
@@ -106,7 +106,8 @@ def _finish_apply(k: LiveKernel, name: str, details: dict[str, Any], timeout: fl
                          + "".join(f"; {n}" for n in notes))
 
 
-def _finish_revert(k: LiveKernel, name: str, timeout: float) -> tuple[str, str]:
+def finish_revert(k: LiveKernel, name: str, timeout: float) -> tuple[str, str]:
+    """Finish a revert that was stopped (or leave the update applied, if it had not taken effect)."""
     patch = lp.read_livepatch(k.root, name)
     if patch is None:
         if name not in loaded_modules(k.root):
