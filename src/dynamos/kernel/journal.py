@@ -92,8 +92,13 @@ class OperationLock:
                     raise RefusedError(f"{what}: refused, nothing was changed: another dynamos ({holder}) is "
                                        f"changing this kernel and holds {self.path}{waited}") from None
                 time.sleep(0.1)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:  # a full disk: refuse, as for any lock that cannot be taken
+            os.close(fd)
+            raise RefusedError(f"{what}: refused, nothing was changed: cannot write the lock {self.path}: "
+                               f"{e.strerror or e}") from e
         self.fd = fd
 
     def release(self) -> None:

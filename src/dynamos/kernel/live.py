@@ -295,8 +295,9 @@ class LiveKernel:
         }
         try:
             self.records.write(pkg.livepatch_name, record)
-        except OSError as e:
-            notes.append(f"could not record the update in {self.records.directory}: {e.strerror or e}")
+        except OSError as e:  # an update loaded without its record would not be dynamos' in status
+            raise RefusedError(f"{pkg.livepatch_name}: refused, nothing was loaded: cannot write the record "
+                               f"{self.records.path(pkg.livepatch_name)}: {e.strerror or e}") from e
 
     def _is_loaded(self, name: str) -> bool:
         """Whether module ``name`` is in the kernel (registered livepatch or plain module)."""

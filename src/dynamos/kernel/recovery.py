@@ -96,8 +96,12 @@ def _finish_apply(k: LiveKernel, name: str, details: dict[str, Any], timeout: fl
                 k.records.remove(name)
             return b.outcome, str(b).split("\n")[0]
     if k.records.read(name) is None:
-        k.records.write(name, {"update": details.get("update"), "livepatch": name, "package": details.get("package"),
-                               "applied": now_iso(), "recovered": True, "functions": []})
+        try:
+            k.records.write(name, {"update": details.get("update"), "livepatch": name,
+                                   "package": details.get("package"), "applied": now_iso(), "recovered": True,
+                                   "functions": []})
+        except OSError as e:
+            notes.append(f"could not write its record {k.records.path(name)}: {e.strerror or e}")
     replaced = k.transitions.unload_replaced([n for n in details.get("replacing", []) if n != name], notes)
     for old in replaced:
         k.records.remove(old)
