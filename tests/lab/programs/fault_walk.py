@@ -237,8 +237,8 @@ def nothing_changed(what: str) -> None:
 
 def unwritable_log(pkgs: dict[str, str]) -> dict[str, Any]:
     """DYNAMOS_LOG in a read-only place: apply, revert and switch refused with nothing changed."""
-    sh("mkdir -p /mnt/ro && mount -t tmpfs -o ro,size=64k none /mnt/ro")
-    env = {"DYNAMOS_LOG": "/mnt/ro/actions.log"}
+    sh("mkdir -p /tmp/faults-ro && mount -t tmpfs -o ro,size=64k none /tmp/faults-ro")
+    env = {"DYNAMOS_LOG": "/tmp/faults-ro/actions.log"}
     out: dict[str, Any] = {}
     try:
         revert_all()
@@ -260,7 +260,7 @@ def unwritable_log(pkgs: dict[str, str]) -> dict[str, Any]:
         out["switch"] = text.strip()
         revert_all()
     finally:
-        sh("umount /mnt/ro")
+        sh("umount /tmp/faults-ro")
     return out
 
 
@@ -273,19 +273,19 @@ def full_disks(pkgs: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     revert_all()
     # The journal's disk: the log's last page partly used, no free page, so the intent line is torn.
-    sh("mkdir -p /mnt/fulllog && mount -t tmpfs -o size=8k none /mnt/fulllog")
+    sh("mkdir -p /tmp/faults-log && mount -t tmpfs -o size=8k none /tmp/faults-log")
     try:
-        log = Path("/mnt/fulllog/actions.log")
+        log = Path("/tmp/faults-log/actions.log")
         log.write_text("".join(json.dumps({"time": "2026-01-01T00:00:00.000+00:00", "action": "note", "name": "x",
                                            "result": "ok", "n": i}) + "\n" for i in range(40)))
-        fill("/mnt/fulllog")
+        fill("/tmp/faults-log")
         env = {"DYNAMOS_LOG": str(log)}
         code, text = run_cli(["apply", pkgs[BANNER]], env=env)
         check(code == 5 and "cannot write the action log" in text, f"apply on a full log disk: exit {code}: {text}")
         nothing_changed("apply with a full log disk")
         check(all(json.loads(line) for line in log.read_text().splitlines()), "a torn line in the log")
         out["log"] = text.strip()
-        os.unlink("/mnt/fulllog/filler")
+        os.unlink("/tmp/faults-log/filler")
         code, text = run_cli(["apply", pkgs[BANNER]], env=env)
         check(code == 0, f"apply after freeing the log disk: exit {code}: {text}")
         code, text = run_cli(["revert", BANNER], env=env)
@@ -295,7 +295,7 @@ def full_disks(pkgs: dict[str, str]) -> dict[str, Any]:
         closed = {e.get("op") for e in entries if e.get("op") and e.get("result") != "intent"}
         check(ops <= closed, "an operation on the freed log looks interrupted")
     finally:
-        sh("umount /mnt/fulllog")
+        sh("umount /tmp/faults-log")
     # The state directory (lock and records): one page for the lock, none for a record.
     sh("mkdir -p /run/dynamos && mount -t tmpfs -o size=8k none /run/dynamos && echo 0 > /run/dynamos/lock")
     try:
@@ -351,6 +351,7 @@ def main() -> int:
                 revert_all()
             except Exception as again:  # noqa: BLE001
                 report["failures"].append({"case": "cleanup", "error": str(again)})
+    report["phase_walk_seconds"] = round(time.monotonic() - started, 1)
     for label, step in (("unwritable_log", unwritable_log), ("full_disk", full_disks)):
         try:
             report[label] = step(pkgs)
