@@ -46,6 +46,9 @@ def test_kill_and_ctrl_c_at_every_phase_and_full_disks(guest, build):
     for c in report["cases"]:
         print(f"  {c['operation']}:{c['phase']}:{c['signal']} {c['update']}: exit {c['exit']}, "
               f"recovered {c['recovered']}, applied after {c['applied_after']} ({c['seconds']} s)", file=sys.stderr)
+    for label in ("unwritable_log", "full_disk"):
+        for key, message in report.get(label, {}).items():
+            print(f"  {label} {key}: {message}", file=sys.stderr)
     assert report["failures"] == [], json.dumps(report["failures"], indent=1)
     assert report["phases"] == {op: list(p) for op, p in PHASES.items()}  # the guest walked this registry
     covered = {(c["operation"], c["phase"], c["signal"]) for c in report["cases"]}
