@@ -68,6 +68,12 @@ class TransitionError(DynamosError):
     exit_status = 6
 
 
+class OperationInterrupted(DynamosError):
+    """An operation was interrupted (Ctrl-C) and dynamos finished or undid it; the message says which."""
+
+    exit_status = 130
+
+
 class TargetError(DynamosError):
     """A target kernel (its packages, headers, image) could not be obtained or prepared."""
 

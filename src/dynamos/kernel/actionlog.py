@@ -73,8 +73,14 @@ class ActionLog:
             # One write() on an O_APPEND descriptor keeps concurrent writers' lines whole.
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             try:
-                if os.write(fd, line.encode()) != len(line.encode()):
-                    raise OSError(errno.EIO, "short write")
+                data = line.encode()
+                written = os.write(fd, data)
+                if written != len(data):
+                    # A full disk took part of the line: cut it off, or the next line would be glued
+                    # to it and both lost to the reader (an intent lost, or a result, and its op
+                    # would look interrupted forever).
+                    os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR) - written)
+                    raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes): disk full?")
                 os.fsync(fd)
             finally:
                 os.close(fd)

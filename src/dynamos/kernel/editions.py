@@ -36,6 +36,7 @@ from dynamos.kernel import livepatch as lp
 from dynamos.kernel.actionlog import ActionLog, default_log_path
 from dynamos.kernel.journal import Journal
 from dynamos.kernel.modules import normalize_name
+from dynamos.kernel.phases import reached
 from dynamos.update.names import checked_name
 
 
@@ -316,8 +317,11 @@ def switch(update: str, function: str, edition: str | int | None, selector: Sele
     Under the operation lock (``wait``: see ``journal``), with intent and result in the action log."""
     journal = Journal(root, ActionLog(default_log_path(root)), wait)
     with journal.operation("switch", normalize_name(update), {"function": function, "edition": edition,
-                                                             "selector": repr(selector), "reset": reset}):
-        return _switch(update, function, edition, selector, reset, root)
+                                                             "selector": repr(selector), "reset": reset},
+                           lambda phase: reached("switch", phase)):
+        control = _switch(update, function, edition, selector, reset, root)
+        reached("switch", "routed")
+        return control
 
 
 def _switch(update: str, function: str, edition: str | int | None, selector: Selector, reset: bool,

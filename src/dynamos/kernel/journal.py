@@ -18,7 +18,7 @@ import errno
 import fcntl
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -92,8 +92,13 @@ class OperationLock:
                     raise RefusedError(f"{what}: refused, nothing was changed: another dynamos ({holder}) is "
                                        f"changing this kernel and holds {self.path}{waited}") from None
                 time.sleep(0.1)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:  # a full disk: refuse, as for any lock that cannot be taken
+            os.close(fd)
+            raise RefusedError(f"{what}: refused, nothing was changed: cannot write the lock {self.path}: "
+                               f"{e.strerror or e}") from e
         self.fd = fd
 
     def release(self) -> None:
@@ -150,13 +155,17 @@ class Journal:
                 if e.get("result") == INTENT and (e.get("op"), e.get("action")) not in closed]
 
     @contextmanager
-    def operation(self, action: str, name: str, details: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def operation(self, action: str, name: str, details: dict[str, Any],
+                  reached: Callable[[str], None] = lambda phase: None) -> Iterator[dict[str, Any]]:
         """Lock, intent, the change (the body), result: for changes with no undo of their own
-        (switch, retire); the body may add to the yielded details."""
+        (switch, retire); the body may add to the yielded details. ``reached`` is told each phase
+        (``locked``, ``intent-logged``, ``result-logged``: see ``phases``)."""
         start = time.monotonic()
         with self.locked(name):
+            reached("locked")
             self.intent(action, name, details)
             try:
+                reached("intent-logged")
                 yield details
             except BaseException as e:
                 result = "refused" if isinstance(e, RefusedError) else (
@@ -165,5 +174,6 @@ class Journal:
                 raise
             else:
                 self.log.record(action, name, "ok", time.monotonic() - start, details)
+                reached("result-logged")
             finally:
                 self.done()

@@ -16,12 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dynamos.errors import DynamosError, PackageError, RefusedError
+from dynamos.errors import DynamosError, OperationInterrupted, PackageError, RefusedError
 from dynamos.kernel import editions
 from dynamos.kernel import livepatch as lp
 from dynamos.kernel.actionlog import ActionLog, default_log_path, now_iso
 from dynamos.kernel.journal import Journal
 from dynamos.kernel.modules import explain_load_error, last_kmsg_seq, loaded_modules, normalize_name
+from dynamos.kernel.phases import reached
 from dynamos.kernel.preflight import Preflight
 from dynamos.kernel.refusals import REFUSALS, PreflightRefused, Refusal
 from dynamos.kernel.results import ApplyResult, KernelStatus, RecoverResult, RevertResult
@@ -132,6 +133,7 @@ class LiveKernel:
         if self.sys.geteuid() != 0:  # refused before the lock, which only root may take
             return self._apply(package_path, timeout, progress, revert_timeout=revert_timeout, force=force)
         with self.journal.locked(str(package_path)):
+            reached("apply", "locked")
             recovered = self._recover_notes(timeout)
             try:
                 result = self._apply(package_path, timeout, progress, revert_timeout=revert_timeout, force=force)
@@ -182,32 +184,40 @@ class LiveKernel:
             signer = self._verify(pkg)
             details["signer"] = signer.to_json()
             t = timed("verify", t)
+            reached("apply", "verified")
             notes = self.preflight(pkg)
             notes += self.predicted_blockers(pkg)[1]
             t = timed("preflight", t)
+            reached("apply", "preflighted")
             before = set(lp.livepatch_names(self.root))
             functions = [_function_json(f) for f in pkg.patched_functions]
             self.journal.intent("apply", pkg.livepatch_name, {
                 "update": pkg.name, "package": os.path.abspath(package_path), "consistency": pkg.consistency,
                 "replacing": sorted(before - {pkg.livepatch_name}) if pkg.replace else []})
+            reached("apply", "intent-logged")
             # Recorded before loading, so an update whose apply was killed midway is still
             # recognisable as dynamos' in status.
             self._record(pkg, package_path, functions, notes, signer)
+            reached("apply", "recorded")
             loading = True
             self._load(pkg)
             t = timed("load", t)
+            reached("apply", "loaded")
             self.transitions.complete(pkg.livepatch_name, timeout, revert_timeout, progress,
                                       force_notes=notes if force else None)
             notes += self.transitions.signal_notes()
             t = timed("transition", t)
+            reached("apply", "transitioned")
             if pkg.consistency == "global":
                 self.transitions.switch_globally(pkg.livepatch_name, True, timeout, revert_timeout, progress, notes)
                 t = timed("switch", t)
+                reached("apply", "switched")
             transitioned = True  # from here on the update is applied: failures only leave old modules
             replaced: list[str] = []
             if pkg.replace:
                 replaced = self.transitions.unload_replaced(sorted(before - {pkg.livepatch_name}), notes)
             timed("unload", t)
+            reached("apply", "replaced-unloaded")
         except BaseException as e:
             if pkg is not None and transitioned:
                 raise self._cleanup_interrupted(pkg, sorted(before - {pkg.livepatch_name}), e, start,
@@ -244,6 +254,7 @@ class LiveKernel:
         )
         details.update(replaced=replaced, notes=notes)
         self.log.record("apply", pkg.livepatch_name, "ok", result.seconds, details)
+        reached("apply", "result-logged")
         return result
 
     def _cleanup_interrupted(self, pkg: UpdatePackage, old: list[str], e: BaseException, start: float,
@@ -287,8 +298,9 @@ class LiveKernel:
         }
         try:
             self.records.write(pkg.livepatch_name, record)
-        except OSError as e:
-            notes.append(f"could not record the update in {self.records.directory}: {e.strerror or e}")
+        except OSError as e:  # an update loaded without its record would not be dynamos' in status
+            raise RefusedError(f"{pkg.livepatch_name}: refused, nothing was loaded: cannot write the record "
+                               f"{self.records.path(pkg.livepatch_name)}: {e.strerror or e}") from e
 
     def _is_loaded(self, name: str) -> bool:
         """Whether module ``name`` is in the kernel (registered livepatch or plain module)."""
@@ -327,6 +339,7 @@ class LiveKernel:
         if self.sys.geteuid() != 0:
             return self._revert(name, timeout, progress, restore_timeout=restore_timeout)
         with self.journal.locked(name):
+            reached("revert", "locked")
             recovered = self._recover_notes(timeout)
             try:
                 result = self._revert(name, timeout, progress, restore_timeout=restore_timeout)
@@ -356,16 +369,21 @@ class LiveKernel:
         details: dict[str, Any] = {"phases": phases}
         record = self.records.read(lp_name)
         notes: list[str] = []
+        intent = False
         try:
             t = self.sys.monotonic()
             patch = self._revert_preflight(lp_name, notes)
+            reached("revert", "preflighted")
             self.journal.intent("revert", lp_name, {"update": record.get("update") if record else None})
+            intent = True
+            reached("revert", "intent-logged")
             now = self.sys.monotonic()
             phases["preflight"], t = round(now - t, 6), now
             switched_off = False
             if patch is not None and (editions.global_switch_state(lp_name, self.root) or {}).get("state") == "new":
                 self.transitions.switch_globally(lp_name, False, timeout, restore_timeout, progress, notes)
                 switched_off = True
+                reached("revert", "switched-back")
             if patch is not None:
                 try:
                     self.transitions.disable(patch, timeout, restore_timeout, progress)
@@ -376,6 +394,7 @@ class LiveKernel:
                     # (the state before the revert), or say that the fix is not running.
                     raise self.transitions.restore_globally(lp_name, blocked, restore_timeout) from blocked
                 notes += self.transitions.signal_notes()
+                reached("revert", "disabled")
                 self.transitions.wait_gone(lp_name, self.transitions.unload_timeout)
             now = self.sys.monotonic()
             phases["transition"], t = round(now - t, 6), now
@@ -386,7 +405,10 @@ class LiveKernel:
                     f"could not be unloaded: {failure}"
                 )
             phases["unload"] = round(self.sys.monotonic() - t, 6)
+            reached("revert", "unloaded")
         except BaseException as e:
+            if intent and not isinstance(e, DynamosError):
+                raise self._finish_interrupted_revert(lp_name, e, restore_timeout, start, details) from e
             self._log_failure("revert", lp_name, start, details, e)
             raise
         if not self.records.remove(lp_name):
@@ -400,7 +422,23 @@ class LiveKernel:
         )
         details["notes"] = notes
         self.log.record("revert", lp_name, "ok", result.seconds, details)
+        reached("revert", "result-logged")
         return result
+
+    def _finish_interrupted_revert(self, lp_name: str, e: BaseException, timeout: float, start: float,
+                                   details: dict[str, Any]) -> DynamosError:
+        """A revert stopped between two of its steps (Ctrl-C, an unexpected error): finish it, or
+        leave the update applied as it was, as ``recover`` would; the error says which."""
+        from dynamos.kernel.recovery import finish_revert
+
+        try:
+            outcome, detail = finish_revert(self, lp_name, timeout)
+        except DynamosError as failed:  # the intent stays open: status shows it, recover retries
+            return DynamosError(f"{lp_name}: {interrupted('revert', e)}, and finishing it failed: {failed}; "
+                                "run `dynamos recover`")
+        self._log_failure("revert", lp_name, start, {**details, "outcome": outcome, "detail": detail}, e)
+        cls = OperationInterrupted if isinstance(e, KeyboardInterrupt) else DynamosError
+        return cls(f"{lp_name}: {interrupted('revert', e)}; {outcome}: {detail}")
 
     def _revert_preflight(self, lp_name: str, notes: list[str]) -> lp.Livepatch | None:
         """The patch to disable (None: only a leftover module to unload), or RefusedError."""

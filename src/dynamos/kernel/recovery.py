@@ -56,7 +56,7 @@ def _resolve(k: LiveKernel, e: dict[str, Any], timeout: float) -> tuple[str, str
     if action == "apply":
         return _finish_apply(k, name, e.get("details") or {}, timeout)
     if action == "revert":
-        return _finish_revert(k, name, timeout)
+        return finish_revert(k, name, timeout)
     return "closed", f"interrupted; nothing to undo; now: {kernel_shows(k.root, name)}"
 
 
@@ -96,8 +96,12 @@ def _finish_apply(k: LiveKernel, name: str, details: dict[str, Any], timeout: fl
                 k.records.remove(name)
             return b.outcome, str(b).split("\n")[0]
     if k.records.read(name) is None:
-        k.records.write(name, {"update": details.get("update"), "livepatch": name, "package": details.get("package"),
-                               "applied": now_iso(), "recovered": True, "functions": []})
+        try:
+            k.records.write(name, {"update": details.get("update"), "livepatch": name,
+                                   "package": details.get("package"), "applied": now_iso(), "recovered": True,
+                                   "functions": []})
+        except OSError as e:
+            notes.append(f"could not write its record {k.records.path(name)}: {e.strerror or e}")
     replaced = k.transitions.unload_replaced([n for n in details.get("replacing", []) if n != name], notes)
     for old in replaced:
         k.records.remove(old)
@@ -106,7 +110,8 @@ def _finish_apply(k: LiveKernel, name: str, details: dict[str, Any], timeout: fl
                          + "".join(f"; {n}" for n in notes))
 
 
-def _finish_revert(k: LiveKernel, name: str, timeout: float) -> tuple[str, str]:
+def finish_revert(k: LiveKernel, name: str, timeout: float) -> tuple[str, str]:
+    """Finish a revert that was stopped (or leave the update applied, if it had not taken effect)."""
     patch = lp.read_livepatch(k.root, name)
     if patch is None:
         if name not in loaded_modules(k.root):

@@ -29,8 +29,12 @@ class UpdateRecords:
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.path(livepatch_name)
         tmp = final.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, final)
+        try:
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+            os.replace(tmp, final)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # no half-written file left behind (a full disk)
+            raise
 
     def read(self, livepatch_name: str) -> dict[str, Any] | None:
         try:

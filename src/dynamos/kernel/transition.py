@@ -21,6 +21,7 @@ from dynamos.kernel import editions
 from dynamos.kernel import livepatch as lp
 from dynamos.kernel.actionlog import ActionLog
 from dynamos.kernel.modules import explain_unload_error, last_kmsg_seq, loaded_modules, unload_module
+from dynamos.kernel.phases import reached
 from dynamos.kernel.syscalls import Syscalls
 
 PROGRESS_EVERY = 1.0  # seconds between progress reports while nothing changes
@@ -217,6 +218,7 @@ class Transitions:
         """Wait for the forward transition; on timeout, interruption or any error, revert and
         unload (with ``force_notes``, force a timed-out transition and note who was forced)."""
         try:
+            reached("apply", "transition-waiting")
             done = self.wait(name, timeout, "transition", progress)
             if not done and force_notes is not None:
                 forced = lp.blockers(self.root, 1)
@@ -321,6 +323,7 @@ class Transitions:
                                    f"{lp.explain_enabled_error(e, name, False)}") from e
         # else: already moving back to the original code (a reversed transition); just wait.
         try:
+            reached("revert", "disable-started")
             done = self.wait(name, timeout, "revert", progress)
         except BaseException as e:
             done, cause, progress = False, interrupted("revert", e), None

@@ -75,9 +75,13 @@ class AcceptedPackages:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"{pkg.name}.json"
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps({"created": pkg.manifest["created"], "module_sha256": pkg.module_sha256,
-                                   "signer": signer.to_json()}) + "\n")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps({"created": pkg.manifest["created"], "module_sha256": pkg.module_sha256,
+                                       "signer": signer.to_json()}) + "\n")
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # no half-written file left behind (a full disk)
+            raise
 
 
 def _sig_enforced(root: Path) -> bool:
