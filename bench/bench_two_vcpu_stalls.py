@@ -30,6 +30,7 @@ from _report import print_results  # noqa: E402
 
 from dynamos.builder.kbuild import build_update  # noqa: E402
 from dynamos.demo import guest_env  # noqa: E402
+from dynamos.errors import LabError  # noqa: E402
 from dynamos.lab import Lab, LabConfig  # noqa: E402
 from dynamos.target import DEFAULT_LAB_KERNEL, cache_root, fetch_target  # noqa: E402
 from tests.lab.conftest import LAB_UPDATES, build_test_module  # noqa: E402
@@ -42,7 +43,7 @@ def run_mode(mode: str, rounds: int, module: str, packages: dict[str, Path], wor
     config = LabConfig(kernel=DEFAULT_LAB_KERNEL, cpus=2, tcg_threads=mode, accel="tcg",
                        shares=[str(REPO), str(cache_root()), str(work)])
     lab = Lab.boot(config, progress=lambda m: print(f"[{mode}] {m}", file=sys.stderr))
-    out: dict = {"apply_s": [], "revert_s": [], "failed": [], "trouble": []}
+    out: dict = {"apply_s": [], "revert_s": [], "failed": [], "trouble": [], "hung": None}
 
     def run(*argv: str, timeout: float = 180):
         r = lab.run(list(argv), env=guest_env(), timeout=timeout)
@@ -63,6 +64,14 @@ def run_mode(mode: str, rounds: int, module: str, packages: dict[str, Path], wor
                         run("sh", "-c", f"{sys.executable} -m dynamos revert {name} || true")
         reads, mixed = run("sh", "-c", f"cat {PARAMS}/reads {PARAMS}/mixed").stdout.split()
         out["reads"], out["mixed"] = int(reads), int(mixed)
+    except LabError as e:  # the guest stopped answering: that is the finding, with its console
+        console = lab.console_text()
+        out["hung"] = str(e).splitlines()[0]
+        out["console_tail"] = [line for line in console.splitlines()
+                               if any(w in line for w in ("lockup", "stall", "RIP:", "hung", "blocked"))][:40]
+        kept = cache_root() / "labs" / f"stall-console-{mode}.log"
+        kept.write_text(console)
+        out["console_log"] = str(kept)
     finally:
         lab.kill()
         lab.discard()
@@ -93,6 +102,7 @@ def main() -> int:
         summary.update({
             f"{mode}.operations": len(r["apply_s"]) + len(r["revert_s"]),
             f"{mode}.failed": len(r["failed"]),
+            f"{mode}.hung": r["hung"] or "no",
             f"{mode}.kernel_trouble": len(r["trouble"]),
             f"{mode}.mixed_reads": r.get("mixed"),
             f"{mode}.reads": r.get("reads"),
@@ -105,7 +115,7 @@ def main() -> int:
     else:
         print_results(summary, False)
         for mode, r in results.items():
-            for line in r["failed"][:5] + r["trouble"][:10]:
+            for line in r["failed"][:5] + r["trouble"][:10] + r.get("console_tail", [])[:20]:
                 print(f"{mode}: {line}")
     return 0
 
