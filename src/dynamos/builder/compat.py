@@ -104,8 +104,9 @@ def apply_directives(diff: DiffResult, patched: bytes, unit: str) -> Directives:
         if function in {c.name for c in diff.changed}:
             raise BuildError(f"{unit}: {kind} callback {function} is a function of the running kernel the patch "
                              f"changes; a callback must be a function of its own")
-        if function not in {c.name for c in diff.new}:
-            diff.new.append(Change("new", function, f"{kind} callback"))
+        diff.new = [c for c in diff.new if c.name != function]
+        diff.new.append(Change("new", function, f"{kind} callback (KPATCH_/KLP_ macro)"))
+    diff.new.sort(key=lambda c: c.name)
     return found
 
 
