@@ -49,9 +49,9 @@ class Directives:
     ignored: list[str] = field(default_factory=list)  # what was left out of the diff, for explain()
 
 
-def read_directives(patched: bytes, unit: str) -> Directives:
+def read_directives(patched: bytes | RelocatableElf, unit: str) -> Directives:
     """The directives in the ``.dynamos.*`` sections of a patched object."""
-    obj = RelocatableElf.parse(patched, f"patched {unit}")
+    obj = patched if isinstance(patched, RelocatableElf) else RelocatableElf.parse(patched, f"patched {unit}")
     relocs = obj.relocations_by_target()
     out = Directives()
     for index, sec in enumerate(obj.sections):
@@ -89,8 +89,8 @@ def apply_directives(diff: DiffResult, patched: bytes, unit: str) -> Directives:
     """Read a unit's directives and apply them to its diff: ignored functions and everything the
     ignored sections define leave every list (changed, new, new data, refused); callbacks join
     the new functions the update carries."""
-    found = read_directives(patched, unit)
     obj = RelocatableElf.parse(patched, f"patched {unit}")
+    found = read_directives(obj, unit)
     in_sections = {i for i, s in enumerate(obj.sections) if s.name in found.ignored_sections}
     ignored = found.ignored_functions | found.ignored_sections | {
         s.name for s in obj.symbols if s.name and s.shndx in in_sections}
