@@ -281,10 +281,11 @@ def generate_livepatch_source(source: UpdateSource, prototypes: Mapping[Function
 
     hooks = dict(source.hooks)
     hook_object = VMLINUX if VMLINUX in source.objects else source.objects[0]
+    params, args = ("struct klp_object *obj", "obj") if source.hooks_take_object else ("void", "")
     if hooks:
         out.append("/* State-transfer hooks of the update source (livepatch callbacks). */")
         for key, function in hooks.items():
-            out.append(f"extern {'int' if key == 'pre_patch' else 'void'} {function}(void);")
+            out.append(f"extern {'int' if key == 'pre_patch' else 'void'} {function}({params});")
         out.append("")
     object_arrays: list[tuple[str, str | None, dict[str, str]]] = []
     for index, obj in enumerate(source.objects):
@@ -314,7 +315,7 @@ def generate_livepatch_source(source: UpdateSource, prototypes: Mapping[Function
                 out.append(f"\t\terr = dynamos_kthreads_to_new({checked_array}, {len(checked)});")
             if obj == hook_object and "pre_patch" in hooks:
                 out.append("\tif (!err)")
-                out.append(f"\t\terr = {hooks['pre_patch']}();")
+                out.append(f"\t\terr = {hooks['pre_patch']}({args});")
                 if threads:
                     out.append("\tif (err)")
                     out.append("\t" + to_original)
@@ -330,7 +331,7 @@ def generate_livepatch_source(source: UpdateSource, prototypes: Mapping[Function
             if checked:
                 out.append(f"\tdynamos_takeover_complete({checked_array}, {len(checked)});")
             if obj == hook_object and "post_patch" in hooks:
-                out.append(f"\t{hooks['post_patch']}();")
+                out.append(f"\t{hooks['post_patch']}({args});")
             out.append("}")
             out.append("")
         for key in ("pre_unpatch", "post_unpatch"):
@@ -344,11 +345,11 @@ def generate_livepatch_source(source: UpdateSource, prototypes: Mapping[Function
             out.append(f"static void dynamos_{key}_{index}(struct klp_object *obj)")
             out.append("{")
             if key == "pre_unpatch" and author:
-                out.append(f"\t{author}();")
+                out.append(f"\t{author}({args});")
             if threads:
                 out.append(to_original)
             if key == "post_unpatch" and author:
-                out.append(f"\t{author}();")
+                out.append(f"\t{author}({args});")
             out.append("}")
             out.append("")
         object_arrays.append((array, klp_object_name(obj), callbacks))

@@ -17,11 +17,12 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dynamos.abi import VMLINUX, edition_prefix
 from dynamos.builder.cgen import generate_kbuild, generate_livepatch_source
+from dynamos.builder.compat import Directives, apply_directives, callback_hooks, with_compat_headers
 from dynamos.builder.elf import RelocatableElf
 from dynamos.builder.extract import extract_functions
 from dynamos.builder.fidelity import check_fidelity
@@ -65,6 +66,7 @@ class UnitReport:
     fidelity: str = ""  # what the compiled original was compared with, and how it went
     touched: list[str] = field(default_factory=list)  # the patched files it compiles (itself, or included)
     statics: StaticLocals = field(default_factory=StaticLocals)  # its file-local variables in the kernel
+    directives: Directives = field(default_factory=Directives)  # what its kpatch/klp-build macros asked for
 
 
 @dataclass
@@ -97,6 +99,7 @@ class PatchBuild:
                     lines.append(f"  static    {name} is the kernel's {unit.statics.how[name]}")
             for r in unit.diff.refused:
                 lines.append(f"  REFUSED   {r.name}: {r.reason}")
+            lines += [f"  ignored   {name}: KPATCH_IGNORE_ macro" for name in unit.directives.ignored]
             if unit.diff.unchanged:
                 lines.append(f"  unchanged {len(unit.diff.unchanged)} function(s)")
         return lines
@@ -240,7 +243,7 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
     source = prepare_source(target, say)
     phases["source"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
-    patched = patched_texts(patch, source.tree, files)
+    patched = with_compat_headers(patched_texts(patch, source.tree, files))
     if symtab is None:
         symtab = lab_symbol_table(target, progress=say)
     image_text = kernel_text(target)
@@ -265,6 +268,8 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
                 skipped.append(unit)
                 say(f"{unit} includes {', '.join(touched)} but is not built into {target.release}: skipped")
             else:
+                report.directives = apply_directives(
+                    report.diff, (work / "objects" / _obj_name(unit, "patched")).read_bytes(), unit)
                 units.append(report)
         phases["compile+diff"] = round(time.monotonic() - t, 3)
         refused = [(u.path, r) for u in units for r in u.diff.refused]
@@ -279,6 +284,7 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
         functions: list[dict[str, object]] = []  # [[function]] tables, validated like update.toml's
         placeholders: dict[str, KlpSymbol] = {}
         extracted: list[str] = []
+        with_callbacks: list[tuple[str, str, Directives, dict[str, str]]] = []
         for index, unit in enumerate(units):
             keep = {c.name for c in unit.diff.changed} | {c.name for c in unit.diff.new}
             if not keep:
@@ -294,13 +300,17 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
             _write_cmd_file(work, obj)
             extracted.append(obj)
             placeholders.update(ext.klp_placeholders)
+            with_callbacks.append((unit.path, unit.object, unit.directives, ext.editions))
             for c in unit.diff.changed:
                 pos = sympos.position(c.name, local=True)
                 functions.append({"name": c.name, "edition": ext.editions[c.name], "object": unit.object,
                                   **({"sympos": pos} if pos else {})})
+        hooks = callback_hooks(with_callbacks, list(dict.fromkeys(str(f["object"]) for f in functions)))
         update = compiled_update_source({"update": {"name": update_name,
                                                     "description": f"dynamos update from {patch.name}"},
-                                         "function": functions}, work, origin=patch)
+                                         "function": functions, **({"hooks": hooks} if hooks else {})},
+                                        work, origin=patch)
+        update = replace(update, hooks_take_object=bool(hooks))  # kpatch/klp-build callbacks take the object
         main = f"{update.livepatch_name}_main.o"
         (work / main).with_suffix(".c").write_text(generate_livepatch_source(update))
         (work / "Kbuild").write_text(generate_kbuild(update, main, extracted))

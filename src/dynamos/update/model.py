@@ -141,6 +141,7 @@ class UpdateSource:
     consistency: str = "per-task"  # or "global": every function moves to its edition at one instant
     transfer: str | None = None  # global: C hook converting shared data at that instant
     hooks: tuple[tuple[str, str], ...] = ()  # (livepatch callback, C function): state transfer hooks
+    hooks_take_object: bool = False  # the hooks take livepatch's struct klp_object * (a patch's KPATCH_ macros)
     states: tuple[tuple[int, int], ...] = ()  # (id, version): system states this update sets up (klp_state)
     version: str | None = None  # the update's own version
     cves: tuple[str, ...] = ()  # the CVEs it fixes

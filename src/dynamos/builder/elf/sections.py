@@ -25,6 +25,7 @@ class Handling(Enum):
     PER_FUNCTION = "per-function"  # a table whose entries point into functions; entries travel with them
     BOOT_ONLY = "boot-only"  # __init/__exit code and data: used only at boot, load or unload
     REFUSE_CHANGE = "refuse-change"  # a table dynamos does not handle yet: any change refuses the update
+    DIRECTIVE = "directive"  # an instruction to the patch builder (compatibility macros): read, never diffed
 
 
 class Carry(Enum):
@@ -50,6 +51,7 @@ class SectionRule:
     # The kernel copies this code into the module's own as the module loads (apply_alternatives, from
     # module_finalize): a symbol of a module it uses, which livepatch resolves only later, cannot be carried.
     copied_at_load: bool = False
+    directive: str = ""  # Handling.DIRECTIVE: what the patch builder does with it (builder/compat.py)
 
     @property
     def layout(self) -> TableLayout | None:
@@ -62,6 +64,7 @@ class SectionRule:
 
 
 _I, _P, _B, _R = Handling.IGNORE, Handling.PER_FUNCTION, Handling.BOOT_ONLY, Handling.REFUSE_CHANGE
+_D = Handling.DIRECTIVE
 _ENTRIES = Carry.ENTRIES
 
 SECTION_RULES: tuple[SectionRule, ...] = (
@@ -104,6 +107,19 @@ SECTION_RULES: tuple[SectionRule, ...] = (
     SectionRule("__tracepoint*", _R, "tracepoint definitions"),
     SectionRule("_ftrace_events", _R, "trace event definitions"),
     SectionRule("__syscalls_metadata", _R, "syscall trace metadata"),
+    # Written by the compatibility macros (runtime/compat: kpatch-macros.h, linux/livepatch_helpers.h).
+    SectionRule(".dynamos.callbacks.pre_patch", _D, "a pointer to a pre_patch callback (KPATCH_/KLP_ macro)",
+                directive="pre_patch"),
+    SectionRule(".dynamos.callbacks.post_patch", _D, "a pointer to a post_patch callback (KPATCH_/KLP_ macro)",
+                directive="post_patch"),
+    SectionRule(".dynamos.callbacks.pre_unpatch", _D, "a pointer to a pre_unpatch callback (KPATCH_/KLP_ macro)",
+                directive="pre_unpatch"),
+    SectionRule(".dynamos.callbacks.post_unpatch", _D, "a pointer to a post_unpatch callback (KPATCH_/KLP_ macro)",
+                directive="post_unpatch"),
+    SectionRule(".dynamos.ignore.functions", _D, "pointers to functions whose changes the update leaves out "
+                "(KPATCH_IGNORE_FUNCTION)", directive="ignore-function"),
+    SectionRule(".dynamos.ignore.sections", _D, "names of sections whose changes the update leaves out "
+                "(KPATCH_IGNORE_SECTION)", directive="ignore-section"),
 )
 DEFAULT_RULE = SectionRule("*", Handling.REFUSE_CHANGE, "a special section dynamos does not handle yet")
 

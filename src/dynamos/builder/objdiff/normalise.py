@@ -193,7 +193,7 @@ class _Section:
         if self.type in _META_TYPES:
             return "skip"
         if self.rule is not None:
-            if self.rule.handling is Handling.IGNORE:
+            if self.rule.handling in (Handling.IGNORE, Handling.DIRECTIVE):
                 return "skip"
             if self.rule.handling is Handling.BOOT_ONLY:
                 return "code" if self.is_code else "data"
