@@ -162,8 +162,11 @@ def new_signer(directory: Path | str, name: str) -> Signer:
 
 def lab_signer(cache: Path) -> Signer:
     """The lab key, made on first use under the cache: what builds for labs are signed with when
-    no signer is configured. Labs trust it inside the guest; no host trusts it unless told to."""
+    no signer is configured. Labs trust it inside the guest; no host trusts it unless told to.
+    Once made it is only read (a lab guest sees the cache read-only)."""
     directory = cache / "lab-signer"
+    if (directory / "signer.json").is_file():
+        return load_signer(directory)
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / ".lab-signer.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
