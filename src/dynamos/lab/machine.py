@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dynamos.builder.signing import lab_signer
 from dynamos.errors import LabError
-from dynamos.lab.initramfs import cached_initramfs, files_cpio
+from dynamos.lab.initramfs import DISK_MODULES, LAB_MODULES, cached_initramfs, files_cpio
 from dynamos.lab.modules import MODULES_TAG
 from dynamos.target import DEFAULT_LAB_KERNEL, TargetKernel, cache_root
 from dynamos.target.images import extract_vmlinux
@@ -35,6 +35,7 @@ class LabConfig:
     boot_timeout: float = 60.0
     root_cache: str = "cache=loose"  # 9p cache mode of the read-only root share
     append: str = ""  # extra kernel command line
+    disk: str | None = None  # a system lab: boot this root disk image with its own init (see sysimage.py)
 
 
 def default_shares() -> list[str]:
@@ -106,8 +107,9 @@ def modules_share_argv(target: TargetKernel) -> list[str]:
             "-device", f"virtio-9p-pci,fsdev={MODULES_TAG},mount_tag={MODULES_TAG}"]
 
 
-def lab_initramfs(target: TargetKernel, shares: list[tuple[str, bool]], root_cache: str) -> bytes:
-    """The cached base initramfs plus this lab's settings (``/lab.conf``) appended."""
+def lab_initramfs(target: TargetKernel, shares: list[tuple[str, bool]], root_cache: str, disk: bool = False) -> bytes:
+    """The cached base initramfs plus this lab's settings (``/lab.conf``) appended; with ``disk``,
+    one that mounts the root disk (/dev/vda) and starts its init instead of the agent."""
     agent, init = agent_files()
     conf = "\n".join([
         f"SHARES={shlex.quote(' '.join(('rw:' if w else 'ro:') + p for p, w in shares))}",
@@ -117,8 +119,10 @@ def lab_initramfs(target: TargetKernel, shares: list[tuple[str, bool]], root_cac
         f"DYNAMOS_CACHE={shlex.quote(str(cache_root()))}",
         f"MODULES_RELEASE={shlex.quote(target.release if target.modules_dir else '')}",
         f"TRUST_KEYRING={shlex.quote(str(lab_signer(cache_root()).trusted_keyring))}",
+        f"ROOT_DISK={'/dev/vda' if disk else ''}",
     ]) + "\n"
-    base = cached_initramfs(target, init.read_text(), cache_root() / "initramfs")
+    modules = LAB_MODULES + DISK_MODULES if disk else LAB_MODULES
+    base = cached_initramfs(target, init.read_text(), cache_root() / "initramfs", modules)
     return base.read_bytes() + files_cpio({"lab.conf": conf.encode()})
 
 
@@ -146,6 +150,9 @@ def qemu_argv(target: TargetKernel, config: LabConfig, accel: str, state_dir: Pa
         "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
     ]
     argv += modules_share_argv(target)
+    if config.disk:  # the system lab's root (virtio-blk: /dev/vda); the guest's writes go to this file
+        argv += ["-drive", f"file={option_value(config.disk)},format=raw,if=none,id=rootdisk,cache=writeback",
+                 "-device", "virtio-blk-pci,drive=rootdisk"]
     if accel == "kvm":
         argv += ["-accel", "kvm", "-cpu", "host"]
     else:
