@@ -209,7 +209,8 @@ class Installer:
     def install(self, package_path: Path | str, *, apply: bool = True, timeout: float = 30.0,
                 progress: Any = None) -> PersistenceResult:
         """Verify ``package_path`` as apply does, keep it for its release, apply it now if it is
-        for the running kernel (unless ``apply`` is False)."""
+        for the running kernel (unless ``apply`` is False). If that apply fails, the install is
+        undone (an earlier installed copy of the update is put back) and the error raised."""
         self._require_root(str(package_path))
         start = self.k.sys.monotonic()
         pkg: UpdatePackage = self.k._read_package(Path(package_path))
@@ -217,6 +218,8 @@ class Installer:
         with self.k.journal.locked(pkg.livepatch_name):
             signer = self.k._verify(pkg)
             previous = self.store.find(pkg.livepatch_name, pkg.kernel_release)
+            kept = (previous.package.read_bytes(), previous.package.with_suffix(".json").read_bytes()) \
+                if previous is not None else None
             entry = self.store.add(pkg, Path(package_path), signer.to_json())
             if previous is not None and previous.routes:
                 entry.routes = previous.routes  # a newer build of the same update keeps its stored routes
@@ -242,9 +245,23 @@ class Installer:
             elif self._live_same(entry):
                 item["outcome"], item["message"] = "installed", "already live"
             else:
-                applied = self.k.apply(entry.package, timeout=timeout, progress=progress)
+                try:
+                    applied = self.k.apply(entry.package, timeout=timeout, progress=progress)
+                except BaseException:
+                    self._undo_add(entry, kept)  # what is installed is what was accepted to run
+                    raise
                 item["outcome"], item["applied"] = "installed and applied", applied.to_json()
         return result
+
+    def _undo_add(self, entry: InstalledUpdate, kept: tuple[bytes, bytes] | None) -> None:
+        """Take back an install whose apply failed: the earlier copy of the update, if any, returns."""
+        if kept is None:
+            self.store.remove(entry)
+        else:
+            _write_atomic(entry.package, kept[0])
+            _write_atomic(entry.package.with_suffix(".json"), kept[1])
+        self.k.log.record("install", entry.livepatch_name, "undone", 0.0,
+                          {"release": entry.release, "why": "the apply failed", "restored_earlier": kept is not None})
 
     def uninstall(self, name: str, *, release: str | None = None, timeout: float = 30.0,
                   progress: Any = None) -> PersistenceResult:

@@ -240,3 +240,18 @@ def test_non_root_is_refused(harness: KernelHarness) -> None:
                  lambda i: i.gc()):
         with pytest.raises(RefusedError, match="root"):
             call(installer(h))
+
+
+def test_an_install_whose_apply_fails_is_undone(harness: KernelHarness) -> None:
+    h = harness
+    inst = installer(h)
+    inst.install(h.add("fix-a"), apply=False)
+    first = inst.store.find("fix-a", h.sim.kernel_release)
+    h.sim.refuse_modules = {"fix_a", "fix_n"}
+    with pytest.raises(RefusedError, match="refused module fix_n"):
+        inst.install(h.add("fix-n", "vfs_read"))
+    with pytest.raises(RefusedError, match="refused module fix_a"):
+        inst.install(h.add("fix-a"))
+    entries = inst.store.entries(h.sim.kernel_release)
+    assert [(e.name, e.created, e.seq) for e in entries] == [("fix-a", first.created, first.seq)]
+    assert [e["result"] for e in h.log() if e["action"] == "install"] == ["ok", "ok", "undone", "ok", "undone"]
