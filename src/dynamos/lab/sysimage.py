@@ -111,6 +111,9 @@ def system_image(progress: Callable[[str], None] | None = None) -> Path:
             _run(["mke2fs", "-q", "-t", "ext4", "-L", "dynamos-root", "-d", str(root), str(image), IMAGE_SIZE],
                  "mke2fs")
             image.rename(path)
+            for stale in directory.glob(f"{SUITE}-*.ext4"):  # images of an earlier agent or package list
+                if stale != path:
+                    stale.unlink(missing_ok=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return path
