@@ -255,3 +255,37 @@ def test_an_install_whose_apply_fails_is_undone(harness: KernelHarness) -> None:
     entries = inst.store.entries(h.sim.kernel_release)
     assert [(e.name, e.created, e.seq) for e in entries] == [("fix-a", first.created, first.seq)]
     assert [e["result"] for e in h.log() if e["action"] == "install"] == ["ok", "ok", "undone", "ok", "undone"]
+
+
+def test_cli_commands_print_one_json_object_each(harness: KernelHarness, monkeypatch, capsys) -> None:
+    """install, load --all, installed, uninstall and gc through the CLI, on the simulated kernel."""
+    import dynamos.kernel
+    from dynamos.cli import main
+
+    h = harness
+    monkeypatch.setattr(dynamos.kernel, "LiveKernel", lambda *a, **kw: h.kernel)
+
+    def run(*argv: str) -> tuple[int, dict]:
+        status = main(list(argv))
+        return status, json.loads(capsys.readouterr().out)
+
+    status, data = run("install", str(h.add("fix-a")), "--json")
+    assert status == 0 and data["ok"] and data["items"][0]["outcome"] == "installed and applied"
+    run("install", str(h.add("fix-b", "vfs_read")), "--no-apply", "--json")
+    run("install", str(h.add("fix-c", release=OTHER)), "--json")
+    h.sim.reboot()
+    h.sim.refuse_modules = {"fix_b"}
+    status, data = run("load", "--all", "--json")
+    assert status == EXIT_LOAD_FAILED and data["exit_status"] == EXIT_LOAD_FAILED and not data["ok"]
+    assert {i["name"]: i["outcome"] for i in data["items"]} == {"fix-c": "skipped", "fix-a": "loaded",
+                                                                "fix-b": "failed"}
+    status, data = run("installed", "--json")
+    assert [(i["name"], i["live"]) for i in data["installed"]] == [("fix-c", False), ("fix-a", True),
+                                                                   ("fix-b", False)]
+    status, data = run("uninstall", "fix-a", "--json")
+    assert status == 0 and data["items"][0]["outcome"] == "reverted and uninstalled"
+    status, data = run("gc", "--json")
+    assert status == 0 and [i["release"] for i in data["items"]] == [OTHER]
+    status, data = run("uninstall", "fix-q", "--json")
+    assert status == 5 and data["ok"] is False and "no update named fix_q" in data["error"]
+    assert main(["load"]) == 64
