@@ -83,8 +83,10 @@ class KernelHarness:
             release: str | None = None, consistency: str = "per-task",
             klp_symbols: list[dict[str, Any]] | None = None, image_names: dict[str, str] | None = None,
             signer: Signer | None = None, created: datetime | None = None, version: str | None = None,
-            cves: tuple[str, ...] = ()) -> Path:
-        """Write an update package replacing ``functions`` (default: cmdline_proc_show); its path."""
+            cves: tuple[str, ...] = (), editions: dict[str, list[str]] | None = None,
+            path: Path | None = None) -> Path:
+        """Write an update package replacing ``functions`` (default: cmdline_proc_show); its path
+        (``path``: where, default ``pkgs/NAME.dynpkg``; ``editions``: see ``simulated_module_image``)."""
         specs = tuple(f if isinstance(f, FunctionSpec) else fn(f) for f in functions or ("cmdline_proc_show",))
         source = UpdateSource(directory=self.packages, name=name, description=f"{name} (simulated)",
                               functions=specs, c_files=(), replace=replace, consistency=consistency,
@@ -92,12 +94,12 @@ class KernelHarness:
         release = release or self.sim.kernel_release
         image = simulated_module_image(source.livepatch_name,
                              [{"name": f.name, "object": f.object, "sympos": f.sympos} for f in specs], replace,
-                             global_switch=consistency == "global", **(image_names or {}))
+                             global_switch=consistency == "global", editions=editions, **(image_names or {}))
         signing: dict[str, Any] = {}
         if signer is not None:  # as the builder signs: the module first, then the manifest
             image = signer.sign_module(image)
             signing = {"signer": signer.manifest_signer(), "sign": signer.sign_manifest}
-        return write_package(self.packages / f"{name}.dynpkg", source=source, kernel_release=release,
+        return write_package(path or self.packages / f"{name}.dynpkg", source=source, kernel_release=release,
                              vermagic=f"{release} SMP preempt mod_unload modversions ", module=image,
                              klp_symbols=klp_symbols, created=created, **signing)
 

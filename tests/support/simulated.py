@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dynamos.abi import CONTROL_DIR, GLOBAL_FILE, VMLINUX
+from dynamos.abi import CONTROL_DIR, EDITIONS_FILE, GLOBAL_FILE, ROUTE_FILE, VMLINUX
 
 DEFAULT_RELEASE = "6.1.0-56-amd64"
 IMAGE_MAGIC = b"dynamos-simulated-module\n"
@@ -46,10 +46,14 @@ def _elf(sections: list[tuple[str, bytes]]) -> bytes:
 
 def simulated_module_image(name: str, functions: list[dict[str, Any]], replace: bool = False, *,
                  global_switch: bool = False, module_name: str | None = None,
-                 modinfo_name: str | None = None) -> bytes:
+                 modinfo_name: str | None = None, editions: dict[str, list[str]] | None = None) -> bytes:
     """A module image the simulated kernel understands: the livepatch it registers (``name``),
-    and the module name its ELF carries (``module_name``/``modinfo_name``, default ``name``)."""
-    spec = {"name": name, "functions": functions, "replace": replace, "global": global_switch}
+    the module name its ELF carries (``module_name``/``modinfo_name``, default ``name``), and its
+    multi-edition functions (``editions``: control directory -> edition names, 0 the original;
+    the route loads on edition 1)."""
+    spec: dict[str, Any] = {"name": name, "functions": functions, "replace": replace, "global": global_switch}
+    if editions:  # only then: other tests' images stay byte for byte what they were
+        spec["editions"] = editions
     this_module = bytearray(0x380)
     own = (module_name or name).encode()[:55]
     this_module[24:24 + len(own)] = own
@@ -100,6 +104,7 @@ class SimulatedKernel:
     lockdown: str = "none"
     sig_enforce: bool = False
     load_error: int | None = None  # errno init_module fails with
+    refuse_modules: set[str] = field(default_factory=set)  # livepatches whose load fails (EINVAL)
     load_messages: list[str] = field(default_factory=list)  # kernel log lines the failure adds
     mount_error: int | None = None
     now: float = 1000.0
@@ -113,6 +118,9 @@ class SimulatedKernel:
     polls: int = 0
     global_state: dict[str, str] = field(default_factory=dict)  # update -> "old"/"new" (global consistency)
     global_refuse: set[str] = field(default_factory=set)  # directions the global switch finds busy
+    # (module, function) -> edition names and route lines (the control files of a multi-edition function)
+    editions: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    routes: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -151,6 +159,20 @@ class SimulatedKernel:
         self.render()
         return task
 
+    def reboot(self) -> None:
+        """A new boot of the same machine: every livepatch and update module gone, /run empty;
+        the disk (/var, /etc) kept."""
+        for name in [n for n, m in self.modules.items() if m.livepatch]:
+            del self.modules[name]
+        self.patches.clear()
+        self.global_state.clear()
+        self.editions.clear()
+        self.routes.clear()
+        shutil.rmtree(self.root / "run", ignore_errors=True)
+        for t in self.tasks:
+            t.state = -1
+        self.render()
+
     # -- Syscalls -------------------------------------------------------------------------
 
     def init_module(self, image: bytes, params: str = "") -> None:
@@ -164,6 +186,10 @@ class SimulatedKernel:
             raise OSError(errno.ENOEXEC, "init_module")
         spec, _ = json.JSONDecoder().raw_decode(image[at + len(IMAGE_MAGIC):].decode(errors="replace"))
         name = spec["name"]
+        if name in self.refuse_modules:
+            self.kmsg.append(f"{name}: module verification failed (simulated)")
+            self.render()
+            raise OSError(errno.EINVAL, "init_module")
         if name in self.modules:
             raise OSError(errno.EEXIST, "init_module")
         if any(p.transition for p in self.patches.values()):
@@ -173,6 +199,9 @@ class SimulatedKernel:
                                       polls_left=self.transition_polls)
         if spec.get("global"):
             self.global_state[name] = "old"
+        for function, names in spec.get("editions", {}).items():
+            self.editions[name, function] = names
+            self.routes[name, function] = ["default 1"]
         self.kmsg.append(f"livepatch: enabling patch '{name}'")
         for t in self.tasks:
             t.state = 0  # every task starts unpatched and moves to the target
@@ -187,6 +216,8 @@ class SimulatedKernel:
             raise OSError(errno.EAGAIN, "delete_module")
         del self.modules[name]
         self.global_state.pop(name, None)
+        for key in [k for k in self.editions if k[0] == name]:
+            del self.editions[key], self.routes[key]
         self.render()
 
     def mount(self, source: str, target: str, fstype: str, flags: int = 0, data: str | None = None) -> None:
@@ -228,6 +259,9 @@ class SimulatedKernel:
                             t.state = 1 if patch.enabled else 0
             self.render()
             return
+        if Path(path).name == ROUTE_FILE:
+            self._route_command(Path(path), value.decode())
+            return
         if Path(path).name == GLOBAL_FILE:
             module = Path(path).relative_to(self.root / "sys/module").parts[0]
             direction = value.split()[0].decode()
@@ -256,6 +290,28 @@ class SimulatedKernel:
         patch.enabled = wanted
         patch.transition = True
         patch.polls_left = self.transition_polls
+        self.render()
+
+    def _route_command(self, path: Path, line: str) -> None:
+        """One route command, as the runtime takes it: ``reset``, ``default E``, ``handler on|off``
+        or a rule (which replaces an earlier rule of the same kind and edition)."""
+        parts = path.relative_to(self.root / "sys/module").parts
+        key = (parts[0], parts[2])
+        if key not in self.routes:
+            raise OSError(errno.ENOENT, str(path))
+        self.calls.append(("route", *key, line))
+        words = line.split()
+        route = self.routes[key]
+        if words == ["reset"]:
+            route[:] = ["default 1"]
+        elif len(words) < 2 or (words[0] != "handler" and not words[1].isdigit()):
+            raise OSError(errno.EINVAL, str(path))
+        elif words[0] != "handler" and int(words[1]) >= len(self.editions[key]):
+            raise OSError(errno.ERANGE, str(path))
+        elif words[0] == "default":
+            route[0] = line
+        else:
+            route[:] = [r for r in route if r.split()[:2] != words[:2]] + [line]
         self.render()
 
     def tick(self) -> None:
@@ -336,6 +392,12 @@ class SimulatedKernel:
             if m.livepatch:  # every update module has the blocker signal parameter
                 (r / "sys/module" / m.name / "parameters").mkdir(parents=True, exist_ok=True)
                 (r / "sys/module" / m.name / "parameters/signal_blockers").write_text("0\n")
+            for (module, function), names in self.editions.items():
+                if module == m.name:
+                    d = r / "sys/module" / m.name / CONTROL_DIR / function
+                    d.mkdir(parents=True, exist_ok=True)
+                    (d / EDITIONS_FILE).write_text("".join(f"{i} {n} 0 0 live\n" for i, n in enumerate(names)))
+                    (d / ROUTE_FILE).write_text("".join(f"{line}\n" for line in self.routes[module, function]))
             if m.name in self.global_state:
                 (r / "sys/module" / m.name / CONTROL_DIR).mkdir(parents=True, exist_ok=True)
                 (r / "sys/module" / m.name / CONTROL_DIR / GLOBAL_FILE).write_text(

@@ -26,7 +26,7 @@ def test_every_command_has_an_example_the_exit_statuses_and_q_v(name: str) -> No
 
 def test_man_page_names_every_command_and_option() -> None:
     page = man_page(PARSER)
-    assert page.startswith(".TH DYNAMOS 1")
+    assert page.startswith(".TH DYNAMOS 8")
     for name, sub in commands(PARSER):
         assert f".SS {name}" in page
         for action in sub._actions:

@@ -33,9 +33,9 @@ from dynamos.cli.lab import (
     cmd_lab_status,
     cmd_lab_stop,
 )
+from dynamos.cli.persist import add_persistence_commands
 from dynamos.cli.present import print_json
 from dynamos.errors import DynamosError, UsageError
-from dynamos.target import DEFAULT_LAB_KERNEL
 
 
 class _Parser(argparse.ArgumentParser):
@@ -138,9 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--cpus", type=cpus_arg, metavar="LIST", help="only calls on these CPUs, e.g. 0-1,3")
     which.add_argument("--share", type=share_arg, metavar="PCT", help="this percentage of calls, spread evenly")
     which.add_argument("--reset", action="store_true", help="back to the route the update was loaded with")
+    p.add_argument("--persist", action="store_true",
+                   help="also store the route with the installed package: boot restores it (pid and cgroup "
+                        "rules excepted); with --reset, forget the stored route")
     p.add_argument("--json", action="store_true")
     add_wait_option(p)
     p.set_defaults(func=cmd_switch)
+
+    add_persistence_commands(sub, name_arg, seconds_arg, add_wait_option)
 
     p = sub.add_parser("retire", help="take an edition out of service and wait for its calls to finish")
     p.add_argument("update", type=name_arg("update name"))
@@ -167,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_monitor)
 
     p = sub.add_parser("demo", help="boot the lab and show a live update applied and reverted")
-    p.add_argument("--kernel", default=DEFAULT_LAB_KERNEL, metavar="REL")
+    p.add_argument("--kernel", default=None, metavar="REL", help="default: the pinned lab kernel")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -229,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"error: {e}", e.exit_status, as_json, e.refusals())
     except KeyboardInterrupt:
         return _fail("interrupted", 130, as_json)
+    except ModuleNotFoundError as e:  # a production host has the runtime package only
+        if not (e.name or "").startswith(("dynamos.", "elftools")):
+            raise
+        return _fail(f"error: this command needs the build tools ({e.name} is not installed): install the "
+                     "dynamos-builder package", 1, as_json)
     except BrokenPipeError:
         os._exit(0)
     except OSError as e:  # a file the user named is missing or unreadable: say so, no traceback

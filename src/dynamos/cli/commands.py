@@ -265,11 +265,25 @@ def cmd_switch(args: argparse.Namespace) -> int:
     from dynamos.kernel.editions import Selector, switch
 
     selector = Selector(pids=args.pids, cgroup=args.cgroup, cpus=args.cpus, share=args.share)
+    installer = None
+    if args.persist:  # refused before switching when there is no installed package to keep it with
+        from dynamos.kernel import Installer, LiveKernel
+
+        installer = Installer(LiveKernel(lock_wait=args.wait))
+        installer.installed_for_running(args.update)
     control = switch(args.update, args.function, args.edition, selector, reset=args.reset, wait=args.wait)
+    data = control.to_json()
+    if installer is not None:
+        kept, dropped = installer.persist_route(args.update, control.function,
+                                                None if args.reset else control.route())
+        data["persisted"] = {"route": kept, "dropped": dropped, "reset": bool(args.reset)}
     if args.json:
-        print_json(control.to_json())
-    else:
-        print(f"{control.update} {control.function}: route {'; '.join(control.route())}")
+        print_json(data)
+        return 0
+    print(f"{control.update} {control.function}: route {'; '.join(control.route())}")
+    if installer is not None:
+        print("  stored for boot: " + ("the update's own route" if args.reset else "; ".join(kept))
+              + (f" (not stored, ids do not survive a reboot: {'; '.join(dropped)})" if dropped else ""))
     return 0
 
 
@@ -357,9 +371,11 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 # ----- demo ------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from dynamos.demo import run_demo
+    from dynamos.target import DEFAULT_LAB_KERNEL
 
     progress = ProgressPrinter(args.json or args.quiet)
-    report = run_demo(kernel=args.kernel, progress=progress, say=None if args.json else print)
+    report = run_demo(kernel=args.kernel or DEFAULT_LAB_KERNEL, progress=progress,
+                      say=None if args.json else print)
     if args.json:
         print_json(report.to_json())
     return 0 if report.ok else 1

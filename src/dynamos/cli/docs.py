@@ -27,7 +27,12 @@ EXAMPLES: dict[str, str] = {
     "retire": "dynamos retire cmdline-editions cmdline_proc_show 1 --timeout 10",
     "monitor": "dynamos monitor pipe_write && dynamos monitor --show",
     "demo": "dynamos demo",
-    "docs": "dynamos docs man > dynamos.1; dynamos docs bash-completion > /etc/bash_completion.d/dynamos",
+    "docs": "dynamos docs man > dynamos.8; dynamos docs bash-completion > /etc/bash_completion.d/dynamos",
+    "install": "dynamos install out/cmdline-banner_6.1.0-56-amd64.dynpkg",
+    "uninstall": "dynamos uninstall cmdline-banner",
+    "load": "dynamos load --all",
+    "gc": "dynamos gc --json",
+    "installed": "dynamos installed",
     "lab start": "dynamos lab start --name lab1",
     "lab stop": "dynamos lab stop --name lab1",
     "lab status": "dynamos lab status --json",
@@ -40,7 +45,8 @@ EXIT_STATUSES = (
     (3, "invalid, tampered or untrusted package"), (4, "build failed"),
     (5, "refused before touching the kernel (or no such update)"),
     (6, "transition did not finish: reverted"), (7, "target kernel could not be fetched or prepared"),
-    (8, "lab failure"), (64, "usage error"), (130, "interrupted"),
+    (8, "lab failure"), (9, "load --all: an installed update is not live (the others are)"),
+    (64, "usage error"), (130, "interrupted"),
 )
 
 
@@ -128,8 +134,8 @@ def _roff(text: str) -> str:
 
 
 def man_page(parser: argparse.ArgumentParser) -> str:
-    """dynamos(1) in roff: synopsis, every command with its options and example, exit statuses."""
-    out = [f'.TH DYNAMOS 1 "" "dynamos {__version__}" "User Commands"', ".SH NAME",
+    """dynamos(8) in roff: synopsis, every command with its options and example, exit statuses."""
+    out = [f'.TH DYNAMOS 8 "" "dynamos {__version__}" "System Administration"', ".SH NAME",
            "dynamos \\- live updates of a running Linux kernel", ".SH SYNOPSIS",
            ".B dynamos\n.I command\n[\\fIoptions\\fR]", ".SH DESCRIPTION", _roff(parser.description or ""),
            ".SH COMMANDS"]

@@ -9,7 +9,6 @@ import time
 from dynamos.cli.args import count_arg, name_arg, seconds_arg
 from dynamos.cli.present import ProgressPrinter, print_json, table
 from dynamos.errors import DynamosError
-from dynamos.target import DEFAULT_LAB_KERNEL
 
 LAB_NAME = "default"  # the lab that `lab start` and `lab run` use unless --name says otherwise
 
@@ -19,8 +18,9 @@ LAB_NAME = "default"  # the lab that `lab start` and `lab run` use unless --name
 def _lab_config(args: argparse.Namespace):
     from dynamos.lab import LabConfig
     from dynamos.lab.machine import default_shares
+    from dynamos.target import DEFAULT_LAB_KERNEL
 
-    return LabConfig(kernel=args.kernel, cpus=args.cpus, memory_mb=args.memory,
+    return LabConfig(kernel=args.kernel or DEFAULT_LAB_KERNEL, cpus=args.cpus, memory_mb=args.memory,
                      shares=default_shares() + list(args.share or []), outputs=list(args.output or []),
                      accel=args.accel, boot_timeout=args.boot_timeout)
 
@@ -107,8 +107,10 @@ def cmd_lab_shell(args: argparse.Namespace) -> int:
 
 
 def add_lab_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kernel", default=DEFAULT_LAB_KERNEL, metavar="REL",
-                   help=f"lab kernel release (default {DEFAULT_LAB_KERNEL})")
+    # The default is looked up when a lab command runs: parsing must not import dynamos.target,
+    # which a production host (the runtime package) does not have.
+    p.add_argument("--kernel", default=None, metavar="REL",
+                   help="lab kernel release (default: dynamos.target.DEFAULT_LAB_KERNEL)")
     p.add_argument("--name", default=LAB_NAME, type=name_arg("lab name"),
                    help="name of a lab started with 'lab start'")
     p.add_argument("--cpus", type=count_arg, default=2)

@@ -7,6 +7,7 @@ Library entry points (the CLI is a thin shell over them)::
     result = kernel.apply("fix.dynpkg", timeout=30)  # ApplyResult, or TransitionError (reverted)
     kernel.revert("fix-x")                           # RevertResult
     kernel.status().to_json()                        # {"kernel", "livepatch", "updates": [...]}
+    kernel.install("fix.dynpkg"); kernel.load_all()  # kept across reboots (see ``installed``)
 
 ``progress`` callbacks receive ``Progress`` records whose ``str()`` is a ready-made progress line.
 
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dynamos.kernel.actionlog import ActionLog, default_log_path
+from dynamos.kernel.installed import Installer, PersistenceResult
 from dynamos.kernel.live import LiveKernel
 from dynamos.kernel.livepatch import Blocker, Livepatch, PatchedFunction, Task
 from dynamos.kernel.modules import normalize_name
@@ -45,12 +47,14 @@ __all__ = [
     "BlockedTransition",
     "Blocker",
     "FunctionStatus",
+    "Installer",
     "Kallsyms",
     "KernelStatus",
     "LibcSyscalls",
     "LiveKernel",
     "Livepatch",
     "PatchedFunction",
+    "PersistenceResult",
     "PreflightRefused",
     "Progress",
     "RecoverResult",
@@ -62,11 +66,15 @@ __all__ = [
     "UpdateStatus",
     "apply",
     "default_log_path",
+    "gc",
+    "install",
+    "load_all",
     "normalize_name",
     "preflight",
     "recover",
     "revert",
     "status",
+    "uninstall",
 ]
 
 
@@ -102,3 +110,29 @@ def status(name: str | None = None) -> KernelStatus:
     """The running kernel's livepatches."""
     return LiveKernel().status(name)
 
+
+
+def install(package_path: Path | str, apply: bool = True, timeout: float = 30.0,
+            progress: Callable[[Progress], None] | None = None, wait: float | None = None,
+            trust: TrustPolicy | None = None) -> PersistenceResult:
+    """Verify a package, keep it under /var/lib/dynamos/<release>/ for every boot, apply it now
+    (when it is for the running kernel and ``apply``)."""
+    return Installer(LiveKernel(lock_wait=wait, trust=trust)).install(package_path, apply=apply, timeout=timeout,
+                                                                      progress=progress)
+
+
+def uninstall(name: str, release: str | None = None, timeout: float = 30.0,
+              progress: Callable[[Progress], None] | None = None, wait: float | None = None) -> PersistenceResult:
+    """Revert an installed update if it is live and remove it from the store."""
+    return Installer(LiveKernel(lock_wait=wait)).uninstall(name, release=release, timeout=timeout, progress=progress)
+
+
+def load_all(timeout: float = 30.0, progress: Callable[[Progress], None] | None = None,
+             wait: float | None = None, trust: TrustPolicy | None = None) -> PersistenceResult:
+    """What boot runs: every update installed for the running kernel, in install order."""
+    return Installer(LiveKernel(lock_wait=wait, trust=trust)).load_all(timeout=timeout, progress=progress)
+
+
+def gc(wait: float | None = None) -> PersistenceResult:
+    """Remove installed packages of kernel releases no longer installed."""
+    return Installer(LiveKernel(lock_wait=wait)).gc()

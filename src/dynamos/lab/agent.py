@@ -67,7 +67,7 @@ class Agent:
             if frames is None:
                 time.sleep(0.05)
                 continue
-            for kind, payload in frames:
+            for at, (kind, payload) in enumerate(frames):
                 if kind == P.PING:
                     uptime = float(read_text("/proc/uptime").split()[0])
                     self.send(P.encode_hello(os.uname().release, uptime))
@@ -77,9 +77,12 @@ class Agent:
                     except P.FrameError as e:
                         self.send(P.encode(P.START_FAILED, str(e).encode()))
                         continue
-                    self.run(req)
+                    # Frames the host sent right behind the request (stdin, its end) may have
+                    # come in the same read: they are the command's, hand them over.
+                    self.run(req, frames[at + 1:])
+                    break
 
-    def run(self, req: P.RunRequest) -> None:
+    def run(self, req: P.RunRequest, pending: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = ()) -> None:
         started = time.monotonic()
         env = dict(os.environ)
         env.update(req.env)
@@ -122,6 +125,27 @@ class Agent:
         status: int | None = None
         hung_up_since: float | None = None
         killed = False
+        def handle(kind: bytes, payload: bytes) -> None:
+            nonlocal stdin_open
+            if kind == P.STDIN and stdin_open:
+                try:
+                    P.write_all(in_w, payload)
+                except OSError:
+                    pass
+            elif kind == P.STDIN_EOF and stdin_open and not use_pty:
+                os.close(in_w)
+                stdin_open = False
+            elif kind == P.SIGNAL:
+                try:
+                    os.killpg(pid, P.decode_signal(payload))
+                except ProcessLookupError:
+                    pass
+            elif kind == P.RESIZE and use_pty:
+                rows, cols = P.decode_resize(payload)
+                fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+        for kind, payload in pending:
+            handle(kind, payload)
         while streams or status is None:
             rlist = [self.fd, *streams]
             ready, _, _ = select.select(rlist, [], [], 0.2)
@@ -145,22 +169,7 @@ class Agent:
                         continue
                     hung_up_since = None
                     for kind, payload in self.reader.feed(data):
-                        if kind == P.STDIN and stdin_open:
-                            try:
-                                P.write_all(in_w, payload)
-                            except OSError:
-                                pass
-                        elif kind == P.STDIN_EOF and stdin_open and not use_pty:
-                            os.close(in_w)
-                            stdin_open = False
-                        elif kind == P.SIGNAL:
-                            try:
-                                os.killpg(pid, P.decode_signal(payload))
-                            except ProcessLookupError:
-                                pass
-                        elif kind == P.RESIZE and use_pty:
-                            rows, cols = P.decode_resize(payload)
-                            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+                        handle(kind, payload)
                 else:
                     try:
                         data = os.read(fd, 65536)

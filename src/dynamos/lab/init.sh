@@ -12,6 +12,20 @@ for m in $(cat /lib/modules/order); do
     insmod /lib/modules/$m || say "insmod $m failed"
 done
 say "modules loaded"
+if [ -n "$ROOT_DISK" ]; then
+    # A system lab (dynamos/lab/sysimage.py): the root is a Debian system on a disk image, with the
+    # target's modules over 9p at /lib/modules; its own init (systemd) starts the agent.
+    R=/newroot
+    mount -t ext4 -o rw "$ROOT_DISK" $R || { say "cannot mount the root disk $ROOT_DISK"; poweroff -f; }
+    if [ -n "$MODULES_RELEASE" ]; then
+        mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose modules $R/usr/lib/modules \
+            || say "cannot mount the target's modules"
+    fi
+    say "starting the system on $ROOT_DISK"
+    umount /proc /sys
+    mount -o move /dev $R/dev 2>/dev/null || umount /dev
+    exec switch_root $R /sbin/init
+fi
 R=/newroot
 if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,$ROOT_CACHE hostroot $R; then
     say "cannot mount the host root over 9p"; poweroff -f

@@ -20,6 +20,8 @@ from dynamos.target import TargetKernel
 # virtio-serial command channel, 9p over virtio, and overlay for the writable /lib/modules
 # (see dynamos.lab.modules).  Dependencies are added from .modinfo.
 LAB_MODULES = ("virtio_pci", "virtio_console", "9pnet_virtio", "9p", "overlay")
+# A system lab (root on a disk image, see sysimage.py) also needs the disk and its filesystem.
+DISK_MODULES = ("virtio_blk", "crc32c_generic", "ext4")
 
 BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
 
@@ -115,10 +117,10 @@ def find_busybox() -> Path:
 
 
 # The applets /init uses, linked at build time: `busybox --install` would cost ~0.1 s per boot.
-INIT_APPLETS = ("sh", "mount", "insmod", "mkdir", "chroot", "poweroff", "hostname", "cat")
+INIT_APPLETS = ("sh", "mount", "umount", "insmod", "mkdir", "chroot", "switch_root", "poweroff", "hostname", "cat")
 
 
-def build_initramfs(target: TargetKernel, init_script: str) -> bytes:
+def build_initramfs(target: TargetKernel, init_script: str, wanted: Iterable[str] = LAB_MODULES) -> bytes:
     """An initramfs holding busybox, ``/init`` and the modules the lab needs, in load order."""
     cpio = CpioWriter()
     for d in ("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"):
@@ -126,7 +128,7 @@ def build_initramfs(target: TargetKernel, init_script: str) -> bytes:
     cpio.file("bin/busybox", find_busybox().read_bytes(), 0o755)
     for applet in INIT_APPLETS:
         cpio.symlink(f"bin/{applet}", "busybox")
-    modules = module_load_order(target)
+    modules = module_load_order(target, wanted)
     names = []
     for i, path in enumerate(modules):
         name = f"{i:02d}-{path.name}"
@@ -145,7 +147,8 @@ def files_cpio(files: dict[str, bytes]) -> bytes:
     return cpio.finish()
 
 
-def cached_initramfs(target: TargetKernel, init_script: str, cache_dir: Path) -> Path:
+def cached_initramfs(target: TargetKernel, init_script: str, cache_dir: Path,
+                     wanted: tuple[str, ...] = LAB_MODULES) -> Path:
     """The base initramfs for this kernel and init script, built once and kept in ``cache_dir``.
 
     Finding the modules' dependency order means reading every module's .modinfo and walking
@@ -155,12 +158,12 @@ def cached_initramfs(target: TargetKernel, init_script: str, cache_dir: Path) ->
     st = busybox.stat()
     key = hashlib.sha256("\0".join([
         target.release, str(target.modules_dir), init_script, str(busybox), str(st.st_size), str(st.st_mtime_ns),
-        ",".join(LAB_MODULES), ",".join(INIT_APPLETS),
+        ",".join(wanted), ",".join(INIT_APPLETS),
     ]).encode()).hexdigest()[:16]
     path = cache_dir / f"initramfs-{target.release}-{key}.cpio"
     if not path.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_bytes(build_initramfs(target, init_script))
+        tmp.write_bytes(build_initramfs(target, init_script, wanted))
         tmp.rename(path)
     return path

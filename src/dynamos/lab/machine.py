@@ -15,7 +15,7 @@ from pathlib import Path
 from dynamos.builder.signing import lab_signer
 from dynamos.errors import LabError
 from dynamos.lab.firmware import FIRMWARES, firmware_argv
-from dynamos.lab.initramfs import cached_initramfs, files_cpio
+from dynamos.lab.initramfs import DISK_MODULES, LAB_MODULES, cached_initramfs, files_cpio
 from dynamos.lab.modules import MODULES_TAG
 from dynamos.target import DEFAULT_LAB_KERNEL, TargetKernel, cache_root
 from dynamos.target.images import extract_vmlinux
@@ -42,6 +42,8 @@ class LabConfig:
     # lab.firmware: the kernel then trusts them for module signatures through .platform).
     firmware: str = "pvh"
     db_certs: list[str] = field(default_factory=list)
+
+    disk: str | None = None  # a system lab: boot this root disk image with its own init (see sysimage.py)
 
     def check(self) -> None:
         if self.firmware not in FIRMWARES:
@@ -121,8 +123,9 @@ def modules_share_argv(target: TargetKernel) -> list[str]:
             "-device", f"virtio-9p-pci,fsdev={MODULES_TAG},mount_tag={MODULES_TAG}"]
 
 
-def lab_initramfs(target: TargetKernel, shares: list[tuple[str, bool]], root_cache: str) -> bytes:
-    """The cached base initramfs plus this lab's settings (``/lab.conf``) appended."""
+def lab_initramfs(target: TargetKernel, shares: list[tuple[str, bool]], root_cache: str, disk: bool = False) -> bytes:
+    """The cached base initramfs plus this lab's settings (``/lab.conf``) appended; with ``disk``,
+    one that mounts the root disk (/dev/vda) and starts its init instead of the agent."""
     agent, init = agent_files()
     conf = "\n".join([
         f"SHARES={shlex.quote(' '.join(('rw:' if w else 'ro:') + p for p, w in shares))}",
@@ -132,8 +135,10 @@ def lab_initramfs(target: TargetKernel, shares: list[tuple[str, bool]], root_cac
         f"DYNAMOS_CACHE={shlex.quote(str(cache_root()))}",
         f"MODULES_RELEASE={shlex.quote(target.release if target.modules_dir else '')}",
         f"TRUST_KEYRING={shlex.quote(str(lab_signer(cache_root()).trusted_keyring))}",
+        f"ROOT_DISK={'/dev/vda' if disk else ''}",
     ]) + "\n"
-    base = cached_initramfs(target, init.read_text(), cache_root() / "initramfs")
+    modules = LAB_MODULES + DISK_MODULES if disk else LAB_MODULES
+    base = cached_initramfs(target, init.read_text(), cache_root() / "initramfs", modules)
     return base.read_bytes() + files_cpio({"lab.conf": conf.encode()})
 
 
@@ -171,6 +176,9 @@ def qemu_argv(target: TargetKernel, config: LabConfig, accel: str, state_dir: Pa
     argv += modules_share_argv(target)
     if uefi:
         argv += firmware_argv(config.db_certs, state_dir)
+    if config.disk:  # the system lab's root (virtio-blk: /dev/vda); the guest's writes go to this file
+        argv += ["-drive", f"file={option_value(config.disk)},format=raw,if=none,id=rootdisk,cache=writeback",
+                 "-device", "virtio-blk-pci,drive=rootdisk"]
     if accel == "kvm":
         argv += ["-accel", "kvm", "-cpu", "host"]
     else:

@@ -183,7 +183,7 @@ class Lab:
         shares = normalise_shares([*config.shares, *needed_shares()], config.outputs)
         ensure_module_index(target, say)
         initrd = state_dir / "initramfs.cpio"
-        initrd.write_bytes(lab_initramfs(target, shares, config.root_cache))
+        initrd.write_bytes(lab_initramfs(target, shares, config.root_cache, disk=config.disk is not None))
         argv = qemu_argv(target, config, accel, state_dir, initrd, shares)
         (state_dir / "qemu.cmdline").write_text(shlex.join(argv) + "\n")
         say(f"booting {target.release} ({accel.upper()}, {config.cpus} CPU, {config.memory_mb} MiB)")

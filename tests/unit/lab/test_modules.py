@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dynamos.errors import LabError
-from dynamos.lab.initramfs import LAB_MODULES, cached_initramfs, find_busybox, module_load_order
+from dynamos.lab.initramfs import DISK_MODULES, LAB_MODULES, cached_initramfs, find_busybox, module_load_order
 from dynamos.lab.machine import LabConfig, agent_files, lab_initramfs, modules_share_argv, qemu_argv
 from dynamos.lab.modules import (
     MODULES_TAG,
@@ -121,3 +121,30 @@ def test_extra_modules_stay_beside_the_targets_own(tmp_path: Path, subdir: str):
     target = _fake_target(tmp_path)
     with pytest.raises(LabError):
         stage_modules(target, [_fake_module(tmp_path / "m.ko", "m")], tmp_path / "stage", subdir)
+
+
+def test_a_system_lab_boots_its_disk_with_the_disk_modules(tmp_path: Path, target, monkeypatch):
+    """``LabConfig(disk=...)``: the image as a virtio-blk disk, an initramfs that loads the disk
+    and ext4 modules (dependencies first) and tells init to start the disk's system."""
+    monkeypatch.setenv("DYNAMOS_CACHE", str(tmp_path / "cache"))
+    disk = tmp_path / "root,1.ext4"
+    argv = qemu_argv(target, LabConfig(disk=str(disk)), "tcg", tmp_path, tmp_path / "initrd", [])
+    drive = argv[argv.index("-drive") + 1]
+    assert drive.startswith(f"file={tmp_path}/root,,1.ext4,format=raw,")  # a comma cannot end the value
+    assert "virtio-blk-pci,drive=rootdisk" in argv
+    assert "-drive" not in qemu_argv(target, LabConfig(), "tcg", tmp_path, tmp_path / "initrd", [])
+    out = tmp_path / "x"
+    out.mkdir()
+    data = lab_initramfs(target, [], "cache=loose", disk=True)
+    base = cached_initramfs(target, agent_files()[1].read_text(), tmp_path / "cache" / "initramfs",
+                            LAB_MODULES + DISK_MODULES).read_bytes()
+    assert data.startswith(base)
+    for archive in (base, data[len(base):]):
+        subprocess.run([str(find_busybox()), "cpio", "-i", "-d"], input=archive, cwd=out, check=True,
+                       capture_output=True)
+    assert "ROOT_DISK=/dev/vda" in (out / "lab.conf").read_text().splitlines()
+    order = [name.split("-", 1)[1] for name in (out / "lib/modules/order").read_text().split()]
+    assert order.index("virtio_blk.ko") > order.index("virtio.ko")
+    assert order.index("ext4.ko") > max(order.index("jbd2.ko"), order.index("mbcache.ko"))
+    assert (out / "bin/switch_root").is_symlink()
+
