@@ -274,6 +274,11 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
                 f"  {path}: {r.name}: {r.reason}" for path, r in refused), path=patch)
         if not any(u.diff.changed or u.diff.new for u in units):
             raise BuildError("the patch changes no function's code (comments, or line numbers only?)", path=patch)
+        if update_name.replace("-", "_") in {u.object for u in units}:
+            # The update's module would carry the patched module's name: livepatch would take the update
+            # for that module and resolve its symbols at once, and the real module could not load.
+            raise BuildError(f"the update would be named like the module it patches ({update_name}): "
+                             f"give it another name (--name)", path=patch)
 
         t = time.monotonic()
         others = OtherModules.of_target(target, exporters(target.headers_dir / "Module.symvers"))

@@ -52,3 +52,12 @@ def test_md_mod_exports_used_by_a_raid10_fix_are_relocated_when_raid10_loads(tar
     assert "md_mod" not in by_section
     assert all(obj.symbols[i].shndx == SHN_LIVEPATCH for i, s in enumerate(obj.symbols)
                if s.name.startswith(".klp.sym.md_mod."))
+
+
+def test_an_update_named_like_the_module_it_patches_is_refused(target, tmp_path: Path) -> None:
+    # Found in the lab: an update module named raid10 made livepatch resolve md_mod's symbols at once.
+    import pytest
+
+    from dynamos.errors import BuildError
+    with pytest.raises(BuildError, match=r"named like the module it patches \(raid10\)"):
+        build_from_patch(raid10_patch(target, tmp_path / "raid10.patch"), target)
