@@ -502,4 +502,4 @@ def test_module_fix_using_another_modules_exports_applied_before_either_loads(gu
             assert "livepatch: symbol" not in log, log[-3000:]
         assert not guest.sh("ls /sys/kernel/livepatch").split()
     finally:
-        guest.run("modprobe", "-r", "raid10", "md_mod", check=False)
+        guest.run("modprobe", "-r", "raid10", "md_mod", "loop", check=False)
