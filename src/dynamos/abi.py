@@ -54,5 +54,8 @@ def edition_prefix(index: int) -> str:
     return "dynamos_edition__" if index == 0 else f"dynamos_edition{index}__"
 
 
-def klp_placeholder(obj: str, name: str, sympos: int) -> str:
-    return f"{KLP_PLACEHOLDER_PREFIX}{obj}__{name}__{sympos}"
+def klp_placeholder(obj: str, name: str, sympos: int, patched: str = "") -> str:
+    """The stand-in for symbol ``name`` of ``obj``; ``patched``: the object whose relocation sections
+    carry it, when that is another one (one stand-in per pair, since each pair is its own section)."""
+    via = f"{patched}__via__" if patched and patched != obj else ""
+    return f"{KLP_PLACEHOLDER_PREFIX}{via}{obj}__{name}__{sympos}"

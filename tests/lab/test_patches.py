@@ -455,3 +455,51 @@ def test_change_in_a_loadable_module(guest, patch_package, target, order):
         assert guest.sh(status).strip() == "enabled"
     finally:
         guest.unload_module("binfmt_misc")
+
+
+RAID10 = "drivers/md/raid10.c"
+RAID10_WRITE = ("\tif (!md_write_start(mddev, bio))\n\t\treturn false;\n",
+                "\tif (!md_write_start(mddev, bio))\n\t\treturn false;\n"
+                '\tpr_info("md/raid10:%s: dynamos write of %d sectors\\n", mdname(mddev), sectors);\n')
+# A two-disk raid10 (near=2) on loop devices through md's sysfs (no mdadm): no superblock, no resync.
+MD_ARRAY = """set -e
+modprobe loop
+truncate -s 32M /tmp/d0 /tmp/d1
+L0=$(losetup -f --show /tmp/d0); L1=$(losetup -f --show /tmp/d1)
+echo md7 > /sys/module/md_mod/parameters/new_array
+M=/sys/block/md7/md
+echo none > $M/metadata_version; echo raid10 > $M/level; echo 65536 > $M/chunk_size
+echo 258 > $M/layout; echo 2 > $M/raid_disks
+for L in $L0 $L1; do echo $(cat /sys/block/${L#/dev/}/dev) > $M/new_dev; done
+echo 0 > $M/dev-${L0#/dev/}/slot; echo 1 > $M/dev-${L1#/dev/}/slot
+echo 30000 > $M/component_size; echo none > $M/resync_start
+echo active > $M/array_state
+dd if=/dev/zero of=/dev/md7 bs=4k count=2 oflag=direct 2>/dev/null
+echo clear > $M/array_state
+losetup -d $L0 $L1
+"""
+
+
+def test_module_fix_using_another_modules_exports_applied_before_either_loads(guest, patch_package):
+    """raid10's fix calls md_mod's exports md_write_start/md_write_end: the update loads with
+    neither module loaded (their relocations are raid10's, written when raid10 loads after md_mod),
+    raid10 gets patched when modprobe loads it, and writes to a raid10 array run the new code."""
+    pkg = patch_package("raid10-writes", {RAID10: [RAID10_WRITE]})
+    lsmod = "for m in raid10 md_mod; do test -d /sys/module/$m && echo $m; done; true"
+    assert guest.sh(lsmod).split() == []
+    patched = "/sys/kernel/livepatch/raid10_writes/raid10/patched"
+    try:
+        with applied(guest, pkg) as r:
+            assert {f["object"] for f in r["functions"]} == {"raid10"}
+            assert any("raid10 is not loaded" in n for n in r["notes"]), r["notes"]
+            assert guest.read(patched).strip() == "0"
+            guest.sh("modprobe raid10")
+            assert guest.sh(lsmod).split() == ["raid10", "md_mod"]
+            assert guest.read(patched).strip() == "1"
+            guest.sh(MD_ARRAY)
+            log = guest.sh("dmesg")
+            assert "md/raid10:md7: dynamos write of 8 sectors" in log, log[-3000:]
+            assert "livepatch: symbol" not in log, log[-3000:]
+        assert not guest.sh("ls /sys/kernel/livepatch").split()
+    finally:
+        guest.run("modprobe", "-r", "raid10", "md_mod", "loop", check=False)

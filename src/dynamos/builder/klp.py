@@ -39,6 +39,15 @@ class KlpSymbol:
     name: str
     object: str = VMLINUX
     sympos: int = 0  # 0: the name is unique in its object; else 1-based position in kallsyms
+    # The patched object whose ``.klp.rela.<object>.*`` sections carry the relocations (empty: the
+    # symbol's own object). Livepatch writes them when that object loads, so a symbol of another
+    # module (``md_write_end`` of md_mod, used by raid10's new code) is tied to the module whose code
+    # uses it, and that module's dependency on md_mod makes sure md_mod is there by then.
+    patched: str = ""
+
+    @property
+    def rela_object(self) -> str:
+        return self.patched or self.object
 
     @property
     def klp_name(self) -> str:
@@ -47,7 +56,7 @@ class KlpSymbol:
     @property
     def placeholder(self) -> str:
         """A name generated code links against, standing for this symbol until convert_to_klp."""
-        return klp_placeholder(self.object, self.name, self.sympos)
+        return klp_placeholder(self.object, self.name, self.sympos, self.patched)
 
     def to_json(self) -> dict:
         return {"name": self.name, "object": self.object, "sympos": self.sympos}
@@ -55,13 +64,20 @@ class KlpSymbol:
 
 def exported_symbols(module_symvers: Path) -> set[str]:
     """Names exported by the target kernel and its modules (``Module.symvers``)."""
-    names = set()
+    return set(exporters(module_symvers))
+
+
+def exporters(module_symvers: Path) -> dict[str, str]:
+    """Exported name -> the object exporting it (``vmlinux``, or a module name: ``md_mod`` for
+    ``drivers/md/md-mod``), from ``Module.symvers`` (crc, name, module path, kind, namespace)."""
+    out: dict[str, str] = {}
     with module_symvers.open() as f:
         for line in f:
-            parts = line.split("\t")
+            parts = line.rstrip("\n").split("\t")
             if len(parts) >= 2:
-                names.add(parts[1])
-    return names
+                where = parts[2] if len(parts) >= 3 and parts[2] else VMLINUX
+                out[parts[1]] = VMLINUX if where == VMLINUX else where.rsplit("/", 1)[-1].replace("-", "_")
+    return out
 
 
 def unresolved_symbols(obj: RelocatableElf) -> list[str]:
@@ -90,6 +106,7 @@ def convert_to_klp(module: bytes, symbols: Iterable[KlpSymbol] | Mapping[str, Kl
     by_name = dict(symbols) if isinstance(symbols, Mapping) else {s.name: s for s in symbols}
     if not by_name:
         return module
+    _check_module_objects(by_name.values())
     obj = RelocatableElf.parse(module, "livepatch module")
     klp_index: dict[int, KlpSymbol] = {}
     found: set[str] = set()
@@ -119,7 +136,7 @@ def convert_to_klp(module: bytes, symbols: Iterable[KlpSymbol] | Mapping[str, Kl
         moved: dict[str, list] = {}
         for r in relas:
             if r.sym in klp_index:
-                moved.setdefault(klp_index[r.sym].object, []).append(r)
+                moved.setdefault(klp_index[r.sym].rela_object, []).append(r)
         obj.set_relocations(index, keep)
         for objname, entries in moved.items():
             new = obj.add_section(Section(
@@ -127,11 +144,13 @@ def convert_to_klp(module: bytes, symbols: Iterable[KlpSymbol] | Mapping[str, Kl
                 flags=SHF_ALLOC | SHF_INFO_LINK | SHF_RELA_LIVEPATCH, addr=0, link=obj.symtab_index,
                 info=sec.info, addralign=8, entsize=sec.entsize or RELA.size, data=b""))
             obj.set_relocations(new, entries)
-    _check_module_objects(by_name.values())
     return obj.to_bytes()
 
 
 def _check_module_objects(symbols: Iterable[KlpSymbol]) -> None:
     for s in symbols:
-        if "." in s.object or "," in s.name:
+        if "." in s.object or "." in s.rela_object or "," in s.name:
             raise BuildError(f"livepatch symbol {s.name!r} of object {s.object!r} cannot be encoded")
+        if s.object == VMLINUX and s.rela_object != VMLINUX:
+            # klp_resolve_symbols refuses a vmlinux symbol in a module's relocation section.
+            raise BuildError(f"livepatch symbol {s.name!r} of vmlinux cannot be tied to module {s.rela_object}")

@@ -27,8 +27,9 @@ from dynamos.builder.elf import RelocatableElf
 from dynamos.builder.extract import extract_functions
 from dynamos.builder.fidelity import check_fidelity
 from dynamos.builder.kbuild import BUILD_LOG, build_lock, link_module, write_package_of
-from dynamos.builder.klp import KlpSymbol, exported_symbols
+from dynamos.builder.klp import KlpSymbol, exporters
 from dynamos.builder.linemap import stabilise_lines
+from dynamos.builder.modsyms import OtherModules
 from dynamos.builder.objdiff import DiffResult, align_statics, diff_objects, read_object
 from dynamos.builder.signing import Signer
 from dynamos.builder.statics import StaticLocals, resolve_static_locals
@@ -278,9 +279,14 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
                 f"  {path}: {r.name}: {r.reason}" for path, r in refused), path=patch)
         if not any(u.diff.changed or u.diff.new for u in units):
             raise BuildError("the patch changes no function's code (comments, or line numbers only?)", path=patch)
+        if update_name.replace("-", "_") in {u.object for u in units}:
+            # The update's module would carry the patched module's name: livepatch would take the update
+            # for that module and resolve its symbols at once, and the real module could not load.
+            raise BuildError(f"the update would be named like the module it patches ({update_name}): "
+                             f"give it another name (--name)", path=patch)
 
         t = time.monotonic()
-        exported = exported_symbols(target.headers_dir / "Module.symvers")
+        others = OtherModules.of_target(target, exporters(target.headers_dir / "Module.symvers"))
         functions: list[dict[str, object]] = []  # [[function]] tables, validated like update.toml's
         placeholders: dict[str, KlpSymbol] = {}
         extracted: list[str] = []
@@ -293,7 +299,7 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
             # Units reached through a header may each carry a copy of the same static function.
             prefix = edition_prefix(index)
             ext = extract_functions((work / "objects" / _obj_name(unit.path, "patched")).read_bytes(), keep,
-                                    {c.name for c in unit.diff.new_data}, _resolver(unit.path, exported, sympos),
+                                    {c.name for c in unit.diff.new_data}, _resolver(unit.path, others, sympos),
                                     edition_prefix=prefix)
             obj = f"{_obj_name(unit.path, 'ext')}"
             (work / obj).write_bytes(ext.object)
@@ -503,16 +509,29 @@ class _Sympos:
                          f"fidelity check could not tell which one this file's is")
 
 
-def _resolver(unit: str, exported: set[str], sympos: _Sympos):
+def _resolver(unit: str, others: OtherModules, sympos: _Sympos):
+    """Where the kernel has each name the changed code of ``unit`` uses: None for a vmlinux export
+    (the module loader links it), else a livepatch symbol. A symbol of another module than the
+    patched one, exported or not, is a livepatch symbol tied to the patched module (see modsyms)."""
+    patched = sympos.unit.object
+
     def resolve(name: str, local: bool) -> KlpSymbol | None:
         obj = sympos.object_of(name, local)
-        if obj == VMLINUX and not local and name in exported:
-            return None  # the module loader links it (a module's own exports stay livepatch
-            # symbols: linking them would make the update depend on the module being loaded)
+        if obj == VMLINUX and not local:
+            home = others.exporter(name)
+            if home == VMLINUX:
+                return None  # the module loader links it (a module's own exports stay livepatch
+                # symbols: linking them would make the update depend on the module being loaded)
+            if home is not None and home != patched:
+                return others.symbol(unit, patched, name, home)
         if name == "__fentry__" or name.startswith("__x86_") or name == "__stack_chk_fail":
             return None  # exported helpers every module uses
         if local:
             found = sympos.unit.statics.lookup(name)  # raises for a variable that cannot be found
+            if found is not None:
+                return found
+        elif obj == VMLINUX and not sympos.symtab.lookup(name):
+            found = others.defined_by_dependency(unit, patched, name)
             if found is not None:
                 return found
         return KlpSymbol(name, obj, sympos.position(name, local))

@@ -147,6 +147,30 @@ def test_replacement_code_using_a_symbol_of_a_module_is_refused(tmp_path: Path):
     assert [k.name for k in e.klp_placeholders.values()] == ["other_target"]
 
 
+def test_a_module_symbol_tied_to_the_patched_module_is_refused_in_code_copied_at_load(tmp_path: Path):
+    """raid10's update: md_mod's symbols are written when raid10 loads, long after the loader copied
+    the update's replacement code and read its jump table (module_finalize, jump_label_module_notify):
+    a replacement calling md_mod, or a jump label on a key of md_mod, would stay unrelocated."""
+    def other_module(name: str, local: bool) -> KlpSymbol | None:
+        if name in ("show_target", "the_key"):
+            return KlpSymbol(name, "md_mod", patched="raid10")
+        return resolve(name, local)
+
+    with pytest.raises(BuildError, match="altinstr_replacement uses show_target of module md_mod"):
+        extract_functions(compile_c(tmp_path, ALTERNATIVES), {"show"}, set(), other_module)
+    with pytest.raises(BuildError, match="static key the_key of module md_mod"):
+        extract_functions(compile_c(tmp_path / "jl", JUMP_LABEL), {"user"}, set(), other_module)
+
+
+def test_plain_code_may_use_a_module_symbol_tied_to_the_patched_module(tmp_path: Path):
+    """A call or data access in the function itself is relocated when raid10 loads, before any of it runs."""
+    def other_module(name: str, local: bool) -> KlpSymbol | None:
+        return KlpSymbol(name, "md_mod", patched="raid10") if name == "exported_fn" else resolve(name, local)
+
+    e = extract_functions(compile_c(tmp_path, SOURCE), {"show"}, set(), other_module)
+    assert KlpSymbol("exported_fn", "md_mod", patched="raid10") in e.klp_placeholders.values()
+
+
 CPU_FEATURES = STATIC_CPU_HAS + """
 extern int printk(const char *fmt, ...);
 int first(int x) { if (static_cpu_has(4 * 32 + 31)) return printk("first %d", x); return x; }

@@ -16,6 +16,7 @@ from dynamos.builder.klp import (
     KlpSymbol,
     convert_to_klp,
     exported_symbols,
+    exporters,
     klp_symbols_needed,
 )
 from dynamos.errors import BuildError
@@ -102,3 +103,33 @@ def test_exported_symbols_from_symvers(tmp_path: Path):
     (tmp_path / "Module.symvers").write_text("0x1\tprintk\tvmlinux\tEXPORT_SYMBOL\t\n"
                                              "0x2\text4_foo\tfs/ext4/ext4\tEXPORT_SYMBOL_GPL\t\n")
     assert exported_symbols(tmp_path / "Module.symvers") == {"printk", "ext4_foo"}
+
+
+def test_exporters_name_the_module_by_its_kernel_name(tmp_path: Path):
+    (tmp_path / "Module.symvers").write_text("0x1\tprintk\tvmlinux\tEXPORT_SYMBOL\t\n"
+                                             "0x2\tmd_write_end\tdrivers/md/md-mod\tEXPORT_SYMBOL\t\n")
+    assert exporters(tmp_path / "Module.symvers") == {"printk": "vmlinux", "md_write_end": "md_mod"}
+
+
+def test_a_symbol_of_another_module_is_relocated_with_the_patched_module(obj: bytes):
+    """raid10's new code calling md_mod's md_write_end: livepatch writes the relocation when raid10
+    loads (after md_mod, which it depends on), so it goes in raid10's section, naming md_mod's symbol."""
+    sym = KlpSymbol("module_private", "md_mod", 0, patched="raid10")
+    assert sym.placeholder != KlpSymbol("module_private", "md_mod").placeholder
+    out = convert_to_klp(obj, [KlpSymbol("hidden_counter"), sym])
+    elf = _elf(out)
+    symtab = elf.get_section_by_name(".symtab")
+    rela = elf.get_section_by_name(".klp.rela.raid10..text")
+    assert rela is not None and rela["sh_flags"] & SHF_RELA_LIVEPATCH
+    assert elf.get_section_by_name(".klp.rela.md_mod..text") is None
+    assert [symtab.get_symbol(r["r_info_sym"]).name for r in rela.iter_relocations()] == \
+        [".klp.sym.md_mod.module_private,0"]
+    vmlinux = elf.get_section_by_name(".klp.rela.vmlinux..text")
+    assert {symtab.get_symbol(r["r_info_sym"]).name for r in vmlinux.iter_relocations()} == \
+        {".klp.sym.vmlinux.hidden_counter,0"}
+
+
+def test_a_vmlinux_symbol_cannot_be_tied_to_a_module(obj: bytes):
+    # klp_resolve_symbols refuses a vmlinux symbol in a module's relocation section.
+    with pytest.raises(BuildError, match="of vmlinux cannot be tied to module raid10"):
+        convert_to_klp(obj, [KlpSymbol("hidden_counter", patched="raid10")])

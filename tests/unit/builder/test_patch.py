@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dynamos.builder.klp import KlpSymbol
+from dynamos.builder.modsyms import OtherModules, parse_modules_dep
 from dynamos.builder.objdiff import DiffResult
 from dynamos.builder.patch import UnitReport, _resolver, _Sympos, translation_units_of
 from dynamos.errors import BuildError
@@ -52,11 +53,32 @@ def test_module_twins_resolve_through_the_fidelity_check() -> None:
 
 
 def test_exported_names_are_left_to_the_loader_and_the_rest_become_livepatch_symbols() -> None:
-    resolve = _resolver("kernel/x.c", {"printk"}, sympos())
+    resolve = _resolver("kernel/x.c", modules(), sympos())
     assert resolve("printk", False) is None
     assert resolve("__x86_return_thunk", False) is None
     assert resolve("nr_threads", False) == KlpSymbol("nr_threads", "vmlinux", 0)
     assert resolve("state_show", False) == KlpSymbol("state_show", "vmlinux", 2)
+
+
+def modules() -> OtherModules:
+    return OtherModules({"printk": "vmlinux", "md_write_end": "md_mod"},
+                        parse_modules_dep("kernel/drivers/md/raid10.ko: kernel/drivers/md/md-mod.ko\n"),
+                        lambda m: [("md_write_end", True)] if m == "md_mod" else [])
+
+
+def test_an_export_of_another_module_is_a_livepatch_symbol_of_the_patched_module() -> None:
+    """Not left to the loader, which would refuse the update unless md_mod were loaded."""
+    resolve = _resolver("drivers/md/raid10.c", modules(),
+                        sympos("drivers/md/raid10.c", module="raid10", module_symbols=["raid10_write_end"]))
+    assert resolve("md_write_end", False) == KlpSymbol("md_write_end", "md_mod", 0, patched="raid10")
+    assert resolve("printk", False) is None
+    assert resolve("nr_threads", False) == KlpSymbol("nr_threads", "vmlinux", 0)
+    assert resolve("raid10_write_end", False) == KlpSymbol("raid10_write_end", "raid10", 0)
+
+
+def test_vmlinux_code_using_an_export_of_a_module_is_refused() -> None:
+    with pytest.raises(BuildError, match="the changed vmlinux code would use md_write_end of module md_mod"):
+        _resolver("kernel/x.c", modules(), sympos())("md_write_end", False)
 
 
 def write_tree(root, files: dict[str, str]) -> None:
