@@ -112,16 +112,20 @@ def guest(lab) -> Guest:
 
 
 @contextmanager
-def uniprocessor_guest(target, workdir: Path, name: str) -> Iterator[Guest]:
-    """A one-vCPU lab of its own, for tests that two TCG vCPUs make flaky.
+def uniprocessor_guest(target, workdir: Path, name: str, cpus: int = 1,
+                       tcg_threads: str = "multi") -> Iterator[Guest]:
+    """A lab of its own for tests that two multi-threaded TCG vCPUs make flaky: one vCPU, or two
+    that QEMU runs on one host thread (``tcg_threads="single"``), still two CPUs to the guest.
 
     With two vCPUs on this two-core host, QEMU's vCPU threads and its I/O thread compete for the
     cores: a thread calling livepatched module functions in a tight loop, and a memory hog
     faulting in pages under reclaim, each intermittently stalled on a vCPU for tens of seconds,
-    which the guest reports as a soft lockup. On one vCPU neither ever did.
+    which the guest reports as a soft lockup. ``bench/bench_two_vcpu_stalls.py`` shows it is
+    QEMU's multi-threaded TCG: the same guest work hangs there (the thread stuck at the patched
+    function's ftrace site, RCU stall) and never with the two vCPUs on one host thread.
     """
     state_dir = labs_dir() / f"pytest-{name}-{Path(workdir).name}"
-    lab = Lab.boot(lab_config(target, workdir, cpus=1), state_dir=state_dir,
+    lab = Lab.boot(lab_config(target, workdir, cpus=cpus, tcg_threads=tcg_threads), state_dir=state_dir,
                    progress=lambda m: print(f"lab {name}: {m}", file=sys.stderr))
     try:
         yield Guest(lab)

@@ -43,16 +43,18 @@ def counters(guest) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def uniprocessor_guest(target, workdir):
-    """The dynamos_pair tests' lab: with two vCPUs, livepatching this module's functions while
-    its threads call them in a tight loop intermittently hangs a thread at the function's ftrace
-    site (see conftest.uniprocessor_guest)."""
-    with conftest_uniprocessor_guest(target, workdir, "up") as guest:
+def two_cpu_guest(target, workdir):
+    """The dynamos_pair tests' lab: two CPUs (mixing across CPUs is what global consistency must
+    prevent, and one CPU could not show it), run by QEMU on one host thread: under multi-threaded
+    TCG, livepatching this module's functions while its threads call them hangs a thread at the
+    function's ftrace site, a QEMU fault (see conftest.uniprocessor_guest)."""
+    with conftest_uniprocessor_guest(target, workdir, "pair", cpus=2, tcg_threads="single") as guest:
         yield guest
 
 
-def test_global_consistency_never_mixes_formats_across_applies(uniprocessor_guest, build, workdir, pair_module):
-    guest = uniprocessor_guest
+def test_global_consistency_never_mixes_formats_across_applies(two_cpu_guest, build, workdir, pair_module):
+    guest = two_cpu_guest
+    assert int(guest.sh("nproc")) == 2
     module, btf_dir = pair_module
     global_pkg = build(LAB_UPDATES / "pair-format", module_dirs=(btf_dir,))
     per_task_pkg = build(per_task_variant(workdir), module_dirs=(btf_dir,))
