@@ -24,6 +24,11 @@ class DynamosError(Exception):
         """Machine-readable reasons (``{"code", "message"}``) for ``--json``; [] if it has none."""
         return []
 
+    def details(self) -> dict:
+        """More of what happened, merged into the one ``--json`` failure object (e.g. the tasks
+        a transition waited for); {} if there is nothing more to say."""
+        return {}
+
     def __str__(self) -> str:
         if self.path is None:
             return self.message

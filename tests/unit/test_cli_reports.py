@@ -55,3 +55,21 @@ def test_status_uname_is_the_effective_kernel(harness: KernelHarness, monkeypatc
     assert "effective kernel 6.1.0-56-amd64+fix-x=1.2, fixes CVE-2024-1086" in out
     data = json.loads(run(["status", "--uname", "--json"], capsys)[1])
     assert data == {"effective_kernel": "6.1.0-56-amd64+fix-x=1.2", "cves": ["CVE-2024-1086"]}
+
+
+def test_a_failure_with_details_is_still_one_json_object(harness: KernelHarness, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A retire that times out: its report (the holders) and the failure are one object."""
+    from dynamos.kernel import editions
+    from dynamos.kernel.editions import RetireResult, RetireTimeout
+
+    result = RetireResult("up", "f", 1, "f_v2", False, 1, 1.0, [{"pid": 7, "tid": 7, "comm": "cat", "stack": []}])
+
+    def timing_out(*_a, **_k):
+        raise RetireTimeout("up f: edition 1 retired; 1 call still run in it", result)
+
+    monkeypatch.setattr(editions, "retire", timing_out)
+    status, out, _ = run(["retire", "up", "f", "1", "--json"], capsys)
+    data = json.loads(out)  # one object: a second would make this fail
+    assert status == 6 and data["ok"] is False and data["exit_status"] == 6
+    assert data["holders"][0]["comm"] == "cat" and data["drained"] is False

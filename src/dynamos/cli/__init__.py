@@ -212,13 +212,15 @@ def cmd_docs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fail(message: str, status: int, as_json: bool, refusals: list[dict[str, str]] | None = None) -> int:
+def _fail(message: str, status: int, as_json: bool, refusals: list[dict[str, str]] | None = None,
+          details: dict | None = None) -> int:
     """Report a failure: the message on stderr, and with --json one object on stdout that says
-    the same, so a script reads why from the output it parses."""
+    the same (with the error's details, e.g. a retire's holders), so a script reads why from the
+    output it parses."""
     print(f"dynamos: {message}", file=sys.stderr)
     if as_json:
-        print_json({"ok": False, "exit_status": status, "error": message.removeprefix("error: "),
-                    "refusals": refusals or []})
+        print_json({**(details or {}), "ok": False, "exit_status": status,
+                    "error": message.removeprefix("error: "), "refusals": refusals or []})
     return status
 
 
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     except DynamosError as e:
         if "-v" in words or "--verbose" in words:  # the causes behind the message, for a bug report
             traceback.print_exception(e, file=sys.stderr)
-        return _fail(f"error: {e}", e.exit_status, as_json, e.refusals())
+        return _fail(f"error: {e}", e.exit_status, as_json, e.refusals(), e.details())
     except KeyboardInterrupt:
         return _fail("interrupted", 130, as_json)
     except ModuleNotFoundError as e:  # a production host has the runtime package only

@@ -293,9 +293,7 @@ def cmd_retire(args: argparse.Namespace) -> int:
     try:
         result = retire(args.update, args.function, args.edition, timeout=args.timeout,
                         progress=ProgressPrinter(args.json or args.quiet), wait=args.wait)
-    except RetireTimeout as e:
-        if args.json:
-            print_json(e.result.to_json())
+    except RetireTimeout as e:  # with --json the failure object carries the same (errors.details)
         for holder in e.result.holders:
             print(f"  {holder['comm']} (pid {holder['pid']}, tid {holder['tid']}):", file=sys.stderr)
             for frame in holder["stack"]:

@@ -415,3 +415,6 @@ class RetireTimeout(TransitionError):
     def __init__(self, message: str, result: RetireResult):
         super().__init__(message)
         self.result = result
+
+    def details(self) -> dict:
+        return self.result.to_json()

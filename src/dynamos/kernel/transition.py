@@ -69,6 +69,9 @@ class BlockedTransition(TransitionError):
         self.blockers = blockers
         super().__init__(message)
 
+    def details(self) -> dict:
+        return {"update": self.name, "outcome": self.outcome, "blockers": [b.to_json() for b in self.blockers]}
+
 
 def interrupted(phase: str, e: BaseException) -> str:
     """What stopped an operation midway, for the error that says where the kernel was left."""
