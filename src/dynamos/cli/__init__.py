@@ -8,7 +8,15 @@ import sys
 import traceback
 
 from dynamos import __version__
-from dynamos.cli.args import add_wait_option, cpus_arg, name_arg, pids_arg, seconds_arg, share_arg
+from dynamos.cli.args import (
+    add_trust_store_option,
+    add_wait_option,
+    cpus_arg,
+    name_arg,
+    pids_arg,
+    seconds_arg,
+    share_arg,
+)
 from dynamos.cli.commands import (
     cmd_apply,
     cmd_blockers,
@@ -84,9 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="at the timeout, force the transition instead of reverting (unsafe: blocked tasks "
                         "may keep running old code); never the default")
-    p.add_argument("--trust-store", metavar="DIR",
-                   help="directory of trusted signers' keyrings "
-                        "(default: $DYNAMOS_TRUST_STORE, else /etc/dynamos/trusted)")
+    add_trust_store_option(p)
     p.add_argument("--allow-unsigned", action="store_true", help="load an unsigned package (development only; warned)")
     p.add_argument("--allow-older", action="store_true",
                    help="load a package older than the newest one accepted for the same update")
@@ -123,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="what a package is, who signed it and what it fixes, without applying it")
     p.add_argument("package")
-    p.add_argument("--trust-store", metavar="DIR", help="trust store to check the signer against")
+    add_trust_store_option(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 

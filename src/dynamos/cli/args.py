@@ -67,3 +67,8 @@ def share_arg(text: str) -> object:
 def add_wait_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", type=seconds_arg, default=None, metavar="S",
                    help="wait up to S seconds for another dynamos changing this kernel (default: refuse at once)")
+
+
+def add_trust_store_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-store", metavar="DIR", help="directory of trusted signers' keyrings "
+                   "(default: $DYNAMOS_TRUST_STORE, else /etc/dynamos/trusted)")

@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from dynamos.cli.args import add_trust_store_option
 from dynamos.cli.present import ProgressPrinter, print_json, table
 from dynamos.errors import UsageError
 
@@ -84,8 +85,7 @@ def add_persistence_commands(sub, name_arg, seconds_arg, add_wait_option) -> Non
     p.add_argument("package")
     p.add_argument("--no-apply", action="store_true", help="only store it; it loads at the next boot")
     p.add_argument("--timeout", type=seconds_arg, default=30.0, metavar="S")
-    p.add_argument("--trust-store", metavar="DIR",
-                   help="trusted signers' keyrings (default: $DYNAMOS_TRUST_STORE, else /etc/dynamos/trusted)")
+    add_trust_store_option(p)
     p.add_argument("--json", action="store_true")
     add_wait_option(p)
     p.set_defaults(func=cmd_install)
@@ -102,7 +102,7 @@ def add_persistence_commands(sub, name_arg, seconds_arg, add_wait_option) -> Non
     p = sub.add_parser("load", help="load installed updates (boot runs `dynamos load --all`)")
     p.add_argument("--all", action="store_true", help="every update installed for the running kernel")
     p.add_argument("--timeout", type=seconds_arg, default=30.0, metavar="S", help="per update")
-    p.add_argument("--trust-store", metavar="DIR")
+    add_trust_store_option(p)
     p.add_argument("--json", action="store_true")
     add_wait_option(p)
     p.set_defaults(func=cmd_load)
