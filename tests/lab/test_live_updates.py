@@ -143,7 +143,8 @@ def test_check_predicts_blockers_and_blockers_lists_them_mid_transition(guest, b
         assert blocker["comm"] == "dynamos-stall" and blocker["functions"] == ["dynamos_stall_loop"]
         assert any("] dynamos_stall_loop+" in frame for frame in blocker["stack"]), blocker["stack"]
         # While an apply waits on the thread, `blockers` names it with its stack.
-        guest.sh(f"setsid {sys.executable} -m dynamos apply {pkg} --timeout 25 >/tmp/stalled.out 2>&1 "
+        # The apply waits long enough for two CLI runs of `blockers` even on a loaded host.
+        guest.sh(f"setsid {sys.executable} -m dynamos apply {pkg} --timeout 60 >/tmp/stalled.out 2>&1 "
                  "</dev/null & for i in $(seq 120); do "
                  "[ -e /sys/kernel/livepatch/stall_breaker/transition ] && break; sleep 0.5; done; sleep 1")
         listed = json.loads(guest.dynamos("blockers", "--json").stdout)
@@ -152,7 +153,7 @@ def test_check_predicts_blockers_and_blockers_lists_them_mid_transition(guest, b
         text = guest.dynamos("blockers", "stall-breaker").stdout.decode()
         assert "1 task(s) not switched yet" in text and "dynamos_stall_loop" in text
         guest.sh("while [ -d /sys/kernel/livepatch/stall_breaker ] || grep -q stall_breaker /proc/modules; "
-                 "do sleep 1; done", timeout=90)
+                 "do sleep 1; done", timeout=150)
         assert "reverted and unloaded" in guest.read("/tmp/stalled.out")
     finally:
         guest.unload_module("dynamos_stall")
