@@ -172,8 +172,11 @@ def module_files(target, workdir, keys) -> dict[str, str]:
 def boot_uefi(target, workdir, name: str, certs: list[Path], append: str) -> tuple[Lab, float]:
     state_dir = labs_dir() / f"pytest-{name}-{Path(workdir).name}"
     t0 = time.monotonic()
+    # Both vCPUs on one QEMU thread: enabling the function tracer rewrites every ftrace site, and
+    # QEMU 7.2's multi-threaded TCG can hang a vCPU on code rewritten under it (README, "The
+    # two-vCPU stalls are QEMU's"); seen here once in CI.
     lab = Lab.boot(lab_config(target, workdir, firmware="uefi", db_certs=[str(c) for c in certs], append=append,
-                              boot_timeout=180),
+                              boot_timeout=180, tcg_threads="single"),
                    state_dir=state_dir, progress=lambda m: print(f"lab {name}: {m}", file=sys.stderr))
     return lab, time.monotonic() - t0
 
