@@ -1,8 +1,9 @@
 """Installed updates on a production-like host: a real Debian 12 root (mmdebstrap) on a disk image,
 booted with systemd, the dynamos .deb installed with dpkg, the lab key in that root's
 /etc/dynamos/trusted. An update installed, a route switched with --persist, a reboot from the same
-disk: dynamos.service brings both back before anyone asks; uninstall; load --all with a package
-for another release present; gc.
+disk: dynamos.service brings both back before anyone asks, although an update installed between
+them fails to load (its pre_patch hook vetoes it); uninstall; load --all with a package for another
+release present; gc.
 
 Timings go to stderr (pytest -s shows them)."""
 
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLES = REPO / "examples"
+UPDATES = REPO / "tests/lab/updates"
 OTHER_RELEASE = "6.1.0-55-amd64"
 
 
@@ -83,6 +85,7 @@ def packages(tmp_path_factory, target) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("syslab-packages")
     built = {
         "version-tag": build_update(EXAMPLES / "version-tag", target, output=out).package_path,
+        "boot-veto": build_update(UPDATES / "boot-veto", target, output=out).package_path,
         "cmdline-editions": build_update(EXAMPLES / "cmdline-editions", target, output=out).package_path,
         "banner-55": build_update(EXAMPLES / "cmdline-banner", fetch_target(OTHER_RELEASE), output=out).package_path,
     }
@@ -110,12 +113,15 @@ def test_installed_updates_and_routes_come_back_after_a_reboot(target, packages,
         _say(f"dpkg -i in {time.monotonic() - t:.1f} s")
         assert g.sh("systemctl is-enabled dynamos.service").strip() == "enabled"
         g.put("/etc/dynamos/trusted/lab.gpg", lab_signer(cache_root()).trusted_keyring.read_bytes())
-        for key in ("version-tag", "cmdline-editions", "banner-55"):
+        for key in ("version-tag", "boot-veto", "cmdline-editions", "banner-55"):
             g.put(f"/root/pkgs/{packages[key].name}", packages[key].read_bytes())
 
         t = time.monotonic()
         tag = g.json("install", f"/root/pkgs/{packages['version-tag'].name}")
         assert tag["items"][0]["outcome"] == "installed and applied"
+        # Stored, not loaded: its module refuses every load, which is what boot will meet.
+        veto = g.json("install", "--no-apply", f"/root/pkgs/{packages['boot-veto'].name}")
+        assert veto["items"][0]["outcome"] == "installed"
         editions = g.json("install", f"/root/pkgs/{packages['cmdline-editions'].name}")
         assert editions["items"][0]["outcome"] == "installed and applied"
         other = g.json("install", f"/root/pkgs/{packages['banner-55'].name}")
@@ -128,7 +134,8 @@ def test_installed_updates_and_routes_come_back_after_a_reboot(target, packages,
         assert g.sh("cat /proc/cmdline").startswith("[edition 2] ")
         installed = g.json("installed")["installed"]
         assert [(i["name"], i["release"]) for i in installed] == [
-            ("cmdline-banner", OTHER_RELEASE), ("version-tag", target.release), ("cmdline-editions", target.release)]
+            ("cmdline-banner", OTHER_RELEASE), ("version-tag", target.release), ("boot-veto", target.release),
+            ("cmdline-editions", target.release)]
 
         off = _power_off(lab)
         _say(f"powered off in {off:.1f} s; booting the same disk again")
@@ -136,9 +143,11 @@ def test_installed_updates_and_routes_come_back_after_a_reboot(target, packages,
         g = SystemGuest(lab)
         second_boot = lab.info["boot_seconds"]
 
-        # Nobody applied anything: dynamos.service did, before the agent (After=) ran a command.
+        # Nobody applied anything: dynamos.service did, before the agent (After=) ran a command. The
+        # vetoed update failed between the two good ones, which loaded anyway; the unit exits 9
+        # (an installed update is not live), so `systemctl status dynamos` shows the host needs care.
         unit = g.sh("systemctl show dynamos.service -p ActiveState -p Result -p ExecMainStatus")
-        assert "ActiveState=active" in unit and "Result=success" in unit and "ExecMainStatus=0" in unit, unit
+        assert "ActiveState=failed" in unit and "Result=exit-code" in unit and "ExecMainStatus=9" in unit, unit
         assert g.sh("cat /proc/version") == tagged
         assert g.sh("cat /proc/cmdline").startswith("[edition 2] ")
         status = g.json("status")
@@ -148,7 +157,15 @@ def test_installed_updates_and_routes_come_back_after_a_reboot(target, packages,
         assert fn["route"][0] == "default 2"
         journal = g.sh("journalctl -b -u dynamos.service --no-pager -o cat")
         assert f"cmdline-banner ({OTHER_RELEASE}): skipped" in journal, journal
-        assert "version-tag" in journal and "loaded" in journal
+        assert f"version-tag ({target.release}): loaded" in journal, journal
+        assert f"boot-veto ({target.release}): failed" in journal, journal
+        assert f"cmdline-editions ({target.release}): loaded" in journal, journal
+        assert "boot-veto: refusing to load" in g.sh("dmesg")
+        assert "vetoed" not in g.sh("cat /proc/loadavg")
+        assert not any(u["name"] == "boot_veto" for u in status["updates"])
+        assert g.sh("ls /sys/module | grep -c '^boot_veto$' || true").strip() == "0"
+        gone = g.json("uninstall", "boot-veto")
+        assert gone["items"][0]["outcome"] == "uninstalled", gone
 
         # uninstall: reverted now, gone at the next boot
         gone = g.json("uninstall", "version-tag")
