@@ -12,6 +12,7 @@ versions and the changelog entries between them; a partial update claims no CVE.
 from __future__ import annotations
 
 import difflib
+import fcntl
 import gzip
 import json
 import re
@@ -83,21 +84,23 @@ def version_tree(package: str, version: str, say: Callable[[str], None]) -> Vers
     """The extracted source of ``package`` ``version`` and its Debian changelog (from the .deb's
     /usr/share/doc), extracted once into ``<cache>/versions/<package>/<version>``."""
     root = cache_root() / "versions" / package / version
-    ready = root / "ready"
-    if not ready.is_file():
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
-        with _source_tarball(package, version, say) as tarball:
-            changelog = tarball.parent.parent / "share/doc" / package / "changelog.Debian.gz"
-            if not changelog.is_file():
-                raise TargetError(f"{package} {version} has no {changelog.name} in /usr/share/doc/{package}")
-            (root / "changelog.Debian").write_bytes(gzip.decompress(changelog.read_bytes()))
-            _extract(tarball, root, say)
-        if not (root / package / "Makefile").is_file():
-            raise TargetError(f"{package} {version} unpacked no {package}/Makefile in {root}")
-        ready.write_text(version + "\n")
-    else:
-        say(f"{package} {version}: extracted tree in the cache ({root})")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{version}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two builds extracting the same version wait for each other
+        if not (root / "ready").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            with _source_tarball(package, version, say) as tarball:
+                changelog = tarball.parent.parent / "share/doc" / package / "changelog.Debian.gz"
+                if not changelog.is_file():
+                    raise TargetError(f"{package} {version} has no {changelog.name} in /usr/share/doc/{package}")
+                (root / "changelog.Debian").write_bytes(gzip.decompress(changelog.read_bytes()))
+                _extract(tarball, root, say)
+            if not (root / package / "Makefile").is_file():
+                raise TargetError(f"{package} {version} unpacked no {package}/Makefile in {root}")
+            (root / "ready").write_text(version + "\n")
+        else:
+            say(f"{package} {version}: extracted tree in the cache ({root})")
     return VersionTree(version, root / package, (root / "changelog.Debian").read_text(errors="replace"))
 
 

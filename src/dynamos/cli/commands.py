@@ -275,7 +275,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             "version": pkg.version, "cves": list(pkg.cves), "kernel": pkg.kernel_release,
             "consistency": pkg.consistency, "replace": pkg.replace, "created": pkg.manifest["created"],
             "module_sha256": pkg.module_sha256, "trust_store": str(store), **trust,
-            "functions": pkg.functions}
+            **({"debian": pkg.debian} if pkg.debian else {}), "functions": pkg.functions}
     if args.json:
         print_json(data)
         return 0
@@ -284,6 +284,12 @@ def cmd_info(args: argparse.Namespace) -> int:
           + ("; replaces earlier updates" if pkg.replace else ""))
     if pkg.cves:
         print(f"  fixes {', '.join(pkg.cves)}")
+    if pkg.debian:
+        deb = pkg.debian
+        missing = f"; PARTIAL, not carried: {', '.join(deb['not_carried'])}" if deb["partial"] else ""
+        print(f"  Debian {deb['package']} {deb['from']} -> {deb['to']}{missing}")
+        if deb["partial"] and deb["cves_mentioned"]:
+            print(f"  changelog mentions {', '.join(deb['cves_mentioned'])} (not claimed: partial)")
     if trust["trusted"]:
         print(f"  signed by {_signer_text(trust['signer'])}: trusted by {store}")
     else:
