@@ -32,7 +32,7 @@ def test_build_to_the_next_debian_revision_applied_and_reverted(guest, target, w
     try:
         with applied(guest, result.package_path) as r:
             assert [(f["name"], f["object"]) for f in r["functions"]] == [("nfsd4_sequence", "nfsd")]
-            name = r["name"]
+            name = r["name"].replace("-", "_")  # the livepatch (module) name
             assert guest.read(f"/sys/kernel/livepatch/{name}/transition").strip() == "0"
             assert guest.read(f"/sys/kernel/livepatch/{name}/nfsd/patched").strip() == "1"
             status = json.loads(guest.dynamos("status", "--json").stdout)

@@ -274,7 +274,14 @@ class IncludeGraph:
                 if includer not in seen:
                     seen.add(includer)
                     todo.append(includer)
-        return sorted(f for f in seen if f.endswith(".c") and not self.includers.get(f))
+        return sorted(f for f in seen if f.endswith(".c") and not self.includers.get(f) and _x86_kernel(f))
+
+
+def _x86_kernel(rel: str) -> bool:
+    """Whether a .c file can be part of an x86 kernel (not another architecture's, not a tool's)."""
+    if rel.startswith("arch/") and not rel.startswith("arch/x86/"):
+        return False
+    return not rel.startswith(_NOT_KERNEL)
 
 
 def _normalise(rel: str) -> str:
@@ -288,6 +295,7 @@ def _normalise(rel: str) -> str:
     return "/".join(parts)
 
 
+_COMPOSITE_RE = re.compile(r"^\s*([A-Za-z0-9_-]+)-(?:y|objs)\s*[+:]?=\s*(.*)$")
 _OBJ_RE = re.compile(r"^\s*obj-(\$\((CONFIG_[A-Za-z0-9_]+)\)|y|m)\s*[+:]?=\s*(.*)$")
 
 
@@ -307,9 +315,15 @@ def built_by_config(tree: Path, rel: str, config: dict[str, str], target: Target
     if makefile is None:
         return None
     obj = Path(rel).with_suffix(".o").name
-    for line in makefile.read_text(errors="replace").replace("\\\n", " ").splitlines():
+    lines = makefile.read_text(errors="replace").replace("\\\n", " ").splitlines()
+    owners = {obj}  # the file's object, or the composite objects made of it (ext2-y += inode.o)
+    for line in lines:
+        m = _COMPOSITE_RE.match(line)
+        if m and obj in m.group(2).split():
+            owners.add(m.group(1) + ".o")
+    for line in lines:
         m = _OBJ_RE.match(line)
-        if m and obj in m.group(3).split():
+        if m and owners & set(m.group(3).split()):
             option = m.group(2)
             return option is None or config.get(option, "n") in ("y", "m")
     return None
@@ -387,9 +401,22 @@ def build_to(target: TargetKernel, to: str, *, output: Path | None, max_units: i
         changes = changed_files(source.tree, newer.tree,
                                 newer.tree.parent / f"diff-from-{running}-{target.release}.json", say)
     entries = entries_between(parse_changelog(newer.changelog), running, to)
-    mentioned = cves_of(entries)
     say(f"{package} {running} -> {to}: {len(changes)} file(s) differ")
+    return build_changes(target, running, to, changes, lambda rel: (newer.tree / rel).read_bytes(), entries,
+                         output=output, max_units=max_units, progress=say, signer=signer, started=started)
 
+
+def build_changes(target: TargetKernel, running: str, to: str, changes: list[Change],
+                  new_text: Callable[[str], bytes], entries: list[ChangelogEntry], *, output: Path | None,
+                  max_units: int = DEFAULT_MAX_UNITS, progress: Callable[[str], None] | None = None,
+                  signer: Signer | None = None, started: float | None = None) -> ToBuild:
+    """Classify each changed file and build what can be carried: the part of ``build_to`` after
+    the trees are compared (``new_text`` reads a file of the ``to`` version)."""
+    say = progress or (lambda _m: None)
+    started = time.monotonic() if started is None else started
+    package = source_package(target.release)
+    source = prepare_source(target, say)
+    mentioned = cves_of(entries)
     config = read_config(source.tree / ".config")
     results: dict[str, FileResult] = {}
     patched: dict[str, bytes] = {}
@@ -408,10 +435,10 @@ def build_to(target: TargetKernel, to: str, *, output: Path | None, max_units: i
             res.reason = ("a new file needs a build-system change to be compiled" if change.kind == "added"
                           else "a removed file cannot be removed from running code")
             continue
-        new_text = (newer.tree / change.path).read_bytes()
+        text = new_text(change.path)
         if change.path.endswith(".h"):
             old_text = (source.tree / change.path).read_text(errors="replace")
-            if header_changes_types(old_text, new_text.decode(errors="replace")):
+            if header_changes_types(old_text, text.decode(errors="replace")):
                 res.status, res.code = REFUSED, "changed-layout"
                 res.reason = "the change touches a struct/union/enum definition (read from the source, see README)"
                 continue
@@ -435,7 +462,7 @@ def build_to(target: TargetKernel, to: str, *, output: Path | None, max_units: i
                 res.reason = f"{target.release}'s config does not build it"
                 continue
         res.units = units
-        patched[change.path] = new_text
+        patched[change.path] = text
         for unit in units:
             touching.setdefault(unit, []).append(change.path)
 
@@ -445,7 +472,7 @@ def build_to(target: TargetKernel, to: str, *, output: Path | None, max_units: i
         def annotate(dropped: dict[str, str], skipped: list[str]) -> tuple[dict[str, object], dict[str, object]]:
             _settle(results, dropped, skipped)
             partial = any(r.status == REFUSED for r in results.values())
-            not_carried = [r.path for r in results.values() if r.status == REFUSED]
+            not_carried = sorted(r.path for r in results.values() if r.status == REFUSED)
             cves = [] if partial else mentioned
             extra: dict[str, object] = {"version": to, **({"cves": cves} if cves else {})}
             debian: dict[str, object] = {"package": package, "from": running, "to": to, "partial": partial,

@@ -203,6 +203,8 @@ def test_include_graph_reaches_the_units_through_headers(tmp_path: Path) -> None
         "fs/z.c": "#include <linux/other.h>\n",
         "kernel/sched/build.c": '#include "core.c"\n',
         "kernel/sched/core.c": "#include <linux/a.h>\n",
+        "arch/arm/kernel/arm.c": "#include <linux/a.h>\n",  # another architecture's
+        "tools/t.c": "#include <linux/a.h>\n",
     }
     for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -214,13 +216,15 @@ def test_include_graph_reaches_the_units_through_headers(tmp_path: Path) -> None
 
 def test_built_by_config_reads_the_directorys_makefile(tmp_path: Path) -> None:
     (tmp_path / "fs").mkdir()
-    (tmp_path / "fs/Makefile").write_text("obj-y += always.o\nobj-$(CONFIG_FOO) += foo.o \\\n\tbar.o\n")
+    (tmp_path / "fs/Makefile").write_text("obj-y += always.o\nobj-$(CONFIG_FOO) += foo.o \\\n\tbar.o\n"
+                                          "obj-$(CONFIG_EXT2_FS) += ext2.o\next2-y := inode.o super.o\n")
     target = TargetKernel("6.1.0-56-amd64", tmp_path, tmp_path / "modules", None, None)
     (tmp_path / "modules/kernel").mkdir(parents=True)
     assert built_by_config(tmp_path, "fs/always.c", {}, target) is True
     assert built_by_config(tmp_path, "fs/foo.c", {"CONFIG_FOO": "y"}, target) is True
     assert built_by_config(tmp_path, "fs/bar.c", {"CONFIG_FOO": "n"}, target) is False
     assert built_by_config(tmp_path, "fs/unknown.c", {}, target) is None
+    assert built_by_config(tmp_path, "fs/inode.c", {"CONFIG_EXT2_FS": "n"}, target) is False  # composite
     # a module the target does not ship: not built; shipped: built
     assert built_by_config(tmp_path, "fs/foo.c", {"CONFIG_FOO": "m"}, target) is False
     (tmp_path / "modules/kernel/foo.ko").write_bytes(b"")
