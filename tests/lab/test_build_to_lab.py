@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-from dynamos.builder.debian import CARRIED, build_to
+from dynamos.builder.debian import CARRIED, Change, build_changes, build_to
+from dynamos.target.source import prepare_source
 from tests.lab.test_patches import applied
 
 pytestmark = pytest.mark.lab
@@ -51,3 +52,33 @@ def test_build_to_the_next_debian_revision_applied_and_reverted(guest, target, w
         left = guest.modules() - before  # kmod leaves sunrpc and grace behind (see test_lab.py)
         if left:
             guest.run("modprobe", "-r", *sorted(left), check=False)
+
+
+def test_a_later_partial_update_replaces_the_first_and_status_names_what_it_left(guest, target, workdir):
+    """A second build --to on a live-updated kernel: diffed from the image's version again, its
+    update replaces the first (replace = true). Made here from a synthetic later revision (the
+    archive has none after 6.1.192-3): one carried change whose code is seen running, one refused."""
+    out = workdir / "build-to"
+    out.mkdir(exist_ok=True)
+    first = build_to(target, TO, output=out)
+    tree = prepare_source(target).tree
+    cmdline = (tree / "fs/proc/cmdline.c").read_text()
+    pipe = (tree / "fs/pipe.c").read_text()
+    texts = {"fs/proc/cmdline.c": cmdline.replace("\tseq_puts(m, saved_command_line);",
+                                                  '\tseq_printf(m, "%s dynamos-to-9", saved_command_line);').encode(),
+             "fs/pipe.c": pipe.replace("pipe_max_size = 1048576;", "pipe_max_size = 2097152;").encode()}
+    later = build_changes(target, first.from_version, "6.1.192-9", [Change(p, "modified") for p in sorted(texts)],
+                          texts.__getitem__, [], output=out)
+    assert later.from_version == "6.1.192-2" and later.not_carried == ["fs/pipe.c"] and later.cves == []
+    with applied(guest, first.package_path) as r1:
+        first_name = r1["name"].replace("-", "_")
+        with applied(guest, later.package_path) as r2:
+            later_name = r2["name"].replace("-", "_")
+            assert guest.read("/proc/cmdline").rstrip().endswith("dynamos-to-9")
+            status = json.loads(guest.dynamos("status", "--json").stdout)
+            assert status["effective_version"] == \
+                "6.1.192-2, live-updated to 6.1.192-9; 1 file not carried: fs/pipe.c", status
+            assert first_name not in guest.livepatches()  # replaced: disabled and unloaded
+            assert later_name in guest.livepatches()
+        assert "dynamos-to-9" not in guest.read("/proc/cmdline")
+    assert later_name not in guest.livepatches() and first_name not in guest.livepatches()

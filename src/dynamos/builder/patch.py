@@ -85,6 +85,7 @@ class PatchBuild:
     def explain(self) -> list[str]:
         """Per function, why it is in the update; per refused change, why it cannot be."""
         lines = [f"{path}: includes a patched file but is not built into the target: skipped" for path in self.skipped]
+        lines += [f"{path}: LEFT OUT of the update: {why}" for path, why in self.dropped.items()]
         for unit in self.units:
             via = [t for t in unit.touched if t != unit.path]
             lines.append(f"{unit.path}:" + (f" (includes {', '.join(via)})" if via else ""))
