@@ -34,7 +34,8 @@ from dynamos.builder.objdiff import DiffResult, align_statics, diff_objects, rea
 from dynamos.builder.signing import Signer
 from dynamos.builder.statics import StaticLocals, resolve_static_locals
 from dynamos.builder.units import compile_original, compile_unit
-from dynamos.errors import BuildError, UpdateSourceError
+from dynamos.builder.unitsof import module_of, translation_units_of
+from dynamos.errors import BuildError, DynamosError, UpdateSourceError
 from dynamos.lab.kallsyms import lab_symbol_table
 from dynamos.target import TargetKernel, cache_root
 from dynamos.target.images import KernelText, kernel_text
@@ -79,10 +80,12 @@ class PatchBuild:
     seconds: float
     phases: dict[str, float]
     skipped: list[str] = field(default_factory=list)  # units including a patched header, not built in
+    dropped: dict[str, str] = field(default_factory=dict)  # unit -> why it was left out (tolerant builds)
 
     def explain(self) -> list[str]:
         """Per function, why it is in the update; per refused change, why it cannot be."""
         lines = [f"{path}: includes a patched file but is not built into the target: skipped" for path in self.skipped]
+        lines += [f"{path}: LEFT OUT of the update: {why}" for path, why in self.dropped.items()]
         for unit in self.units:
             via = [t for t in unit.touched if t != unit.path]
             lines.append(f"{unit.path}:" + (f" (includes {', '.join(via)})" if via else ""))
@@ -105,6 +108,9 @@ class PatchBuild:
                 lines.append(f"  unchanged {len(unit.diff.unchanged)} function(s)")
         return lines
 
+
+# (dropped units with why, skipped units) -> (update table additions, manifest debian table)
+Annotate = Callable[[dict[str, str], list[str]], tuple[dict[str, object], dict[str, object] | None]]
 
 _HUNK_RE = re.compile(r"^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
 # Lines outside hunks from which GNU patch may take a file name: each such name is checked.
@@ -230,7 +236,6 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
     """
     say = progress or (lambda _m: None)
     started = time.monotonic()
-    phases: dict[str, float] = {}
     patch = Path(patch)
     text = read_patch(patch)
     files = touched_files(text, patch)
@@ -240,50 +245,90 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
                 raise BuildError(f"{rel}: {reason}", path=patch)
     update_name = name or _NAME_RE.sub("-", patch.stem.lower()).strip("-")[:55] or "patch"
 
+    source = prepare_source(target, say)
+    patched = with_compat_headers(patched_texts(patch, source.tree, files))
+    touching: dict[str, list[str]] = {}  # translation unit -> the patched files it compiles
+    for rel in files:
+        for unit in translation_units_of(source.tree, rel):
+            touching.setdefault(unit, []).append(rel)
+    return build_from_texts(patched, touching, target, name=update_name,
+                            description=f"dynamos update from {patch.name}", output=output,
+                            symtab=symtab, progress=say, signer=signer, origin=patch,
+                            started=started)
+
+
+def build_from_texts(patched: dict[str, bytes], touching: dict[str, list[str]], target: TargetKernel, *,
+                     name: str, description: str, output: Path | None = None, symtab: SymbolTable | None = None,
+                     progress: Callable[[str], None] | None = None, signer: Signer | None = None,
+                     origin: Path | None = None, tolerant: bool = False, replace_earlier: bool = False,
+                     extra: dict[str, object] | None = None, debian: dict[str, object] | None = None,
+                     annotate: Annotate | None = None, started: float | None = None) -> PatchBuild:
+    """Build an update from the patched texts of files and the units that compile them.
+
+    ``tolerant``: a unit that cannot be built, or whose diff has a refused change, is left out
+    (its reason in ``PatchBuild.dropped``) instead of stopping the build; with no unit left, no
+    package is written. ``extra`` is merged into the update table (version, cves); ``debian`` is the
+    Debian versions and changelog an update built by ``build --to`` corresponds to (manifest key);
+    ``annotate``, given the dropped and skipped units, returns them once the units are known.
+    """
+    say = progress or (lambda _m: None)
+    started = time.monotonic() if started is None else started
+    phases: dict[str, float] = {}
+    update_name = name
     t = time.monotonic()
     source = prepare_source(target, say)
     phases["source"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
-    patched = with_compat_headers(patched_texts(patch, source.tree, files))
     if symtab is None:
         symtab = lab_symbol_table(target, progress=say)
     image_text = kernel_text(target)
 
     work = cache_root() / "builds" / f"patch-{update_name}-{target.release}"
     units: list[UnitReport] = []
+    dropped: dict[str, str] = {}
     with build_lock(work):
         shutil.rmtree(work, ignore_errors=True)
         (work / "objects").mkdir(parents=True)
         config = read_config(source.tree / ".config")
-        touching: dict[str, list[str]] = {}  # translation unit -> the patched files it compiles
-        for rel in files:
-            for unit in translation_units_of(source.tree, rel):
-                touching.setdefault(unit, []).append(rel)
         skipped: list[str] = []
-        for unit, touched in touching.items():
+        for count, (unit, touched) in enumerate(touching.items(), 1):
+            if tolerant:
+                say(f"unit {count}/{len(touching)}: {unit}")
             obj = module_of(source.tree, unit, config) or VMLINUX
-            report = _compile_and_diff(source, unit, {rel: patched[rel] for rel in touched}, work, target,
-                                       symtab, image_text, say, obj,
-                                       optional=all(rel.endswith(".h") for rel in touched))
+            try:
+                report = _compile_and_diff(source, unit, {rel: patched[rel] for rel in touched}, work, target,
+                                           symtab, image_text, say, obj,
+                                           optional=all(rel.endswith(".h") for rel in touched))
+            except DynamosError as e:
+                if not tolerant:
+                    raise
+                dropped[unit] = str(e)
+                continue
             if report is None:
                 skipped.append(unit)
                 say(f"{unit} includes {', '.join(touched)} but is not built into {target.release}: skipped")
             else:
                 report.directives = apply_directives(
                     report.diff, (work / "objects" / _obj_name(unit, "patched")).read_bytes(), unit)
+                if tolerant and report.diff.refused:
+                    dropped[unit] = "; ".join(f"{r.name}: {r.reason}" for r in report.diff.refused)
+                    continue
                 units.append(report)
         phases["compile+diff"] = round(time.monotonic() - t, 3)
         refused = [(u.path, r) for u in units for r in u.diff.refused]
         if refused:
             raise BuildError("the patch cannot be live-patched:\n" + "\n".join(
-                f"  {path}: {r.name}: {r.reason}" for path, r in refused), path=patch)
+                f"  {path}: {r.name}: {r.reason}" for path, r in refused), path=origin)
         if not any(u.diff.changed or u.diff.new for u in units):
-            raise BuildError("the patch changes no function's code (comments, or line numbers only?)", path=patch)
+            if tolerant:
+                return PatchBuild(update_name, None, units, [], round(time.monotonic() - started, 3), phases,
+                                  skipped, dropped)
+            raise BuildError("the patch changes no function's code (comments, or line numbers only?)", path=origin)
         if update_name.replace("-", "_") in {u.object for u in units}:
             # The update's module would carry the patched module's name: livepatch would take the update
             # for that module and resolve its symbols at once, and the real module could not load.
             raise BuildError(f"the update would be named like the module it patches ({update_name}): "
-                             f"give it another name (--name)", path=patch)
+                             f"give it another name (--name)", path=origin)
 
         t = time.monotonic()
         others = OtherModules.of_target(target, exporters(target.headers_dir / "Module.symvers"))
@@ -291,32 +336,52 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
         placeholders: dict[str, KlpSymbol] = {}
         extracted: list[str] = []
         with_callbacks: list[tuple[str, str, Directives, dict[str, str]]] = []
+        kept_units: list[UnitReport] = []
         for index, unit in enumerate(units):
             keep = {c.name for c in unit.diff.changed} | {c.name for c in unit.diff.new}
             if not keep:
+                kept_units.append(unit)
                 continue
-            sympos = _Sympos(unit, symtab, _module_symbols(target, unit.object))
-            # Units reached through a header may each carry a copy of the same static function.
-            prefix = edition_prefix(index)
-            ext = extract_functions((work / "objects" / _obj_name(unit.path, "patched")).read_bytes(), keep,
-                                    {c.name for c in unit.diff.new_data}, _resolver(unit.path, others, sympos),
-                                    edition_prefix=prefix)
+            try:
+                sympos = _Sympos(unit, symtab, _module_symbols(target, unit.object))
+                # Units reached through a header may each carry a copy of the same static function.
+                prefix = edition_prefix(index)
+                ext = extract_functions((work / "objects" / _obj_name(unit.path, "patched")).read_bytes(), keep,
+                                        {c.name for c in unit.diff.new_data}, _resolver(unit.path, others, sympos),
+                                        edition_prefix=prefix)
+                unit_functions = []
+                for c in unit.diff.changed:
+                    pos = sympos.position(c.name, local=True)
+                    unit_functions.append({"name": c.name, "edition": ext.editions[c.name], "object": unit.object,
+                                           **({"sympos": pos} if pos else {})})
+            except DynamosError as e:
+                if not tolerant:
+                    raise
+                dropped[unit.path] = str(e)
+                continue
+            kept_units.append(unit)
+            functions += unit_functions
             obj = f"{_obj_name(unit.path, 'ext')}"
             (work / obj).write_bytes(ext.object)
             _write_cmd_file(work, obj)
             extracted.append(obj)
             placeholders.update(ext.klp_placeholders)
             with_callbacks.append((unit.path, unit.object, unit.directives, ext.editions))
-            for c in unit.diff.changed:
-                pos = sympos.position(c.name, local=True)
-                functions.append({"name": c.name, "edition": ext.editions[c.name], "object": unit.object,
-                                  **({"sympos": pos} if pos else {})})
+        units = kept_units
+        if not functions:
+            if tolerant:
+                return PatchBuild(update_name, None, units, [], round(time.monotonic() - started, 3), phases,
+                                  skipped, dropped)
+            raise BuildError("the patch changes no function's code (comments, or line numbers only?)", path=origin)
         hooks = callback_hooks(with_callbacks, list(dict.fromkeys(str(f["object"]) for f in functions)))
-        update = compiled_update_source({"update": {"name": update_name,
-                                                    "description": f"dynamos update from {patch.name}"},
-                                         "function": functions, **({"hooks": hooks} if hooks else {})},
-                                        work, origin=patch)
-        update = replace(update, hooks_take_object=bool(hooks))  # kpatch/klp-build callbacks take the object
+        if annotate is not None:
+            extra, debian = annotate(dropped, skipped)
+        table: dict[str, object] = {"name": update_name, "description": description,
+                                    **({"replace": True} if replace_earlier else {}), **(extra or {})}
+        update = compiled_update_source({"update": table, "function": functions, **({"hooks": hooks} if hooks else {})},
+                                        work, origin=origin)
+        # kpatch/klp-build callbacks take the object
+        update = replace(update, hooks_take_object=bool(hooks), debian=debian)
         main = f"{update.livepatch_name}_main.o"
         (work / main).with_suffix(".c").write_text(generate_livepatch_source(update))
         (work / "Kbuild").write_text(generate_kbuild(update, main, extracted))
@@ -329,80 +394,7 @@ def build_from_patch(patch: Path, target: TargetKernel, *, output: Path | None =
         package_path = write_package_of(Path(output), update, target, linked, signer)
         say(f"wrote {package_path}")
     return PatchBuild(update_name, package_path, units, linked.klp_symbols, round(time.monotonic() - started, 3),
-                      phases, skipped)
-
-
-_OBJ_LINE_RE = re.compile(r"^\s*obj-\$\((CONFIG_[A-Za-z0-9_]+)\)\s*[+:]?=\s*(.*)$")
-_COMPOSITE_RE = re.compile(r"^\s*([A-Za-z0-9_-]+)-(?:y|objs|\$\(CONFIG_[A-Za-z0-9_]+\))\s*[+:]?=\s*(.*)$")
-
-
-def module_of(tree: Path, rel: str, config: dict[str, str]) -> str | None:
-    """The loadable module a source file is built into under the target's config, or None when
-    it is built into vmlinux. Reads the directory's Kbuild/Makefile (``obj-$(CONFIG_X) += m.o``,
-    ``m-y += file.o``): enough for the common layouts, and a wrong answer fails loudly later
-    (livepatch finds no such function in that object)."""
-    directory = (tree / rel).parent
-    makefile = next((directory / n for n in ("Kbuild", "Makefile") if (directory / n).is_file()), None)
-    if makefile is None:
-        return None
-    text = makefile.read_text(errors="replace").replace("\\\n", " ")
-    obj = Path(rel).with_suffix(".o").name
-    owners = {obj[:-2]}  # a single-file module is named after its file
-    for line in text.splitlines():
-        m = _COMPOSITE_RE.match(line)
-        if m and obj in m.group(2).split():
-            owners.add(m.group(1))
-    for line in text.splitlines():
-        m = _OBJ_LINE_RE.match(line)
-        if not m:
-            continue
-        for item in m.group(2).split():
-            if item.endswith(".o") and item[:-2] in owners and config.get(m.group(1)) == "m":
-                return item[:-2].replace("-", "_")
-    return None
-
-
-def translation_units_of(tree: Path, rel: str, _seen: frozenset[str] = frozenset()) -> list[str]:
-    """The units that compile ``rel``: for a .c file, the .c files of its directory that
-    ``#include`` it (6.1 builds most of kernel/sched/ as build_policy.c and build_utility.c), else
-    itself; for a local header, the units of every file that includes it, found in the tree."""
-    path = tree / rel
-    if rel.endswith(".h"):
-        units: set[str] = set()
-        for includer in header_includers(tree, rel):
-            if includer not in _seen:
-                units.update(translation_units_of(tree, includer, _seen | {rel}))
-        if not units:
-            raise BuildError(f"{rel}: no file of the kernel source includes it, so no running code comes from it")
-        return sorted(units)
-    included = re.compile(rf'^[ \t]*#[ \t]*include[ \t]+"{re.escape(path.name)}"', re.M)
-    return sorted(p.relative_to(tree).as_posix() for p in path.parent.glob("*.c")
-                  if p != path and included.search(p.read_text(errors="replace"))) or [rel]
-
-
-def header_includers(tree: Path, rel: str) -> list[str]:
-    """Files of the tree that ``#include "..."`` the header ``rel`` by a path relative to
-    themselves. One that names a header of that file name its own directory does not have (so the
-    compiler finds it through an -I path) might mean this one: refused, it cannot be told."""
-    header = (tree / rel).resolve()
-    name = Path(rel).name
-    hits = subprocess.run(["grep", "-rlE", "--include=*.c", "--include=*.h",
-                           rf'^[[:space:]]*#[[:space:]]*include[[:space:]]+"([^"]*/)?{re.escape(name)}"', "."],
-                          cwd=tree, capture_output=True, text=True)
-    if hits.returncode > 1:
-        raise BuildError(f"searching the kernel source for the files that include {rel} failed: {hits.stderr.strip()}")
-    line = re.compile(rf'^[ \t]*#[ \t]*include[ \t]+"((?:[^"]*/)?{re.escape(name)})"', re.M)
-    found = []
-    for hit in sorted(hits.stdout.split()):
-        file = (tree / hit).resolve()
-        for quoted in line.findall(file.read_text(errors="replace")):
-            target = (file.parent / quoted).resolve()
-            if target == header:
-                found.append(file.relative_to(tree.resolve()).as_posix())
-            elif not target.is_file():
-                raise BuildError(f'{rel}: {hit.removeprefix("./")} includes "{quoted}" through the compiler\'s '
-                                 f"include path, which may be this header: the files it reaches cannot be told")
-    return sorted(set(found))
+                      phases, skipped, dropped)
 
 
 def _obj_name(rel: str, kind: str) -> str:

@@ -62,10 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="build an update package from an update source or a source patch")
     p.add_argument("source", nargs="?", help="update source directory (update.toml + C files)")
     p.add_argument("--patch", metavar="FILE", help="a unified diff against the target kernel's source")
+    p.add_argument("--to", metavar="VERSION", help="a later Debian version of the kernel's source package: one "
+                   "cumulative update (replace) of every change from the version the kernel runs to VERSION")
+    p.add_argument("--max-units", type=int, default=None, metavar="N",
+                   help="with --to: refuse a header reaching more translation units than N (default 20)")
     p.add_argument("--name", type=name_arg("update name"),
                    help="update name for --patch (default: from the patch file name)")
     p.add_argument("--explain", action="store_true",
-                   help="with --patch: say per function why it is in the update, per refusal why")
+                   help="with --patch or --to: say per function why it is in the update, per refusal why")
     p.add_argument("-o", "--output", help="package file or directory (default: current directory)")
     p.add_argument("--kernel", metavar="REL", help="target kernel release (default: the running kernel)")
     p.add_argument("--module-dir", action="append", metavar="DIR",

@@ -19,12 +19,16 @@ def cmd_build(args: argparse.Namespace) -> int:
     from dynamos.target import resolve_target
 
     progress = ProgressPrinter(args.json or args.quiet)
-    if bool(args.patch) == bool(args.source):
-        raise UsageError("build: give an update source directory, or --patch FILE (not both)")
+    if sum(map(bool, (args.patch, args.source, args.to))) != 1:
+        raise UsageError("build: give an update source directory, --patch FILE or --to VERSION (one of them)")
+    if args.max_units is not None and (not args.to or args.max_units < 1):
+        raise UsageError("build: --max-units is a positive number, and only goes with --to")
     target = resolve_target(args.kernel, progress)
     output = Path(args.output) if args.output else Path.cwd()
     if args.patch:
         return _build_patch(args, target, output, progress)
+    if args.to:
+        return _build_to(args, target, output, progress)
     result = build_update(Path(args.source), target, output=output, progress=progress,
                           module_dirs=[Path(d) for d in args.module_dir or []], signer=_signer(args))
     if args.json:
@@ -84,6 +88,35 @@ def _build_patch(args: argparse.Namespace, target, output: Path, progress: Progr
         print("\n".join(result.explain()))
     print(f"built {result.package_path} for {target.release} in {result.seconds:.1f} s")
     return 0
+
+
+def _build_to(args: argparse.Namespace, target, output: Path, progress: ProgressPrinter) -> int:
+    from dynamos.builder.debian import DEFAULT_MAX_UNITS, build_to
+
+    if not output.is_dir():
+        raise UsageError(f"build --to: -o {output} must be an existing directory")
+    result = build_to(target, args.to, output=output, max_units=args.max_units or DEFAULT_MAX_UNITS,
+                      progress=progress, signer=_signer(args))
+    if args.json:
+        failed = {} if result.package_path else {"exit_status": 4, "error": "nothing could be carried: no package"}
+        print_json({"ok": result.package_path is not None, **failed, "kernel": target.release, **result.to_json()})
+    else:
+        if args.explain and result.explain:
+            print("\n".join(result.explain))
+        print(table([[f.path, f.status, f.code, f.reason[:100]] for f in result.files],
+                    ["FILE", "STATUS", "CODE", "REASON"]))
+        if result.cves_mentioned:
+            claim = "claimed" if result.cves else "mentioned, not claimed (partial update)" if result.partial \
+                else "mentioned, not claimed"
+            print(f"changelog {result.from_version} -> {result.to_version}: {', '.join(result.cves_mentioned)} "
+                  f"({claim})")
+        if result.package_path is None:
+            print(f"nothing to carry from {result.from_version} to {result.to_version}: no package written")
+        else:
+            partial = f", partial ({len(result.not_carried)} file(s) not carried)" if result.partial else ""
+            print(f"built {result.package_path} for {target.release}: {result.from_version} -> "
+                  f"{result.to_version}{partial} in {result.seconds:.1f} s")
+    return 0 if result.package_path is not None else 4
 
 
 # ----- live operations -------------------------------------------------------------------------
@@ -192,6 +225,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"kernel {data['kernel']}, livepatch {'available' if data['livepatch'] else 'NOT available'}")
     fixes = f", fixes {', '.join(data['cves'])}" if data["cves"] else ""
     print(f"effective kernel {data['effective_kernel']}{fixes}")
+    if data.get("effective_version"):
+        print(f"effective version {data['effective_version']}")
     for op in data.get("interrupted", []):
         what = "in progress" if op["in_progress"] else "interrupted"
         print(f"{what}: {op['action']} of {op['update']} (pid {op['pid']}, {op['time']}); the kernel shows: "
@@ -240,7 +275,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             "version": pkg.version, "cves": list(pkg.cves), "kernel": pkg.kernel_release,
             "consistency": pkg.consistency, "replace": pkg.replace, "created": pkg.manifest["created"],
             "module_sha256": pkg.module_sha256, "trust_store": str(store), **trust,
-            "functions": pkg.functions}
+            **({"debian": pkg.debian} if pkg.debian else {}), "functions": pkg.functions}
     if args.json:
         print_json(data)
         return 0
@@ -249,6 +284,12 @@ def cmd_info(args: argparse.Namespace) -> int:
           + ("; replaces earlier updates" if pkg.replace else ""))
     if pkg.cves:
         print(f"  fixes {', '.join(pkg.cves)}")
+    if pkg.debian:
+        deb = pkg.debian
+        missing = f"; PARTIAL, not carried: {', '.join(deb['not_carried'])}" if deb["partial"] else ""
+        print(f"  Debian {deb['package']} {deb['from']} -> {deb['to']}{missing}")
+        if deb["partial"] and deb["cves_mentioned"]:
+            print(f"  changelog mentions {', '.join(deb['cves_mentioned'])} (not claimed: partial)")
     if trust["trusted"]:
         print(f"  signed by {_signer_text(trust['signer'])}: trusted by {store}")
     else:

@@ -293,6 +293,7 @@ class LiveKernel:
             "description": pkg.description,
             "version": pkg.version,
             "cves": list(pkg.cves),
+            **({"debian": pkg.debian} if pkg.debian else {}),
             "signer": signer.to_json(),
             "functions": functions,
         }

@@ -135,6 +135,7 @@ class UpdateStatus:
     description: str | None = None
     version: str | None = None  # the update's own version ([update] version)
     cves: list[str] = field(default_factory=list)  # what it fixes ([update] cves)
+    debian: dict[str, Any] | None = None  # build --to: Debian versions from/to, files not carried
     module_sha256: str | None = None
     editions: list[dict[str, Any]] = field(default_factory=list)  # multi-edition functions' controls
     global_switch: str | None = None  # global consistency: "new" (its editions serve) or "old" (edition 0)
@@ -171,6 +172,8 @@ class UpdateStatus:
                 data[key] = value
         if self.cves:
             data["cves"] = self.cves
+        if self.debian:
+            data["debian"] = self.debian
         if self.editions:
             data["editions"] = self.editions
         if self.global_switch is not None:
@@ -222,6 +225,20 @@ class KernelStatus:
         return "+".join(parts)
 
     @property
+    def effective_version(self) -> str | None:
+        """The Debian version the running code corresponds to, when a ``build --to`` update serves
+        ("6.1.192-2, live-updated to 6.1.192-3; 1 file not carried: fs/x.c"); None otherwise."""
+        debian = [u.debian for u in self.updates if u.dynamos and u.serving and u.debian]
+        if not debian:
+            return None
+        last = debian[-1]  # replace = true: the last one applied is the one that serves
+        text = f"{last.get('from')}, live-updated to {last.get('to')}"
+        missing = list(last.get("not_carried") or [])
+        if missing:
+            text += f"; {len(missing)} file{'s' if len(missing) != 1 else ''} not carried: {', '.join(missing)}"
+        return text
+
+    @property
     def fixes(self) -> list[str]:
         """CVEs the running code carries: those of the dynamos updates that serve calls."""
         return sorted({c for u in self.updates if u.dynamos and u.serving for c in u.cves})
@@ -230,6 +247,7 @@ class KernelStatus:
         data: dict[str, Any] = {
             "kernel": self.kernel,
             "effective_kernel": self.effective_kernel,
+            **({"effective_version": self.effective_version} if self.effective_version else {}),
             "cves": self.fixes,
             "livepatch": self.livepatch,
             "updates": [u.to_json() for u in self.updates],

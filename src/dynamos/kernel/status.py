@@ -128,6 +128,7 @@ class StatusReader:
             description=record.get("description") if record else None,
             version=record.get("version") if record else None,
             cves=list(record.get("cves", [])) if record else [],
+            debian=record.get("debian") if record else None,
             module_sha256=record.get("module_sha256") if record else None,
             editions=[f.to_json() for f in editions.functions_of(patch.name, self.root)],
             global_switch=(editions.global_switch_state(patch.name, self.root) or {}).get("state"),

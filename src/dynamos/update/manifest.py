@@ -48,10 +48,12 @@ _MANIFEST_SCHEMA: dict[str, type | tuple[type, ...]] = {
     "consistency": str,
     "version": str,  # the update's own version; absent: none given
     "cves": list,  # CVE ids it fixes
+    "debian": dict,  # build --to: the Debian versions it goes from and to, what it left out, the changelog
     "signer": dict,  # who signed it: name, fingerprint (OpenPGP), module_key_id (X.509); absent: unsigned
 }
 # Keys a package may lack (written before they existed): their default.
-MANIFEST_DEFAULTS: dict[str, Any] = {"consistency": "per-task", "signer": None, "version": None, "cves": []}
+MANIFEST_DEFAULTS: dict[str, Any] = {"consistency": "per-task", "signer": None, "version": None, "cves": [],
+                                     "debian": None}
 _FUNCTION_SCHEMA: dict[str, type | tuple[type, ...]] = {
     "name": str,
     "edition": str,
@@ -142,6 +144,11 @@ def check_manifest(manifest: Any, path: Path, digested: tuple[str, ...]) -> None
         raise bad(f"version {manifest['version']!r} {version_problem(manifest['version'])}")
     if not all(isinstance(c, str) and CVE_RE.match(c) for c in manifest.get("cves", [])):
         raise bad(f"cves must be CVE ids (CVE-YYYY-NNNN): {manifest['cves']!r}")
+    debian = manifest.get("debian")
+    if debian is not None:
+        problem = debian_problem(debian)
+        if problem:
+            raise bad(f"debian {problem}")
     signer = manifest.get("signer")
     if signer is not None:
         keys = {"name", "fingerprint", "module_key_id"}
@@ -157,6 +164,27 @@ def check_manifest(manifest: Any, path: Path, digested: tuple[str, ...]) -> None
     for member, digest in digests.items():
         if not isinstance(digest, str) or not _SHA256_RE.match(digest):
             raise bad(f"digest of {member} is not a sha256 hex string: {digest!r}")
+
+
+# The debian table of a build --to update: key -> type.
+_DEBIAN_SCHEMA: dict[str, type] = {"package": str, "from": str, "to": str, "partial": bool, "not_carried": list,
+                                   "changelog": list, "cves_mentioned": list}
+
+
+def debian_problem(debian: Any) -> str | None:
+    """Why a manifest's debian table is not one build --to writes, or None. Its CVEs are only
+    "mentioned": a partial update claims none (the manifest's ``cves`` is what it claims)."""
+    if set(debian) != set(_DEBIAN_SCHEMA):
+        return f"must have exactly the keys {', '.join(_DEBIAN_SCHEMA)}"
+    for key, types in _DEBIAN_SCHEMA.items():
+        if not isinstance(debian[key], types):
+            return f"{key} has the wrong type ({type(debian[key]).__name__})"
+    for key in ("from", "to"):
+        if version_problem(debian[key]):
+            return f"{key} {debian[key]!r} {version_problem(debian[key])}"
+    if not all(isinstance(x, str) for key in ("not_carried", "changelog", "cves_mentioned") for x in debian[key]):
+        return "not_carried, changelog and cves_mentioned must be lists of strings"
+    return None
 
 
 def _check_symbol(where: str, name: str, obj: str, bad: Any, *, kernel_symbol: bool) -> None:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dynamos.abi import VMLINUX, generated_name
 
@@ -145,6 +146,8 @@ class UpdateSource:
     states: tuple[tuple[int, int], ...] = ()  # (id, version): system states this update sets up (klp_state)
     version: str | None = None  # the update's own version
     cves: tuple[str, ...] = ()  # the CVEs it fixes
+    # build --to: {"package", "from", "to", "partial", "not_carried", "changelog", "cves_mentioned"}
+    debian: dict[str, Any] | None = None
 
     @property
     def toml_path(self) -> Path:

@@ -181,6 +181,11 @@ class UpdatePackage:
         return tuple(self.manifest.get("cves", ()))
 
     @property
+    def debian(self) -> dict[str, Any] | None:
+        """build --to: the Debian versions it goes from and to, and what it left out."""
+        return self.manifest.get("debian")
+
+    @property
     def signer_claim(self) -> dict[str, str] | None:
         """Who the manifest says signed it (name, OpenPGP fingerprint, module key id): a claim
         until the signature is verified against a trust store."""
@@ -205,6 +210,7 @@ def _build_manifest(
     return {**({"signer": signer} if signer else {}),
             **({"version": source.version} if source.version else {}),
             **({"cves": list(source.cves)} if source.cves else {}),
+            **({"debian": source.debian} if source.debian else {}),
         "format": FORMAT_VERSION,
         "dynamos_version": dynamos.__version__,
         "name": source.name,

@@ -1,0 +1,63 @@
+"""build --to's classification and tolerant build on the real prepared tree of the target: a set
+of changes as a Debian revision could bring them, one of each kind, where the refused ones do not
+stop the carried one and the update is marked partial, claiming no CVE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dynamos.builder.debian import CARRIED, NOT_BUILT, REFUSED, Change, build_changes
+from dynamos.target.debversion import parse_changelog
+from dynamos.target.source import prepare_source
+from dynamos.update.package import read_package
+
+CHANGELOG = """linux (6.1.192-9) bookworm-security; urgency=high
+
+  * proc: print the command line through seq_printf (CVE-2099-0001)
+
+ -- Nobody <nobody@example.org>  Thu, 26 Nov 2026 18:12:56 +0100
+"""
+
+EDITS = {
+    "fs/proc/cmdline.c": ("\tseq_puts(m, saved_command_line);", "\tseq_printf(m, \"%s\", saved_command_line);"),
+    "fs/pipe.c": ("static unsigned int pipe_max_size = 1048576;", "static unsigned int pipe_max_size = 2097152;"),
+    "fs/proc/Makefile": ("proc-y", "# a comment\nproc-y"),
+    "include/linux/pipe_fs_i.h": ("struct pipe_buffer {\n", "struct pipe_buffer {\n\tint dynamos_new;\n"),
+    "include/linux/kernel.h": ("#include <linux/stdarg.h>", "#include <linux/stdarg.h> /* reached by all */"),
+    "fs/ext2/inode.c": ("#include <linux/time.h>", "#include <linux/time.h> /* not built */"),
+    "Documentation/filesystems/proc.rst": ("/proc", "/proc (sic)"),
+}
+
+
+def test_each_kind_of_change_classified_and_the_rest_carried(target, tmp_path: Path) -> None:
+    tree = prepare_source(target).tree
+    texts: dict[str, bytes] = {}
+    for rel, (old, new) in EDITS.items():
+        text = (tree / rel).read_text()
+        assert old in text, f"{rel}: {old!r} not found"
+        texts[rel] = text.replace(old, new, 1).encode()
+    changes = [Change(rel, "modified") for rel in sorted(EDITS)] + [Change("fs/proc/new.c", "added")]
+    entries = parse_changelog(CHANGELOG)
+    result = build_changes(target, "6.1.192-2", "6.1.192-9", changes, texts.__getitem__, entries,
+                           output=tmp_path, max_units=20)
+    got = {f.path: (f.status, f.code) for f in result.files}
+    assert got == {
+        "fs/proc/cmdline.c": (CARRIED, ""),
+        "fs/pipe.c": (REFUSED, "changed-initialiser"),
+        "fs/proc/Makefile": (REFUSED, "build-file"),
+        "include/linux/pipe_fs_i.h": (REFUSED, "changed-layout"),
+        "include/linux/kernel.h": (REFUSED, "header-reach"),
+        "fs/ext2/inode.c": (NOT_BUILT, "not-built"),
+        "Documentation/filesystems/proc.rst": (NOT_BUILT, "not-kernel-code"),
+        "fs/proc/new.c": (REFUSED, "added-file"),
+    }, result.files
+    reach = next(f for f in result.files if f.path == "include/linux/kernel.h")
+    assert "more than --max-units 20" in reach.reason
+    assert result.partial and result.cves == [] and result.cves_mentioned == ["CVE-2099-0001"]
+    assert result.package_path is not None
+    pkg = read_package(result.package_path)
+    assert pkg.replace and pkg.version == "6.1.192-9" and pkg.cves == ()
+    assert [(f.name, f.object) for f in pkg.patched_functions] == [("cmdline_proc_show", "vmlinux")]
+    assert pkg.debian == {"package": "linux-source-6.1", "from": "6.1.192-2", "to": "6.1.192-9", "partial": True,
+                          "not_carried": sorted(p for p, (s, _c) in got.items() if s == REFUSED),
+                          "changelog": [entries[0].to_text()], "cves_mentioned": ["CVE-2099-0001"]}
