@@ -58,3 +58,43 @@ def test_a_tracepoint_of_the_module_fires_from_the_update(guest, patch_package):
     finally:
         guest.sh(f"echo 0 > {EVENT} 2>/dev/null; umount /tmp/e4 2>/dev/null; losetup -D; true", check=False)
         guest.run("modprobe", "-r", "ext4", "loop", check=False)
+
+
+# dm.c's alloc_io(), inlined into dm_submit_bio(), records the start of an I/O for dm statistics behind
+# static_branch_unlikely(&stats_enabled): a key of dm_mod, enabled for good by the first @stats_create.
+# gcc gives that site (and zoned_enabled's) 5 bytes: each becomes a jump to a test of the key.
+DM = "drivers/md/dm.c"
+DM_EDIT = ("\tif (static_branch_unlikely(&stats_enabled))\n\t\tdm_stats_record_start(&md->stats, &io->stats_aux);\n",
+           "\tif (static_branch_unlikely(&stats_enabled)) {\n\t\tdm_stats_record_start(&md->stats, &io->stats_aux);\n"
+           "\t\tpr_info_ratelimited(\"dynamos: dm stats start of %u sectors\\n\", bio_sectors(bio));\n\t}\n")
+DM_SETUP = ("modprobe dm_mod && modprobe loop && dd if=/dev/zero of=/tmp/dm.img bs=1M count=2 2>/dev/null && "
+            "losetup /dev/loop7 /tmp/dm.img && dmsetup create dynkey --table '0 4096 linear /dev/loop7 0'")
+# No udev in the lab: the kernel's own node (devtmpfs), named by dmsetup.
+WRITE = ("dd if=/dev/zero of=/dev/$(dmsetup info -c --noheadings -o blkdevname dynkey) bs=4k count=1 "
+         "oflag=direct status=none")
+
+
+def started(guest) -> list[str]:
+    """The update's lines for one 4 KiB direct write through the device."""
+    guest.sh("dmesg -c > /dev/null; " + WRITE)
+    return [line.split("dynamos: ")[1] for line in guest.sh("dmesg").splitlines() if "dynamos: dm stats" in line]
+
+
+def test_a_plain_static_key_of_the_module_is_tested_by_the_update(guest, patch_package):  # noqa: F811
+    pkg = patch_package("dm-stats-key", {DM: [DM_EDIT]})
+    try:
+        guest.sh(DM_SETUP)
+        with applied(guest, pkg) as r:
+            assert [(f["name"], f["object"]) for f in r["functions"]] == [("dm_submit_bio", "dm_mod")]
+            assert started(guest) == []  # the key is off: the test falls through
+            guest.sh("dmsetup message dynkey 0 @stats_create - /1")  # static_branch_enable(&stats_enabled)
+            assert started(guest) == ["dm stats start of 8 sectors"]
+            counters = guest.sh("dmsetup message dynkey 0 @stats_print 0").split()
+            # region, then reads, merged, sectors, ms; writes, merged, sectors: dm_mod's accounting still runs
+            assert (counters[5], counters[7]) == ("1", "8"), counters
+        assert started(guest) == []  # reverted: dm_mod's own code, no line
+        log = guest.sh("dmesg")
+        assert "livepatch: symbol" not in log, log[-3000:]
+    finally:
+        guest.sh("dmsetup remove dynkey; losetup -d /dev/loop7; true", check=False)
+        guest.run("modprobe", "-r", "dm_mod", "loop", check=False)
