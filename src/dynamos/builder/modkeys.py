@@ -165,6 +165,11 @@ def _test_of_key(obj: RelocatableElf, table: str, relas_of: dict[int, int], fiel
     sec = obj.sections[section]
     data = bytearray(sec.data)
     old_end = len(data)
+    owner = [sym for sym in obj.symbols if sym.type == STT_FUNC and sym.shndx == section
+             and sym.value <= site < sym.value + sym.size]
+    if len(owner) != 1 or owner[0].value + owner[0].size != old_end:
+        raise BuildError(f"{function}: the jump label on static key {used.name} of module {used.object} would become "
+                         f"a test of the key after the function, but {sec.name} holds more than that function")
     stub = old_end
     relas = [r for r in obj.relocations(rela_index) if not site <= r.offset < site + 5]
     data[site:site + 5] = bytes([JMP32]) + ((stub - (site + 5)) & 0xFFFFFFFF).to_bytes(4, "little")
@@ -181,9 +186,7 @@ def _test_of_key(obj: RelocatableElf, table: str, relas_of: dict[int, int], fiel
     data += bytes([JMP32]) + ((site + 5 - (back + 5)) & 0xFFFFFFFF).to_bytes(4, "little") + INT3
     sec.data = bytes(data)
     obj.set_relocations(rela_index, sorted(relas, key=lambda r: r.offset))
-    for sym in obj.symbols:  # the function now ends after its tests (livepatch's stack check uses its size)
-        if sym.type == STT_FUNC and sym.shndx == section and sym.value <= site < sym.value + sym.size:
-            sym.size = len(data) - sym.value
+    owner[0].size = len(data) - owner[0].value  # it ends after its tests (livepatch's stack check uses its size)
     _unwind_like(obj, relas_of, section, site, stub, old_end, len(data), code,
                  f"{function}: the jump label on static key {used.name} of module {used.object}")
     return KeySite(table, function, used.name, used.object,

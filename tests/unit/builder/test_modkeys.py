@@ -132,3 +132,14 @@ def test_vmlinux_keys_keep_their_entries(tmp_path: Path):
     elf = ELFFile(io.BytesIO(e.object))
     assert elf.get_section_by_name("__jump_table").data_size == 16 and e.key_sites == []
     assert code_of(elf)[SITE:SITE + 2] == b"\x66\x90"
+
+
+def test_a_test_of_the_key_is_only_appended_to_a_section_of_one_function(tmp_path: Path):
+    """The test must lie within the function's own range, or livepatch's stack check would not
+    see a task in it as in the function."""
+    text = source(NOP5, "the_key", 2).replace(
+        '"3: .size user, .-user\\n',
+        '".size user, .-user\\n.globl after\\n.type after,@function\\nafter: ret\\n3: .size after, .-after\\n')
+    assert "after: ret" in text
+    with pytest.raises(BuildError, match="user: the jump label on static key the_key of module ext4 .* more than"):
+        extract(tmp_path, text)
