@@ -58,9 +58,12 @@ def code_of(elf: ELFFile) -> bytes:
 
 
 def relocations(elf: ELFFile, name: str) -> list[tuple[int, str, int]]:
-    symtab = elf.get_section_by_name(".symtab")
-    return [(r["r_offset"], symtab.get_symbol(r["r_info_sym"]).name, r["r_addend"])
-            for r in elf.get_section_by_name(f".rela{name}").iter_relocations()]
+    symtab, sections = elf.get_section_by_name(".symtab"), list(elf.iter_sections())
+    out = []
+    for r in elf.get_section_by_name(f".rela{name}").iter_relocations():
+        sym = symtab.get_symbol(r["r_info_sym"])
+        out.append((r["r_offset"], sym.name or sections[sym["st_shndx"]].name, r["r_addend"]))
+    return out
 
 
 SITE, YES, END = 6, 6 + 5 + 4, 6 + 5 + 4 + 7  # push, call; the site; xor, pop, ret; mov, pop, ret
@@ -143,3 +146,25 @@ def test_a_test_of_the_key_is_only_appended_to_a_section_of_one_function(tmp_pat
     assert "after: ret" in text
     with pytest.raises(BuildError, match="user: the jump label on static key the_key of module ext4 .* more than"):
         extract(tmp_path, text)
+
+
+COLD = """
+asm(".pushsection .text.user,\\"ax\\",@progbits\\n.globl user\\n.type user,@function\\nuser:\\n"
+    "call helper\\n1: .byte 0x0f,0x1f,0x44,0x00,0x00\\nret\\n3: .size user, .-user\\n.popsection\\n"
+    ".pushsection .text.unlikely.user,\\"ax\\",@progbits\\n.type user.cold,@function\\nuser.cold:\\n"
+    "yes: mov $1,%eax\\nret\\n.size user.cold, .-user.cold\\n.popsection\\n"
+    ".pushsection __jump_table,\\"aw\\"\\n.balign 8\\n.long 1b - ., yes - .\\n.quad KEY + FLAGS - .\\n.popsection\\n"
+    ".pushsection .orc_unwind_ip,\\"a\\"\\n.long user - ., 3b - .\\n.popsection\\n"
+    ".pushsection .orc_unwind,\\"a\\"\\n.ascii \\"start0\\"\\n.ascii \\"endend\\"\\n.popsection\\n");
+"""
+
+
+@pytest.mark.parametrize("key, flags, at", [("__tracepoint_x", 8 | 2, 5 + 1), ("the_key", 2, 11 + 9)])
+def test_a_target_in_the_cold_part_is_reached_through_a_relocation(tmp_path: Path, key: str, flags: int, at: int):
+    """gcc moves unlikely code to ``.text.unlikely.<function>``: the site's jmp (a tracepoint) or
+    the test's jg (a plain key) reaches it through a relocation, as objtool's jmp did."""
+    e = extract(tmp_path, COLD.replace("KEY", key).replace("FLAGS", str(flags)))
+    elf = ELFFile(io.BytesIO(e.object))
+    cold = [(o, a) for o, n, a in relocations(elf, ".text.user") if n == ".text.unlikely.user"]
+    assert cold == [(at, -4)]
+    assert elf.get_section_by_name("__jump_table").data_size == 0
