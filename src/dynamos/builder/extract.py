@@ -43,6 +43,7 @@ from dynamos.builder.elf import (
     section_rule,
 )
 from dynamos.builder.klp import SHN_LIVEPATCH, KlpSymbol
+from dynamos.builder.modkeys import KeySite, carry_module_keys
 from dynamos.builder.statics import carried_constant_sections
 from dynamos.errors import BuildError
 
@@ -65,6 +66,7 @@ class Extraction:
     editions: dict[str, str]  # kernel function -> edition symbol in the object
     klp_placeholders: dict[str, KlpSymbol] = field(default_factory=dict)
     dropped_sections: list[str] = field(default_factory=list)
+    key_sites: list[KeySite] = field(default_factory=list)  # module keys' table entries rewritten away
 
 
 Resolver = Callable[[str, bool], KlpSymbol | None]
@@ -115,6 +117,7 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
                 converted.add(r.sym)
         obj.set_relocations(ri, relas)
 
+    key_sites = carry_module_keys(obj, relas_of, klp)
     _check_links_at_load(obj, relas_of, klp)
 
     dropped = []
@@ -151,7 +154,7 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
             sym.name = editions[sym.name]
             sym.info = (STB_GLOBAL << 4) | STT_FUNC
     _locals_first(obj)
-    return Extraction(obj.to_bytes(), editions, dict(sorted(klp.items())), sorted(dropped))
+    return Extraction(obj.to_bytes(), editions, dict(sorted(klp.items())), sorted(dropped), key_sites)
 
 
 def _check_links_at_load(obj: RelocatableElf, relas_of: dict[int, int], klp: dict[str, KlpSymbol]) -> None:

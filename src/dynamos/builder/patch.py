@@ -29,6 +29,7 @@ from dynamos.builder.fidelity import check_fidelity
 from dynamos.builder.kbuild import BUILD_LOG, build_lock, link_module, write_package_of
 from dynamos.builder.klp import KlpSymbol, exporters
 from dynamos.builder.linemap import stabilise_lines
+from dynamos.builder.modkeys import KeySite
 from dynamos.builder.modsyms import OtherModules
 from dynamos.builder.objdiff import DiffResult, align_statics, diff_objects, read_object
 from dynamos.builder.signing import Signer
@@ -69,6 +70,7 @@ class UnitReport:
     touched: list[str] = field(default_factory=list)  # the patched files it compiles (itself, or included)
     statics: StaticLocals = field(default_factory=StaticLocals)  # its file-local variables in the kernel
     directives: Directives = field(default_factory=Directives)  # what its kpatch/klp-build macros asked for
+    key_sites: list[KeySite] = field(default_factory=list)  # module keys' sites rewritten (builder/modkeys.py)
 
 
 @dataclass
@@ -101,6 +103,8 @@ class PatchBuild:
             for name, sym in unit.statics.found.items():
                 if sym.name != name and unit.statics.users.get(name, set()) & kept:
                     lines.append(f"  static    {name} is the kernel's {unit.statics.how[name]}")
+            for k in unit.key_sites:
+                lines.append(f"  key       {k.function}: {k.key} of module {k.object} ({k.table}): {k.how}")
             for r in unit.diff.refused:
                 lines.append(f"  REFUSED   {r.name}: {r.reason}")
             lines += [f"  ignored   {name}: KPATCH_IGNORE_ macro" for name in unit.directives.ignored]
@@ -366,6 +370,7 @@ def build_from_texts(patched: dict[str, bytes], touching: dict[str, list[str]], 
             _write_cmd_file(work, obj)
             extracted.append(obj)
             placeholders.update(ext.klp_placeholders)
+            unit.key_sites = ext.key_sites
             with_callbacks.append((unit.path, unit.object, unit.directives, ext.editions))
         units = kept_units
         if not functions:

@@ -80,6 +80,7 @@ def _build_patch(args: argparse.Namespace, target, output: Path, progress: Progr
                                 "changed": [c.__dict__ for c in u.diff.changed],
                                 "new": [c.__dict__ for c in u.diff.new],
                                 "new_data": [c.__dict__ for c in u.diff.new_data],
+                                "key_sites": [k.__dict__ for k in u.key_sites],
                                 "unchanged": len(u.diff.unchanged)} for u in result.units],
                      "skipped": result.skipped,
                      "klp_symbols": [s.to_json() for s in result.klp_symbols]})

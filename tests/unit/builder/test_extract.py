@@ -150,7 +150,8 @@ def test_replacement_code_using_a_symbol_of_a_module_is_refused(tmp_path: Path):
 def test_a_module_symbol_tied_to_the_patched_module_is_refused_in_code_copied_at_load(tmp_path: Path):
     """raid10's update: md_mod's symbols are written when raid10 loads, long after the loader copied
     the update's replacement code and read its jump table (module_finalize, jump_label_module_notify):
-    a replacement calling md_mod, or a jump label on a key of md_mod, would stay unrelocated."""
+    a replacement calling md_mod would stay unrelocated. A jump label on a key of md_mod becomes a
+    test of the key (test_modkeys.py), which this object, without objtool's ORC data, cannot unwind."""
     def other_module(name: str, local: bool) -> KlpSymbol | None:
         if name in ("show_target", "the_key"):
             return KlpSymbol(name, "md_mod", patched="raid10")
@@ -258,8 +259,8 @@ def test_jump_labels_on_keys_livepatch_resolves_before_the_jump_table_is_read(tm
     def resolve_key(name: str, local: bool) -> KlpSymbol | None:
         return KlpSymbol(name, where) if name == "the_key" else resolve(name, local)
 
-    if refused:
-        with pytest.raises(BuildError, match="static key the_key of module crc_t10dif"):
+    if refused:  # a test of the key would need ORC data, which gcc alone does not write (test_modkeys.py)
+        with pytest.raises(BuildError, match="static key the_key of module crc_t10dif .* no ORC entry"):
             extract_functions(compile_c(tmp_path, JUMP_LABEL), {"user"}, set(), resolve_key)
         return
     e = extract_functions(compile_c(tmp_path, JUMP_LABEL), {"user"}, set(), resolve_key)

@@ -63,6 +63,7 @@ class SectionRule:
         return self.layout.entry_size if self.layout else 0
 
 
+STATIC_KEY, STATIC_CALL = "static key", "static call"  # the ``key`` of the jump-label and static-call rows
 _I, _P, _B, _R = Handling.IGNORE, Handling.PER_FUNCTION, Handling.BOOT_ONLY, Handling.REFUSE_CHANGE
 _D = Handling.DIRECTIVE
 _ENTRIES = Carry.ENTRIES
@@ -79,7 +80,7 @@ SECTION_RULES: tuple[SectionRule, ...] = (
     SectionRule(".call_sites", _I, "call-depth tracking sites; an unlisted site is still correct", _ENTRIES),
     SectionRule(".ibt_endbr_seal", _I, "ENDBR sealing list; only an optimisation", _ENTRIES),
     SectionRule(".static_call_sites", _I, "static-call sites; an unlisted site calls the trampoline", _ENTRIES,
-                key="static call"),
+                key=STATIC_CALL),
     SectionRule(".smp_locks", _I, "LOCK prefixes kept for UP patching; leaving them is correct", _ENTRIES),
     # The module loader applies a module's alternatives as for any module (module_finalize): the
     # replacements an update's entries name, and the static_cpu_has() tests its code jumps to before
@@ -90,7 +91,7 @@ SECTION_RULES: tuple[SectionRule, ...] = (
                 Carry.PIECES),
     SectionRule(".discard.*", _I, "objtool annotations, dropped at link time"),
     SectionRule(".note.*", _I, "notes (build id, GNU properties), not code or data"),
-    SectionRule("__jump_table", _P, "static-key sites (struct jump_entry)", _ENTRIES, key="static key"),
+    SectionRule("__jump_table", _P, "static-key sites (struct jump_entry)", _ENTRIES, key=STATIC_KEY),
     SectionRule(".altinstructions", _P, "CPU-feature alternatives (struct alt_instr)", _ENTRIES),
     SectionRule("__bug_table", _P, "BUG/WARN sites (struct bug_entry)", _ENTRIES),
     SectionRule("__ex_table", _P, "exception fixups (struct exception_table_entry)", _ENTRIES),
@@ -123,6 +124,9 @@ SECTION_RULES: tuple[SectionRule, ...] = (
 )
 DEFAULT_RULE = SectionRule("*", Handling.REFUSE_CHANGE, "a special section dynamos does not handle yet")
 
+# The unwinder's two parallel tables (an IP, and the state from it on): code an update adds to a
+# function needs an entry in both (builder/modkeys.py).
+UNWIND_IPS, UNWIND_STATES = ".orc_unwind_ip", ".orc_unwind"
 # Section-name prefixes of ordinary data, and file-local writable data that is, like a constant, owned
 # by the functions that use it: when it changes, the update carries a new copy together with those
 # functions (pr_debug descriptors).
