@@ -5,8 +5,12 @@ the function (``:mod:<update module>`` selects only that copy, never the origina
 
 - 6.1.192-1 -> 6.1.192-2 (ext4 mballoc NULL folio fix) on 6.1.0-55-amd64, which runs 6.1.192-1:
   an ext4 file system on a loop device written, synced and read back.
+- 6.1.192-2 -> 6.1.192-3 (nfsd SEQUENCE preflight) on 6.1.0-56-amd64, which runs 6.1.192-2: the
+  guest's nfsd serves an NFSv4.1 mount of its own /tmp over loopback, set up through
+  /proc/fs/nfsd and the kernel's export caches (no NFS userland, nothing on the host); every
+  compound of a v4.1 client starts with SEQUENCE.
 
-The lab for 6.1.0-55 is its own; its two vCPUs run on one QEMU thread because the function tracer
+Each test boots its own lab of the release; its two vCPUs run on one QEMU thread because the function tracer
 rewrites call sites, which QEMU's multi-threaded TCG hung on here (see
 ``bench/bench_two_vcpu_stalls.py``). Timings go to stderr (pytest -s shows them).
 """
@@ -57,6 +61,45 @@ umount /tmp/ext4mnt
 losetup -D
 echo ok
 """
+
+# The guest's nfsd, v4.1 only (no rpcbind needed), exporting /tmp/export as the v4 root (fsid 0)
+# to 127.0.0.1. The export caches are filled as mountd would (domain "lab"), never expiring.
+NFSD_START = r"""
+set -e
+ip link set lo up
+mountpoint -q /proc/fs/nfsd || mount -t nfsd nfsd /proc/fs/nfsd
+mkdir -p /tmp/export /var/lib/nfs/v4recovery /tmp/nfsmnt
+echo "-2 -3 +4 +4.1 -4.2" > /proc/fs/nfsd/versions
+echo 10 > /proc/fs/nfsd/nfsv4gracetime
+echo 10 > /proc/fs/nfsd/nfsv4leasetime
+echo 2 > /proc/fs/nfsd/threads
+never=2147483647
+echo "nfsd 127.0.0.1 $never lab" > /proc/net/rpc/auth.unix.ip/channel
+echo "lab /tmp/export $never 8194 65534 65534 0" > /proc/net/rpc/nfsd.export/channel
+echo "lab 1 \\x00000000 $never /tmp/export" > /proc/net/rpc/nfsd.fh/channel
+mount -t nfs4 -o vers=4.1,addr=127.0.0.1,clientaddr=127.0.0.1,sec=sys 127.0.0.1:/ /tmp/nfsmnt
+echo ok
+"""
+# Through the mount: a file written by the server side read by the client, and one written by
+# the client read on the server side; then the client and the server stopped.
+NFSD_USE = r"""
+set -e
+echo "from the server $$" > /tmp/export/server
+test "$(cat /tmp/nfsmnt/server)" = "from the server $$"
+ls -la /tmp/nfsmnt > /dev/null
+echo "from the client $$" > /tmp/nfsmnt/client
+test "$(cat /tmp/export/client)" = "from the client $$"
+rm /tmp/nfsmnt/client /tmp/export/server
+echo ok
+"""
+NFSD_STOP = r"""
+set -e
+umount /tmp/nfsmnt
+echo 0 > /proc/fs/nfsd/threads
+umount /proc/fs/nfsd
+echo ok
+"""
+
 
 def _say(message: str) -> None:
     print(f"debian revisions: {message}", file=sys.stderr, flush=True)
@@ -163,3 +206,55 @@ def test_debians_ext4_revision_applies_live_with_ext4_loaded_after_and_before(wo
         assert "BUG: kernel NULL pointer dereference" in trouble, crashed.kernel_messages
         assert "ext4_mb_load_buddy_gfp" in trouble, crashed.kernel_messages
         _say(f"ext4 revision test in {time.monotonic() - t0:.1f} s")
+
+
+NFSD_RELEASE = "6.1.0-56-amd64"  # linux-image-6.1.0-56-amd64 runs linux-source-6.1 6.1.192-2
+NFSD_MODULES = ("nfsd", "nfsv4")
+
+
+@pytest.fixture(scope="module")
+def nfsd_package(workdir) -> Path:
+    out = workdir / "debian-revisions"
+    out.mkdir(exist_ok=True)
+    build = build_from_patch(PATCHES / "debian-6.1.192-3-nfsd-sequence.patch", fetch_target(NFSD_RELEASE),
+                             output=out, name="nfsd-sequence")
+    return build.package_path
+
+
+def test_debians_nfsd_revision_serves_a_v41_mount_with_nfsd_loaded_after_and_before(workdir, nfsd_package):
+    t0 = time.monotonic()
+    with uniprocessor_guest(fetch_target(NFSD_RELEASE), workdir, "nfsd-revision", cpus=2,
+                            tcg_threads="single") as g:
+        assert "nfsd" not in g.modules()
+
+        # Loaded after: the update first, then nfsd, patched as it loads, serves the mount.
+        result = _apply(g, nfsd_package)
+        name = result["livepatch_name"]
+        assert [(f["name"], f["object"]) for f in result["functions"]] == [("nfsd4_sequence", "nfsd")]
+        g.run("modprobe", "-a", *NFSD_MODULES)
+        assert g.read(f"/sys/kernel/livepatch/{name}/nfsd/patched").strip() == "1"
+        with Tracer(g, name) as tracer:
+            assert g.sh(NFSD_START, timeout=180).strip() == "ok"
+            assert g.sh(NFSD_USE, timeout=180).strip() == "ok"
+            after = tracer.calls()
+        _say(f"nfsd loaded after the update: update's functions called {after}")
+        assert after.get(UPDATE_COPY + "nfsd4_sequence", 0) > 0, after
+        assert g.sh(NFSD_STOP, timeout=180).strip() == "ok"
+        g.dynamos("revert", name)
+        g.run("modprobe", "-r", "-a", *NFSD_MODULES)
+
+        # Loaded first: the server running and mounted before the update; the update serves the
+        # same client's next compounds, and reverting it leaves the mount working.
+        g.run("modprobe", "-a", *NFSD_MODULES)
+        assert g.sh(NFSD_START, timeout=180).strip() == "ok"
+        result = _apply(g, nfsd_package)
+        with Tracer(g, name) as tracer:
+            assert g.sh(NFSD_USE, timeout=180).strip() == "ok"
+            first = tracer.calls()
+        _say(f"nfsd loaded before the update: update's functions called {first}")
+        assert first.get(UPDATE_COPY + "nfsd4_sequence", 0) > 0, first
+        g.dynamos("revert", name)
+        assert name not in g.modules() and g.livepatches() == []
+        assert g.sh(NFSD_USE, timeout=180).strip() == "ok"
+        assert g.sh(NFSD_STOP, timeout=180).strip() == "ok"
+        _say(f"nfsd revision test in {time.monotonic() - t0:.1f} s")
