@@ -136,7 +136,7 @@ def split_expected(trouble: Sequence[str], expected: str | re.Pattern[str] | Non
     seen: list[str] = []
     in_expected = False
     for line in trouble:
-        if line.startswith("Call Trace:"):
+        if "Call Trace:" in line:  # after the console's timestamp
             (seen if in_expected else unexpected).append(line)
             continue
         in_expected = bool(pattern.search(line))
@@ -290,6 +290,12 @@ class Lab:
             msg += f"\nlast console lines ({self.console_path}):\n{tail}"
         return msg
 
+    def _saved_console_offset(self) -> int:
+        try:
+            return int(json.loads((self.state_dir / "lab.json").read_text()).get("console_offset", 0))
+        except (OSError, ValueError):
+            return 0
+
     def _save(self) -> None:
         self.info["console_offset"] = self.console_offset
         tmp = self.state_dir / "lab.json.tmp"
@@ -326,6 +332,9 @@ class Lab:
         cwd = cwd or os.getcwd()
         with open(self.state_dir / "run.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one command at a time per lab
+            # Another process attached to this lab (an Ansible connection, a second CLI) may have
+            # run commands since: the console up to its saved offset was its to judge, not ours.
+            self.console_offset = max(self.console_offset, self._saved_console_offset())
             _, self.console_offset = _read_console(self.console_path, self.console_offset) \
                 if self.console_offset == 0 else ("", self.console_offset)
             start_offset = self.console_offset
