@@ -4,6 +4,8 @@ rollback, check mode (issue 13)."""
 from __future__ import annotations
 
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +109,14 @@ def test_check_mode_reports_the_blocker_and_changes_nothing(fleet, build, stall_
         assert canary.action_log() == log_before
     finally:
         canary.guest.unload_module("dynamos_stall")
+
+
+def test_modules_install_switch_facts_uninstall_idempotently(fleet, build, playbook, target):
+    canary = fleet[0]
+    pkg = build(LAB_UPDATES / "pipe-editions")
+    inv = inventory(fleet, {"editions_package": str(pkg), "dynamos_release": target.release})
+    result = playbook(inv, "-l", canary.name, playbook=Path(__file__).parent / "playbooks" / "modules.yml")
+    assert result.status == 0, result.output
+    assert result.recap()[canary.name]["failed"] == 0
+    assert canary.updates() == {}
+    assert "pipe-editions" not in canary.guest.sh(f"{sys.executable} -m dynamos installed; true")
