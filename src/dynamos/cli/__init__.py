@@ -14,6 +14,7 @@ from dynamos.cli.args import (
     cpus_arg,
     name_arg,
     pids_arg,
+    regex_arg,
     seconds_arg,
     share_arg,
 )
@@ -203,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=seconds_arg, default=None, metavar="S")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming output")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--expect-warning", type=regex_arg, metavar="REGEX",
+                   help="a kernel warning the command provokes on purpose (regex on its WARNING/BUG line): "
+                        "not counted as trouble")
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_lab_run)
     p = lab.add_parser("shell", help="interactive shell in a lab")

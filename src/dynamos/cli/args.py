@@ -42,6 +42,17 @@ def seconds_arg(text: str) -> float:
     return _number(text, integer=False, minimum=0)
 
 
+def regex_arg(text: str) -> str:
+    """A regular expression, refused at parse time when it does not compile."""
+    import re
+
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"not a regular expression: {text!r} ({e})") from None
+    return text
+
+
 def count_arg(text: str) -> int:
     return int(_number(text, integer=True, minimum=1))
 

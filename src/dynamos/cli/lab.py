@@ -84,7 +84,7 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
         sys.stderr.buffer.flush()
 
     with lab_session(_lab_config(args), name=args.name, progress=progress) as lab:
-        result = lab.run(command, timeout=args.timeout,
+        result = lab.run(command, timeout=args.timeout, expect_warning=args.expect_warning,
                          on_stdout=None if args.json else out, on_stderr=None if args.json else err)
     if args.json:
         print_json(result.to_json())

@@ -61,6 +61,7 @@ class CommandResult:
     seconds: float
     timed_out: bool = False
     kernel_messages: list[str] = field(default_factory=list)  # oops/WARN lines seen meanwhile
+    expected_messages: list[str] = field(default_factory=list)  # those the caller said it expected
 
     @property
     def oopsed(self) -> bool:
@@ -70,6 +71,7 @@ class CommandResult:
         return {
             "argv": self.argv, "status": self.status, "seconds": self.seconds,
             "timed_out": self.timed_out, "kernel_messages": self.kernel_messages,
+            "expected_messages": self.expected_messages,
             "stdout": self.stdout.decode(errors="replace"), "stderr": self.stderr.decode(errors="replace"),
         }
 
@@ -121,6 +123,25 @@ def _read_console(path: Path, offset: int) -> tuple[str, int]:
 def kernel_trouble(text: str) -> list[str]:
     """Console lines that report an oops, BUG, WARN, panic, lockup or stall."""
     return [line.strip() for line in text.splitlines() if OOPS_PATTERNS.search(line)]
+
+
+def split_expected(trouble: Sequence[str], expected: str | re.Pattern[str] | None) -> tuple[list[str], list[str]]:
+    """(unexpected, expected) trouble lines: a test that provokes a warning on purpose names it
+    (a regex searched in the splat's first line, e.g. ``WARNING: CPU: 0 PID: 9 at f.c:3 func+0x1``),
+    and that splat's ``Call Trace:`` lines count as expected with it; anything else stays trouble."""
+    if expected is None:
+        return list(trouble), []
+    pattern = re.compile(expected) if isinstance(expected, str) else expected
+    unexpected: list[str] = []
+    seen: list[str] = []
+    in_expected = False
+    for line in trouble:
+        if "Call Trace:" in line:  # after the console's timestamp
+            (seen if in_expected else unexpected).append(line)
+            continue
+        in_expected = bool(pattern.search(line))
+        (seen if in_expected else unexpected).append(line)
+    return unexpected, seen
 
 
 class Lab:
@@ -269,6 +290,12 @@ class Lab:
             msg += f"\nlast console lines ({self.console_path}):\n{tail}"
         return msg
 
+    def _saved_console_offset(self) -> int:
+        try:
+            return int(json.loads((self.state_dir / "lab.json").read_text()).get("console_offset", 0))
+        except (OSError, ValueError):
+            return 0
+
     def _save(self) -> None:
         self.info["console_offset"] = self.console_offset
         tmp = self.state_dir / "lab.json.tmp"
@@ -295,14 +322,19 @@ class Lab:
     def run(self, argv: Sequence[str], *, cwd: str | None = None, env: dict[str, str] | None = None,
             timeout: float | None = None, stdin: bytes | None = None,
             on_stdout: Callable[[bytes], None] | None = None,
-            on_stderr: Callable[[bytes], None] | None = None) -> CommandResult:
+            on_stderr: Callable[[bytes], None] | None = None,
+            expect_warning: str | re.Pattern[str] | None = None) -> CommandResult:
         """Run a command in the guest as root and wait for it; output is also streamed to the
-        callbacks.  Kernel trouble printed meanwhile lands in ``kernel_messages``."""
+        callbacks.  Kernel trouble printed meanwhile lands in ``kernel_messages``, except a
+        splat matching ``expect_warning`` (see :func:`split_expected`): ``expected_messages``."""
         if not argv:
             raise LabError("no command given")
         cwd = cwd or os.getcwd()
         with open(self.state_dir / "run.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one command at a time per lab
+            # Another process attached to this lab (an Ansible connection, a second CLI) may have
+            # run commands since: the console up to its saved offset was its to judge, not ours.
+            self.console_offset = max(self.console_offset, self._saved_console_offset())
             _, self.console_offset = _read_console(self.console_path, self.console_offset) \
                 if self.console_offset == 0 else ("", self.console_offset)
             start_offset = self.console_offset
@@ -317,7 +349,7 @@ class Lab:
                 raise GuestCrashed(f"the guest kernel died while running {argv[0]} "
                                    f"(console: {self.console_path}):\n{lines}", trouble) from e
             text, self.console_offset = _read_console(self.console_path, start_offset)
-            result.kernel_messages = kernel_trouble(text)
+            result.kernel_messages, result.expected_messages = split_expected(kernel_trouble(text), expect_warning)
             self._save()
         return result
 
