@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import re
 import sys
-from pathlib import Path
 
 import pytest
 
-from dynamos.builder.patch import build_from_patch
 from tests.lab.test_patches import applied, patch_package, tree  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.lab
-PATCHES = Path(__file__).resolve().parent / "patches"
 
 # security/commoncap.c: warn_setuid_and_fcaps_mixed() is inlined into the bprm hook; its
 # `static int warned` (warned.N in kallsyms, one of many) becomes a counter the patch prints.
@@ -104,25 +101,3 @@ def test_func_in_a_changed_module_function(guest, patch_package, target):  # noq
                                  for line in lines), lines
     finally:
         guest.run("modprobe", "-r", "loop", check=False)
-
-
-def test_debians_nfsd_security_revision_builds_and_applies(guest, target, workdir):
-    """Issue 10's refusal: nfs4state.c of module nfsd has two __func__.10, and the builder could
-    not tell which was this file's. Debian's own revision now builds, loads and reverts."""
-    out = workdir / "patch-packages"
-    out.mkdir(exist_ok=True)
-    build = build_from_patch(PATCHES / "debian-6.1.192-3-nfsd-sequence.patch", target, output=out,
-                             name="nfsd-sequence")
-    assert not [s for s in build.klp_symbols if s.name.startswith("__func__")], build.klp_symbols
-    before = guest.modules()
-    guest.run("modprobe", "nfsd")
-    try:
-        with applied(guest, build.package_path) as r:
-            assert [(f["name"], f["object"]) for f in r["functions"]] == [("nfsd4_sequence", "nfsd")]
-            assert "nfsd_sequence" in guest.livepatches()
-            assert guest.read("/sys/kernel/livepatch/nfsd_sequence/transition").strip() == "0"
-    finally:
-        guest.run("modprobe", "-r", "nfsd", check=False)
-        left = guest.modules() - before  # kmod leaves sunrpc and grace behind (see test_lab.py)
-        if left:
-            guest.run("modprobe", "-r", *sorted(left), check=False)
