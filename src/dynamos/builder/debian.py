@@ -19,7 +19,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,11 +38,11 @@ from dynamos.target.debversion import (
 )
 from dynamos.target.fetch import debian_version
 from dynamos.target.source import (
-    _extract,
-    _source_tarball,
+    extract_tarball,
     prepare_source,
     read_config,
     source_package,
+    source_tarball,
     tree_lock,
 )
 
@@ -90,12 +90,12 @@ def version_tree(package: str, version: str, say: Callable[[str], None]) -> Vers
         if not (root / "ready").is_file():
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir(parents=True)
-            with _source_tarball(package, version, say) as tarball:
+            with source_tarball(package, version, say) as tarball:
                 changelog = tarball.parent.parent / "share/doc" / package / "changelog.Debian.gz"
                 if not changelog.is_file():
                     raise TargetError(f"{package} {version} has no {changelog.name} in /usr/share/doc/{package}")
                 (root / "changelog.Debian").write_bytes(gzip.decompress(changelog.read_bytes()))
-                _extract(tarball, root, say)
+                extract_tarball(tarball, root, say)
             if not (root / package / "Makefile").is_file():
                 raise TargetError(f"{package} {version} unpacked no {package}/Makefile in {root}")
             (root / "ready").write_text(version + "\n")
@@ -361,11 +361,11 @@ class ToBuild:
 
     @property
     def partial(self) -> bool:
-        return any(f.status == REFUSED for f in self.files)
+        return bool(self.not_carried)
 
     @property
     def not_carried(self) -> list[str]:
-        return [f.path for f in self.files if f.status == REFUSED]
+        return not_carried(self.files)
 
     @property
     def cves(self) -> list[str]:
@@ -380,6 +380,11 @@ class ToBuild:
                 "files": [f.to_json() for f in self.files],
                 "counts": {s: sum(f.status == s for f in self.files) for s in (CARRIED, REFUSED, NOT_BUILT)},
                 "seconds": self.seconds}
+
+
+def not_carried(files: Iterable[FileResult]) -> list[str]:
+    """The refused files, by path: what makes an update partial."""
+    return sorted(f.path for f in files if f.status == REFUSED)
 
 
 def update_name(to: str) -> str:
@@ -471,12 +476,11 @@ def build_changes(target: TargetKernel, running: str, to: str, changes: list[Cha
     if touching:
         def annotate(dropped: dict[str, str], skipped: list[str]) -> tuple[dict[str, object], dict[str, object]]:
             _settle(results, dropped, skipped)
-            partial = any(r.status == REFUSED for r in results.values())
-            not_carried = sorted(r.path for r in results.values() if r.status == REFUSED)
-            cves = [] if partial else mentioned
+            left = not_carried(results.values())
+            cves = [] if left else mentioned
             extra: dict[str, object] = {"version": to, **({"cves": cves} if cves else {})}
-            debian: dict[str, object] = {"package": package, "from": running, "to": to, "partial": partial,
-                                         "not_carried": not_carried, "changelog": [e.to_text() for e in entries],
+            debian: dict[str, object] = {"package": package, "from": running, "to": to, "partial": bool(left),
+                                         "not_carried": left, "changelog": [e.to_text() for e in entries],
                                          "cves_mentioned": mentioned}
             return extra, debian
 

@@ -133,8 +133,8 @@ def prepare_source(target: TargetKernel, progress: Callable[[str], None] | None 
             shutil.rmtree(root, ignore_errors=True)  # a partial extraction, or another version's tree
             _check_space(root.parent)
             root.mkdir(parents=True)
-            with _source_tarball(package, version, say) as tarball:
-                _extract(tarball, root, say)
+            with source_tarball(package, version, say) as tarball:
+                extract_tarball(tarball, root, say)
             if not (source.tree / "Makefile").is_file():
                 raise TargetError(f"{package} {version} did not unpack into {source.tree}")
             (root / EXTRACTED).write_text(version + "\n")
@@ -260,7 +260,7 @@ class _Tarball:
             self._tmp.cleanup()
 
 
-def _source_tarball(package: str, version: str, say: Callable[[str], None]) -> _Tarball:
+def source_tarball(package: str, version: str, say: Callable[[str], None]) -> _Tarball:
     """``usr/src/<package>.tar.xz`` of the source package of exactly ``version``.
 
     In order: the installed package (when dpkg has that version and the file checks against
@@ -333,7 +333,7 @@ def _download(package: str, version: str, deb: Path, say: Callable[[str], None])
         got[0].rename(deb)
 
 
-def _extract(tarball: Path, root: Path, say: Callable[[str], None]) -> None:
+def extract_tarball(tarball: Path, root: Path, say: Callable[[str], None]) -> None:
     """``tar -xf`` (the fastest extractor here), with a percentage from tar's checkpoints."""
     total = 0
     listing = subprocess.run(["xz", "--robot", "--list", str(tarball)], capture_output=True, text=True)

@@ -209,12 +209,12 @@ def test_source_package_kept_in_cache(target: TargetKernel, monkeypatch: pytest.
     monkeypatch.setattr(source_mod, "_installed_tarball", lambda *_args: None)
     version = debian_version(target)
     messages: list[str] = []
-    with source_mod._source_tarball("linux-source-6.1", version, messages.append) as tarball:
+    with source_mod.source_tarball("linux-source-6.1", version, messages.append) as tarball:
         assert tarball.name == "linux-source-6.1.tar.xz" and tarball.stat().st_size > 100_000_000
         unpacked = tarball.parent
     assert not unpacked.exists()  # the unpacked .deb is temporary; the .deb itself is kept
     again: list[str] = []
-    with source_mod._source_tarball("linux-source-6.1", version, again.append):
+    with source_mod.source_tarball("linux-source-6.1", version, again.append):
         pass
     assert any(m.startswith("source package present:") for m in again)
 
