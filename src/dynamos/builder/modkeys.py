@@ -22,9 +22,10 @@ correct without one:
   site that saw the key at another moment, which any caller of the tracepoint already allows. The
   cost is a load and a preempt_disable/enable per call while the tracepoint is off. A module has
   no ``_rcuidle`` tracepoints (they are not declared under MODULE), whose enabled code warns in NMI.
-* Any other key of a module (a plain ``static_branch_*()``) is refused, naming the function and the
-  key: its enabled code may rely on what the key guards, and an in-place test of the key does not
-  fit every site (gcc often emits a 2-byte one).
+* Any other key of a module (a plain ``static_branch_*()``), at a 5-byte site, becomes a jump to a
+  test of the key appended to the function (``_test_of_key``): it branches exactly when the kernel
+  would have patched a jmp in, reading the key through a livepatch relocation. A 2-byte site has no
+  room for that jump and is refused, naming the function and the key.
 """
 
 from __future__ import annotations
@@ -58,7 +59,6 @@ class KeySite:
     key: str  # the key's symbol (a tracepoint, a static call key)
     object: str  # the module defining it
     how: str  # what became of the site
-
 
 
 def carry_module_keys(obj: RelocatableElf, relas_of: dict[int, int], klp: dict[str, KlpSymbol]) -> list[KeySite]:
