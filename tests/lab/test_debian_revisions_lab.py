@@ -136,15 +136,19 @@ class Tracer:
                       f"echo > {t}/set_ftrace_filter; echo > {t}/trace")
 
 
-@pytest.fixture(scope="module")
-def ext4_package(workdir) -> Path:
+def _revision_package(workdir: Path, patch: str, release: str, name: str) -> Path:
+    """The update of one Debian revision (its source diff in tests/lab/patches) for ``release``."""
     out = workdir / "debian-revisions"
     out.mkdir(exist_ok=True)
     t = time.monotonic()
-    build = build_from_patch(PATCHES / "debian-6.1.192-2-ext4-mballoc.patch", fetch_target(EXT4_RELEASE),
-                             output=out, name="ext4-mballoc")
-    _say(f"ext4 revision built in {time.monotonic() - t:.1f} s")
+    build = build_from_patch(PATCHES / patch, fetch_target(release), output=out, name=name)
+    _say(f"{name} built in {time.monotonic() - t:.1f} s")
     return build.package_path
+
+
+@pytest.fixture(scope="module")
+def ext4_package(workdir) -> Path:
+    return _revision_package(workdir, "debian-6.1.192-2-ext4-mballoc.patch", EXT4_RELEASE, "ext4-mballoc")
 
 
 def _apply(g, pkg: Path) -> dict:
@@ -214,11 +218,7 @@ NFSD_MODULES = ("nfsd", "nfsv4")
 
 @pytest.fixture(scope="module")
 def nfsd_package(workdir) -> Path:
-    out = workdir / "debian-revisions"
-    out.mkdir(exist_ok=True)
-    build = build_from_patch(PATCHES / "debian-6.1.192-3-nfsd-sequence.patch", fetch_target(NFSD_RELEASE),
-                             output=out, name="nfsd-sequence")
-    return build.package_path
+    return _revision_package(workdir, "debian-6.1.192-3-nfsd-sequence.patch", NFSD_RELEASE, "nfsd-sequence")
 
 
 def test_debians_nfsd_revision_serves_a_v41_mount_with_nfsd_loaded_after_and_before(workdir, nfsd_package):
