@@ -1,7 +1,8 @@
-"""Debian's own security revisions of linux-source-6.1, applied live on the kernel that runs the
-older revision, with the changed module loaded before the update and loaded after it, a workload
-that calls the changed code, and proof that the update's code ran: ftrace on the update's copy of
-the function (``:mod:<update module>`` selects only that copy, never the original).
+"""Debian's own security revisions of linux-source-6.1, each built by ``build --to`` from the two
+versions' source packages and applied live on the kernel that runs the older revision, with
+the changed module loaded before the update and loaded after it, a workload that calls the
+changed code, and proof that the update's code ran: ftrace on the update's copy of the function
+(``:mod:<update module>`` selects only that copy, never the original).
 
 - 6.1.192-1 -> 6.1.192-2 (ext4 mballoc NULL folio fix) on 6.1.0-55-amd64, which runs 6.1.192-1:
   an ext4 file system on a loop device written, synced and read back.
@@ -24,12 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from dynamos.builder.patch import build_from_patch
+from dynamos.builder.debian import CARRIED, build_to
 from dynamos.target import fetch_target
 from tests.lab.conftest import uniprocessor_guest
 
 pytestmark = pytest.mark.lab
-PATCHES = Path(__file__).resolve().parent / "patches"
 EXT4_RELEASE = "6.1.0-55-amd64"  # linux-image-6.1.0-55-amd64 runs linux-source-6.1 6.1.192-1
 # ext4_mb_get_buddy_page_lock, changed too, is inlined into ext4_mb_init_group.
 EXT4_FUNCTIONS = {"ext4_mb_load_buddy_gfp", "ext4_mb_init_group"}
@@ -136,19 +136,25 @@ class Tracer:
                       f"echo > {t}/set_ftrace_filter; echo > {t}/trace")
 
 
-def _revision_package(workdir: Path, patch: str, release: str, name: str) -> Path:
-    """The update of one Debian revision (its source diff in tests/lab/patches) for ``release``."""
+def _revision_package(workdir: Path, release: str, to: str, changed: str) -> tuple[Path, dict]:
+    """``build --to``'s update from the version ``release`` runs to ``to``: one cumulative update
+    carrying the revision's one changed file (it fails naming the archive's versions if one is gone)."""
     out = workdir / "debian-revisions"
     out.mkdir(exist_ok=True)
     t = time.monotonic()
-    build = build_from_patch(PATCHES / patch, fetch_target(release), output=out, name=name)
-    _say(f"{name} built in {time.monotonic() - t:.1f} s")
-    return build.package_path
+    build = build_to(fetch_target(release), to, output=out)
+    _say(f"build --to {to} for {release} in {time.monotonic() - t:.1f} s")
+    assert [(f.path, f.status) for f in build.files] == [(changed, CARRIED)], build.files
+    assert not build.partial and build.package_path is not None
+    assert [e.version for e in build.changelog] == [to]
+    return build.package_path, {"from": build.from_version, "cves": build.cves}
 
 
 @pytest.fixture(scope="module")
 def ext4_package(workdir) -> Path:
-    return _revision_package(workdir, "debian-6.1.192-2-ext4-mballoc.patch", EXT4_RELEASE, "ext4-mballoc")
+    pkg, built = _revision_package(workdir, EXT4_RELEASE, "6.1.192-2", "fs/ext4/mballoc.c")
+    assert built["from"] == "6.1.192-1"
+    return pkg
 
 
 def _apply(g, pkg: Path) -> dict:
@@ -216,12 +222,21 @@ NFSD_RELEASE = "6.1.0-56-amd64"  # linux-image-6.1.0-56-amd64 runs linux-source-
 NFSD_MODULES = ("nfsd", "nfsv4")
 
 
+NFSD_TO = "6.1.192-3"
+
+
 @pytest.fixture(scope="module")
-def nfsd_package(workdir) -> Path:
-    return _revision_package(workdir, "debian-6.1.192-3-nfsd-sequence.patch", NFSD_RELEASE, "nfsd-sequence")
+def nfsd_package(workdir) -> tuple[Path, list[str]]:
+    pkg, built = _revision_package(workdir, NFSD_RELEASE, NFSD_TO, "fs/nfsd/nfs4state.c")
+    assert built["from"] == "6.1.192-2"
+    return pkg, built["cves"]
 
 
 def test_debians_nfsd_revision_serves_a_v41_mount_with_nfsd_loaded_after_and_before(workdir, nfsd_package):
+    """Also what ``status`` says of the running code while the update is live: the effective
+    Debian version, the CVEs of the changelog entries it carries, and nothing once reverted."""
+    nfsd_package, cves = nfsd_package
+    assert cves, "the 6.1.192-3 changelog names the CVE it fixes"
     t0 = time.monotonic()
     with uniprocessor_guest(fetch_target(NFSD_RELEASE), workdir, "nfsd-revision", cpus=2,
                             tcg_threads="single") as g:
@@ -253,8 +268,16 @@ def test_debians_nfsd_revision_serves_a_v41_mount_with_nfsd_loaded_after_and_bef
             first = tracer.calls()
         _say(f"nfsd loaded before the update: update's functions called {first}")
         assert first.get(UPDATE_COPY + "nfsd4_sequence", 0) > 0, first
+        status = json.loads(g.dynamos("status", "--json").stdout)
+        assert status["effective_version"] == f"6.1.192-2, live-updated to {NFSD_TO}", status
+        assert status["cves"] == cves
+        [update] = [u for u in status["updates"] if u["name"] == name]
+        assert update["replace"] is True and update["debian"]["partial"] is False
+        text = g.dynamos("status").stdout.decode()
+        assert f"effective version 6.1.192-2, live-updated to {NFSD_TO}" in text, text
         g.dynamos("revert", name)
         assert name not in g.modules() and g.livepatches() == []
+        assert "effective_version" not in json.loads(g.dynamos("status", "--json").stdout)
         assert g.sh(NFSD_USE, timeout=180).strip() == "ok"
         assert g.sh(NFSD_STOP, timeout=180).strip() == "ok"
         _say(f"nfsd revision test in {time.monotonic() - t0:.1f} s")
