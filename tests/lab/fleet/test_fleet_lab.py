@@ -104,6 +104,7 @@ def test_check_mode_reports_the_blocker_and_changes_nothing(fleet, build, stall_
         assert result.status == 0, result.output
         assert "would block the transition now: dynamos-stall" in result.output
         assert "dynamos_stall_loop" in result.output
+        assert "+stall-breaker (stall_breaker) enabled " in result.output  # --diff: the update it would add
         assert canary.updates() == {}
         assert "stall_breaker" not in canary.guest.modules()
         assert canary.action_log() == log_before
