@@ -391,15 +391,23 @@ def update_name(to: str) -> str:
     return "linux-" + re.sub(r"[^a-z0-9]+", "-", to.lower()).strip("-")
 
 
+def check_versions(target: TargetKernel, to: str, known_versions: list[str] | None = None) -> tuple[str, str]:
+    """(source package, version the kernel's image runs) once ``to`` is known to be a later version
+    the archive has; refused otherwise. Cheap and prints nothing, so a front end calls it before
+    anything else: a bad ``--to`` is then the first and only thing a user reads."""
+    package = source_package(target.release)
+    running = debian_version(target)  # the image's version: a second build --to starts here again
+    check_to_version(running, to, archive_versions(package) if known_versions is None else known_versions, package)
+    return package, running
+
+
 def build_to(target: TargetKernel, to: str, *, output: Path | None, max_units: int = DEFAULT_MAX_UNITS,
              progress: Callable[[str], None] | None = None, signer: Signer | None = None,
              known_versions: list[str] | None = None) -> ToBuild:
     """Build one cumulative update from the Debian version ``target`` runs to ``to``."""
     say = progress or (lambda _m: None)
     started = time.monotonic()
-    package = source_package(target.release)
-    running = debian_version(target)  # the image's version: a second build --to starts here again
-    check_to_version(running, to, archive_versions(package) if known_versions is None else known_versions, package)
+    package, running = check_versions(target, to, known_versions)
     source = prepare_source(target, say)
     newer = version_tree(package, to, say)
     with tree_lock(target.release, shared=True):

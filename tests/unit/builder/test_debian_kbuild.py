@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from dynamos import cli
 from dynamos.builder.debian import CARRIED, NOT_BUILT, REFUSED, Change, build_changes
 from dynamos.target.debversion import parse_changelog
 from dynamos.target.source import prepare_source
@@ -61,3 +64,17 @@ def test_each_kind_of_change_classified_and_the_rest_carried(target, tmp_path: P
     assert pkg.debian == {"package": "linux-source-6.1", "from": "6.1.192-2", "to": "6.1.192-9", "partial": True,
                           "not_carried": sorted(p for p, (s, _c) in got.items() if s == REFUSED),
                           "changelog": [entries[0].to_text()], "cves_mentioned": ["CVE-2099-0001"]}
+
+
+@pytest.mark.parametrize(("to", "words"), [
+    ("6.1.192-1", "is older than the version the kernel runs"),
+    ("7.0-1", "the archive has no linux-source-6.1 of that version; it has 6.1.192-3"),
+])
+def test_cli_refuses_a_bad_to_version_before_printing_anything_else(target, tmp_path: Path, to: str, words: str,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The refusal comes before the signer line (or any progress): it is all the user reads."""
+    status = cli.main(["build", "--to", to, "--kernel", target.release, "-o", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert status == 5 and out == ""
+    assert err.splitlines() == [err.splitlines()[0]] and err.startswith(f"dynamos: error: --to {to}") and words in err
+    assert "Traceback" not in err and not list(tmp_path.iterdir())
