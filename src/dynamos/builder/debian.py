@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dynamos.builder.patch import build_from_texts
+from dynamos.builder.refusals import ACCEPTED_CODES, CODES, OTHER_CODES, Refusal  # noqa: F401 (re-exported)
 from dynamos.builder.signing import Signer
 from dynamos.builder.unitsof import module_of, translation_units_of
 from dynamos.errors import BuildError, TargetError
@@ -50,12 +51,9 @@ from dynamos.target.source import (
 # (original and patched) at about 5-15 s on 2 cores, so 20 units keep a build within minutes.
 DEFAULT_MAX_UNITS = 20
 
-# Reason codes: issue 10's closed list of acceptable refusals, then the others (which count
-# against the coverage target).
-ACCEPTED_CODES = ("changed-layout", "changed-initialiser", "init-exit", "assembly", "build-file", "notrace", "vdso",
-                  "header-reach")
-OTHER_CODES = ("new-file", "removed-file", "not-kernel-code", "not-built", "build-failed", "fidelity", "other")
 
+# The reason codes (issue 10's closed list of acceptable refusals, ACCEPTED_CODES, then the others,
+# which count against the coverage target) are builder/refusals.py's, shared with the builder.
 CARRIED, REFUSED, NOT_BUILT = "carried", "refused", "not-built"
 
 # Top-level directories whose files never become kernel code.
@@ -163,26 +161,6 @@ def path_reason(code: str) -> str:
         if c == code:
             return reason
     return {"not-kernel-code": "not part of the kernel's code (documentation, tools, scripts)"}.get(code, code)
-
-
-def reason_code(message: str) -> str:
-    """The reason code of a builder refusal message."""
-    text = message.lower()
-    if "__init" in text or "__exit" in text or ".init." in text or ".exit." in text:
-        return "init-exit"
-    if "notrace" in text or "noinstr" in text:
-        return "notrace"
-    if "changes size" in text or "layout" in text:
-        return "changed-layout"
-    if "different initial value" in text or "data changed" in text:
-        return "changed-initialiser"
-    if "fidelity" in text or "differs from the kernel" in text or "does not match" in text:
-        return "fidelity"
-    if "not found under" in text or "does not build it" in text:
-        return "not-built"
-    if "failed" in text or "error" in text:
-        return "build-failed"
-    return "other"
 
 
 _TYPE_START_RE = re.compile(r"^\s*(typedef\s+)?(struct|union|enum)\b[^;()=]*\{")
@@ -482,7 +460,7 @@ def build_changes(target: TargetKernel, running: str, to: str, changes: list[Cha
     package_path = None
     build = None
     if touching:
-        def annotate(dropped: dict[str, str], skipped: list[str]) -> tuple[dict[str, object], dict[str, object]]:
+        def annotate(dropped: dict[str, Refusal], skipped: list[str]) -> tuple[dict[str, object], dict[str, object]]:
             _settle(results, dropped, skipped)
             left = not_carried(results.values())
             cves = [] if left else mentioned
@@ -508,15 +486,15 @@ def build_changes(target: TargetKernel, running: str, to: str, changes: list[Cha
                    round(time.monotonic() - started, 3), build.explain() if build else [])
 
 
-def _settle(results: dict[str, FileResult], dropped: dict[str, str], skipped: list[str]) -> None:
+def _settle(results: dict[str, FileResult], dropped: dict[str, Refusal], skipped: list[str]) -> None:
     """A file's status from its units': refused when one was dropped, not built when all were skipped."""
     for res in results.values():
         if res.status != CARRIED or not res.units:
             continue
         bad = [(u, dropped[u]) for u in res.units if u in dropped]
         if bad:
-            res.status, res.code = REFUSED, reason_code(bad[0][1])
-            res.reason = "; ".join(f"{u}: {why}" for u, why in bad)
+            res.status, res.code = REFUSED, bad[0][1].code
+            res.reason = "; ".join(f"{u}: {why.message}" for u, why in bad)
             if res.code == "not-built":
                 res.status = NOT_BUILT
         elif all(u in skipped for u in res.units):

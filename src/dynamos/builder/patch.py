@@ -32,11 +32,12 @@ from dynamos.builder.linemap import stabilise_lines
 from dynamos.builder.modkeys import KeySite
 from dynamos.builder.modsyms import OtherModules
 from dynamos.builder.objdiff import DiffResult, align_statics, diff_objects, read_object
+from dynamos.builder.refusals import FIDELITY, NOT_BUILT, Refusal, code_of, first_unaccepted
 from dynamos.builder.signing import Signer
 from dynamos.builder.statics import StaticLocals, resolve_static_locals
 from dynamos.builder.units import compile_original, compile_unit
 from dynamos.builder.unitsof import module_of, translation_units_of
-from dynamos.errors import BuildError, DynamosError, UpdateSourceError
+from dynamos.errors import BuildError, DynamosError, TargetError, UpdateSourceError
 from dynamos.lab.kallsyms import lab_symbol_table
 from dynamos.target import TargetKernel, cache_root
 from dynamos.target.images import KernelText, kernel_text
@@ -82,12 +83,12 @@ class PatchBuild:
     seconds: float
     phases: dict[str, float]
     skipped: list[str] = field(default_factory=list)  # units including a patched header, not built in
-    dropped: dict[str, str] = field(default_factory=dict)  # unit -> why it was left out (tolerant builds)
+    dropped: dict[str, Refusal] = field(default_factory=dict)  # unit -> why it was left out (tolerant builds)
 
     def explain(self) -> list[str]:
         """Per function, why it is in the update; per refused change, why it cannot be."""
         lines = [f"{path}: includes a patched file but is not built into the target: skipped" for path in self.skipped]
-        lines += [f"{path}: LEFT OUT of the update: {why}" for path, why in self.dropped.items()]
+        lines += [f"{path}: LEFT OUT of the update ({why.code}): {why.message}" for path, why in self.dropped.items()]
         for unit in self.units:
             via = [t for t in unit.touched if t != unit.path]
             lines.append(f"{unit.path}:" + (f" (includes {', '.join(via)})" if via else ""))
@@ -114,7 +115,7 @@ class PatchBuild:
 
 
 # (dropped units with why, skipped units) -> (update table additions, manifest debian table)
-Annotate = Callable[[dict[str, str], list[str]], tuple[dict[str, object], dict[str, object] | None]]
+Annotate = Callable[[dict[str, Refusal], list[str]], tuple[dict[str, object], dict[str, object] | None]]
 
 _HUNK_RE = re.compile(r"^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
 # Lines outside hunks from which GNU patch may take a file name: each such name is checked.
@@ -289,7 +290,7 @@ def build_from_texts(patched: dict[str, bytes], touching: dict[str, list[str]], 
 
     work = cache_root() / "builds" / f"patch-{update_name}-{target.release}"
     units: list[UnitReport] = []
-    dropped: dict[str, str] = {}
+    dropped: dict[str, Refusal] = {}
     with build_lock(work):
         shutil.rmtree(work, ignore_errors=True)
         (work / "objects").mkdir(parents=True)
@@ -306,7 +307,7 @@ def build_from_texts(patched: dict[str, bytes], touching: dict[str, list[str]], 
             except DynamosError as e:
                 if not tolerant:
                     raise
-                dropped[unit] = str(e)
+                dropped[unit] = Refusal(code_of(e), str(e))
                 continue
             if report is None:
                 skipped.append(unit)
@@ -315,7 +316,8 @@ def build_from_texts(patched: dict[str, bytes], touching: dict[str, list[str]], 
                 report.directives = apply_directives(
                     report.diff, (work / "objects" / _obj_name(unit, "patched")).read_bytes(), unit)
                 if tolerant and report.diff.refused:
-                    dropped[unit] = "; ".join(f"{r.name}: {r.reason}" for r in report.diff.refused)
+                    dropped[unit] = Refusal(first_unaccepted([r.code for r in report.diff.refused]),
+                                            "; ".join(f"{r.name}: {r.reason}" for r in report.diff.refused))
                     continue
                 units.append(report)
         phases["compile+diff"] = round(time.monotonic() - t, 3)
@@ -361,7 +363,7 @@ def build_from_texts(patched: dict[str, bytes], touching: dict[str, list[str]], 
             except DynamosError as e:
                 if not tolerant:
                     raise
-                dropped[unit.path] = str(e)
+                dropped[unit.path] = Refusal(code_of(e), str(e))
                 continue
             kept_units.append(unit)
             functions += unit_functions
@@ -437,13 +439,18 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes],
         fidelity = check_fidelity(orig.object_path, target, symtab, text=text)
     else:
         say(f"checking {rel} against the shipped module {obj}")
-        symtab, module_text = module_image(target.module_path(obj).read_bytes(), obj)
+        try:
+            shipped = target.module_path(obj)
+        except TargetError as e:
+            raise BuildError(f"{rel}: {e}: the target does not build it", code=NOT_BUILT) from e
+        symtab, module_text = module_image(shipped.read_bytes(), obj)
         fidelity = check_fidelity(orig.object_path, target, symtab, text=module_text,
                                   against=f"module {obj} of kernel {target.release}")
     if fidelity.functions and len(fidelity.absent) == len(fidelity.functions):
         if optional:
             return None
-        raise BuildError(f"{rel}: none of its functions is in {fidelity.against}: the target does not build it")
+        raise BuildError(f"{rel}: none of its functions is in {fidelity.against}: the target does not build it",
+                         code=NOT_BUILT)
     fidelity.raise_on_mismatch()  # wrong source, config or compiler: nothing built on it holds
     resolved = fidelity.resolved
     times["fidelity"] = round(time.monotonic() - t, 3)
@@ -490,7 +497,7 @@ class _Sympos:
             if local and name in self.unit.resolved:
                 return self.unit.resolved[name]  # the fidelity check found this file's copy
             raise BuildError(f"{self.unit.path}: {count} symbols of module {self.unit.object} are named "
-                             f"{name} and the fidelity check could not tell which one this file's is")
+                             f"{name} and the fidelity check could not tell which one this file's is", code=FIDELITY)
         candidates = self.symtab.lookup(name)
         if not candidates:
             raise BuildError(f"{self.unit.path}: {name} is used by the changed code but the kernel has no such "
@@ -503,7 +510,7 @@ class _Sympos:
         if not local and len(globals_) == 1:
             return self.symtab.sympos(globals_[0])  # a global, with file-local namesakes elsewhere
         raise BuildError(f"{self.unit.path}: {len(candidates)} kernel symbols are named {name} and the "
-                         f"fidelity check could not tell which one this file's is")
+                         f"fidelity check could not tell which one this file's is", code=FIDELITY)
 
 
 def _resolver(unit: str, others: OtherModules, sympos: _Sympos):

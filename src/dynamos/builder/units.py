@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dynamos.builder.refusals import BUILD_FAILED
 from dynamos.errors import BuildError
 from dynamos.target.make import error_lines
 from dynamos.target.source import (
@@ -167,4 +168,4 @@ def _compile_error(log: str, files: Sequence[str], kind: str, release: str, stat
             break
     what = "failed" if status != 0 else "produced no object"
     return BuildError(f"compiling the {kind} {files[0]} for kernel {release} {what}:\n" + "\n".join(errors),
-                      path=path, line=line)
+                      path=path, line=line, code=BUILD_FAILED)
