@@ -460,8 +460,9 @@ def build_changes(target: TargetKernel, running: str, to: str, changes: list[Cha
     package_path = None
     build = None
     if touching:
-        def annotate(dropped: dict[str, Refusal], skipped: list[str]) -> tuple[dict[str, object], dict[str, object]]:
-            _settle(results, dropped, skipped)
+        def annotate(dropped: dict[str, Refusal], skipped: list[str],
+                     not_including: dict[str, list[str]]) -> tuple[dict[str, object], dict[str, object]]:
+            _settle(results, dropped, skipped, not_including)
             left = not_carried(results.values())
             cves = [] if left else mentioned
             extra: dict[str, object] = {"version": to, **({"cves": cves} if cves else {})}
@@ -475,29 +476,46 @@ def build_changes(target: TargetKernel, running: str, to: str, changes: list[Cha
                                  description=f"Debian {package} {running} -> {to}{partial_note}",
                                  output=output, progress=say, signer=signer, tolerant=True, replace_earlier=True,
                                  annotate=annotate)
-        _settle(results, build.dropped, build.skipped)
+        _settle(results, build.dropped, build.skipped, build.not_including, build.includes)
         package_path = build.package_path
         if package_path is None:
             for r in results.values():
                 if r.status == CARRIED:
-                    r.status, r.code, r.reason = NOT_BUILT, "no-code-change", "no function's code changed"
+                    r.status, r.code = NOT_BUILT, "no-code-change"
+                    r.reason = "; ".join(["no function's code changed", *([r.reason] if r.reason else [])])
     files = sorted(results.values(), key=lambda r: r.path)
     return ToBuild(package, running, to, files, entries, mentioned, package_path,
                    round(time.monotonic() - started, 3), build.explain() if build else [])
 
 
-def _settle(results: dict[str, FileResult], dropped: dict[str, Refusal], skipped: list[str]) -> None:
-    """A file's status from its units': refused when one was dropped, not built when all were skipped."""
+def _settle(results: dict[str, FileResult], dropped: dict[str, Refusal], skipped: list[str],
+            not_including: dict[str, list[str]] | None = None, includes: dict[str, list[str]] | None = None) -> None:
+    """A file's status from its units': refused when one was dropped, not built when all were skipped
+    or do not include it. A header's reason says how many of its candidate units (the static scan's)
+    the compiler's dependency output confirmed (``includes``) and how many do not include it under
+    this config (``not_including``)."""
+    not_including, includes = not_including or {}, includes or {}
     for res in results.values():
         if res.status != CARRIED or not res.units:
             continue
+        absent = [u for u in res.units if res.path in not_including.get(u, ())]
+        confirmed = sum(res.path in includes.get(u, ()) for u in res.units)
+        skip = [u for u in res.units if u in skipped and u not in absent]
+        notes = []
+        if res.units != [res.path]:  # reached through includes: the candidates were a static scan's
+            notes.append(f"the compiler confirmed {confirmed} of {len(res.units)} candidate unit(s)"
+                         + (f"; {len(absent)} {'does' if len(absent) == 1 else 'do'} not include it under this config"
+                            if absent else ""))
+        if skip:
+            notes.append(f"{len(skip)} of its units not built by this config")
         bad = [(u, dropped[u]) for u in res.units if u in dropped]
         if bad:
             res.status, res.code = REFUSED, bad[0][1].code
             res.reason = "; ".join(f"{u}: {why.message}" for u, why in bad)
             if res.code == "not-built":
                 res.status = NOT_BUILT
-        elif all(u in skipped for u in res.units):
-            res.status, res.code, res.reason = NOT_BUILT, "not-built", "no unit that includes it is built"
-        elif any(u in skipped for u in res.units):
-            res.reason = f"{sum(u in skipped for u in res.units)} of its units not built by this config"
+        elif len(absent) + len(skip) == len(res.units):
+            res.status, res.code = NOT_BUILT, "not-built"
+            res.reason = "; ".join(["no unit that includes it under this config is built", *notes])
+        else:
+            res.reason = "; ".join(notes)

@@ -250,6 +250,22 @@ def test_a_files_status_follows_its_units() -> None:
                    "fs/c.c": (CARRIED, ""), "fs/d.h": (NOT_BUILT, "not-built"), "fs/e.c": (NOT_BUILT, "not-built")}
 
 
+def test_a_headers_reason_counts_the_candidates_the_compiler_confirmed() -> None:
+    results = {p: FileResult(p, "modified", CARRIED, units=u) for p, u in (
+        ("include/a.h", ["fs/a.c", "fs/b.c", "fs/c.c"]), ("include/n.h", ["fs/a.c", "fs/b.c"]),
+        ("fs/a.c", ["fs/a.c"]))}
+    includes = {"fs/a.c": ["include/a.h"], "fs/c.c": ["include/a.h"]}
+    not_including = {"fs/a.c": ["include/n.h"], "fs/b.c": ["include/a.h", "include/n.h"]}
+    _settle(results, {}, [], not_including, includes)
+    a, n, c = results["include/a.h"], results["include/n.h"], results["fs/a.c"]
+    assert (a.status, a.reason) == (CARRIED, "the compiler confirmed 2 of 3 candidate unit(s); 1 does not include it "
+                                             "under this config")
+    assert (n.status, n.code) == (NOT_BUILT, "not-built")
+    assert n.reason == ("no unit that includes it under this config is built; the compiler confirmed 0 of 2 "
+                        "candidate unit(s); 2 do not include it under this config")
+    assert (c.status, c.reason) == (CARRIED, "")  # a .c file is its own unit: nothing to confirm
+
+
 def test_a_partial_update_claims_no_cve() -> None:
     files = [FileResult("fs/a.c", "modified", CARRIED), FileResult("fs/b.c", "modified", REFUSED, "notrace")]
     partial = ToBuild("linux-source-6.1", "6.1.192-2", "6.1.192-3", files, [], ["CVE-2026-99362"],

@@ -78,3 +78,25 @@ def test_cli_refuses_a_bad_to_version_before_printing_anything_else(target, tmp_
     assert status == 5 and out == ""
     assert err.splitlines() == [err.splitlines()[0]] and err.startswith(f"dynamos: error: --to {to}") and words in err
     assert "Traceback" not in err and not list(tmp_path.iterdir())
+
+
+def test_a_headers_candidates_are_confirmed_by_the_compilers_dependency_output(target, tmp_path: Path) -> None:
+    """include/linux/toshiba.h: the static scan finds three units; neofb.c includes it only under
+    CONFIG_TOSHIBA, which Debian's amd64 config leaves unset, so its original compile does not read
+    it and its patched side is never compiled. toshiba_acpi.c really includes it and is compiled."""
+    header, real, guarded = "include/linux/toshiba.h", "drivers/platform/x86/toshiba_acpi.c", \
+        "drivers/video/fbdev/neofb.c"
+    tree = prepare_source(target).tree
+    text = (tree / header).read_text()
+    said: list[str] = []
+    result = build_changes(target, "6.1.192-2", "6.1.192-9", [Change(header, "modified")],
+                           {header: text.replace("#include <uapi", "/* dynamos */\n#include <uapi").encode()
+                            }.__getitem__, [], output=tmp_path, progress=said.append)
+    (res,) = result.files
+    assert set(res.units) >= {real, guarded}, res.units
+    assert (res.status, res.code) == (NOT_BUILT, "no-code-change"), res  # a comment: no code changed
+    assert "1 does not include it under this config" in res.reason and "the compiler confirmed" in res.reason
+    assert f"{guarded}: does not include {header} under the target's config (the compiler's dependency " \
+           "output): skipped" in result.explain
+    assert f"compiling {real} (patched)" in said
+    assert f"compiling {guarded} (patched)" not in said
