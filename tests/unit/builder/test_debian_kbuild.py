@@ -10,6 +10,7 @@ import pytest
 
 from dynamos import cli
 from dynamos.builder.debian import CARRIED, NOT_BUILT, REFUSED, Change, build_changes
+from dynamos.builder.units import compile_original
 from dynamos.target.debversion import parse_changelog
 from dynamos.target.source import prepare_source
 from dynamos.update.package import read_package
@@ -100,3 +101,13 @@ def test_a_headers_candidates_are_confirmed_by_the_compilers_dependency_output(t
            "output): skipped" in result.explain
     assert f"compiling {real} (patched)" in said
     assert f"compiling {guarded} (patched)" not in said
+
+
+def test_a_cached_original_keeps_its_dependency_list(target, tmp_path: Path) -> None:
+    """The second build of a unit takes its original from the cache: the list comes with it."""
+    source = prepare_source(target)
+    first = compile_original(source, "drivers/platform/x86/toshiba_acpi.c", tmp_path / "a.o")
+    again = compile_original(source, "drivers/platform/x86/toshiba_acpi.c", tmp_path / "b.o")
+    assert again.cached and again.deps == first.deps
+    assert again.deps is not None and "include/linux/toshiba.h" in again.deps
+    assert "drivers/platform/x86/toshiba_acpi.c" in again.deps
