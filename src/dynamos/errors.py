@@ -56,9 +56,16 @@ class PackageError(DynamosError):
 
 
 class BuildError(DynamosError):
-    """Building an update package failed (compiler error, missing headers...)."""
+    """Building an update package failed (compiler error, missing headers...). ``code``, when the
+    raiser knows it, says why in the vocabulary of ``dynamos.builder.refusals`` (``build --to``
+    reports it per file); None leaves it to ``refusals.code_of``."""
 
     exit_status = 4
+
+    def __init__(self, message: str, *, path: Path | str | None = None, line: int | None = None,
+                 code: str | None = None):
+        self.code = code
+        super().__init__(message, path=path, line=line)
 
 
 class RefusedError(DynamosError):

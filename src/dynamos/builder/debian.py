@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dynamos.builder.patch import build_from_texts
+from dynamos.builder.refusals import ACCEPTED_CODES, CODES, OTHER_CODES, Refusal  # noqa: F401 (re-exported)
 from dynamos.builder.signing import Signer
 from dynamos.builder.unitsof import module_of, translation_units_of
 from dynamos.errors import BuildError, TargetError
@@ -50,12 +51,9 @@ from dynamos.target.source import (
 # (original and patched) at about 5-15 s on 2 cores, so 20 units keep a build within minutes.
 DEFAULT_MAX_UNITS = 20
 
-# Reason codes: issue 10's closed list of acceptable refusals, then the others (which count
-# against the coverage target).
-ACCEPTED_CODES = ("changed-layout", "changed-initialiser", "init-exit", "assembly", "build-file", "notrace", "vdso",
-                  "header-reach")
-OTHER_CODES = ("new-file", "removed-file", "not-kernel-code", "not-built", "build-failed", "fidelity", "other")
 
+# The reason codes (issue 10's closed list of acceptable refusals, ACCEPTED_CODES, then the others,
+# which count against the coverage target) are builder/refusals.py's, shared with the builder.
 CARRIED, REFUSED, NOT_BUILT = "carried", "refused", "not-built"
 
 # Top-level directories whose files never become kernel code.
@@ -163,26 +161,6 @@ def path_reason(code: str) -> str:
         if c == code:
             return reason
     return {"not-kernel-code": "not part of the kernel's code (documentation, tools, scripts)"}.get(code, code)
-
-
-def reason_code(message: str) -> str:
-    """The reason code of a builder refusal message."""
-    text = message.lower()
-    if "__init" in text or "__exit" in text or ".init." in text or ".exit." in text:
-        return "init-exit"
-    if "notrace" in text or "noinstr" in text:
-        return "notrace"
-    if "changes size" in text or "layout" in text:
-        return "changed-layout"
-    if "different initial value" in text or "data changed" in text:
-        return "changed-initialiser"
-    if "fidelity" in text or "differs from the kernel" in text or "does not match" in text:
-        return "fidelity"
-    if "not found under" in text or "does not build it" in text:
-        return "not-built"
-    if "failed" in text or "error" in text:
-        return "build-failed"
-    return "other"
 
 
 _TYPE_START_RE = re.compile(r"^\s*(typedef\s+)?(struct|union|enum)\b[^;()=]*\{")
@@ -391,15 +369,23 @@ def update_name(to: str) -> str:
     return "linux-" + re.sub(r"[^a-z0-9]+", "-", to.lower()).strip("-")
 
 
+def check_versions(target: TargetKernel, to: str, known_versions: list[str] | None = None) -> tuple[str, str]:
+    """(source package, version the kernel's image runs) once ``to`` is known to be a later version
+    the archive has; refused otherwise. Cheap and prints nothing, so a front end calls it before
+    anything else: a bad ``--to`` is then the first and only thing a user reads."""
+    package = source_package(target.release)
+    running = debian_version(target)  # the image's version: a second build --to starts here again
+    check_to_version(running, to, archive_versions(package) if known_versions is None else known_versions, package)
+    return package, running
+
+
 def build_to(target: TargetKernel, to: str, *, output: Path | None, max_units: int = DEFAULT_MAX_UNITS,
              progress: Callable[[str], None] | None = None, signer: Signer | None = None,
              known_versions: list[str] | None = None) -> ToBuild:
     """Build one cumulative update from the Debian version ``target`` runs to ``to``."""
     say = progress or (lambda _m: None)
     started = time.monotonic()
-    package = source_package(target.release)
-    running = debian_version(target)  # the image's version: a second build --to starts here again
-    check_to_version(running, to, archive_versions(package) if known_versions is None else known_versions, package)
+    package, running = check_versions(target, to, known_versions)
     source = prepare_source(target, say)
     newer = version_tree(package, to, say)
     with tree_lock(target.release, shared=True):
@@ -474,8 +460,9 @@ def build_changes(target: TargetKernel, running: str, to: str, changes: list[Cha
     package_path = None
     build = None
     if touching:
-        def annotate(dropped: dict[str, str], skipped: list[str]) -> tuple[dict[str, object], dict[str, object]]:
-            _settle(results, dropped, skipped)
+        def annotate(dropped: dict[str, Refusal], skipped: list[str],
+                     not_including: dict[str, list[str]]) -> tuple[dict[str, object], dict[str, object]]:
+            _settle(results, dropped, skipped, not_including)
             left = not_carried(results.values())
             cves = [] if left else mentioned
             extra: dict[str, object] = {"version": to, **({"cves": cves} if cves else {})}
@@ -489,29 +476,46 @@ def build_changes(target: TargetKernel, running: str, to: str, changes: list[Cha
                                  description=f"Debian {package} {running} -> {to}{partial_note}",
                                  output=output, progress=say, signer=signer, tolerant=True, replace_earlier=True,
                                  annotate=annotate)
-        _settle(results, build.dropped, build.skipped)
+        _settle(results, build.dropped, build.skipped, build.not_including, build.includes)
         package_path = build.package_path
         if package_path is None:
             for r in results.values():
                 if r.status == CARRIED:
-                    r.status, r.code, r.reason = NOT_BUILT, "no-code-change", "no function's code changed"
+                    r.status, r.code = NOT_BUILT, "no-code-change"
+                    r.reason = "; ".join(["no function's code changed", *([r.reason] if r.reason else [])])
     files = sorted(results.values(), key=lambda r: r.path)
     return ToBuild(package, running, to, files, entries, mentioned, package_path,
                    round(time.monotonic() - started, 3), build.explain() if build else [])
 
 
-def _settle(results: dict[str, FileResult], dropped: dict[str, str], skipped: list[str]) -> None:
-    """A file's status from its units': refused when one was dropped, not built when all were skipped."""
+def _settle(results: dict[str, FileResult], dropped: dict[str, Refusal], skipped: list[str],
+            not_including: dict[str, list[str]] | None = None, includes: dict[str, list[str]] | None = None) -> None:
+    """A file's status from its units': refused when one was dropped, not built when all were skipped
+    or do not include it. A header's reason says how many of its candidate units (the static scan's)
+    the compiler's dependency output confirmed (``includes``) and how many do not include it under
+    this config (``not_including``)."""
+    not_including, includes = not_including or {}, includes or {}
     for res in results.values():
         if res.status != CARRIED or not res.units:
             continue
+        absent = [u for u in res.units if res.path in not_including.get(u, ())]
+        confirmed = sum(res.path in includes.get(u, ()) for u in res.units)
+        skip = [u for u in res.units if u in skipped and u not in absent]
+        notes = []
+        if res.units != [res.path]:  # reached through includes: the candidates were a static scan's
+            notes.append(f"the compiler confirmed {confirmed} of {len(res.units)} candidate unit(s)"
+                         + (f"; {len(absent)} {'does' if len(absent) == 1 else 'do'} not include it under this config"
+                            if absent else ""))
+        if skip:
+            notes.append(f"{len(skip)} of its units not built by this config")
         bad = [(u, dropped[u]) for u in res.units if u in dropped]
         if bad:
-            res.status, res.code = REFUSED, reason_code(bad[0][1])
-            res.reason = "; ".join(f"{u}: {why}" for u, why in bad)
+            res.status, res.code = REFUSED, bad[0][1].code
+            res.reason = "; ".join(f"{u}: {why.message}" for u, why in bad)
             if res.code == "not-built":
                 res.status = NOT_BUILT
-        elif all(u in skipped for u in res.units):
-            res.status, res.code, res.reason = NOT_BUILT, "not-built", "no unit that includes it is built"
-        elif any(u in skipped for u in res.units):
-            res.reason = f"{sum(u in skipped for u in res.units)} of its units not built by this config"
+        elif len(absent) + len(skip) == len(res.units):
+            res.status, res.code = NOT_BUILT, "not-built"
+            res.reason = "; ".join(["no unit that includes it under this config is built", *notes])
+        else:
+            res.reason = "; ".join(notes)

@@ -32,11 +32,12 @@ from dynamos.builder.linemap import stabilise_lines
 from dynamos.builder.modkeys import KeySite
 from dynamos.builder.modsyms import OtherModules
 from dynamos.builder.objdiff import DiffResult, align_statics, diff_objects, read_object
+from dynamos.builder.refusals import FIDELITY, NOT_BUILT, Refusal, code_of, first_unaccepted
 from dynamos.builder.signing import Signer
 from dynamos.builder.statics import StaticLocals, resolve_static_locals
 from dynamos.builder.units import compile_original, compile_unit
 from dynamos.builder.unitsof import module_of, translation_units_of
-from dynamos.errors import BuildError, DynamosError, UpdateSourceError
+from dynamos.errors import BuildError, DynamosError, TargetError, UpdateSourceError
 from dynamos.lab.kallsyms import lab_symbol_table
 from dynamos.target import TargetKernel, cache_root
 from dynamos.target.images import KernelText, kernel_text
@@ -82,12 +83,21 @@ class PatchBuild:
     seconds: float
     phases: dict[str, float]
     skipped: list[str] = field(default_factory=list)  # units including a patched header, not built in
-    dropped: dict[str, str] = field(default_factory=dict)  # unit -> why it was left out (tolerant builds)
+    dropped: dict[str, Refusal] = field(default_factory=dict)  # unit -> why it was left out (tolerant builds)
+    # Candidate units checked against the compiler's dependency output of their original compile:
+    # unit -> the patched files (other than itself) it read, and unit -> those it did not read under
+    # the target's config (an #include in an #ifdef of an option the config leaves unset). A unit
+    # that read none of them is skipped without compiling its patched side.
+    includes: dict[str, list[str]] = field(default_factory=dict)
+    not_including: dict[str, list[str]] = field(default_factory=dict)
 
     def explain(self) -> list[str]:
         """Per function, why it is in the update; per refused change, why it cannot be."""
         lines = [f"{path}: includes a patched file but is not built into the target: skipped" for path in self.skipped]
-        lines += [f"{path}: LEFT OUT of the update: {why}" for path, why in self.dropped.items()]
+        lines += [f"{path}: does not include {', '.join(files)} under the target's config (the compiler's "
+                  f"dependency output)" + ("" if path in self.includes else ": skipped")
+                  for path, files in self.not_including.items()]
+        lines += [f"{path}: LEFT OUT of the update ({why.code}): {why.message}" for path, why in self.dropped.items()]
         for unit in self.units:
             via = [t for t in unit.touched if t != unit.path]
             lines.append(f"{unit.path}:" + (f" (includes {', '.join(via)})" if via else ""))
@@ -113,8 +123,10 @@ class PatchBuild:
         return lines
 
 
-# (dropped units with why, skipped units) -> (update table additions, manifest debian table)
-Annotate = Callable[[dict[str, str], list[str]], tuple[dict[str, object], dict[str, object] | None]]
+# (dropped units with why, skipped units, units not including patched files) -> (update table additions,
+# manifest debian table)
+Annotate = Callable[[dict[str, Refusal], list[str], dict[str, list[str]]],
+                    tuple[dict[str, object], dict[str, object] | None]]
 
 _HUNK_RE = re.compile(r"^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
 # Lines outside hunks from which GNU patch may take a file name: each such name is checked.
@@ -273,7 +285,8 @@ def build_from_texts(patched: dict[str, bytes], touching: dict[str, list[str]], 
     (its reason in ``PatchBuild.dropped``) instead of stopping the build; with no unit left, no
     package is written. ``extra`` is merged into the update table (version, cves); ``debian`` is the
     Debian versions and changelog an update built by ``build --to`` corresponds to (manifest key);
-    ``annotate``, given the dropped and skipped units, returns them once the units are known.
+    ``annotate``, given the dropped and skipped units and those that do not include the patched
+    files, returns them once the units are known.
     """
     say = progress or (lambda _m: None)
     started = time.monotonic() if started is None else started
@@ -289,7 +302,9 @@ def build_from_texts(patched: dict[str, bytes], touching: dict[str, list[str]], 
 
     work = cache_root() / "builds" / f"patch-{update_name}-{target.release}"
     units: list[UnitReport] = []
-    dropped: dict[str, str] = {}
+    dropped: dict[str, Refusal] = {}
+    includes: dict[str, list[str]] = {}
+    not_including: dict[str, list[str]] = {}
     with build_lock(work):
         shutil.rmtree(work, ignore_errors=True)
         (work / "objects").mkdir(parents=True)
@@ -302,20 +317,25 @@ def build_from_texts(patched: dict[str, bytes], touching: dict[str, list[str]], 
             try:
                 report = _compile_and_diff(source, unit, {rel: patched[rel] for rel in touched}, work, target,
                                            symtab, image_text, say, obj,
-                                           optional=all(rel.endswith(".h") for rel in touched))
+                                           optional=all(rel.endswith(".h") for rel in touched),
+                                           includes=includes, not_including=not_including)
             except DynamosError as e:
                 if not tolerant:
                     raise
-                dropped[unit] = str(e)
+                dropped[unit] = Refusal(code_of(e), str(e))
                 continue
-            if report is None:
+            if report is None and unit in not_including and unit not in includes:
+                say(f"{unit}: the compiler's dependency output shows it does not include "
+                    f"{', '.join(not_including[unit])} under {target.release}'s config: skipped")
+            elif report is None:
                 skipped.append(unit)
                 say(f"{unit} includes {', '.join(touched)} but is not built into {target.release}: skipped")
             else:
                 report.directives = apply_directives(
                     report.diff, (work / "objects" / _obj_name(unit, "patched")).read_bytes(), unit)
                 if tolerant and report.diff.refused:
-                    dropped[unit] = "; ".join(f"{r.name}: {r.reason}" for r in report.diff.refused)
+                    dropped[unit] = Refusal(first_unaccepted([r.code for r in report.diff.refused]),
+                                            "; ".join(f"{r.name}: {r.reason}" for r in report.diff.refused))
                     continue
                 units.append(report)
         phases["compile+diff"] = round(time.monotonic() - t, 3)
@@ -326,7 +346,7 @@ def build_from_texts(patched: dict[str, bytes], touching: dict[str, list[str]], 
         if not any(u.diff.changed or u.diff.new for u in units):
             if tolerant:
                 return PatchBuild(update_name, None, units, [], round(time.monotonic() - started, 3), phases,
-                                  skipped, dropped)
+                                  skipped, dropped, includes, not_including)
             raise BuildError("the patch changes no function's code (comments, or line numbers only?)", path=origin)
         if update_name.replace("-", "_") in {u.object for u in units}:
             # The update's module would carry the patched module's name: livepatch would take the update
@@ -361,7 +381,7 @@ def build_from_texts(patched: dict[str, bytes], touching: dict[str, list[str]], 
             except DynamosError as e:
                 if not tolerant:
                     raise
-                dropped[unit.path] = str(e)
+                dropped[unit.path] = Refusal(code_of(e), str(e))
                 continue
             kept_units.append(unit)
             functions += unit_functions
@@ -376,11 +396,11 @@ def build_from_texts(patched: dict[str, bytes], touching: dict[str, list[str]], 
         if not functions:
             if tolerant:
                 return PatchBuild(update_name, None, units, [], round(time.monotonic() - started, 3), phases,
-                                  skipped, dropped)
+                                  skipped, dropped, includes, not_including)
             raise BuildError("the patch changes no function's code (comments, or line numbers only?)", path=origin)
         hooks = callback_hooks(with_callbacks, list(dict.fromkeys(str(f["object"]) for f in functions)))
         if annotate is not None:
-            extra, debian = annotate(dropped, skipped)
+            extra, debian = annotate(dropped, skipped, not_including)
         table: dict[str, object] = {"name": update_name, "description": description,
                                     **({"replace": True} if replace_earlier else {}), **(extra or {})}
         update = compiled_update_source({"update": table, "function": functions, **({"hooks": hooks} if hooks else {})},
@@ -399,7 +419,7 @@ def build_from_texts(patched: dict[str, bytes], touching: dict[str, list[str]], 
         package_path = write_package_of(Path(output), update, target, linked, signer)
         say(f"wrote {package_path}")
     return PatchBuild(update_name, package_path, units, linked.klp_symbols, round(time.monotonic() - started, 3),
-                      phases, skipped, dropped)
+                      phases, skipped, dropped, includes, not_including)
 
 
 def _obj_name(rel: str, kind: str) -> str:
@@ -408,11 +428,15 @@ def _obj_name(rel: str, kind: str) -> str:
 
 def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes], work: Path, target: TargetKernel,
                       symtab: SymbolTable, text: KernelText, say: Callable[[str], None], obj: str,
-                      optional: bool = False) -> UnitReport | None:
+                      optional: bool = False, includes: dict[str, list[str]] | None = None,
+                      not_including: dict[str, list[str]] | None = None) -> UnitReport | None:
     """Compile unit ``rel`` as shipped (checked against the target) and with ``patched`` files.
 
     An ``optional`` unit (one a patched header reached) that the target does not build (it does
     not compile under the target's config, or none of its functions is in the kernel) gives None.
+    The original compile's dependency output confirms which patched files the unit really reads
+    (recorded in ``includes`` and ``not_including``); one that reads none of them gives None too,
+    without compiling its patched side: the static scan of #include lines sees no #ifdef.
     """
     unit = rel.removesuffix(".c") + ".o"
     stable = {}
@@ -431,19 +455,38 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes],
     times["original"] = round(time.monotonic() - t, 3)
     if orig.cached:
         say(f"{rel}: the original object an earlier build compiled is reused")
+    if orig.deps is not None:
+        read = set(orig.deps)
+        others = sorted(p for p in patched if p != rel)
+        absent = [p for p in others if p not in read]
+        if absent and not_including is not None:
+            not_including[rel] = absent
+        if others and includes is not None and len(absent) < len(others):
+            includes[rel] = [p for p in others if p in read]
+        if absent and len(absent) == len(patched):
+            return None  # it reads none of the patched files: the same object either way
+        patched = {p: v for p, v in patched.items() if p not in absent}
+        stable = {p: v for p, v in stable.items() if p not in absent}
     t = time.monotonic()
     if obj == VMLINUX:
         say(f"checking {rel} against the kernel's own text")
         fidelity = check_fidelity(orig.object_path, target, symtab, text=text)
     else:
         say(f"checking {rel} against the shipped module {obj}")
-        symtab, module_text = module_image(target.module_path(obj).read_bytes(), obj)
+        try:
+            shipped = target.module_path(obj)
+        except TargetError as e:
+            if optional:
+                return None
+            raise BuildError(f"{rel}: {e}: the target does not build it", code=NOT_BUILT) from e
+        symtab, module_text = module_image(shipped.read_bytes(), obj)
         fidelity = check_fidelity(orig.object_path, target, symtab, text=module_text,
                                   against=f"module {obj} of kernel {target.release}")
     if fidelity.functions and len(fidelity.absent) == len(fidelity.functions):
         if optional:
             return None
-        raise BuildError(f"{rel}: none of its functions is in {fidelity.against}: the target does not build it")
+        raise BuildError(f"{rel}: none of its functions is in {fidelity.against}: the target does not build it",
+                         code=NOT_BUILT)
     fidelity.raise_on_mismatch()  # wrong source, config or compiler: nothing built on it holds
     resolved = fidelity.resolved
     times["fidelity"] = round(time.monotonic() - t, 3)
@@ -490,7 +533,7 @@ class _Sympos:
             if local and name in self.unit.resolved:
                 return self.unit.resolved[name]  # the fidelity check found this file's copy
             raise BuildError(f"{self.unit.path}: {count} symbols of module {self.unit.object} are named "
-                             f"{name} and the fidelity check could not tell which one this file's is")
+                             f"{name} and the fidelity check could not tell which one this file's is", code=FIDELITY)
         candidates = self.symtab.lookup(name)
         if not candidates:
             raise BuildError(f"{self.unit.path}: {name} is used by the changed code but the kernel has no such "
@@ -503,7 +546,7 @@ class _Sympos:
         if not local and len(globals_) == 1:
             return self.symtab.sympos(globals_[0])  # a global, with file-local namesakes elsewhere
         raise BuildError(f"{self.unit.path}: {len(candidates)} kernel symbols are named {name} and the "
-                         f"fidelity check could not tell which one this file's is")
+                         f"fidelity check could not tell which one this file's is", code=FIDELITY)
 
 
 def _resolver(unit: str, others: OtherModules, sympos: _Sympos):

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dynamos.builder.refusals import BUILD_FAILED
 from dynamos.errors import BuildError
 from dynamos.target.make import error_lines
 from dynamos.target.source import (
@@ -49,6 +50,9 @@ class CompiledUnit:
     command: list[str] = field(default_factory=list)
     log: str = ""
     cached: bool = False  # an original compiled by an earlier build, from the tree's object cache
+    # The files the compiler read for it (its -MMD output, as fixdep records it in the .o.cmd file),
+    # relative to the tree; None when Kbuild left no record.
+    deps: tuple[str, ...] | None = None
 
 
 def _resolve_unit(source: KernelSource, relpath: str) -> tuple[str, str]:
@@ -114,6 +118,7 @@ def compile_unit(source: KernelSource, relpath: str, out: Path, *, text: bytes |
             status, log = run_make(cmd, cmd_settings, say, f"compiling {kind}")
             if status != 0 or not obj_path.is_file():
                 raise _compile_error(log, [src_rel, *replaced], kind, source.release, status)
+            deps = read_dependencies(obj_path, source.tree)
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(obj_path, out)
         finally:
@@ -127,14 +132,16 @@ def compile_unit(source: KernelSource, relpath: str, out: Path, *, text: bytes |
                 if leftover.is_file() or leftover.is_symlink():
                     leftover.unlink()
     return CompiledUnit(object_path=out, source_path=src_rel, patched=bool(replaced),
-                        seconds=time.monotonic() - started, command=cmd, log=log)
+                        seconds=time.monotonic() - started, command=cmd, log=log, deps=deps)
 
 
 def compile_original(source: KernelSource, relpath: str, out: Path, *,
                      progress: Callable[[str], None] | None = None) -> CompiledUnit:
     """The unpatched unit, compiled once per prepared tree: the tree is restored after every
     patched compile, so its original object never changes, and a rebuild of a patch (a fix to a
-    fix) compiles only the patched side. Kept with the tree, so dropping the tree drops them."""
+    fix) compiles only the patched side. Kept with the tree, so dropping the tree drops them.
+    Its dependency list is kept next to it (``.deps``); an object cached without one (by an older
+    dynamos) is compiled again once, so a cached original always says which files it read."""
     src_rel, obj_rel = _resolve_unit(source, relpath)
     out = Path(out)
     if out.is_dir():
@@ -145,16 +152,77 @@ def compile_original(source: KernelSource, relpath: str, out: Path, *,
         key = hashlib.sha256(b"%d\0%s\0%s" % ((root / READY).stat().st_mtime_ns, (root / SETTINGS).read_bytes(),
                                                 " ".join(DEFAULT_EXTRA_CFLAGS).encode())).hexdigest()[:16]
         cached = root / ORIGINALS / f"{obj_rel.replace('/', '__')}-{key}.o"
-        if cached.is_file():
+        deps_file = cached.with_suffix(".deps")
+        if cached.is_file() and deps_file.is_file():
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(cached, out)
-            return CompiledUnit(object_path=out, source_path=src_rel, patched=False, seconds=0.0, cached=True)
+            return CompiledUnit(object_path=out, source_path=src_rel, patched=False, seconds=0.0, cached=True,
+                                deps=tuple(deps_file.read_text().splitlines()))
     unit = compile_unit(source, relpath, out, progress=progress)
     cached.parent.mkdir(exist_ok=True)
+    if unit.deps is not None:  # first the list, then the object: an object in the cache has its list
+        tmp = deps_file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text("".join(f"{d}\n" for d in unit.deps))
+        os.replace(tmp, deps_file)
     tmp = cached.with_suffix(f".tmp{os.getpid()}")
     shutil.copyfile(out, tmp)
     os.replace(tmp, cached)
     return unit
+
+
+def read_dependencies(obj_path: Path, tree: Path) -> tuple[str, ...] | None:
+    """What the compiler read to make ``obj_path``: Kbuild compiles with ``-Wp,-MMD,.x.o.d`` and
+    fixdep turns that file into ``.x.o.cmd`` (removing the ``.d``); either is read, the ``.cmd``
+    first. None when neither exists."""
+    for name in (f".{obj_path.name}.cmd", f".{obj_path.name}.d"):
+        path = obj_path.with_name(name)
+        if path.is_file():
+            return parse_dependencies(path.read_text(errors="surrogateescape"), tree)
+    return None
+
+
+_DEPS_START_RE = re.compile(r"^(?:deps_\S+\s*:=|[^\s:$][^:]*:(?!=))(.*)$")
+
+
+def parse_dependencies(text: str, tree: Path) -> tuple[str, ...]:
+    """The files of a dependency record, relative to ``tree``, in order, each once.
+
+    Two forms: the compiler's make rule (``x.o: x.c a.h \\``) and fixdep's ``.cmd`` file, whose
+    ``deps_x.o := \\`` list holds the files and ``$(wildcard include/config/...)`` entries for the
+    options the sources test (those are not files the compiler read, so they are left out), and
+    whose ``source_x.o :=`` line names the unit itself.
+    """
+    files: list[str] = []
+    fixdep = any(line.startswith("deps_") for line in text.splitlines())
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        m = re.match(r"^source_\S+\s*:=\s*(\S+)", line) if fixdep else None
+        if m:
+            files.append(m.group(1))
+        start = _DEPS_START_RE.match(line) if (not fixdep or line.startswith("deps_")) else None
+        i += 1
+        if start is None:
+            continue
+        body = [start.group(1)]
+        while body[-1].rstrip().endswith("\\") and i < len(lines):
+            body[-1] = body[-1].rstrip()[:-1]
+            body.append(lines[i])
+            i += 1
+        words = re.sub(r"\$\(wildcard [^)]*\)", " ", " ".join(body)).replace("\\ ", "\0").split()
+        files += [w.replace("\0", " ") for w in words]
+        if not fixdep:
+            break  # the compiler writes one rule (with -MP, empty rules for headers follow: not more files)
+    root = str(tree).rstrip("/") + "/"
+    out: dict[str, None] = {}
+    for f in files:
+        if f.startswith(root):
+            f = f[len(root):]
+        elif f.startswith("/"):
+            continue  # outside the tree: the compiler's own headers
+        out[os.path.normpath(f)] = None
+    return tuple(out)
 
 
 def _compile_error(log: str, files: Sequence[str], kind: str, release: str, status: int) -> BuildError:
@@ -167,4 +235,4 @@ def _compile_error(log: str, files: Sequence[str], kind: str, release: str, stat
             break
     what = "failed" if status != 0 else "produced no object"
     return BuildError(f"compiling the {kind} {files[0]} for kernel {release} {what}:\n" + "\n".join(errors),
-                      path=path, line=line)
+                      path=path, line=line, code=BUILD_FAILED)

@@ -92,12 +92,16 @@ def _build_patch(args: argparse.Namespace, target, output: Path, progress: Progr
 
 
 def _build_to(args: argparse.Namespace, target, output: Path, progress: ProgressPrinter) -> int:
-    from dynamos.builder.debian import DEFAULT_MAX_UNITS, build_to
+    from dynamos.builder.debian import DEFAULT_MAX_UNITS, build_to, check_versions
+    from dynamos.target.debversion import archive_versions
+    from dynamos.target.source import source_package
 
     if not output.is_dir():
         raise UsageError(f"build --to: -o {output} must be an existing directory")
+    known = archive_versions(source_package(target.release))
+    check_versions(target, args.to, known)  # a bad --to is refused before anything else is printed
     result = build_to(target, args.to, output=output, max_units=args.max_units or DEFAULT_MAX_UNITS,
-                      progress=progress, signer=_signer(args))
+                      progress=progress, signer=_signer(args), known_versions=known)
     if args.json:
         failed = {} if result.package_path else {"exit_status": 4, "error": "nothing could be carried: no package"}
         print_json({"ok": result.package_path is not None, **failed, "kernel": target.release, **result.to_json()})

@@ -24,10 +24,11 @@ from dynamos.builder.debian import (
     header_changes_types,
     parse_diff_brief,
     path_refusal,
-    reason_code,
     update_name,
 )
-from dynamos.errors import RefusedError
+from dynamos.builder.refusals import ACCEPTED_CODES, CODES, OTHER_CODES, Refusal, code_of, first_unaccepted
+from dynamos.builder.units import _compile_error
+from dynamos.errors import BuildError, RefusedError, TargetError
 from dynamos.kernel.results import KernelStatus, UpdateStatus
 from dynamos.target import TargetKernel
 from dynamos.target.debversion import (
@@ -156,16 +157,21 @@ def test_files_decided_by_their_path(path: str, decided: tuple[str, str] | None)
     assert path_refusal(path) == decided
 
 
-@pytest.mark.parametrize(("message", "code"), [
-    ("x_init: __init: runs only at boot or module load; x_init is in .init.text", "init-exit"),
-    ("not traceable (notrace): f has no __fentry__ call", "notrace"),
-    ("data changed: global variable tbl changes size from 8 to 16 bytes", "changed-layout"),
-    ("data changed: static variable limit has a different initial value", "changed-initialiser"),
-    ("module foo not found under /lib/modules", "not-built"),
-    ("something unexpected", "other"),
-])
-def test_reason_codes_of_builder_refusals(message: str, code: str) -> None:
-    assert reason_code(message) == code
+def test_a_builder_error_carries_its_code_and_one_without_gets_a_sensible_one() -> None:
+    assert code_of(BuildError("anything at all", code="fidelity")) == "fidelity"
+    assert code_of(BuildError("module foo is not found, the build failed")) == "other"  # no guessing from words
+    # the one fallback kept until the DWARF layout check sets its code
+    assert code_of(BuildError("fs/a.c: struct req changes layout")) == "changed-layout"
+    assert code_of(TargetError("module foo not found under /lib/modules")) == "other"
+    assert first_unaccepted(["init-exit", "fidelity", "notrace"]) == "fidelity"
+    assert first_unaccepted(["notrace", "init-exit"]) == "notrace"
+    assert set(CODES) == set(ACCEPTED_CODES) | set(OTHER_CODES) and len(CODES) == len(set(CODES))
+
+
+def test_a_compile_failure_is_coded_build_failed() -> None:
+    log = "$ make\nfs/a.c:12:5: error: 'x' undeclared (first use in this function)\n"
+    error = _compile_error(log, ["fs/a.c"], "patched", "6.1.0-56-amd64", 2)
+    assert error.code == "build-failed" and (error.path, error.line) == (Path("fs/a.c"), 12)
 
 
 HEADER = """#ifndef X_H
@@ -235,11 +241,29 @@ def test_a_files_status_follows_its_units() -> None:
     results = {p: FileResult(p, "modified", CARRIED, units=u) for p, u in (
         ("fs/a.c", ["fs/a.c"]), ("include/h.h", ["fs/a.c", "fs/b.c"]), ("fs/c.c", ["fs/c.c"]),
         ("fs/d.h", ["fs/d.c"]), ("fs/e.c", ["fs/e.c"]))}
-    _settle(results, {"fs/a.c": "data changed: static variable x has a different initial value",
-                      "fs/e.c": "module e not found under /lib/modules"}, ["fs/b.c", "fs/d.c"])
+    _settle(results, {"fs/a.c": Refusal("changed-initialiser", "data changed: static variable x has a different "
+                                                               "initial value"),
+                      "fs/e.c": Refusal("not-built", "fs/e.c: module e not found under /lib/modules")},
+            ["fs/b.c", "fs/d.c"])
     got = {p: (r.status, r.code) for p, r in results.items()}
     assert got == {"fs/a.c": (REFUSED, "changed-initialiser"), "include/h.h": (REFUSED, "changed-initialiser"),
                    "fs/c.c": (CARRIED, ""), "fs/d.h": (NOT_BUILT, "not-built"), "fs/e.c": (NOT_BUILT, "not-built")}
+
+
+def test_a_headers_reason_counts_the_candidates_the_compiler_confirmed() -> None:
+    results = {p: FileResult(p, "modified", CARRIED, units=u) for p, u in (
+        ("include/a.h", ["fs/a.c", "fs/b.c", "fs/c.c"]), ("include/n.h", ["fs/a.c", "fs/b.c"]),
+        ("fs/a.c", ["fs/a.c"]))}
+    includes = {"fs/a.c": ["include/a.h"], "fs/c.c": ["include/a.h"]}
+    not_including = {"fs/a.c": ["include/n.h"], "fs/b.c": ["include/a.h", "include/n.h"]}
+    _settle(results, {}, [], not_including, includes)
+    a, n, c = results["include/a.h"], results["include/n.h"], results["fs/a.c"]
+    assert (a.status, a.reason) == (CARRIED, "the compiler confirmed 2 of 3 candidate unit(s); 1 does not include it "
+                                             "under this config")
+    assert (n.status, n.code) == (NOT_BUILT, "not-built")
+    assert n.reason == ("no unit that includes it under this config is built; the compiler confirmed 0 of 2 "
+                        "candidate unit(s); 2 do not include it under this config")
+    assert (c.status, c.reason) == (CARRIED, "")  # a .c file is its own unit: nothing to confirm
 
 
 def test_a_partial_update_claims_no_cve() -> None:

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from dynamos import cli
 from dynamos.builder.debian import CARRIED, NOT_BUILT, REFUSED, Change, build_changes
+from dynamos.builder.units import compile_original
 from dynamos.target.debversion import parse_changelog
 from dynamos.target.source import prepare_source
 from dynamos.update.package import read_package
@@ -61,3 +65,49 @@ def test_each_kind_of_change_classified_and_the_rest_carried(target, tmp_path: P
     assert pkg.debian == {"package": "linux-source-6.1", "from": "6.1.192-2", "to": "6.1.192-9", "partial": True,
                           "not_carried": sorted(p for p, (s, _c) in got.items() if s == REFUSED),
                           "changelog": [entries[0].to_text()], "cves_mentioned": ["CVE-2099-0001"]}
+
+
+@pytest.mark.parametrize(("to", "words"), [
+    ("6.1.192-1", "is older than the version the kernel runs"),
+    ("7.0-1", "the archive has no linux-source-6.1 of that version; it has 6.1.192-3"),
+])
+def test_cli_refuses_a_bad_to_version_before_printing_anything_else(target, tmp_path: Path, to: str, words: str,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The refusal comes before the signer line (or any progress): it is all the user reads."""
+    status = cli.main(["build", "--to", to, "--kernel", target.release, "-o", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert status == 5 and out == ""
+    assert err.splitlines() == [err.splitlines()[0]] and err.startswith(f"dynamos: error: --to {to}") and words in err
+    assert "Traceback" not in err and not list(tmp_path.iterdir())
+
+
+def test_a_headers_candidates_are_confirmed_by_the_compilers_dependency_output(target, tmp_path: Path) -> None:
+    """include/linux/toshiba.h: the static scan finds three units; neofb.c includes it only under
+    CONFIG_TOSHIBA, which Debian's amd64 config leaves unset, so its original compile does not read
+    it and its patched side is never compiled. toshiba_acpi.c really includes it and is compiled."""
+    header, real, guarded = "include/linux/toshiba.h", "drivers/platform/x86/toshiba_acpi.c", \
+        "drivers/video/fbdev/neofb.c"
+    tree = prepare_source(target).tree
+    text = (tree / header).read_text()
+    said: list[str] = []
+    result = build_changes(target, "6.1.192-2", "6.1.192-9", [Change(header, "modified")],
+                           {header: text.replace("#include <uapi", "/* dynamos */\n#include <uapi").encode()
+                            }.__getitem__, [], output=tmp_path, progress=said.append)
+    (res,) = result.files
+    assert set(res.units) >= {real, guarded}, res.units
+    assert (res.status, res.code) == (NOT_BUILT, "no-code-change"), res  # a comment: no code changed
+    assert "1 does not include it under this config" in res.reason and "the compiler confirmed" in res.reason
+    assert f"{guarded}: does not include {header} under the target's config (the compiler's dependency " \
+           "output): skipped" in result.explain
+    assert f"compiling {real} (patched)" in said
+    assert f"compiling {guarded} (patched)" not in said
+
+
+def test_a_cached_original_keeps_its_dependency_list(target, tmp_path: Path) -> None:
+    """The second build of a unit takes its original from the cache: the list comes with it."""
+    source = prepare_source(target)
+    first = compile_original(source, "drivers/platform/x86/toshiba_acpi.c", tmp_path / "a.o")
+    again = compile_original(source, "drivers/platform/x86/toshiba_acpi.c", tmp_path / "b.o")
+    assert again.cached and again.deps == first.deps
+    assert again.deps is not None and "include/linux/toshiba.h" in again.deps
+    assert "drivers/platform/x86/toshiba_acpi.c" in again.deps

@@ -349,6 +349,7 @@ def test_a_changed_byte_stops_the_build_naming_the_function(units: dict[str, byt
     with pytest.raises(BuildError, match=r"use_a: differs.*") as caught:
         report.raise_on_mismatch()
     assert "wrong source, config or compiler" in str(caught.value)
+    assert caught.value.code == "fidelity"  # what build --to reports for the file
 
 
 def _file_offset(data: bytes, section: str) -> int:

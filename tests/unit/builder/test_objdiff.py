@@ -448,3 +448,16 @@ def test_not_an_object_is_a_build_error(tmp_path: Path) -> None:
         read_object(b"not an elf file at all, just text" * 4)
     with pytest.raises(BuildError, match="cannot read object"):
         read_object(tmp_path / "missing.o")
+
+
+@pytest.mark.parametrize(("old", "new", "name", "code"), [
+    ("static int limit = 10;", "static int limit = 20;", "limit", "changed-initialiser"),
+    ("int counter_table[4] = {1, 2, 3, 4};", "int counter_table[8] = {1, 2, 3, 4};", "counter_table",
+     "changed-layout"),
+    ("setting up", "setting up, patched", "setup_thing", "init-exit"),
+    ("return x * 5;", "return x * 6;", "fast_path", "notrace"),
+])
+def test_each_diff_refusal_carries_its_code(tmp_path: Path, old: str, new: str, name: str, code: str) -> None:
+    """The code is set where the diff refuses, so build --to never reads it back from the message."""
+    result = diff(tmp_path, BASE, patch(BASE, old, new))
+    assert [r.code for r in result.refused if r.name == name] == [code]

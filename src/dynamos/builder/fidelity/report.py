@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from dynamos.builder.fidelity.compare import Comparison
+from dynamos.builder.refusals import FIDELITY
 from dynamos.errors import BuildError
 
 
@@ -161,4 +162,5 @@ class FidelityReport:
             return
         lines = [f.describe() for f in self.mismatches]
         raise BuildError(f"fidelity check failed: {len(lines)} function(s) of {self.unit} differ from "
-                         f"{self.against} (wrong source, config or compiler):\n  " + "\n  ".join(lines[:20]))
+                         f"{self.against} (wrong source, config or compiler):\n  " + "\n  ".join(lines[:20]),
+                         code=FIDELITY)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from dynamos.builder.elf import CARRIED_WRITABLE_SECTIONS, DEFAULT_RULE, Handling, section_rule
 from dynamos.builder.objdiff.align import align_statics
 from dynamos.builder.objdiff.normalise import DataItem, Function, ObjectInfo, TableEntry
+from dynamos.builder.refusals import CHANGED_INITIALISER, CHANGED_LAYOUT, INIT_EXIT, NOTRACE, OTHER
 
 
 @dataclass
@@ -27,6 +28,7 @@ class DiffRefusal:
 
     name: str
     reason: str
+    code: str = OTHER  # why, in the vocabulary of builder/refusals.py
 
 
 @dataclass
@@ -71,13 +73,14 @@ def diff_objects(original: ObjectInfo, patched: ObjectInfo) -> DiffResult:
             if reason:
                 changed[name] = reason
 
-    refused: dict[str, str] = {}
+    refused: dict[str, DiffRefusal] = {}
     carried_data = _diff_data(original, patched, result, changed, refused)
     _settle_untraceable(original, patched, result, changed, refused, carried_data)
     for change in list(result.new):
         rule = section_rule(patched.functions[change.name].section)
         if rule is not None and rule.handling is Handling.BOOT_ONLY:
-            refused[change.name] = f"{rule.why}; an update cannot add {change.name}"
+            refused[change.name] = DiffRefusal(change.name, f"{rule.why}; an update cannot add {change.name}",
+                                               INIT_EXIT)
             result.new.remove(change)
     result.changed = [Change("changed", name, changed[name]) for name in sorted(changed)]
     result.new.sort(key=lambda c: c.name)
@@ -85,7 +88,7 @@ def diff_objects(original: ObjectInfo, patched: ObjectInfo) -> DiffResult:
     result.unchanged = sorted(n for n in units_o.keys() & units_p.keys() if n not in carried and n not in refused)
     _diff_tables(original, patched, result, carried, refused)
     _diff_opaque(original, patched, refused)
-    result.refused = [DiffRefusal(name, refused[name]) for name in sorted(refused)]
+    result.refused = [refused[name] for name in sorted(refused)]
     return result
 
 
@@ -131,7 +134,7 @@ def _describe(symbol: str) -> str:
 
 
 def _settle_untraceable(original: ObjectInfo, patched: ObjectInfo, result: DiffResult, changed: dict[str, str],
-                        refused: dict[str, str], carried_data: set[str]) -> None:
+                        refused: dict[str, DiffRefusal], carried_data: set[str]) -> None:
     """Check that livepatch can redirect each changed function (the original is what it redirects).
 
     __init/__exit code refuses. A changed function without an fentry site refuses too, unless it is
@@ -147,7 +150,7 @@ def _settle_untraceable(original: ObjectInfo, patched: ObjectInfo, result: DiffR
         head = units_o[name][0]
         rule = section_rule(head.section)
         if rule is not None and rule.handling is Handling.BOOT_ONLY:
-            refused[name] = f"{rule.why}; {name} is in {head.section}"
+            refused[name] = DiffRefusal(name, f"{rule.why}; {name} is in {head.section}", INIT_EXIT)
             del changed[name]
             continue
         if head.traceable or name in original.mcount_sites:
@@ -158,8 +161,8 @@ def _settle_untraceable(original: ObjectInfo, patched: ObjectInfo, result: DiffR
         if head.binding != "local" or pinned:
             where = "it is global, so code elsewhere calls it" if head.binding != "local" else \
                 f"data points to it: {', '.join(pinned)}"
-            refused[name] = (f"not traceable (notrace): {name} has no __fentry__ call at its start, so livepatch "
-                             f"cannot redirect it, and {where}")
+            refused[name] = DiffRefusal(name, f"not traceable (notrace): {name} has no __fentry__ call at its "
+                                        f"start, so livepatch cannot redirect it, and {where}", NOTRACE)
             continue
         result.new.append(Change("new", name, f"{why_changed}; not traceable (notrace), so the update carries its "
                                  "own copy and replaces its callers"))
@@ -183,7 +186,7 @@ def _carriable(item: DataItem) -> bool:
 
 
 def _diff_data(original: ObjectInfo, patched: ObjectInfo, result: DiffResult, changed: dict[str, str],
-               refused: dict[str, str]) -> set[str]:
+               refused: dict[str, DiffRefusal]) -> set[str]:
     """New data is carried; changed data is refused, except file-local constants (and descriptors
     such as pr_debug's), which travel as new copies together with every function that uses them.
 
@@ -193,8 +196,8 @@ def _diff_data(original: ObjectInfo, patched: ObjectInfo, result: DiffResult, ch
     users = _merge(_users(original), _users(patched))
     refused_keys: set[str] = set()
 
-    def refuse(key: str, reason: str) -> None:
-        refused[patched.data[key].symbol] = reason
+    def refuse(key: str, reason: str, code: str) -> None:
+        refused[patched.data[key].symbol] = DiffRefusal(patched.data[key].symbol, reason, code)
         refused_keys.add(key)
 
     new_keys = set(patched.data) - set(original.data)
@@ -204,7 +207,7 @@ def _diff_data(original: ObjectInfo, patched: ObjectInfo, result: DiffResult, ch
         item = patched.data[key]
         rule = section_rule(item.section)
         if rule is not None and rule.handling is Handling.BOOT_ONLY:
-            refuse(key, f"{rule.why}; an update cannot add {_data_kind(item)}")
+            refuse(key, f"{rule.why}; an update cannot add {_data_kind(item)}", INIT_EXIT)
         else:
             result.new_data.append(Change("new", item.symbol, f"new {_data_kind(item)} in {item.section}"))
     differing = {k for k in set(original.data) & set(patched.data) if not original.data[k].same_value(patched.data[k])}
@@ -215,10 +218,11 @@ def _diff_data(original: ObjectInfo, patched: ObjectInfo, result: DiffResult, ch
         before, after = original.data[key], patched.data[key]
         rule = section_rule(after.section)
         if rule is not None and rule.handling is Handling.BOOT_ONLY:
-            refuse(key, f"{rule.why}; {_data_kind(after)} changed")
+            refuse(key, f"{rule.why}; {_data_kind(after)} changed", INIT_EXIT)
             continue
         if not _carriable(after):
-            refuse(key, f"data changed: {_data_kind(after)} {_value_change(before, after)}")
+            refuse(key, f"data changed: {_data_kind(after)} {_value_change(before, after)}",
+                   _value_code(before, after))
             continue
         blockers = []
         for user in sorted(users.get(key, ())):
@@ -230,7 +234,7 @@ def _diff_data(original: ObjectInfo, patched: ObjectInfo, result: DiffResult, ch
                     blockers.append(patched.data[user].symbol)
         if blockers:
             refuse(key, f"data changed: {_data_kind(after)} {_value_change(before, after)}, and data that "
-                        f"cannot change uses it: {', '.join(blockers)}")
+                        f"cannot change uses it: {', '.join(blockers)}", _value_code(before, after))
             continue
         carried.setdefault(key, f"{_data_kind(after)} {_value_change(before, after)}; carried with its users")
     for key in sorted(carried):
@@ -275,8 +279,12 @@ def _value_change(before: DataItem, after: DataItem) -> str:
     return "has a different initial value"
 
 
+def _value_code(before: DataItem, after: DataItem) -> str:
+    return CHANGED_LAYOUT if before.size != after.size else CHANGED_INITIALISER
+
+
 def _diff_tables(original: ObjectInfo, patched: ObjectInfo, result: DiffResult, carried: set[str],
-                 refused: dict[str, str]) -> None:
+                 refused: dict[str, DiffRefusal]) -> None:
     """Entries of per-function tables travel with changed/new functions; a difference in the entries
     of a function the update does not replace cannot be applied in place, so it refuses."""
     for section in sorted(original.tables.keys() | patched.tables.keys()):
@@ -288,11 +296,13 @@ def _diff_tables(original: ObjectInfo, patched: ObjectInfo, result: DiffResult, 
                     result.special.append(SpecialUse(section, owner, len(after[owner])))
             elif owner is None:
                 if before.get(None) != after.get(None):
-                    refused[section] = f"{section} entries that point into no known function changed"
+                    refused[section] = DiffRefusal(section, f"{section} entries that point into no known "
+                                                            "function changed")
             elif owner in refused or owner not in patched.functions:
                 continue
             elif before.get(owner) != after.get(owner):
-                refused[owner] = f"{section} entries of {owner} changed although its code did not"
+                refused[owner] = DiffRefusal(owner, f"{section} entries of {owner} changed although its code "
+                                                    "did not")
 
 
 def _group(entries: Iterable[TableEntry]) -> dict[str | None, tuple[TableEntry, ...]]:
@@ -302,8 +312,9 @@ def _group(entries: Iterable[TableEntry]) -> dict[str | None, tuple[TableEntry, 
     return {k: tuple(v) for k, v in groups.items()}
 
 
-def _diff_opaque(original: ObjectInfo, patched: ObjectInfo, refused: dict[str, str]) -> None:
+def _diff_opaque(original: ObjectInfo, patched: ObjectInfo, refused: dict[str, DiffRefusal]) -> None:
     for section in sorted(original.opaque.keys() | patched.opaque.keys()):
         if original.opaque.get(section) != patched.opaque.get(section):
             rule = section_rule(section) or DEFAULT_RULE
-            refused[section] = f"special section {section} changed ({rule.why}); dynamos does not handle it yet"
+            refused[section] = DiffRefusal(section, f"special section {section} changed ({rule.why}); dynamos "
+                                                    "does not handle it yet")
