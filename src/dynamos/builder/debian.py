@@ -11,7 +11,6 @@ versions and the changelog entries between them; a partial update claims no CVE.
 
 from __future__ import annotations
 
-import difflib
 import fcntl
 import gzip
 import json
@@ -161,40 +160,6 @@ def path_reason(code: str) -> str:
         if c == code:
             return reason
     return {"not-kernel-code": "not part of the kernel's code (documentation, tools, scripts)"}.get(code, code)
-
-
-_TYPE_START_RE = re.compile(r"^\s*(typedef\s+)?(struct|union|enum)\b[^;()=]*\{")
-
-
-def type_lines(text: str) -> set[int]:
-    """Indexes of the lines inside a struct/union/enum definition (braces counted)."""
-    inside: set[int] = set()
-    depth = 0
-    for i, line in enumerate(text.splitlines()):
-        code = re.sub(r"//.*|/\*.*?\*/", "", line)
-        if depth == 0 and not _TYPE_START_RE.match(code):
-            continue
-        inside.add(i)
-        depth += code.count("{") - code.count("}")
-        depth = max(depth, 0)
-    return inside
-
-
-def header_changes_types(old: str, new: str) -> bool:
-    """Whether a header's change touches a struct/union/enum definition. A simplification of
-    comparing the units' types (BTF/DWARF): it reads the source, not the types, so a change to a
-    macro that sizes a member is not seen, and a comment inside a struct counts as a change."""
-    a, b = old.splitlines(), new.splitlines()
-    in_a, in_b = type_lines(old), type_lines(new)
-    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
-        if tag == "equal":
-            continue
-        if any(i in in_a for i in range(i1, i2)) or any(j in in_b for j in range(j1, j2)):
-            return True
-        # an insertion between two lines of a definition
-        if i1 == i2 and (i1 - 1 in in_a and i1 in in_a):
-            return True
-    return False
 
 
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s*([<"])([^>"]+)[>"]')
@@ -428,11 +393,8 @@ def build_changes(target: TargetKernel, running: str, to: str, changes: list[Cha
             continue
         text = new_text(change.path)
         if change.path.endswith(".h"):
-            old_text = (source.tree / change.path).read_text(errors="replace")
-            if header_changes_types(old_text, text.decode(errors="replace")):
-                res.status, res.code = REFUSED, "changed-layout"
-                res.reason = "the change touches a struct/union/enum definition (read from the source, see README)"
-                continue
+            # Whether it changes a layout is told per unit, from the types the compiler emitted
+            # for the original and the patched unit (builder/elf/types.py, in the patch builder).
             if change.path.startswith(("include/", "arch/x86/include/")):
                 graph = graph or IncludeGraph.scan(source.tree, say)
                 units = graph.units(change.path)

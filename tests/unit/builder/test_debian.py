@@ -21,7 +21,6 @@ from dynamos.builder.debian import (
     build_to,
     built_by_config,
     changed_files,
-    header_changes_types,
     parse_diff_brief,
     path_refusal,
     update_name,
@@ -172,31 +171,6 @@ def test_a_compile_failure_is_coded_build_failed() -> None:
     log = "$ make\nfs/a.c:12:5: error: 'x' undeclared (first use in this function)\n"
     error = _compile_error(log, ["fs/a.c"], "patched", "6.1.0-56-amd64", 2)
     assert error.code == "build-failed" and (error.path, error.line) == (Path("fs/a.c"), 12)
-
-
-HEADER = """#ifndef X_H
-#define X_H
-struct req {
-\tint a;
-\tint b;
-};
-#define LIMIT 4
-static inline int twice(int x)
-{
-\treturn 2 * x;
-}
-#endif
-"""
-
-
-@pytest.mark.parametrize(("old", "new", "types"), [
-    ("\tint b;\n", "\tint b;\n\tint c;\n", True),  # a member added
-    ("\tint a;\n", "\tlong a;\n", True),  # a member's type
-    ("\treturn 2 * x;\n", "\treturn x + x;\n", False),  # an inline function's body
-    ("#define LIMIT 4\n", "#define LIMIT 5\n", False),  # a macro (the simplification: not a type)
-])
-def test_header_changes_that_touch_a_type_definition(old: str, new: str, types: bool) -> None:
-    assert header_changes_types(HEADER, HEADER.replace(old, new)) is types
 
 
 def test_include_graph_reaches_the_units_through_headers(tmp_path: Path) -> None:

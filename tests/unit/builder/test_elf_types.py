@@ -1,0 +1,147 @@
+"""Type layouts read from DWARF, and whether a header change alters one: small C files compiled
+with the host gcc's ``-g``, an original and a patched unit under the same file names, as the
+patch builder compiles them."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dynamos.builder.elf.types import header_layout_changes, read_types
+from dynamos.errors import BuildError
+
+HEADER = """\
+#ifndef X_H
+#define X_H
+#define NAMELEN 16
+#define LIMIT 4
+struct req {
+\tint a;
+\tint b;
+\tunsigned int flag:1;
+\tunsigned int mode:3;
+\tchar name[NAMELEN];
+\tunion {
+\t\tlong cookie;
+\t\tvoid *owner;
+\t};
+};
+typedef struct {
+\tlong x;
+} handle_t;
+enum state { S_IDLE, S_BUSY };
+enum { ANON_ONE = 1 };
+static inline int twice(int x)
+{
+\treturn 2 * x;
+}
+#endif
+"""
+
+UNIT = """\
+#include "x.h"
+struct local { char buf[NAMELEN]; };
+struct req r;
+handle_t h;
+enum state st;
+struct local l;
+int use(struct req *q)
+{
+\treturn twice(q->a) + q->mode + LIMIT;
+}
+"""
+
+
+def compile_pair(tmp: Path, header: str, unit: str = UNIT, *, debug: str = "-g",
+                 header_path: str = "x.h") -> tuple[bytes, bytes]:
+    """(original, patched) objects of the unit, each in its own directory under the same names."""
+    objects = []
+    for side, (h, u) in (("orig", (HEADER, UNIT)), ("patched", (header, unit))):
+        d = tmp / side
+        (d / header_path).parent.mkdir(parents=True, exist_ok=True)
+        (d / header_path).write_text(h)
+        (d / "x.c").write_text(u.replace('"x.h"', f'"{header_path}"'))
+        subprocess.run(["gcc", debug, "-O2", "-c", "x.c", "-o", "x.o"], cwd=d, check=True, capture_output=True)
+        objects.append((d / "x.o").read_bytes())
+    return objects[0], objects[1]
+
+
+def changes(tmp: Path, old: str, new: str, **kw: str) -> list[str]:
+    assert old in HEADER, old
+    original, patched = compile_pair(tmp, HEADER.replace(old, new, 1), **kw)
+    return header_layout_changes(original, patched, [kw.get("header_path", "x.h")], "x.c")
+
+
+def test_layouts_read_from_dwarf(tmp_path: Path) -> None:
+    original, _ = compile_pair(tmp_path, HEADER)
+    types = read_types(original, ["x.h"])
+    assert set(types.layouts) == {"struct req", "handle_t", "enum state"}  # the bare enum is constants only
+    req = types.layouts["struct req"]
+    assert (req.kind, req.file, req.size) == ("struct", "x.h", 40)
+    m = req.members
+    assert (m["b"].offset, m["b"].type, m["b"].size) == (4, "int", 4)
+    assert (m["mode"].bit, m["mode"].bits) == (65, 3)
+    assert (m["name"].type, m["name"].size) == ("char[16]", 16)
+    assert (m["cookie"].offset, m["owner"].offset, m["owner"].type) == (32, 32, "void *")  # anonymous union
+    assert types.layouts["enum state"].enumerators == {"S_IDLE": 0, "S_BUSY": 1}
+    assert types.layouts["handle_t"].members["x"].type == "long int"
+    assert types.sizes["struct local"] == (16, "x.c")  # declared elsewhere: by size
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), [
+    ("\tint b;\n", "\tint b;\n\tint c;\n", ["struct req", "member c added at offset 8",
+                                            "member name moved from offset 9 to 13",
+                                            "member mode moved from bit 65 width 3 to bit 97 width 3"]),
+    ("\tint a;\n\tint b;\n", "\tint b;\n\tint a;\n", ["struct req", "member a moved from offset 0 to 4"]),
+    ("\tint a;\n", "\tunsigned int a;\n", ["struct req", "member a changes type from int to unsigned int"]),
+    ("\tint a;\n\tint b;\n", "\tlong a;\n", ["struct req", "member b removed", "changes type from int to long int"]),
+    ("mode:3", "mode:4", ["struct req", "member mode changes width from 3 bits to 4 bits"]),
+    ("flag:1;\n", "flag:1;\n\tunsigned int more:1;\n", ["member more added at bit 65",
+                                                        "member mode moved from bit 65 width 3 to bit 66 width 3"]),
+    ("S_IDLE, S_BUSY", "S_IDLE, S_NEW, S_BUSY", ["enum state", "enumerator S_BUSY changes value from 1 to 2"]),
+    ("\tlong x;\n} handle_t", "\tint x;\n} handle_t", ["handle_t changes layout", "size 8 -> 4"]),
+    ("\t\tvoid *owner;\n", "\t\tvoid *owner;\n\t\tchar tag[12];\n", ["member tag added", "size 40 -> 48"]),
+])
+def test_a_changed_layout_is_refused_naming_the_type(tmp_path: Path, old: str, new: str, expected: list[str]) -> None:
+    [message] = changes(tmp_path, old, new)
+    assert message.startswith("x.h: ") and " changes layout: " in message, message
+    for part in expected:
+        assert part in message, message
+
+
+def test_a_macro_that_sizes_a_type_declared_elsewhere(tmp_path: Path) -> None:
+    found = changes(tmp_path, "#define NAMELEN 16", "#define NAMELEN 24")
+    assert any(m.startswith("x.h: struct req changes layout: member name changes type from char[16] to char[24]")
+               for m in found), found
+    assert any(m.startswith("x.c: struct local changes layout: size 16 -> 24") for m in found), found
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("\treturn 2 * x;\n", "\treturn 3 * x;\n"),  # a static inline function's body
+    ("#define LIMIT 4\n", "#define LIMIT 5\n"),  # a macro no type uses
+    ("\tint a;\n", "\tint a; /* the first */\n"),  # a comment inside a struct
+    ("S_IDLE, S_BUSY", "S_IDLE, S_BUSY, S_DONE"),  # an enumerator added at the end
+    ("ANON_ONE = 1", "ANON_ONE = 2"),  # a constant of a bare enum, like a macro
+    ("#endif\n", "struct fresh { int z; };\n#endif\n"),  # a new struct (used below)
+])
+def test_changes_that_alter_no_layout(tmp_path: Path, old: str, new: str) -> None:
+    unit = UNIT + "struct fresh f;\n" if "fresh" in new else UNIT
+    original, patched = compile_pair(tmp_path, HEADER.replace(old, new, 1), unit)
+    assert header_layout_changes(original, patched, ["x.h"], "x.c") == []
+
+
+def test_dwarf4_bit_fields_and_a_header_found_through_its_directory(tmp_path: Path) -> None:
+    found = changes(tmp_path, "mode:3", "mode:5", debug="-gdwarf-4", header_path="include/linux/x.h")
+    assert found == ["include/linux/x.h: struct req changes layout: member mode changes width from 3 bits "
+                     "to 5 bits"], found
+    original, _ = compile_pair(tmp_path / "v4", HEADER, debug="-gdwarf-4", header_path="include/linux/x.h")
+    req = read_types(original, ["include/linux/x.h"]).layouts["struct req"]
+    assert (req.members["flag"].bit, req.members["mode"].bit, req.members["mode"].bits) == (64, 65, 3)
+
+
+def test_an_object_without_debug_information_is_refused(tmp_path: Path) -> None:
+    original, patched = compile_pair(tmp_path, HEADER, debug="-g0")
+    with pytest.raises(BuildError, match=r"x.c \(original\) has no DWARF type information"):
+        header_layout_changes(original, patched, ["x.h"], "x.c")
