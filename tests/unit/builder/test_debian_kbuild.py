@@ -1,6 +1,8 @@
 """build --to's classification and tolerant build on the real prepared tree of the target: a set
 of changes as a Debian revision could bring them, one of each kind, where the refused ones do not
-stop the carried one and the update is marked partial, claiming no CVE."""
+stop the carried ones and the update is marked partial, claiming no CVE. The two headers are
+decided by the types of their units' compiled objects: a struct that gains a member is refused
+naming it, a static inline function's new body is carried."""
 
 from __future__ import annotations
 
@@ -26,7 +28,12 @@ EDITS = {
     "fs/proc/cmdline.c": ("\tseq_puts(m, saved_command_line);", "\tseq_printf(m, \"%s\", saved_command_line);"),
     "fs/pipe.c": ("static unsigned int pipe_max_size = 1048576;", "static unsigned int pipe_max_size = 2097152;"),
     "fs/proc/Makefile": ("proc-y", "# a comment\nproc-y"),
-    "include/linux/pipe_fs_i.h": ("struct pipe_buffer {\n", "struct pipe_buffer {\n\tint dynamos_new;\n"),
+    # a member added to a struct drivers/block/loop.c (module loop, the header's one unit) uses:
+    # its original and patched objects' types differ, so that unit is left out naming the struct
+    "include/uapi/linux/loop.h": ("\t__u64\t\t\t__reserved[8];\n",
+                                  "\t__u32\t\t\tdynamos_new;\n\t__u64\t\t\t__reserved[8];\n"),
+    # a static inline function's body in a local header (units fs/proc/base.c and fd.c): no type changes
+    "fs/proc/fd.h": ("\treturn PROC_I(inode)->fd;\n", "\treturn PROC_I(inode)->fd & 0x7fffffff;\n"),
     "include/linux/kernel.h": ("#include <linux/stdarg.h>", "#include <linux/stdarg.h> /* reached by all */"),
     "fs/ext2/inode.c": ("#include <linux/time.h>", "#include <linux/time.h> /* not built */"),
     "Documentation/filesystems/proc.rst": ("/proc", "/proc (sic)"),
@@ -49,19 +56,28 @@ def test_each_kind_of_change_classified_and_the_rest_carried(target, tmp_path: P
         "fs/proc/cmdline.c": (CARRIED, ""),
         "fs/pipe.c": (REFUSED, "changed-initialiser"),
         "fs/proc/Makefile": (REFUSED, "build-file"),
-        "include/linux/pipe_fs_i.h": (REFUSED, "changed-layout"),
+        "include/uapi/linux/loop.h": (REFUSED, "changed-layout"),
+        "fs/proc/fd.h": (CARRIED, ""),
         "include/linux/kernel.h": (REFUSED, "header-reach"),
         "fs/ext2/inode.c": (NOT_BUILT, "not-built"),
         "Documentation/filesystems/proc.rst": (NOT_BUILT, "not-kernel-code"),
         "fs/proc/new.c": (REFUSED, "added-file"),
     }, result.files
+    layout = next(f for f in result.files if f.path == "include/uapi/linux/loop.h")
+    assert layout.units == ["drivers/block/loop.c"], layout.units
+    assert layout.reason.startswith("drivers/block/loop.c: include/uapi/linux/loop.h: struct loop_config changes "
+                                    "layout: "), layout.reason
+    assert "member dynamos_new added at offset 240" in layout.reason, layout.reason
     reach = next(f for f in result.files if f.path == "include/linux/kernel.h")
     assert "more than --max-units 20" in reach.reason
     assert result.partial and result.cves == [] and result.cves_mentioned == ["CVE-2099-0001"]
     assert result.package_path is not None
     pkg = read_package(result.package_path)
     assert pkg.replace and pkg.version == "6.1.192-9" and pkg.cves == ()
-    assert [(f.name, f.object) for f in pkg.patched_functions] == [("cmdline_proc_show", "vmlinux")]
+    # cmdline.c's change, and fd.c's three callers of the changed inline (base.c compiles to the same code)
+    assert sorted((f.name, f.object) for f in pkg.patched_functions) == [
+        ("cmdline_proc_show", "vmlinux"), ("proc_fd_link", "vmlinux"), ("seq_show", "vmlinux"),
+        ("tid_fd_revalidate", "vmlinux")]
     assert pkg.debian == {"package": "linux-source-6.1", "from": "6.1.192-2", "to": "6.1.192-9", "partial": True,
                           "not_carried": sorted(p for p, (s, _c) in got.items() if s == REFUSED),
                           "changelog": [entries[0].to_text()], "cves_mentioned": ["CVE-2099-0001"]}
