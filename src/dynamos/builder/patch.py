@@ -24,7 +24,7 @@ from dynamos.abi import VMLINUX, edition_prefix
 from dynamos.builder.cgen import generate_kbuild, generate_livepatch_source
 from dynamos.builder.compat import Directives, apply_directives, callback_hooks, with_compat_headers
 from dynamos.builder.elf import RelocatableElf
-from dynamos.builder.elf.types import header_layout_changes
+from dynamos.builder.elf.types import compare_header_types
 from dynamos.builder.extract import extract_functions
 from dynamos.builder.fidelity import check_fidelity
 from dynamos.builder.kbuild import BUILD_LOG, build_lock, link_module, write_package_of
@@ -73,6 +73,7 @@ class UnitReport:
     statics: StaticLocals = field(default_factory=StaticLocals)  # its file-local variables in the kernel
     directives: Directives = field(default_factory=Directives)  # what its kpatch/klp-build macros asked for
     key_sites: list[KeySite] = field(default_factory=list)  # module keys' sites rewritten (builder/modkeys.py)
+    types: str = ""  # what comparing its patched headers' types found (builder/elf/types.py)
 
 
 @dataclass
@@ -104,6 +105,8 @@ class PatchBuild:
             lines.append(f"{unit.path}:" + (f" (includes {', '.join(via)})" if via else ""))
             if unit.fidelity:
                 lines.append(f"  checked   {unit.fidelity}")
+            if unit.types:
+                lines.append(f"  checked   {unit.types}")
             for c in unit.diff.changed:
                 lines.append(f"  changed   {c.name}: {c.reason}")
             for c in unit.diff.new:
@@ -499,10 +502,13 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes],
     if headers:
         t = time.monotonic()
         say(f"{rel}: comparing the types of {', '.join(headers)} in the original and patched objects")
-        changed = header_layout_changes(orig.object_path.read_bytes(), new.object_path.read_bytes(), headers, rel)
+        check = compare_header_types(orig.object_path.read_bytes(), new.object_path.read_bytes(), headers, rel)
         times["layout"] = round(time.monotonic() - t, 3)
-        if changed:
-            raise BuildError("\n".join(changed))
+        if check.changes:
+            raise BuildError("\n".join(check.changes))
+        types = check.summary()
+    else:
+        types = ""
     before = read_object(orig.object_path)
     after = align_statics(before, read_object(new.object_path))
     diff = diff_objects(before, after)
@@ -510,7 +516,7 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes],
     for name, how in statics.how.items():
         if statics.found[name].name != name:  # renumbered by one compile or the other
             say(f"{rel}: static {name} is the kernel's {how}")
-    return UnitReport(rel, diff, times, resolved, obj, fidelity.summary(), sorted(patched), statics)
+    return UnitReport(rel, diff, times, resolved, obj, fidelity.summary(), sorted(patched), statics, types=types)
 
 
 def _module_symbols(target: TargetKernel, module: str) -> list[str] | None:

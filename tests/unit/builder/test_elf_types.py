@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dynamos.builder.elf.types import header_layout_changes, read_types
+from dynamos.builder.elf.types import Member, TypeLayout, _shorten, compare_header_types, layout_changes, read_types
 from dynamos.errors import BuildError
 
 HEADER = """\
@@ -71,7 +71,7 @@ def compile_pair(tmp: Path, header: str, unit: str = UNIT, *, debug: str = "-g",
 def changes(tmp: Path, old: str, new: str, **kw: str) -> list[str]:
     assert old in HEADER, old
     original, patched = compile_pair(tmp, HEADER.replace(old, new, 1), **kw)
-    return header_layout_changes(original, patched, [kw.get("header_path", "x.h")], "x.c")
+    return compare_header_types(original, patched, [kw.get("header_path", "x.h")], "x.c").changes
 
 
 def test_layouts_read_from_dwarf(tmp_path: Path) -> None:
@@ -129,7 +129,10 @@ def test_a_macro_that_sizes_a_type_declared_elsewhere(tmp_path: Path) -> None:
 def test_changes_that_alter_no_layout(tmp_path: Path, old: str, new: str) -> None:
     unit = UNIT + "struct fresh f;\n" if "fresh" in new else UNIT
     original, patched = compile_pair(tmp_path, HEADER.replace(old, new, 1), unit)
-    assert header_layout_changes(original, patched, ["x.h"], "x.c") == []
+    check = compare_header_types(original, patched, ["x.h"], "x.c")
+    assert check.changes == [] and check.compared == 3, check
+    assert check.summary() == f"types of x.h: 3 compared member by member, {check.sized} other types by size: " \
+                              "no layout change"
 
 
 def test_dwarf4_bit_fields_and_a_header_found_through_its_directory(tmp_path: Path) -> None:
@@ -144,4 +147,15 @@ def test_dwarf4_bit_fields_and_a_header_found_through_its_directory(tmp_path: Pa
 def test_an_object_without_debug_information_is_refused(tmp_path: Path) -> None:
     original, patched = compile_pair(tmp_path, HEADER, debug="-g0")
     with pytest.raises(BuildError, match=r"x.c \(original\) has no DWARF type information"):
-        header_layout_changes(original, patched, ["x.h"], "x.c")
+        compare_header_types(original, patched, ["x.h"], "x.c")
+
+
+def test_a_long_list_of_moved_members_is_shortened_keeping_the_size() -> None:
+    before = TypeLayout("struct", "struct big", "x.h", 80,
+                        members={f"m{i}": Member(f"m{i}", 8 * i, "long int", 8) for i in range(10)})
+    after = TypeLayout("struct", "struct big", "x.h", 88, members={
+        "first": Member("first", 0, "long int", 8),
+        **{f"m{i}": Member(f"m{i}", 8 * i + 8, "long int", 8) for i in range(10)}})
+    found = layout_changes(before, after)
+    assert found[0] == "member first added at offset 0" and found[-1] == "size 80 -> 88" and len(found) == 12
+    assert _shorten(found) == [*found[:4], "7 more member changes", "size 80 -> 88"]

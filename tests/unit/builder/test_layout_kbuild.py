@@ -38,5 +38,7 @@ def test_a_static_inline_body_changes_no_layout_and_is_carried(target, tmp_path:
     b = build_from_patch(patch, target, name="proc-fd-inline")
     assert sorted(u.path for u in b.units) == ["fs/proc/base.c", "fs/proc/fd.c"]
     assert all("layout" in u.seconds for u in b.units)  # the types were compared for both units
+    checked = [line for line in b.explain() if line.startswith("  checked   types of fs/proc/fd.h: ")]
+    assert len(checked) == 2 and all(line.endswith(": no layout change") for line in checked), b.explain()
     assert sorted(c.name for u in b.units for c in u.diff.changed) == ["proc_fd_link", "seq_show",
                                                                        "tid_fd_revalidate"]

@@ -119,9 +119,11 @@ def read_types(data: bytes, files: Iterable[str], what: str = "object") -> UnitT
 
 
 def layout_changes(before: TypeLayout, after: TypeLayout) -> list[str]:
-    """What differs between two layouts of one type; [] when the running data keeps its shape
-    (an enumerator added, the others' values kept, is no change)."""
+    """What differs between two layouts of one type, the members added, removed or retyped before
+    those that only moved; [] when the running data keeps its shape (an enumerator added, the
+    others' values kept, is no change)."""
     out: list[str] = []
+    moved: list[str] = []
     if before.kind == "enum":
         for name, value in before.enumerators.items():
             if name not in after.enumerators:
@@ -129,53 +131,84 @@ def layout_changes(before: TypeLayout, after: TypeLayout) -> list[str]:
             elif after.enumerators[name] != value:
                 out.append(f"enumerator {name} changes value from {value} to {after.enumerators[name]}")
     else:
+        out += [f"member {name} added at {n.where()}" for name, n in after.members.items()
+                if name not in before.members]
         for name, m in before.members.items():
             n = after.members.get(name)
             if n is None:
                 out.append(f"member {name} removed")
                 continue
-            if (m.offset, m.bit) != (n.offset, n.bit):
-                to = str(n.offset) if m.bits is None and n.bits is None else n.where()
-                out.append(f"member {name} moved from {m.where()} to {to}")
-            elif m.bits != n.bits:
-                out.append(f"member {name} changes width from {_width(m)} to {_width(n)}")
             if m.type != n.type:
                 out.append(f"member {name} changes type from {m.type} to {n.type}")
             elif m.size != n.size:
                 out.append(f"member {name} ({m.type}) changes size from {m.size} to {n.size}")
-        out += [f"member {name} added at {n.where()}" for name, n in after.members.items()
-                if name not in before.members]
+            if (m.offset, m.bit) != (n.offset, n.bit):
+                to = str(n.offset) if m.bits is None and n.bits is None else n.where()
+                moved.append(f"member {name} moved from {m.where()} to {to}")
+            elif m.bits != n.bits:
+                out.append(f"member {name} changes width from {_width(m)} to {_width(n)}")
+    out += moved
     if before.size != after.size:
         out.append(f"size {before.size} -> {after.size}")
     return out
 
 
-def header_layout_changes(original: bytes, patched: bytes, headers: Iterable[str], what: str = "unit") -> list[str]:
-    """One message per type whose layout the patched headers change, comparing the original and
-    the patched object of one unit: ``<header>: struct foo changes layout: <what changed>``.
+def _shorten(changes: list[str], most: int = 6) -> list[str]:
+    """At most ``most`` changes of one type, the size change kept last."""
+    if len(changes) <= most:
+        return changes
+    size = [c for c in changes if c.startswith("size ")]
+    rest = [c for c in changes if not c.startswith("size ")]
+    keep = most - 1 - len(size)
+    return [*rest[:keep], f"{len(rest) - keep} more member changes", *size]
+
+
+@dataclass(frozen=True)
+class LayoutCheck:
+    """The types of one unit's patched headers, compared between its original and patched object."""
+
+    headers: list[str]
+    compared: int  # types declared in the headers that both objects have, compared member by member
+    sized: int  # the unit's other named types both objects have, compared by size
+    changes: list[str]  # one message per changed type: ``<header>: struct foo changes layout: ...``
+
+    def summary(self) -> str:
+        """What was compared and found, for ``--explain``."""
+        found = f"{len(self.changes)} changed" if self.changes else "no layout change"
+        return (f"types of {', '.join(self.headers)}: {self.compared} compared member by member, "
+                f"{self.sized} other types by size: {found}")
+
+
+def compare_header_types(original: bytes, patched: bytes, headers: Iterable[str], what: str = "unit") -> LayoutCheck:
+    """Compare the types of ``headers`` in the original and the patched object of one unit.
 
     Types only the patched object has are new (fine); types only the original has are no longer
-    used by the unit (fine). Any other named type of the unit whose size changed is reported too:
+    used by the unit (fine). Any other named type of the unit whose size changed is a change too:
     a macro or a type of a patched header can size a type declared elsewhere."""
-    headers = sorted({os.path.normpath(h) for h in headers})
-    old = read_types(original, headers, f"{what} (original)")
-    new = read_types(patched, headers, f"{what} (patched)")
+    names = sorted({os.path.normpath(h) for h in headers})
+    old = read_types(original, names, f"{what} (original)")
+    new = read_types(patched, names, f"{what} (patched)")
     out: list[str] = []
+    compared = sized = 0
     for key, before in old.layouts.items():
         after = new.layouts.get(key)
         if after is None:
             continue
+        compared += 1
         changes = layout_changes(before, after)
         if before.kind != after.kind:
             changes = [f"a {before.kind} becomes a {after.kind}"]
         if changes:
-            out.append(f"{after.file}: {key} changes layout: {'; '.join(changes)}")
+            out.append(f"{after.file}: {key} changes layout: {'; '.join(_shorten(changes))}")
     for key, (size, file) in old.sizes.items():
-        now = new.sizes.get(key) or ((new.layouts[key].size, file) if key in new.layouts else None)
-        if now is not None and now[0] is not None and now[0] != size:
-            out.append(f"{file or '(unknown file)'}: {key} changes layout: size {size} -> {now[0]} "
-                       f"(sized by what the patch changed in {', '.join(headers)})")
-    return out
+        now = new.sizes[key][0] if key in new.sizes else new.layouts[key].size if key in new.layouts else None
+        if now is None:
+            continue
+        sized += 1
+        if now != size:
+            out.append(f"{file or '(unknown file)'}: {key} changes layout: size {size} -> {now} "
+                       f"(sized by what the patch changed in {', '.join(names)})")
+    return LayoutCheck(names, compared, sized, out)
 
 
 def _width(m: Member) -> str:
