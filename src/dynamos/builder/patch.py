@@ -24,7 +24,7 @@ from dynamos.abi import VMLINUX, edition_prefix
 from dynamos.builder.cgen import generate_kbuild, generate_livepatch_source
 from dynamos.builder.compat import Directives, apply_directives, callback_hooks, with_compat_headers
 from dynamos.builder.elf import RelocatableElf
-from dynamos.builder.elf.types import compare_header_types
+from dynamos.builder.elf.types import refuse_layout_changes
 from dynamos.builder.extract import extract_functions
 from dynamos.builder.fidelity import check_fidelity
 from dynamos.builder.kbuild import BUILD_LOG, build_lock, link_module, write_package_of
@@ -498,17 +498,10 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes],
     say(f"compiling {rel} (patched)")
     new = compile_unit(source, unit, work / "objects" / _obj_name(rel, "patched"), sources=stable)
     times["patched"] = round(time.monotonic() - t, 3)
-    headers = sorted(path for path in patched if path.endswith(".h"))
-    if headers:
-        t = time.monotonic()
-        say(f"{rel}: comparing the types of {', '.join(headers)} in the original and patched objects")
-        check = compare_header_types(orig.object_path.read_bytes(), new.object_path.read_bytes(), headers, rel)
+    t = time.monotonic()
+    types = refuse_layout_changes(orig.object_path.read_bytes(), new.object_path.read_bytes(), patched, rel, say)
+    if types:
         times["layout"] = round(time.monotonic() - t, 3)
-        if check.changes:
-            raise BuildError("\n".join(check.changes))
-        types = check.summary()
-    else:
-        types = ""
     before = read_object(orig.object_path)
     after = align_statics(before, read_object(new.object_path))
     diff = diff_objects(before, after)

@@ -48,12 +48,10 @@ class Refusal:
 
 
 def code_of(error: DynamosError) -> str:
-    """The code a builder error carries; for one raised without a code, ``other`` (or, until the
-    DWARF layout check sets its code, ``changed-layout`` for its "changes layout" message)."""
+    """The code a builder error carries; ``other`` for one raised without a code (no guessing
+    from the message's words)."""
     code = getattr(error, "code", None) if isinstance(error, BuildError) else None
-    if code:
-        return code
-    return CHANGED_LAYOUT if "changes layout" in error.message else OTHER
+    return code or OTHER
 
 
 def first_unaccepted(codes: list[str]) -> str:

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from dynamos.builder.elf.types import Member, TypeLayout, _shorten, compare_header_types, layout_changes, read_types
+from dynamos.builder.elf.types import (
+    Member,
+    TypeLayout,
+    _shorten,
+    compare_header_types,
+    layout_changes,
+    read_types,
+    refuse_layout_changes,
+)
 from dynamos.errors import BuildError
 
 HEADER = """\
@@ -159,3 +167,13 @@ def test_a_long_list_of_moved_members_is_shortened_keeping_the_size() -> None:
     found = layout_changes(before, after)
     assert found[0] == "member first added at offset 0" and found[-1] == "size 80 -> 88" and len(found) == 12
     assert _shorten(found) == [*found[:4], "7 more member changes", "size 80 -> 88"]
+
+
+def test_the_builder_refuses_with_the_changed_layout_code_only_when_a_header_is_patched(tmp_path: Path) -> None:
+    original, patched = compile_pair(tmp_path, HEADER.replace("\tint b;\n", "\tlong b;\n"))
+    said: list[str] = []
+    assert refuse_layout_changes(original, patched, ["x.c"], "x.c", said.append) == ""  # no header: not compared
+    with pytest.raises(BuildError) as e:
+        refuse_layout_changes(original, patched, ["x.c", "x.h"], "x.c", said.append)
+    assert e.value.code == "changed-layout" and str(e.value).startswith("x.h: struct req changes layout: ")
+    assert said == ["x.c: comparing the types of x.h in the original and patched objects"]

@@ -27,6 +27,7 @@ def test_a_member_added_to_a_struct_a_unit_uses_is_refused_naming_it(target, tmp
                          "\tstruct mddev\t\t*mddev;\n\tint\t\t\tdynamos_new;\n")
     with pytest.raises(BuildError) as e:
         build_from_patch(patch, target, name="raid10-layout")
+    assert e.value.code == "changed-layout"
     assert "drivers/md/raid10.h: struct r10conf changes layout: " in str(e.value), e.value
     assert "member dynamos_new added at offset 8" in str(e.value), e.value
     assert "member mirrors moved from offset 8 to 16" in str(e.value), e.value

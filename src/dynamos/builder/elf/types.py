@@ -19,7 +19,7 @@ import io
 import os
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from elftools.dwarf.compileunit import CompileUnit
@@ -28,6 +28,7 @@ from elftools.dwarf.dwarfinfo import DebugSectionDescriptor, DwarfConfig, DWARFI
 
 from dynamos.builder.elf.model import SHT_NOBITS, SHT_REL, SHT_RELA, RelocatableElf
 from dynamos.builder.elf.x86_64 import RELOC_KINDS
+from dynamos.builder.refusals import CHANGED_LAYOUT
 from dynamos.errors import BuildError
 
 _SHF_COMPRESSED = 0x800
@@ -209,6 +210,21 @@ def compare_header_types(original: bytes, patched: bytes, headers: Iterable[str]
             out.append(f"{file or '(unknown file)'}: {key} changes layout: size {size} -> {now} "
                        f"(sized by what the patch changed in {', '.join(names)})")
     return LayoutCheck(names, compared, sized, out)
+
+
+def refuse_layout_changes(original: bytes, patched: bytes, files: Iterable[str], unit: str,
+                          say: Callable[[str], None]) -> str:
+    """For a unit compiled with patched ``files``: raise a BuildError (code ``changed-layout``)
+    naming each type the patched headers among them change; else what was compared, for
+    ``--explain`` ("" when no header is patched)."""
+    headers = sorted(f for f in files if f.endswith(".h"))
+    if not headers:
+        return ""
+    say(f"{unit}: comparing the types of {', '.join(headers)} in the original and patched objects")
+    check = compare_header_types(original, patched, headers, unit)
+    if check.changes:
+        raise BuildError("\n".join(check.changes), code=CHANGED_LAYOUT)
+    return check.summary()
 
 
 def _width(m: Member) -> str:
