@@ -112,6 +112,9 @@ def loads_in_lab(release: str, package_path: Path) -> dict[str, object]:
 # The stable point release: classified whole, built from a sample
 
 
+LOCK_WAITS: list[float] = []  # seconds spent waiting for the lab lock: not the lab's time
+
+
 @contextlib.contextmanager
 def lab_lock(path: str | None) -> Iterator[None]:
     """The lab lock around one lab boot (none when the caller holds it from outside)."""
@@ -119,7 +122,9 @@ def lab_lock(path: str | None) -> Iterator[None]:
         yield
         return
     with open(path, "w") as f:
+        t = time.monotonic()
         fcntl.flock(f, fcntl.LOCK_EX)
+        LOCK_WAITS.append(time.monotonic() - t)
         yield
 
 
@@ -323,10 +328,10 @@ def stable_release(sample_size: int, seed: int, max_units: int, lock: str | None
 
     lab: dict[str, object] = {"loaded": None, "note": "no package: nothing carried"}
     if build.package_path is not None:
-        t = time.monotonic()
         with lab_lock(lock):
+            t = time.monotonic()
             lab = loads_in_lab(release, build.package_path)
-        phases["lab"] = round(time.monotonic() - t, 1)
+            phases["lab"] = round(time.monotonic() - t, 1)
     carried = [p for p in sample if by_path[p].status == CARRIED]
     culprits: list[str] = []
     bisect: dict[str, object] = {}
@@ -335,9 +340,10 @@ def stable_release(sample_size: int, seed: int, max_units: int, lock: str | None
         steps: list[dict[str, object]] = []
         found = bisect_load(target, running, to, carried, max_units, lock,
                             time.monotonic() + bisect_minutes * 60, headers, say, steps)
-        phases["bisect"] = round(time.monotonic() - t, 1)
+        phases["bisect"] = round(time.monotonic() - t, 1)  # lock waits included
         bisect = {"culprits": found, "complete": found is not None, "steps": steps}
         culprits = carried if found is None else found
+    phases["lab_lock_wait"] = round(sum(LOCK_WAITS), 1)
 
     rows: list[dict[str, object]] = []
     counts: dict[str, int] = {}
