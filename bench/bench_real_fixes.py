@@ -15,7 +15,11 @@ files that the config builds, loaded in a lab (the modules it patches loaded fir
 transition checked, and reverted. A file counts for the target when it is carried (and the update
 loads) or refused with a code of ``ACCEPTED_CODES``; the fraction is printed with a 95 % Wilson
 interval, which is what a sample can say about the release. When the update does not load, the
-sample's carried files are bisected (rebuilt by halves) to name the file(s) that stop it.
+sample's carried files are bisected (rebuilt by halves) to name the file(s) that stop it; when
+the update does not even link (modpost), the files naming the symbol it complains about are counted
+against the target and the rest rebuilt. Each sampled file is built with the changed headers the
+whole release would carry into its units (``--without-headers``: alone), so it compiles as it
+would in the release. The last measurement is in README.md (``build --to`` section).
 
 Usage: python bench/bench_real_fixes.py [--cold] [--json]   (boots a lab: run under the lab lock)
        python bench/bench_real_fixes.py --stable [--sample N] [--seed S] [--max-units M]
