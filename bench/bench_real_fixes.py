@@ -58,7 +58,6 @@ from dynamos.builder.debian import (
     build_to,
     built_by_config,
     changed_files,
-    header_changes_types,
     path_refusal,
     version_tree,
 )
@@ -153,7 +152,8 @@ def classify_release(target: TargetKernel, running: str, to: str, max_units: int
     """Every changed file of the release classified without compiling, with the same rules as
     ``build_changes``: the counts, the population of changed .c files the config builds (or whose
     build the Makefile leaves to Kbuild), per unit the changed headers it includes, and per changed
-    header what the whole release's build does with it ("carried" when it goes into its units)."""
+    header what the whole release's build does with it ("carried": compiled into its units, where
+    the build judges a layout change unit by unit)."""
     source = prepare_source(target, say)
     newer = version_tree(source_package(target.release), to, say)
     with tree_lock(target.release, shared=True):
@@ -165,7 +165,7 @@ def classify_release(target: TargetKernel, running: str, to: str, max_units: int
     by_path: dict[str, int] = {}
     c_files = {"modified": 0, "added": 0, "removed": 0, "modified_built": 0, "modified_build_decides": 0,
                "modified_not_built": 0, "modified_other_arch": 0, "added_or_removed_built": 0}
-    h_files: dict[str, object] = {"modified": 0, "added": 0, "removed": 0, "changed_layout": 0,
+    h_files: dict[str, object] = {"modified": 0, "added": 0, "removed": 0,
                                   "no_unit": 0, "within_max_units": 0, "over_max_units": 0}
     reach: list[tuple[int, str]] = []
     population: list[str] = []
@@ -206,18 +206,12 @@ def classify_release(target: TargetKernel, running: str, to: str, max_units: int
             h_files[ch.kind] = int(h_files[ch.kind]) + 1  # type: ignore[call-overload]
             if ch.kind != "modified":
                 continue
-            old = (source.tree / ch.path).read_text(errors="replace")
-            new = (newer.tree / ch.path).read_text(errors="replace")
-            if header_changes_types(old, new):
-                h_files["changed_layout"] = int(h_files["changed_layout"]) + 1  # type: ignore[call-overload]
+            # whether it changes a layout is told per unit by the build (builder/elf/types.py)
             # the include graph for every header: the builder greps the tree for a header outside
             # include/ (same includers by relative path), a whole-tree grep per header, minutes here
             units = graph.units(ch.path)
             for u in units:
                 headers_of_unit.setdefault(u, []).append(ch.path)
-            if header_changes_types(old, new):
-                header_status[ch.path] = "changed-layout"
-                continue
             key = "no_unit" if not units else "over_max_units" if len(units) > max_units else "within_max_units"
             header_status[ch.path] = {"no_unit": "no unit", "over_max_units": f"header-reach {len(units)}",
                                       "within_max_units": "carried"}[key]
