@@ -12,7 +12,7 @@ NUL (a .modinfo entry ends at NUL: the rest would read as another entry).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from dynamos.abi import VMLINUX, generated_name
@@ -232,13 +232,14 @@ def _handler_declaration(proto: Prototype, handler: str) -> str:
 
 
 def generate_livepatch_source(source: UpdateSource, prototypes: Mapping[FunctionSpec, Prototype] | None = None,
-                              ftrace_site: int = 0) -> str:
+                              ftrace_site: int = 0, import_namespaces: Iterable[str] = ()) -> str:
     """The C of the module's main translation unit: one klp_patch over every edition.
 
     Single editions are declared ``extern void f(void)``: only their address is taken here,
     and the author's own prototypes live in their separately compiled files. Multi-edition
     functions get a dispatcher with the kernel function's exact prototype (``prototypes``,
     from BTF); ``ftrace_site`` is the offset of the ftrace call in a kernel function.
+    ``import_namespaces``: symbol namespaces of the exports the module's code uses.
     """
     dispatched = [f for f in source.functions if f.dispatched]
     missing = [f.name for f in dispatched if prototypes is None or f not in prototypes]
@@ -437,9 +438,17 @@ def generate_livepatch_source(source: UpdateSource, prototypes: Mapping[Function
         'MODULE_INFO(livepatch, "Y");',
         f"MODULE_DESCRIPTION({c_string(description)});",
         f"MODULE_INFO(dynamos, {c_string(source.name)});",
+        *(f"MODULE_IMPORT_NS({_c_identifier(ns)});" for ns in import_namespaces),
         "",
     ])
     return "\n".join(out)
+
+
+def _c_identifier(name: str) -> str:
+    """A namespace name pasted into C (6.1's MODULE_IMPORT_NS takes it unquoted)."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ValueError(f"symbol namespace {name!r} is not a C identifier")
+    return name
 
 
 def generate_kbuild(source: UpdateSource, main_object: str, author_objects: list[str]) -> str:

@@ -80,6 +80,24 @@ def exporters(module_symvers: Path) -> dict[str, str]:
     return out
 
 
+def export_namespaces(module_symvers: Path) -> dict[str, str]:
+    """Exported name -> its symbol namespace (``EXPORT_SYMBOL_NS``, the fifth column of
+    ``Module.symvers``), for the names that have one: a module that uses such a name must import
+    the namespace (``MODULE_IMPORT_NS``), or modpost refuses to link it."""
+    out: dict[str, str] = {}
+    with module_symvers.open() as f:
+        for line in f:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) >= 5 and parts[4]:
+                out[parts[1]] = parts[4]
+    return out
+
+
+def namespaces_used(objects: list[RelocatableElf], namespaces: Mapping[str, str]) -> list[str]:
+    """The namespaces of the exported names the objects leave to the module loader."""
+    return sorted({namespaces[name] for obj in objects for name in unresolved_symbols(obj) if name in namespaces})
+
+
 def unresolved_symbols(obj: RelocatableElf) -> list[str]:
     """Undefined global symbols of a module, in symbol-table order."""
     return [s.name for s in obj.symbols if s.shndx == SHN_UNDEF and s.name and s.binding != STB_LOCAL]

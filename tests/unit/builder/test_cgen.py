@@ -111,6 +111,14 @@ def test_module_boilerplate() -> None:
         assert line in text
 
 
+def test_namespaces_the_code_uses_are_imported() -> None:
+    text = generate_livepatch_source(make_source(FunctionSpec("f", "f_v2")), import_namespaces=["CXL", "IOMMUFD"])
+    assert "MODULE_IMPORT_NS(CXL);\nMODULE_IMPORT_NS(IOMMUFD);" in text
+    assert "MODULE_IMPORT_NS" not in generate_livepatch_source(make_source(FunctionSpec("f", "f_v2")))
+    with pytest.raises(ValueError, match="not a C identifier"):
+        generate_livepatch_source(make_source(FunctionSpec("f", "f_v2")), import_namespaces=["CXL); evil("])
+
+
 def test_description_is_escaped() -> None:
     text = generate_livepatch_source(make_source(FunctionSpec("f", "f_v2"), description=TRICKY_DESCRIPTION))
     line = next(x for x in text.splitlines() if x.startswith("MODULE_DESCRIPTION("))

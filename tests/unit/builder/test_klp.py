@@ -15,9 +15,11 @@ from dynamos.builder.klp import (
     SHN_LIVEPATCH,
     KlpSymbol,
     convert_to_klp,
+    export_namespaces,
     exported_symbols,
     exporters,
     klp_symbols_needed,
+    namespaces_used,
 )
 from dynamos.errors import BuildError
 
@@ -133,3 +135,17 @@ def test_a_vmlinux_symbol_cannot_be_tied_to_a_module(obj: bytes):
     # klp_resolve_symbols refuses a vmlinux symbol in a module's relocation section.
     with pytest.raises(BuildError, match="of vmlinux cannot be tied to module raid10"):
         convert_to_klp(obj, [KlpSymbol("hidden_counter", patched="raid10")])
+
+
+def test_namespaces_of_the_exports_an_object_leaves_to_the_loader(obj: bytes, tmp_path: Path):
+    """An export in a symbol namespace (Module.symvers' fifth column) needs MODULE_IMPORT_NS in
+    the module that calls it; plain exports and names the object does not use need nothing."""
+    symvers = tmp_path / "Module.symvers"
+    symvers.write_text("0x1\texported_helper\tdrivers/cxl/core/cxl_core\tEXPORT_SYMBOL_NS_GPL\tCXL\n"
+                       "0x2\tmodule_private\tvmlinux\tEXPORT_SYMBOL\t\n"
+                       "0x3\tunused_one\tvmlinux\tEXPORT_SYMBOL_NS\tIOMMUFD\n"
+                       "0x4\tshort_line\tvmlinux\tEXPORT_SYMBOL\n")
+    namespaces = export_namespaces(symvers)
+    assert namespaces == {"exported_helper": "CXL", "unused_one": "IOMMUFD"}
+    assert namespaces_used([RelocatableElf.parse(obj)], namespaces) == ["CXL"]
+    assert namespaces_used([RelocatableElf.parse(obj)], {"unused_one": "IOMMUFD"}) == []

@@ -61,3 +61,28 @@ def test_an_update_named_like_the_module_it_patches_is_refused(target, tmp_path:
     from dynamos.errors import BuildError
     with pytest.raises(BuildError, match=r"named like the module it patches \(raid10\)"):
         build_from_patch(raid10_patch(target, tmp_path / "raid10.patch"), target)
+
+
+HDM = "drivers/cxl/core/hdm.c"
+# commit_reap (built into vmlinux: CONFIG_CXL_BUS=y) calls to_cxl_port, exported in namespace CXL.
+HDM_OLD = ("\tif (!is_switch_decoder(dev) && !is_endpoint_decoder(dev))\n\t\treturn 0;\n\n"
+           "\tcxld = to_cxl_decoder(dev);\n")
+HDM_NEW = HDM_OLD + "\tif (!port)\n\t\treturn 0;\n"
+
+
+def test_an_export_in_a_symbol_namespace_is_imported_by_the_update(target, tmp_path: Path) -> None:
+    """Found by the stable point release bench: an update calling to_cxl_port (EXPORT_SYMBOL_NS_GPL
+    in namespace CXL) did not link (modpost: 'uses symbol ... from namespace CXL, but does not
+    import it'). The update imports the namespaces of the exports its code leaves to the loader."""
+    text = (prepare_source(target).tree / HDM).read_text()
+    assert HDM_OLD in text
+    patch = tmp_path / "hdm.patch"
+    after = text.replace(HDM_OLD, HDM_NEW, 1)
+    diff = difflib.unified_diff(text.splitlines(True), after.splitlines(True), f"a/{HDM}", f"b/{HDM}")
+    patch.write_text("".join(diff))
+    b = build_from_patch(patch, target, name="cxl-reap")
+    assert ("commit_reap", "vmlinux") in {(c.name, u.object) for u in b.units for c in u.diff.changed}
+    linked = (cache_root() / "builds" / f"patch-cxl-reap-{target.release}" / "cxl_reap.ko").read_bytes()
+    obj = RelocatableElf.parse(linked, "cxl_reap.ko")
+    assert "to_cxl_port" in {s.name for s in obj.symbols if s.shndx == SHN_UNDEF}  # left to the loader
+    assert read_modinfo(linked).get("import_ns") == "CXL", read_modinfo(linked)
