@@ -2,7 +2,9 @@
 
 A static variable of a function that gcc inlined into its callers keeps the running kernel's
 value across the update (the update's code uses the kernel's copy, found by address whatever
-gcc's number), and ``__func__`` in a changed module function is the update's own constant.
+gcc's number), ``__func__`` in a changed module function is the update's own constant, and a
+static of size zero (the lock-class key of every mutex_init, absent from kallsyms with lockdep
+off) travels with the update.
 """
 
 from __future__ import annotations
@@ -101,3 +103,22 @@ def test_func_in_a_changed_module_function(guest, patch_package, target):  # noq
                                  for line in lines), lines
     finally:
         guest.run("modprobe", "-r", "loop", check=False)
+
+
+# fs/pipe.c: alloc_pipe_info() initialises two wait queues and a mutex, each with a static
+# `struct lock_class_key __key` of size zero that kallsyms does not list. The fix makes a new
+# pipe hold one buffer less than its ring, which F_GETPIPE_SZ shows (max_usage pages).
+PIPE_BEFORE = "\t\tpipe->max_usage = pipe_bufs;\n"
+PIPE_AFTER = "\t\tpipe->max_usage = pipe_bufs > 1 ? pipe_bufs - 1 : pipe_bufs;\n"
+PIPE_SIZE = "import fcntl, os; r, w = os.pipe(); print(fcntl.fcntl(w, fcntl.F_GETPIPE_SZ))"
+
+
+def test_a_zero_size_lock_key_of_a_changed_function_travels_with_it(guest, patch_package):  # noqa: F811
+    pkg = patch_package("pipe-keys", {"fs/pipe.c": [(PIPE_BEFORE, PIPE_AFTER)]})
+    page = int(guest.sh("getconf PAGESIZE"))
+    before = int(guest.run(sys.executable, "-c", PIPE_SIZE).stdout)
+    with applied(guest, pkg) as r:
+        assert [f["name"] for f in r["functions"]] == ["alloc_pipe_info"], r["functions"]
+        assert int(guest.run(sys.executable, "-c", PIPE_SIZE).stdout) == before - page
+        guest.sh("echo through the update's pipes | cat | cat > /dev/null")  # its wait queues and mutex work
+    assert int(guest.run(sys.executable, "-c", PIPE_SIZE).stdout) == before

@@ -375,7 +375,8 @@ def build_from_texts(patched: dict[str, bytes], touching: dict[str, list[str]], 
                 # Units reached through a header may each carry a copy of the same static function.
                 prefix = edition_prefix(index)
                 ext = extract_functions((work / "objects" / _obj_name(unit.path, "patched")).read_bytes(), keep,
-                                        {c.name for c in unit.diff.new_data}, _resolver(unit.path, others, sympos),
+                                        {c.name for c in unit.diff.new_data} | unit.statics.stateless,
+                                        _resolver(unit.path, others, sympos),
                                         edition_prefix=prefix)
                 unit_functions = []
                 for c in unit.diff.changed:
@@ -511,7 +512,9 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes],
     diff = diff_objects(before, after)
     statics = resolve_static_locals(rel, before, after, fidelity.data_addresses, symtab, obj)
     for name, how in statics.how.items():
-        if statics.found[name].name != name:  # renumbered by one compile or the other
+        if name in statics.stateless:
+            say(f"{rel}: static {name}: {how}")
+        elif statics.found[name].name != name:  # renumbered by one compile or the other
             say(f"{rel}: static {name} is the kernel's {how}")
     return UnitReport(rel, diff, times, resolved, obj, fidelity.summary(), sorted(patched), statics, types=types)
 

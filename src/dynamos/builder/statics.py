@@ -15,6 +15,9 @@ of one object often have a ``__func__.10``. A name is therefore never trusted ac
   name that only one local symbol of the object carries, or only one lying between the file's
   other variables of the same section. Otherwise the build is refused, naming the variable and
   the functions using it.
+- A variable of size zero (``static struct lock_class_key __key`` of every mutex_init or
+  spin_lock_init when lockdep is off) has no state and often no symbol in the kernel: the update
+  carries its own (``StaticLocals.stateless``).
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ class StaticLocals:
     refused: dict[str, str] = field(default_factory=dict)  # patched ELF name -> why it cannot be found
     how: dict[str, str] = field(default_factory=dict)  # patched ELF name -> how it was found (for the log)
     users: dict[str, set[str]] = field(default_factory=dict)  # patched ELF name -> functions using it
+    stateless: set[str] = field(default_factory=set)  # patched ELF names of size zero: carried as new data
 
     def lookup(self, name: str) -> KlpSymbol | None:
         """The kernel's copy of a file-local variable, None if this is not one; refused ones raise."""
@@ -106,6 +110,10 @@ def resolve_static_locals(path: str, original: ObjectInfo, patched: ObjectInfo, 
         before = original.data.get(key)
         if before is None:
             continue  # new data: the update carries it
+        if item.size == 0 and before.size == 0:
+            out.stateless.add(item.symbol)
+            out.how[item.symbol] = "size zero: no state, the update carries its own"
+            continue
         used = ", ".join(sorted(users.get(item.symbol, ()))) or "no function"
         what = f"{path}: static variable {base_name(item.symbol)} ({item.symbol}, used by {used})"
         addr = addresses.get(before.symbol)

@@ -214,3 +214,29 @@ def test_a_static_whose_key_changed_is_not_new_data(tmp_path: Path, direction: s
         statics = resolve_static_locals("u.c", original, aligned, {}, symtab)
         counter_count = next(i.symbol for i in aligned.data.values() if statics.users.get(i.symbol) == {"counter"})
         assert statics.lookup(counter_count) == KlpSymbol(kernel_count, "vmlinux", 0)
+
+
+# mutex_init and spin_lock_init with lockdep off: a static key of size zero per call site, which
+# the kernel's symbol table does not list.
+EMPTY_KEY = """
+struct lock_class_key { };
+extern void init_lock(int *lock, const char *name, struct lock_class_key *key);
+#define lock_init(l) do { static struct lock_class_key __key; init_lock((l), #l, &__key); } while (0)
+int setup(int *l) { lock_init(l); return 1; }
+"""
+
+
+def test_a_static_of_size_zero_travels_with_the_update(tmp_path: Path) -> None:
+    original = compile_unit(tmp_path / "a", "unit", EMPTY_KEY)
+    patched = compile_unit(tmp_path / "p", "unit", EMPTY_KEY.replace("return 1;", "return 2;"))
+    statics = resolve_static_locals("unit.c", read_object(original), read_object(patched), {}, SymbolTable([]))
+    key = named(patched, "__key")
+    assert statics.stateless == {key} and not statics.refused and statics.lookup(key) is None
+
+    def resolve(name: str, local: bool) -> KlpSymbol | None:
+        assert name != key, "a carried variable is never looked up in the kernel"
+        return None if not local else KlpSymbol(name, "vmlinux", 0)
+
+    e = extract_functions(patched, {"setup"}, statics.stateless, resolve)
+    symbols = ELFFile(io.BytesIO(e.object)).get_section_by_name(".symtab")
+    assert key in {s.name for s in symbols.iter_symbols() if s["st_shndx"] != "SHN_UNDEF"}
