@@ -120,5 +120,5 @@ def test_a_zero_size_lock_key_of_a_changed_function_travels_with_it(guest, patch
     with applied(guest, pkg) as r:
         assert [f["name"] for f in r["functions"]] == ["alloc_pipe_info"], r["functions"]
         assert int(guest.run(sys.executable, "-c", PIPE_SIZE).stdout) == before - page
-        guest.sh("echo through the update's pipes | cat | cat > /dev/null")  # its wait queues and mutex work
+        guest.sh("echo through the pipes of the update | cat | cat > /dev/null")  # its wait queues and mutex work
     assert int(guest.run(sys.executable, "-c", PIPE_SIZE).stdout) == before
