@@ -98,6 +98,13 @@ def namespaces_used(objects: list[RelocatableElf], namespaces: Mapping[str, str]
     return sorted({namespaces[name] for obj in objects for name in unresolved_symbols(obj) if name in namespaces})
 
 
+def import_namespaces(objects: Iterable[Path], module_symvers: Path) -> list[str]:
+    """What an update linking ``objects`` must import (``MODULE_IMPORT_NS``): the namespaces of
+    the exports (EXPORT_SYMBOL_NS: CXL, ...) its code calls through the loader."""
+    return namespaces_used([RelocatableElf.parse(o.read_bytes(), o.name) for o in objects],
+                           export_namespaces(module_symvers))
+
+
 def unresolved_symbols(obj: RelocatableElf) -> list[str]:
     """Undefined global symbols of a module, in symbol-table order."""
     return [s.name for s in obj.symbols if s.shndx == SHN_UNDEF and s.name and s.binding != STB_LOCAL]

@@ -28,7 +28,7 @@ from dynamos.builder.elf.types import refuse_layout_changes
 from dynamos.builder.extract import extract_functions
 from dynamos.builder.fidelity import check_fidelity
 from dynamos.builder.kbuild import BUILD_LOG, build_lock, link_module, write_package_of
-from dynamos.builder.klp import KlpSymbol, export_namespaces, exporters, namespaces_used
+from dynamos.builder.klp import KlpSymbol, exporters, import_namespaces
 from dynamos.builder.linemap import stabilise_lines
 from dynamos.builder.modkeys import KeySite
 from dynamos.builder.modsyms import OtherModules
@@ -413,10 +413,7 @@ def build_from_texts(patched: dict[str, bytes], touching: dict[str, list[str]], 
         # kpatch/klp-build callbacks take the object
         update = replace(update, hooks_take_object=bool(hooks), debian=debian)
         main = f"{update.livepatch_name}_main.o"
-        # Exports in a symbol namespace (EXPORT_SYMBOL_NS: CXL, ...) that the extracted code calls
-        # through the loader: modpost links the module only if it imports their namespaces.
-        namespaces = namespaces_used([RelocatableElf.parse((work / o).read_bytes(), o) for o in extracted],
-                                     export_namespaces(target.headers_dir / "Module.symvers"))
+        namespaces = import_namespaces([work / o for o in extracted], target.headers_dir / "Module.symvers")
         (work / main).with_suffix(".c").write_text(generate_livepatch_source(update, import_namespaces=namespaces))
         (work / "Kbuild").write_text(generate_kbuild(update, main, extracted))
         linked = link_module(work, update, target, say, placeholders)
