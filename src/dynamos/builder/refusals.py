@@ -50,8 +50,7 @@ class Refusal:
 def code_of(error: DynamosError) -> str:
     """The code a builder error carries; ``other`` for one raised without a code (no guessing
     from the message's words)."""
-    code = getattr(error, "code", None) if isinstance(error, BuildError) else None
-    return code or OTHER
+    return (error.code if isinstance(error, BuildError) else None) or OTHER
 
 
 def first_unaccepted(codes: list[str]) -> str:

@@ -193,8 +193,8 @@ def parse_dependencies(text: str, tree: Path) -> tuple[str, ...]:
     whose ``source_x.o :=`` line names the unit itself.
     """
     files: list[str] = []
-    fixdep = any(line.startswith("deps_") for line in text.splitlines())
     lines = text.splitlines()
+    fixdep = any(line.startswith("deps_") for line in lines)
     i = 0
     while i < len(lines):
         line = lines[i]
