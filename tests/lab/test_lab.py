@@ -22,6 +22,19 @@ def test_command_channel_separates_streams_and_status(lab):
     assert (r.status, r.stdout, r.stderr) == (7, b"out\n", b"err\n")
 
 
+def test_back_to_back_commands_each_end_as_soon_as_they_finish(lab):
+    """Every command is a new connection to the port: the guest may still be handling the last
+    one's hang-up when the next one starts. Twice in CI a command's end was then held back until
+    its timeout; a quick command must never come near one."""
+    slow = []
+    for n in range(60):
+        r = lab.run(["cat", "/proc/sys/kernel/osrelease"], timeout=20)
+        assert r.status == 0 and not r.timed_out, (n, r)
+        if r.seconds > 10:
+            slow.append((n, r.seconds))
+    assert not slow, f"commands that took over 10 s: {slow}"
+
+
 def test_guest_runs_the_target_kernel_and_sees_shared_dirs(lab, workdir):
     marker = workdir / "marker.txt"
     marker.write_text("from the host\n")

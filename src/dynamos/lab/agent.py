@@ -38,8 +38,13 @@ def find_port() -> str:
 
 
 class Agent:
-    def __init__(self, port: str):
-        self.fd = os.open(port, os.O_RDWR)
+    def __init__(self, port_fd: int):
+        # Non-blocking on purpose: the port reports a hang-up while the guest still thinks the
+        # previous connection is closed, and by the time we read, the next connection may be open
+        # with nothing to read yet. A blocking read would then wait for the host's next frame,
+        # which never comes while a command runs: the command's end would be held back.
+        os.set_blocking(port_fd, False)
+        self.fd = port_fd
         self.reader = P.FrameReader()
 
     def send(self, frame: bytes) -> None:
@@ -54,7 +59,10 @@ class Agent:
             return []
         if events[0][1] & select.POLLHUP and not events[0][1] & select.POLLIN:
             return None
-        data = os.read(self.fd, 65536)
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:  # the hang-up was stale: a new connection, no frame yet
+            return []
         if not data:
             return None
         return self.reader.feed(data)
@@ -146,12 +154,22 @@ class Agent:
 
         for kind, payload in pending:
             handle(kind, payload)
+        # The child's exit wakes the loop: it closes its output a moment before it can be
+        # waited for, and polling for that moment cost every command up to one select timeout.
+        exited = _exit_watch(pid)
         while streams or status is None:
             rlist = [self.fd, *streams]
+            if exited is not None and status is None:
+                rlist.append(exited)
             ready, _, _ = select.select(rlist, [], [], 0.2)
             for fd in ready:
+                if fd == exited:
+                    continue  # waited for below
                 if fd == self.fd:
-                    data = os.read(self.fd, 65536)
+                    try:
+                        data = os.read(self.fd, 65536)
+                    except BlockingIOError:  # a stale hang-up, see __init__
+                        continue
                     if not data:
                         # The host side of the port is closed: a host that went away, or the
                         # previous command's connection closing just as this one started. Only
@@ -189,6 +207,8 @@ class Agent:
                         # Drain what is left, then stop: the pty has no EOF of its own.
                         self._drain(streams)
                         streams.clear()
+        if exited is not None:
+            os.close(exited)
         if stdin_open and not use_pty:
             os.close(in_w)
         if use_pty:
@@ -209,12 +229,20 @@ class Agent:
                 self.send(P.encode(kind, data))
 
 
+def _exit_watch(pid: int) -> int | None:
+    """A descriptor that becomes readable when ``pid`` exits (a pidfd), or None without one."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
 def main() -> None:
     # Orphans of commands are reaped by PID 1, the init shell, which waits for any child.
     os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     os.environ.setdefault("HOME", "/root")
     os.environ.setdefault("TERM", "linux")
-    Agent(find_port()).serve()
+    Agent(os.open(find_port(), os.O_RDWR)).serve()
 
 
 if __name__ == "__main__":

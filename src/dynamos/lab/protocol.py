@@ -11,6 +11,7 @@ either side: the agent's start-up pays no imports for it.
 from __future__ import annotations
 
 import os
+import select
 import struct
 
 HEADER = struct.Struct("!cI")
@@ -143,9 +144,14 @@ def decode_exit(payload: bytes) -> tuple[int, int, float]:
 
 
 def write_all(fd: int, data: bytes) -> None:
+    """Write every byte; on a non-blocking fd, wait until it takes more."""
     view = memoryview(data)
     while view:
-        n = os.write(fd, view)
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [], 1.0)
+            continue
         view = view[n:]
 
 
