@@ -245,7 +245,13 @@ _OBJ_RE = re.compile(r"^\s*obj-(\$\((CONFIG_[A-Za-z0-9_]+)\)|y|m)\s*[+:]?=\s*(.*
 def built_by_config(tree: Path, rel: str, config: dict[str, str], target: TargetKernel) -> bool | None:
     """Whether the target's config builds the .c file ``rel``: True, False, or None when the
     directory's Makefile does not say (composite objects: the build decides). A file of a loadable
-    module is built when the target ships that module."""
+    module is built when the target ships that module; a file of another architecture, of a
+    directory a parent Makefile enters only under an unset option, or of composite objects only
+    under unset options (``bridge-$(CONFIG_BRIDGE_CFM) += br_cfm.o``) is not built."""
+    if rel.startswith("arch/") and not rel.startswith("arch/x86/"):
+        return False
+    if _directory_gated_off(tree, rel, config) or _only_in_unset_composites(tree, rel, config):
+        return False
     module = module_of(tree, rel, config)
     if module is not None:
         try:
@@ -270,6 +276,45 @@ def built_by_config(tree: Path, rel: str, config: dict[str, str], target: Target
             option = m.group(2)
             return option is None or config.get(option, "n") in ("y", "m")
     return None
+
+
+def _makefile_lines(directory: Path) -> list[str]:
+    makefile = next((directory / n for n in ("Kbuild", "Makefile") if (directory / n).is_file()), None)
+    return [] if makefile is None else makefile.read_text(errors="replace").replace("\\\n", " ").splitlines()
+
+
+def _unset(option: str | None, config: dict[str, str]) -> bool:
+    return option is not None and config.get(option, "n") not in ("y", "m")
+
+
+def _directory_gated_off(tree: Path, rel: str, config: dict[str, str]) -> bool:
+    """Whether a parent directory's Makefile enters the file's directory (``obj-$(CONFIG_DAMON) +=
+    damon/``) only under options the config leaves unset. Top-level directories are not checked."""
+    parts = Path(rel).parent.parts
+    for depth in range(len(parts) - 1, 0, -1):
+        child = parts[depth] + "/"
+        options = [m.group(2) for line in _makefile_lines(tree.joinpath(*parts[:depth]))
+                   if (m := _OBJ_RE.match(line)) and child in m.group(3).split()]
+        if options and all(_unset(o, config) for o in options):
+            return True
+    return False
+
+
+_COND_COMPOSITE_RE = re.compile(r"^\s*([A-Za-z0-9_-]+)-\$\((CONFIG_[A-Za-z0-9_]+)\)\s*[+:]?=\s*(.*)$")
+
+
+def _only_in_unset_composites(tree: Path, rel: str, config: dict[str, str]) -> bool:
+    """Whether the file's object is named only in composite objects' conditional lists whose
+    options are unset (``bridge-$(CONFIG_BRIDGE_CFM) += br_cfm.o``)."""
+    obj = Path(rel).with_suffix(".o").name
+    conditional: list[str] = []
+    for line in _makefile_lines((tree / rel).parent):
+        m = _COND_COMPOSITE_RE.match(line)
+        if m and m.group(1) != "obj" and obj in m.group(3).split():
+            conditional.append(m.group(2))
+        elif obj in line.partition("=")[2].split() and (_COMPOSITE_RE.match(line) or _OBJ_RE.match(line)):
+            return False  # also named unconditionally, or directly as an object
+    return bool(conditional) and all(_unset(o, config) for o in conditional)
 
 
 # --------------------------------------------------------------------------------------------------

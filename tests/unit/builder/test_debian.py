@@ -292,3 +292,30 @@ def test_build_to_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[st
     assert cli.main([*argv, "--json"]) == 64
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is False and out["exit_status"] == 64
+
+
+def test_built_by_config_follows_parent_directories_composite_options_and_architectures(tmp_path: Path) -> None:
+    """Found by the stable release bench: files the config does not build were called built."""
+    for rel, text in {
+        "mm/Makefile": "obj-y += memory.o\nobj-$(CONFIG_DAMON) += damon/\nobj-$(CONFIG_KFENCE) += kfence/\n",
+        "mm/damon/Makefile": "obj-y += core.o\n",
+        "mm/kfence/Makefile": "obj-y := core.o\n",
+        "net/Makefile": "obj-$(CONFIG_BRIDGE) += bridge/\n",
+        "net/bridge/Makefile": "obj-$(CONFIG_BRIDGE) += bridge.o\nbridge-y := br.o br_fdb.o\n"
+                               "bridge-$(CONFIG_BRIDGE_CFM) += br_cfm.o br_cfm_netlink.o\n"
+                               "bridge-$(CONFIG_BRIDGE_MRP) += br_mrp.o\nbridge-y += br_mrp.o\n",
+        "arch/arm64/kernel/Makefile": "obj-y += ptrace.o\n",
+    }.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    target = TargetKernel("6.1.0-56-amd64", tmp_path, tmp_path / "modules", None, None)
+    (tmp_path / "modules/kernel").mkdir(parents=True)
+    (tmp_path / "modules/kernel/bridge.ko").write_bytes(b"")
+    config = {"CONFIG_KFENCE": "y", "CONFIG_BRIDGE": "m"}
+    assert built_by_config(tmp_path, "mm/damon/core.c", config, target) is False  # mm/ enters damon/ only if set
+    assert built_by_config(tmp_path, "mm/kfence/core.c", config, target) is True
+    assert built_by_config(tmp_path, "net/bridge/br_cfm.c", config, target) is False  # only under BRIDGE_CFM
+    assert built_by_config(tmp_path, "net/bridge/br_cfm.c", {**config, "CONFIG_BRIDGE_CFM": "y"}, target) is True
+    assert built_by_config(tmp_path, "net/bridge/br_mrp.c", config, target) is True  # also in bridge-y
+    assert built_by_config(tmp_path, "net/bridge/br.c", config, target) is True
+    assert built_by_config(tmp_path, "arch/arm64/kernel/ptrace.c", config, target) is False
