@@ -7,7 +7,8 @@ import pytest
 from dynamos.builder.klp import KlpSymbol
 from dynamos.builder.modsyms import OtherModules, parse_modules_dep
 from dynamos.builder.objdiff import DiffResult
-from dynamos.builder.patch import UnitReport, _resolver, _Sympos, translation_units_of
+from dynamos.builder.patch import UnitReport, translation_units_of
+from dynamos.builder.resolution import SymbolPositions, resolver
 from dynamos.errors import BuildError
 from dynamos.target.symtab import SymbolTable
 
@@ -22,9 +23,9 @@ ffffffff81000500 D nr_threads
 
 
 def sympos(path: str = "kernel/x.c", resolved: dict[str, int] | None = None, module: str = "vmlinux",
-           module_symbols: list[str] | None = None) -> _Sympos:
+           module_symbols: list[str] | None = None) -> SymbolPositions:
     unit = UnitReport(path, DiffResult(), resolved=resolved or {}, object=module)
-    return _Sympos(unit, SymbolTable.parse(KALLSYMS), module_symbols)
+    return SymbolPositions(unit, SymbolTable.parse(KALLSYMS), module_symbols)
 
 
 def test_a_global_with_file_local_namesakes_elsewhere_is_the_global() -> None:
@@ -53,7 +54,7 @@ def test_module_twins_resolve_through_the_fidelity_check() -> None:
 
 
 def test_exported_names_are_left_to_the_loader_and_the_rest_become_livepatch_symbols() -> None:
-    resolve = _resolver("kernel/x.c", modules(), sympos())
+    resolve = resolver("kernel/x.c", modules(), sympos())
     assert resolve("printk", False) is None
     assert resolve("__x86_return_thunk", False) is None
     assert resolve("nr_threads", False) == KlpSymbol("nr_threads", "vmlinux", 0)
@@ -68,7 +69,7 @@ def modules() -> OtherModules:
 
 def test_an_export_of_another_module_is_a_livepatch_symbol_of_the_patched_module() -> None:
     """Not left to the loader, which would refuse the update unless md_mod were loaded."""
-    resolve = _resolver("drivers/md/raid10.c", modules(),
+    resolve = resolver("drivers/md/raid10.c", modules(),
                         sympos("drivers/md/raid10.c", module="raid10", module_symbols=["raid10_write_end"]))
     assert resolve("md_write_end", False) == KlpSymbol("md_write_end", "md_mod", 0, patched="raid10")
     assert resolve("printk", False) is None
@@ -78,7 +79,7 @@ def test_an_export_of_another_module_is_a_livepatch_symbol_of_the_patched_module
 
 def test_vmlinux_code_using_an_export_of_a_module_is_refused() -> None:
     with pytest.raises(BuildError, match="the changed vmlinux code would use md_write_end of module md_mod"):
-        _resolver("kernel/x.c", modules(), sympos())("md_write_end", False)
+        resolver("kernel/x.c", modules(), sympos())("md_write_end", False)
 
 
 def write_tree(root, files: dict[str, str]) -> None:

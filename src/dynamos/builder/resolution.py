@@ -1,0 +1,99 @@
+"""Where each name a changed unit uses lives in the running kernel: the object (vmlinux or a
+module) and, among namesakes, which one (sympos) -- what a livepatch relocation names."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from dynamos.abi import VMLINUX
+from dynamos.builder.elf import RelocatableElf
+from dynamos.builder.klp import KlpSymbol
+from dynamos.builder.modsyms import OtherModules
+from dynamos.builder.refusals import FIDELITY
+from dynamos.builder.statics import StaticLocals
+from dynamos.errors import BuildError
+from dynamos.target import TargetKernel
+from dynamos.target.symtab import SymbolTable
+
+
+class ResolvedUnit(Protocol):
+    """What resolution needs of a unit (the patch builder's UnitReport)."""
+
+    path: str
+    object: str
+    resolved: dict[str, int]  # static name -> sympos of this file's copy
+    statics: StaticLocals
+
+
+def module_symbols(target: TargetKernel, module: str) -> list[str] | None:
+    """Names defined in the shipped module, in symbol-table order (None for vmlinux)."""
+    if module == VMLINUX:
+        return None
+    obj = RelocatableElf.parse(target.module_path(module).read_bytes(), f"{module}.ko")
+    return [s.name for s in obj.symbols if s.name and s.shndx != 0]
+
+
+class SymbolPositions:
+    """Where a name one unit uses lives in the kernel, and which of its namesakes it is."""
+
+    def __init__(self, unit: ResolvedUnit, symtab: SymbolTable, module_symbols: list[str] | None):
+        self.unit, self.symtab, self.module_symbols = unit, symtab, module_symbols
+
+    def object_of(self, name: str, local: bool) -> str:
+        """A module's own file-locals and globals live in the module; everything else in vmlinux."""
+        if self.module_symbols is not None and (local or name in self.module_symbols):
+            return self.unit.object
+        return VMLINUX
+
+    def position(self, name: str, local: bool) -> int:
+        """0 when the name is unique in its object, else this file's copy's sympos."""
+        if self.object_of(name, local) != VMLINUX:
+            count = self.module_symbols.count(name) if self.module_symbols else 0
+            if count <= 1:
+                return 0
+            if local and name in self.unit.resolved:
+                return self.unit.resolved[name]  # the fidelity check found this file's copy
+            raise BuildError(f"{self.unit.path}: {count} symbols of module {self.unit.object} are named "
+                             f"{name} and the fidelity check could not tell which one this file's is", code=FIDELITY)
+        candidates = self.symtab.lookup(name)
+        if not candidates:
+            raise BuildError(f"{self.unit.path}: {name} is used by the changed code but the kernel has no such "
+                             f"symbol (inlined or optimised away in the shipped kernel?)")
+        if len(candidates) == 1:
+            return 0
+        if local and name in self.unit.resolved:
+            return self.unit.resolved[name]
+        globals_ = [c for c in candidates if c.type.isupper()]
+        if not local and len(globals_) == 1:
+            return self.symtab.sympos(globals_[0])  # a global, with file-local namesakes elsewhere
+        raise BuildError(f"{self.unit.path}: {len(candidates)} kernel symbols are named {name} and the "
+                         f"fidelity check could not tell which one this file's is", code=FIDELITY)
+
+
+def resolver(unit: str, others: OtherModules, sympos: SymbolPositions):
+    """Where the kernel has each name the changed code of ``unit`` uses: None for a vmlinux export
+    (the module loader links it), else a livepatch symbol. A symbol of another module than the
+    patched one, exported or not, is a livepatch symbol tied to the patched module (see modsyms)."""
+    patched = sympos.unit.object
+
+    def resolve(name: str, local: bool) -> KlpSymbol | None:
+        obj = sympos.object_of(name, local)
+        if obj == VMLINUX and not local:
+            home = others.exporter(name)
+            if home == VMLINUX:
+                return None  # the module loader links it (a module's own exports stay livepatch
+                # symbols: linking them would make the update depend on the module being loaded)
+            if home is not None and home != patched:
+                return others.symbol(unit, patched, name, home)
+        if name == "__fentry__" or name.startswith("__x86_") or name == "__stack_chk_fail":
+            return None  # exported helpers every module uses
+        if local:
+            found = sympos.unit.statics.lookup(name)  # raises for a variable that cannot be found
+            if found is not None:
+                return found
+        elif obj == VMLINUX and not sympos.symtab.lookup(name):
+            found = others.defined_by_dependency(unit, patched, name)
+            if found is not None:
+                return found
+        return KlpSymbol(name, obj, sympos.position(name, local))
+    return resolve
