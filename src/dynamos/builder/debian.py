@@ -421,6 +421,7 @@ def build_changes(target: TargetKernel, running: str, to: str, changes: list[Cha
     config = read_config(source.tree / ".config")
     results: dict[str, FileResult] = {}
     patched: dict[str, bytes] = {}
+    held_back: dict[str, bytes] = {}  # headers refused for their reach: a unit that needs one borrows it
     touching: dict[str, list[str]] = {}
     graph: IncludeGraph | None = None
     for change in changes:
@@ -452,6 +453,7 @@ def build_changes(target: TargetKernel, running: str, to: str, changes: list[Cha
             if len(units) > max_units:
                 res.status, res.code = REFUSED, "header-reach"
                 res.reason = f"reaches {len(units)} units, more than --max-units {max_units}"
+                held_back[change.path] = text
                 continue
         else:
             units = translation_units_of(source.tree, change.path)
@@ -482,8 +484,9 @@ def build_changes(target: TargetKernel, running: str, to: str, changes: list[Cha
         build = build_from_texts(patched, touching, target, name=update_name(to),
                                  description=f"Debian {package} {running} -> {to}{partial_note}",
                                  output=output, progress=say, signer=signer, tolerant=True, replace_earlier=True,
-                                 annotate=annotate)
+                                 annotate=annotate, held_back=held_back)
         _settle(results, build.dropped, build.skipped, build.not_including, build.includes)
+        _note_borrowed(results, {u.path: u.borrowed for u in build.units if u.borrowed})
         package_path = build.package_path
         if package_path is None:
             for r in results.values():
@@ -493,6 +496,18 @@ def build_changes(target: TargetKernel, running: str, to: str, changes: list[Cha
     files = sorted(results.values(), key=lambda r: r.path)
     return ToBuild(package, running, to, files, entries, mentioned, package_path,
                    round(time.monotonic() - started, 3), build.explain() if build else [])
+
+
+def _note_borrowed(results: dict[str, FileResult], borrowed: dict[str, list[str]]) -> None:
+    """Say which carried units were compiled with a held-back header's change, on both files."""
+    for unit, headers in borrowed.items():
+        for res in results.values():
+            if unit in res.units and res.status == CARRIED:
+                res.reason = "; ".join([*([res.reason] if res.reason else []),
+                                        f"{unit} compiled with the change to {', '.join(headers)}, which it needs"])
+        for header in headers:
+            res = results[header]
+            res.reason += f"; its change is compiled into {unit}, which needs it"
 
 
 def _settle(results: dict[str, FileResult], dropped: dict[str, Refusal], skipped: list[str],

@@ -74,6 +74,7 @@ class UnitReport:
     directives: Directives = field(default_factory=Directives)  # what its kpatch/klp-build macros asked for
     key_sites: list[KeySite] = field(default_factory=list)  # module keys' sites rewritten (builder/modkeys.py)
     types: str = ""  # what comparing its patched headers' types found (builder/elf/types.py)
+    borrowed: list[str] = field(default_factory=list)  # held-back changes its patched compile needed
 
 
 @dataclass
@@ -103,6 +104,8 @@ class PatchBuild:
         for unit in self.units:
             via = [t for t in unit.touched if t != unit.path]
             lines.append(f"{unit.path}:" + (f" (includes {', '.join(via)})" if via else ""))
+            lines += [f"  borrowed  {h}: its patched compile needs this change, which the header's other "
+                      f"units do not get" for h in unit.borrowed]
             if unit.fidelity:
                 lines.append(f"  checked   {unit.fidelity}")
             if unit.types:
@@ -282,7 +285,8 @@ def build_from_texts(patched: dict[str, bytes], touching: dict[str, list[str]], 
                      progress: Callable[[str], None] | None = None, signer: Signer | None = None,
                      origin: Path | None = None, tolerant: bool = False, replace_earlier: bool = False,
                      extra: dict[str, object] | None = None, debian: dict[str, object] | None = None,
-                     annotate: Annotate | None = None, started: float | None = None) -> PatchBuild:
+                     annotate: Annotate | None = None, started: float | None = None,
+                     held_back: dict[str, bytes] | None = None) -> PatchBuild:
     """Build an update from the patched texts of files and the units that compile them.
 
     ``tolerant``: a unit that cannot be built, or whose diff has a refused change, is left out
@@ -290,7 +294,9 @@ def build_from_texts(patched: dict[str, bytes], touching: dict[str, list[str]], 
     package is written. ``extra`` is merged into the update table (version, cves); ``debian`` is the
     Debian versions and changelog an update built by ``build --to`` corresponds to (manifest key);
     ``annotate``, given the dropped and skipped units and those that do not include the patched
-    files, returns them once the units are known.
+    files, returns them once the units are known. ``held_back``: patched texts of files not carried
+    as a whole (a header refused for its reach); a unit whose patched compile fails is compiled
+    again with those of them it reads, since a change often needs its release's header change.
     """
     say = progress or (lambda _m: None)
     started = time.monotonic() if started is None else started
@@ -322,7 +328,7 @@ def build_from_texts(patched: dict[str, bytes], touching: dict[str, list[str]], 
                 report = _compile_and_diff(source, unit, {rel: patched[rel] for rel in touched}, work, target,
                                            symtab, image_text, say, obj,
                                            optional=all(rel.endswith(".h") for rel in touched),
-                                           includes=includes, not_including=not_including)
+                                           includes=includes, not_including=not_including, held_back=held_back)
             except DynamosError as e:
                 if not tolerant:
                     raise
@@ -435,7 +441,8 @@ def _obj_name(rel: str, kind: str) -> str:
 def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes], work: Path, target: TargetKernel,
                       symtab: SymbolTable, text: KernelText, say: Callable[[str], None], obj: str,
                       optional: bool = False, includes: dict[str, list[str]] | None = None,
-                      not_including: dict[str, list[str]] | None = None) -> UnitReport | None:
+                      not_including: dict[str, list[str]] | None = None,
+                      held_back: dict[str, bytes] | None = None) -> UnitReport | None:
     """Compile unit ``rel`` as shipped (checked against the target) and with ``patched`` files.
 
     An ``optional`` unit (one a patched header reached) that the target does not build (it does
@@ -443,13 +450,10 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes],
     The original compile's dependency output confirms which patched files the unit really reads
     (recorded in ``includes`` and ``not_including``); one that reads none of them gives None too,
     without compiling its patched side: the static scan of #include lines sees no #ifdef.
+    A patched compile that fails is tried again with the ``held_back`` files the unit reads.
     """
     unit = rel.removesuffix(".c") + ".o"
-    stable = {}
-    for path, content in patched.items():
-        original_text = (source.tree / path).read_text(errors="surrogateescape")
-        stable[path] = stabilise_lines(original_text, content.decode(errors="surrogateescape")
-                                       ).encode(errors="surrogateescape")
+    stable = _stabilised(source, patched)
     times = {}
     t = time.monotonic()
     try:
@@ -498,7 +502,20 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes],
     times["fidelity"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
     say(f"compiling {rel} (patched)")
-    new = compile_unit(source, unit, work / "objects" / _obj_name(rel, "patched"), sources=stable)
+    borrowed: list[str] = []
+    try:
+        new = compile_unit(source, unit, work / "objects" / _obj_name(rel, "patched"), sources=stable)
+    except BuildError as failed:
+        needed = {p: v for p, v in (held_back or {}).items() if orig.deps is not None and p in orig.deps}
+        if not needed:
+            raise
+        borrowed = sorted(needed)
+        say(f"{rel}: the patched compile failed; again with the change to {', '.join(borrowed)}, which it reads")
+        patched, stable = {**patched, **needed}, {**stable, **_stabilised(source, needed)}
+        try:
+            new = compile_unit(source, unit, work / "objects" / _obj_name(rel, "patched"), sources=stable)
+        except BuildError:
+            raise failed from None  # not what the held-back change lacked: the first error says more
     times["patched"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
     types = refuse_layout_changes(orig.object_path.read_bytes(), new.object_path.read_bytes(), patched, rel, say)
@@ -513,7 +530,18 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes],
             say(f"{rel}: static {name}: {how}")
         elif statics.found[name].name != name:  # renumbered by one compile or the other
             say(f"{rel}: static {name} is the kernel's {how}")
-    return UnitReport(rel, diff, times, resolved, obj, fidelity.summary(), sorted(patched), statics, types=types)
+    return UnitReport(rel, diff, times, resolved, obj, fidelity.summary(), sorted(patched), statics, types=types,
+                      borrowed=borrowed)
+
+
+def _stabilised(source: KernelSource, patched: dict[str, bytes]) -> dict[str, bytes]:
+    """The patched texts with their unchanged lines at their original line numbers."""
+    stable = {}
+    for path, content in patched.items():
+        original_text = (source.tree / path).read_text(errors="surrogateescape")
+        stable[path] = stabilise_lines(original_text, content.decode(errors="surrogateescape")
+                                       ).encode(errors="surrogateescape")
+    return stable
 
 
 def _write_cmd_file(work: Path, obj: str) -> None:

@@ -127,3 +127,54 @@ def test_a_cached_original_keeps_its_dependency_list(target, tmp_path: Path) -> 
     assert again.cached and again.deps == first.deps
     assert again.deps is not None and "include/linux/toshiba.h" in again.deps
     assert "drivers/platform/x86/toshiba_acpi.c" in again.deps
+
+
+BORROWING = {
+    # a new inline helper in a header that reaches far more units than --max-units, and the one
+    # .c change of the release that calls it: the .c cannot compile without the header's change
+    "include/linux/seq_file.h": ("void seq_puts(struct seq_file *m, const char *s);\n",
+                                 "void seq_puts(struct seq_file *m, const char *s);\n"
+                                 "static inline void seq_put_line(struct seq_file *m, const char *s)\n"
+                                 "{\n\tseq_printf(m, \"%s\\n\", s);\n}\n"),
+    "fs/proc/cmdline.c": ("\tseq_puts(m, saved_command_line);\n\tseq_putc(m, '\\n');\n",
+                          "\tseq_put_line(m, saved_command_line);\n"),
+    # a member added to a struct in a far-reaching header, used by the .c change: the .c is
+    # compiled with it and then refused because the struct's layout changes
+    "include/linux/pipe_fs_i.h": ("struct pipe_inode_info {\n\tstruct mutex mutex;\n",
+                                  "struct pipe_inode_info {\n\tunsigned int dynamos_count;\n\tstruct mutex mutex;\n"),
+    "fs/pipe.c": ("\tcase F_GETPIPE_SZ:\n\t\tret = pipe->max_usage * PAGE_SIZE;\n",
+                  "\tcase F_GETPIPE_SZ:\n\t\tpipe->dynamos_count++;\n\t\tret = pipe->max_usage * PAGE_SIZE;\n"),
+}
+
+
+def test_a_change_that_needs_a_header_refused_for_its_reach_is_compiled_with_that_header(
+        target, tmp_path: Path) -> None:
+    """A header refused for its reach stays refused for its other units, but a unit whose patched
+    compile needs its change borrows it: carried when no layout changes, else refused naming the
+    type (an accepted refusal, not a failed build)."""
+    tree = prepare_source(target).tree
+    texts: dict[str, bytes] = {}
+    for rel, (old, new) in BORROWING.items():
+        text = (tree / rel).read_text()
+        assert old in text, f"{rel}: {old!r} not found"
+        texts[rel] = text.replace(old, new, 1).encode()
+    said: list[str] = []
+    result = build_changes(target, "6.1.192-2", "6.1.192-9", [Change(rel, "modified") for rel in sorted(BORROWING)],
+                           texts.__getitem__, [], output=tmp_path, max_units=3, progress=said.append)
+    got = {f.path: f for f in result.files}
+    assert {p: (f.status, f.code) for p, f in got.items()} == {
+        "include/linux/seq_file.h": (REFUSED, "header-reach"),
+        "fs/proc/cmdline.c": (CARRIED, ""),
+        "include/linux/pipe_fs_i.h": (REFUSED, "header-reach"),
+        "fs/pipe.c": (REFUSED, "changed-layout"),
+    }, result.files
+    assert "fs/proc/cmdline.c: the patched compile failed; again with the change to include/linux/seq_file.h, " \
+           "which it reads" in said
+    assert "compiled with the change to include/linux/seq_file.h, which it needs" in got["fs/proc/cmdline.c"].reason
+    assert "its change is compiled into fs/proc/cmdline.c" in got["include/linux/seq_file.h"].reason
+    assert "include/linux/pipe_fs_i.h: struct pipe_inode_info changes layout" in got["fs/pipe.c"].reason, \
+        got["fs/pipe.c"].reason
+    assert "  borrowed  include/linux/seq_file.h: its patched compile needs this change, which the header's " \
+           "other units do not get" in result.explain
+    pkg = read_package(result.package_path)
+    assert [f.name for f in pkg.patched_functions] == ["cmdline_proc_show"]
