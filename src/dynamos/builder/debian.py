@@ -25,7 +25,7 @@ from pathlib import Path
 from dynamos.builder.patch import build_from_texts
 from dynamos.builder.refusals import ACCEPTED_CODES, CODES, OTHER_CODES, Refusal  # noqa: F401 (re-exported)
 from dynamos.builder.signing import Signer
-from dynamos.builder.unitsof import module_of, translation_units_of
+from dynamos.builder.unitsof import makefile_lines, module_of, translation_units_of
 from dynamos.errors import BuildError, TargetError
 from dynamos.target import TargetKernel, cache_root
 from dynamos.target.debversion import (
@@ -278,11 +278,6 @@ def built_by_config(tree: Path, rel: str, config: dict[str, str], target: Target
     return None
 
 
-def _makefile_lines(directory: Path) -> list[str]:
-    makefile = next((directory / n for n in ("Kbuild", "Makefile") if (directory / n).is_file()), None)
-    return [] if makefile is None else makefile.read_text(errors="replace").replace("\\\n", " ").splitlines()
-
-
 def _unset(option: str | None, config: dict[str, str]) -> bool:
     return option is not None and config.get(option, "n") not in ("y", "m")
 
@@ -293,7 +288,7 @@ def _directory_gated_off(tree: Path, rel: str, config: dict[str, str]) -> bool:
     parts = Path(rel).parent.parts
     for depth in range(len(parts) - 1, 0, -1):
         child = parts[depth] + "/"
-        options = [m.group(2) for line in _makefile_lines(tree.joinpath(*parts[:depth]))
+        options = [m.group(2) for line in makefile_lines(tree.joinpath(*parts[:depth]))
                    if (m := _OBJ_RE.match(line)) and child in m.group(3).split()]
         if options and all(_unset(o, config) for o in options):
             return True
@@ -308,7 +303,7 @@ def _only_in_unset_composites(tree: Path, rel: str, config: dict[str, str]) -> b
     options are unset (``bridge-$(CONFIG_BRIDGE_CFM) += br_cfm.o``)."""
     obj = Path(rel).with_suffix(".o").name
     conditional: list[str] = []
-    for line in _makefile_lines((tree / rel).parent):
+    for line in makefile_lines((tree / rel).parent):
         m = _COND_COMPOSITE_RE.match(line)
         if m and m.group(1) != "obj" and obj in m.group(3).split():
             conditional.append(m.group(2))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dynamos.builder.refusals import BUILD_FAILED
+from dynamos.builder.unitsof import kbuild_object
 from dynamos.errors import BuildError
 from dynamos.target.make import error_lines
 from dynamos.target.source import (
@@ -68,7 +69,7 @@ def _resolve_unit(source: KernelSource, relpath: str) -> tuple[str, str]:
         raise BuildError(f"{relpath}: not a translation unit (expected a .c or .S file, or its .o)")
     for cand in candidates:
         if (source.tree / cand).is_file():
-            return cand.as_posix(), cand.with_suffix(".o").as_posix()
+            return cand.as_posix(), kbuild_object(source.tree, cand.as_posix())
     raise BuildError(f"{candidates[0].as_posix()} does not exist in the source of kernel {source.release} "
                      f"({source.tree})")
 

@@ -6,6 +6,7 @@ Read from the tree alone (Makefiles, ``#include "..."`` lines): what the patch b
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -16,11 +17,74 @@ _OBJ_LINE_RE = re.compile(r"^\s*obj-\$\((CONFIG_[A-Za-z0-9_]+)\)\s*[+:]?=\s*(.*)
 _COMPOSITE_RE = re.compile(r"^\s*([A-Za-z0-9_-]+)-(?:y|objs|\$\(CONFIG_[A-Za-z0-9_]+\))\s*[+:]?=\s*(.*)$")
 
 
+def makefile_lines(directory: Path) -> list[str]:
+    """The lines of a directory's Kbuild (else Makefile), continuations joined; none without one."""
+    makefile = next((directory / n for n in ("Kbuild", "Makefile") if (directory / n).is_file()), None)
+    return [] if makefile is None else makefile.read_text(errors="replace").replace("\\\n", " ").splitlines()
+
+
+_DESCENT_RE = re.compile(r"^\s*[a-z]+-\S*\s*[+:]?=\s*(.*)$")  # obj-y, obj-$(CONFIG_X), subdir-y, core-y ...
+
+
+def _entered(tree: Path, directory: str) -> bool:
+    """Whether Kbuild's descent reaches ``directory``: an ancestor's Makefile names it as a
+    subdirectory (``obj-$(CONFIG_DRM_AMDGPU) += amd/amdgpu/``). Top-level directories and the
+    architecture's are entered from the top Makefile."""
+    parts = Path(directory).parts
+    if len(parts) <= 1 or parts[:2] == ("arch", "x86"):
+        return True
+    for depth in range(len(parts) - 1, 0, -1):
+        child = "/".join(parts[depth:]) + "/"
+        if any((m := _DESCENT_RE.match(line)) and child in m.group(1).split()
+               for line in makefile_lines(tree.joinpath(*parts[:depth]))):
+            return True
+    return False
+
+
+def includer_of(tree: Path, rel: str) -> str | None:
+    """The directory whose Makefile builds ``rel`` by a relative path, when Kbuild's descent never
+    enters the file's own directory: amdgpu's Makefile ``include``s ``../amdkfd/Makefile``,
+    ``../display`` and ``../pm`` and names their objects ``$(obj)/../amdkfd/x.o``. Found among the
+    entered sibling directories of an ancestor whose Makefile includes others and names the
+    file's top directory below that ancestor; None when the directory is entered (the usual case)."""
+    directory = Path(rel).parent
+    if _entered(tree, directory.as_posix()):
+        return None
+    for depth in range(len(directory.parts) - 1, 0, -1):
+        ancestor = Path(*directory.parts[:depth])
+        below = directory.parts[depth]
+        word = re.compile(rf"(?<![\w-]){re.escape(below)}(?![\w-])")
+        for sibling in sorted(p for p in (tree / ancestor).iterdir() if p.is_dir() and p.name != below):
+            lines = makefile_lines(sibling)
+            if (any(line.startswith("include ") for line in lines) and any(word.search(line) for line in lines)
+                    and _entered(tree, (ancestor / sibling.name).as_posix())):
+                return (ancestor / sibling.name).as_posix()
+    return None
+
+
+def kbuild_object(tree: Path, rel: str) -> str:
+    """The object Kbuild builds the source file ``rel`` as: ``x.o`` beside it, or, for a file an
+    includer's Makefile builds (``includer_of``), the path through that directory
+    (``drivers/gpu/drm/amd/amdgpu/../amdkfd/kfd_topology.o``), so it gets that Makefile's flags."""
+    obj = Path(rel).with_suffix(".o").as_posix()
+    includer = includer_of(tree, rel)
+    if includer is None:
+        return obj
+    return f"{includer}/{os.path.relpath(obj, includer)}"
+
+
 def module_of(tree: Path, rel: str, config: dict[str, str]) -> str | None:
     """The loadable module a source file is built into under the target's config, or None when
     it is built into vmlinux. Reads the directory's Kbuild/Makefile (``obj-$(CONFIG_X) += m.o``,
     ``m-y += file.o``): enough for the common layouts, and a wrong answer fails loudly later
-    (livepatch finds no such function in that object)."""
+    (livepatch finds no such function in that object). A file an includer's Makefile builds
+    belongs to that Makefile's one module (amdkfd's files to amdgpu)."""
+    includer = includer_of(tree, rel)
+    if includer is not None:
+        modules = {item[:-2].replace("-", "_") for line in makefile_lines(tree / includer)
+                   if (m := _OBJ_LINE_RE.match(line)) and config.get(m.group(1)) == "m"
+                   for item in m.group(2).split() if item.endswith(".o")}
+        return modules.pop() if len(modules) == 1 else None
     directory = (tree / rel).parent
     makefile = next((directory / n for n in ("Kbuild", "Makefile") if (directory / n).is_file()), None)
     if makefile is None:

@@ -178,3 +178,22 @@ def test_a_change_that_needs_a_header_refused_for_its_reach_is_compiled_with_tha
            "other units do not get" in result.explain
     pkg = read_package(result.package_path)
     assert [f.name for f in pkg.patched_functions] == ["cmdline_proc_show"]
+
+
+def test_a_file_another_directorys_makefile_builds_gets_that_makefiles_flags_and_module(
+        target, tmp_path: Path) -> None:
+    """Kbuild never enters drivers/gpu/drm/amd/amdkfd/: amdgpu's Makefile includes its Makefile and
+    builds its files as amdgpu/../amdkfd/x.o with amdgpu's include paths, into amdgpu.ko. Compiled
+    as amdkfd/x.o, the original does not even compile (kgd_kfd_interface.h not found)."""
+    rel = "drivers/gpu/drm/amd/amdkfd/kfd_topology.c"
+    tree = prepare_source(target).tree
+    text = (tree / rel).read_text()
+    old = "int kfd_numa_node_to_apic_id(int numa_node_id)\n{\n\tif (numa_node_id == -1) {"
+    assert old in text
+    result = build_changes(target, "6.1.192-2", "6.1.192-9", [Change(rel, "modified")],
+                           {rel: text.replace(old, old.replace("== -1", "< 0")).encode()}.__getitem__, [],
+                           output=tmp_path)
+    (res,) = result.files
+    assert (res.status, res.code) == (CARRIED, ""), res
+    pkg = read_package(result.package_path)
+    assert [(f.name, f.object) for f in pkg.patched_functions] == [("kfd_numa_node_to_apic_id", "amdgpu")]
