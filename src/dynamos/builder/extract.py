@@ -43,7 +43,7 @@ from dynamos.builder.elf import (
     section_rule,
 )
 from dynamos.builder.klp import SHN_LIVEPATCH, KlpSymbol
-from dynamos.builder.modkeys import KeySite, carry_module_keys
+from dynamos.builder.modkeys import DESCRIPTORS, KeySite, carry_module_keys, own_descriptors
 from dynamos.builder.statics import carried_constant_sections
 from dynamos.errors import BuildError
 
@@ -81,6 +81,9 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
     rules = [section_rule(s.name) for s in obj.sections]  # each section's row, looked up once
     keep = _kept_sections(obj, functions, new_data, rules)
     relas_of = {s.info: i for i, s in enumerate(obj.sections) if s.type == SHT_RELA and s.link == obj.symtab_index}
+    short_sites = own_descriptors(obj, relas_of, keep, resolve)
+    if short_sites:
+        keep.add(obj.section_index(DESCRIPTORS))
     for idx, rule in enumerate(rules):
         if rule is not None and rule.carry is Carry.REFUSE and idx in relas_of \
                 and _table_mentions(obj, relas_of[idx], keep):
@@ -117,7 +120,7 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
                 converted.add(r.sym)
         obj.set_relocations(ri, relas)
 
-    key_sites = carry_module_keys(obj, relas_of, klp)
+    key_sites = short_sites + carry_module_keys(obj, relas_of, klp)
     _check_links_at_load(obj, relas_of, klp)
 
     dropped = []

@@ -25,15 +25,17 @@ correct without one:
 * Any other key of a module (a plain ``static_branch_*()``), at a 5-byte site, becomes a jump to a
   test of the key appended to the function (``_test_of_key``): it branches exactly when the kernel
   would have patched a jmp in, reading the key through a livepatch relocation. A 2-byte site has no
-  room for that jump and is refused, naming the function and the key.
+  room for that jump and is refused, naming the function and the key, except for the most common
+  one, a ``pr_debug()`` (``own_descriptors``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dynamos.abi import VMLINUX
-from dynamos.builder.elf import STT_FUNC, Rela, RelocatableElf
+from dynamos.builder.elf import STT_FUNC, STT_OBJECT, Rela, RelocatableElf
 from dynamos.builder.elf.sections import SECTION_RULES, STATIC_CALL, STATIC_KEY, UNWIND_IPS, UNWIND_STATES
 from dynamos.builder.elf.x86_64 import TABLE_LAYOUTS
 from dynamos.builder.klp import KlpSymbol
@@ -59,6 +61,51 @@ class KeySite:
     key: str  # the key's symbol (a tracepoint, a static call key)
     object: str  # the module defining it
     how: str  # what became of the site
+
+
+DESCRIPTORS = "__dyndbg"  # struct _ddebug of every pr_debug/dev_dbg call site: its key is the site's switch
+
+
+def own_descriptors(obj: RelocatableElf, relas_of: dict[int, int], keep: set[int],
+                    resolve: Callable[[str, bool], KlpSymbol | None]) -> list[KeySite]:
+    """The 2-byte jump-label sites of kept functions keyed on a pr_debug descriptor that is the
+    running module's (no room to test that key, see above): for them the unit's ``__dyndbg``
+    section is to be kept (``DESCRIPTORS``).
+
+    The update then carries its own copy of the unit's descriptors instead: the module loader
+    registers them with dynamic debug under the update's name and their keys are the update's own,
+    which its ``__jump_table`` may name. The new code's messages are switched by ``file``, ``func``
+    or ``module <update>`` queries, not ``module <patched module>`` (its table is another)."""
+    table, descriptors = obj.section_index("__jump_table"), obj.section_index(DESCRIPTORS)
+    if table is None or descriptors is None or table not in relas_of:
+        return []
+    layout = TABLE_LAYOUTS["__jump_table"]
+    named = {(sym.value, i) for i, sym in enumerate(obj.symbols)
+             if sym.shndx == descriptors and sym.type == STT_OBJECT and sym.name}
+    by_entry: dict[int, dict[int, Rela]] = {}
+    for r in obj.relocations(relas_of[table]):
+        by_entry.setdefault(r.offset // layout.entry_size, {})[r.offset % layout.entry_size] = r
+    sites: list[KeySite] = []
+    for fields in by_entry.values():
+        code, key = fields.get(0), fields.get(layout.key_offset)
+        if code is None or key is None or obj.symbol_section(key.sym) != descriptors:
+            continue
+        section, site = _place(obj, code)
+        data = obj.sections[section].data
+        if section not in keep or not (data[site:site + 2] == NOP2 or data[site] == JMP8):
+            continue
+        at = obj.symbols[key.sym].value + (key.addend & ~JUMP_ENTRY_FLAGS)
+        name = obj.symbols[max((i for value, i in named if value <= at), default=key.sym,
+                               key=lambda i: obj.symbols[i].value)].name
+        try:
+            where = resolve(name, True)
+        except BuildError:
+            continue  # refused anyway when its code is linked, naming it
+        if where is not None and where.object != VMLINUX:
+            sites.append(KeySite("__jump_table", _function_at(obj, section, site), name, where.object,
+                                 f"2-byte pr_debug site at {site:#x}: the update carries its own copy of the "
+                                 f"unit's descriptors (switched by file, func or module of the update)"))
+    return sites
 
 
 def carry_module_keys(obj: RelocatableElf, relas_of: dict[int, int], klp: dict[str, KlpSymbol]) -> list[KeySite]:
