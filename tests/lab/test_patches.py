@@ -72,6 +72,20 @@ def test_string_change_in_a_proc_show_function(guest, patch_package):
     assert guest.read("/proc/cmdline") == original
 
 
+def test_a_fix_that_adds_an_export_runs_without_it(guest, patch_package):
+    """The new function travels with the update and its caller uses it; the export is left out."""
+    pkg = patch_package("cmdline-export", {"fs/proc/cmdline.c": [
+        ("static int cmdline_proc_show(struct seq_file *m, void *v)\n{\n\tseq_puts(m, saved_command_line);",
+         "unsigned int dynamos_cmdline_length(void)\n{\n\treturn strlen(saved_command_line);\n}\n"
+         "EXPORT_SYMBOL_GPL(dynamos_cmdline_length);\n\n"
+         "static int cmdline_proc_show(struct seq_file *m, void *v)\n{\n"
+         "\tseq_printf(m, \"%u \", dynamos_cmdline_length());\n\tseq_puts(m, saved_command_line);")]})
+    original = guest.read("/proc/cmdline")
+    with applied(guest, pkg):
+        assert guest.read("/proc/cmdline") == f"{len(original) - 1} {original}"
+    assert guest.read("/proc/cmdline") == original
+
+
 def test_one_line_logic_fix_using_non_exported_state(guest, patch_package):
     # loadavg_proc_show reads nr_threads and calls nr_running(), neither exported: the cut-out
     # function reaches the kernel's own through livepatch relocations.

@@ -197,3 +197,23 @@ def test_a_file_another_directorys_makefile_builds_gets_that_makefiles_flags_and
     assert (res.status, res.code) == (CARRIED, ""), res
     pkg = read_package(result.package_path)
     assert [(f.name, f.object) for f in pkg.patched_functions] == [("kfd_numa_node_to_apic_id", "amdgpu")]
+
+
+def test_a_new_export_is_not_carried_and_does_not_stop_the_fix(target, tmp_path: Path) -> None:
+    """A stable release often exports a function a module fix needs: the export is left out (the
+    kernel's modules were built without it; the update reaches the function through livepatch)."""
+    rel = "fs/proc/cmdline.c"
+    tree = prepare_source(target).tree
+    text = (tree / rel).read_text()
+    old = "static int cmdline_proc_show(struct seq_file *m, void *v)\n{\n\tseq_puts(m, saved_command_line);"
+    new = ("unsigned int dynamos_cmdline_length(void)\n{\n\treturn strlen(saved_command_line);\n}\n"
+           "EXPORT_SYMBOL_GPL(dynamos_cmdline_length);\n\n"
+           "static int cmdline_proc_show(struct seq_file *m, void *v)\n{\n"
+           "\tseq_printf(m, \"%u \", dynamos_cmdline_length());\n\tseq_puts(m, saved_command_line);")
+    assert old in text
+    result = build_changes(target, "6.1.192-2", "6.1.192-9", [Change(rel, "modified")],
+                           {rel: text.replace(old, new).encode()}.__getitem__, [], output=tmp_path)
+    (res,) = result.files
+    assert (res.status, res.code) == (CARRIED, ""), res
+    pkg = read_package(result.package_path)
+    assert [f.name for f in pkg.patched_functions] == ["cmdline_proc_show"]

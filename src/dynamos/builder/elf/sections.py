@@ -100,9 +100,12 @@ SECTION_RULES: tuple[SectionRule, ...] = (
     SectionRule(".exit.*", _B, "__exit: runs only at module unload, or never when built in"),
     SectionRule(".head.text", _B, "early boot code: runs once before the kernel is up"),
     SectionRule(".initcall*", _R, "the initcall list is read only at boot"),
-    SectionRule("__ksymtab*", _R, "exported symbols"),
-    SectionRule("___ksymtab*", _R, "exported symbols"),
-    SectionRule("__kcrctab*", _R, "export CRCs"),
+    # An export the patched file adds (or drops) is not carried: the running kernel's modules were
+    # built against its exports as they are, and the update's own code reaches any function of the
+    # kernel, exported or not, through livepatch (builder/resolution.py).
+    SectionRule("__ksymtab*", _I, "exported symbols; an added or removed export is not carried"),
+    SectionRule("___ksymtab*", _I, "exported symbols; an added or removed export is not carried"),
+    SectionRule("__kcrctab*", _I, "export CRCs; an added or removed export is not carried"),
     SectionRule("__param", _R, "module and boot parameters"),
     SectionRule(".modinfo", _R, "module metadata"),
     SectionRule("__tracepoint*", _R, "tracepoint definitions"),
