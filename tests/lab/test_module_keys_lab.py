@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.lab.test_patches import applied, patch_package, tree  # noqa: F401  (fixtures)
+from tests.lab.test_patches import RAID10, applied, md_array, patch_package, tree  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.lab
 
@@ -100,28 +100,10 @@ def test_a_plain_static_key_of_the_module_is_tested_by_the_update(guest, patch_p
         guest.run("modprobe", "-r", "dm_mod", "loop", check=False)
 
 
-RAID10 = "drivers/md/raid10.c"
 PRINT_CONF = ("\t\tif (rdev)\n\t\t\tpr_debug(\" disk %d, wo:%d, o:%d, dev:%pg\\n\",",
               "\t\tif (rdev && rdev->bdev)\n\t\t\tpr_debug(\" disk %d, wo:%d, o:%d, dev:%pg\\n\",")
-# A two-disk raid10 through md's sysfs (no mdadm), then one disk failed and removed: raid10_remove_disk
-# prints the configuration (print_conf) through pr_debug.
-MD_DEGRADE = """set -e
-modprobe loop
-truncate -s 32M /tmp/d0 /tmp/d1
-L0=$(losetup -f --show /tmp/d0); L1=$(losetup -f --show /tmp/d1)
-echo md8 > /sys/module/md_mod/parameters/new_array
-M=/sys/block/md8/md
-echo none > $M/metadata_version; echo raid10 > $M/level; echo 65536 > $M/chunk_size
-echo 258 > $M/layout; echo 2 > $M/raid_disks
-for L in $L0 $L1; do echo $(cat /sys/block/${L#/dev/}/dev) > $M/new_dev; done
-echo 0 > $M/dev-${L0#/dev/}/slot; echo 1 > $M/dev-${L1#/dev/}/slot
-echo 30000 > $M/component_size; echo none > $M/resync_start
-echo active > $M/array_state
-echo faulty > $M/dev-${L1#/dev/}/state
-echo remove > $M/dev-${L1#/dev/}/state
-echo clear > $M/array_state
-losetup -d $L0 $L1
-"""
+# Failing and removing a disk makes raid10_remove_disk print the configuration (print_conf).
+DEGRADE = "echo faulty > $M/dev-${L1#/dev/}/state\necho remove > $M/dev-${L1#/dev/}/state"
 
 
 def test_a_pr_debug_of_the_changed_module_function_prints_from_the_update(guest, patch_package):  # noqa: F811
@@ -137,11 +119,11 @@ def test_a_pr_debug_of_the_changed_module_function_prints_from_the_update(guest,
             assert any("print_conf" in line and "disk %d" in line for line in ours), ours
             assert not any("[raid10_debug]" in line for line in guest.read(control).splitlines() if "=p" in line)
             guest.sh("echo 'module raid10_debug +p' > " + control)
-            guest.sh(MD_DEGRADE)
+            guest.sh(md_array("md8", DEGRADE))
             log = guest.sh("dmesg")
             assert "RAID10 conf printout:" in log and " disk 0, wo:0, o:1, dev:loop" in log, log[-3000:]
             guest.sh("echo 'module raid10_debug -p' > " + control + " && dmesg -c > /dev/null")
-            guest.sh(MD_DEGRADE.replace("md8", "md9"))
+            guest.sh(md_array("md9", DEGRADE))
             assert "RAID10 conf printout:" not in guest.sh("dmesg"), "printed with its descriptors off"
         assert "[raid10_debug]" not in guest.read(control)
     finally:

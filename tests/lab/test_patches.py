@@ -478,23 +478,31 @@ RAID10 = "drivers/md/raid10.c"
 RAID10_WRITE = ("\tif (!md_write_start(mddev, bio))\n\t\treturn false;\n",
                 "\tif (!md_write_start(mddev, bio))\n\t\treturn false;\n"
                 '\tpr_info("md/raid10:%s: dynamos write of %d sectors\\n", mdname(mddev), sectors);\n')
-# A two-disk raid10 (near=2) on loop devices through md's sysfs (no mdadm): no superblock, no resync.
-MD_ARRAY = """set -e
+
+
+def md_array(name: str, work: str) -> str:
+    """A script: a two-disk raid10 (near=2) called ``name`` on loop devices through md's sysfs (no
+    mdadm: no superblock, no resync), ``work`` done on it ($M its md directory, $L0 $L1 its disks),
+    then stopped."""
+    return f"""set -e
 modprobe loop
 truncate -s 32M /tmp/d0 /tmp/d1
 L0=$(losetup -f --show /tmp/d0); L1=$(losetup -f --show /tmp/d1)
-echo md7 > /sys/module/md_mod/parameters/new_array
-M=/sys/block/md7/md
+echo {name} > /sys/module/md_mod/parameters/new_array
+M=/sys/block/{name}/md
 echo none > $M/metadata_version; echo raid10 > $M/level; echo 65536 > $M/chunk_size
 echo 258 > $M/layout; echo 2 > $M/raid_disks
-for L in $L0 $L1; do echo $(cat /sys/block/${L#/dev/}/dev) > $M/new_dev; done
-echo 0 > $M/dev-${L0#/dev/}/slot; echo 1 > $M/dev-${L1#/dev/}/slot
+for L in $L0 $L1; do echo $(cat /sys/block/${{L#/dev/}}/dev) > $M/new_dev; done
+echo 0 > $M/dev-${{L0#/dev/}}/slot; echo 1 > $M/dev-${{L1#/dev/}}/slot
 echo 30000 > $M/component_size; echo none > $M/resync_start
 echo active > $M/array_state
-dd if=/dev/zero of=/dev/md7 bs=4k count=2 oflag=direct 2>/dev/null
+{work}
 echo clear > $M/array_state
 losetup -d $L0 $L1
 """
+
+
+MD_ARRAY = md_array("md7", "dd if=/dev/zero of=/dev/md7 bs=4k count=2 oflag=direct 2>/dev/null")
 
 
 def test_module_fix_using_another_modules_exports_applied_before_either_loads(guest, patch_package):
