@@ -40,13 +40,19 @@ EDITS = {
 }
 
 
-def test_each_kind_of_change_classified_and_the_rest_carried(target, tmp_path: Path) -> None:
+def edited(target, edits: dict[str, tuple[str, str]]) -> dict[str, bytes]:
+    """Each file of the target's tree with its one edit (old text -> new text) made."""
     tree = prepare_source(target).tree
     texts: dict[str, bytes] = {}
-    for rel, (old, new) in EDITS.items():
+    for rel, (old, new) in edits.items():
         text = (tree / rel).read_text()
         assert old in text, f"{rel}: {old!r} not found"
         texts[rel] = text.replace(old, new, 1).encode()
+    return texts
+
+
+def test_each_kind_of_change_classified_and_the_rest_carried(target, tmp_path: Path) -> None:
+    texts = edited(target, EDITS)
     changes = [Change(rel, "modified") for rel in sorted(EDITS)] + [Change("fs/proc/new.c", "added")]
     entries = parse_changelog(CHANGELOG)
     result = build_changes(target, "6.1.192-2", "6.1.192-9", changes, texts.__getitem__, entries,
@@ -152,12 +158,7 @@ def test_a_change_that_needs_a_header_refused_for_its_reach_is_compiled_with_tha
     """A header refused for its reach stays refused for its other units, but a unit whose patched
     compile needs its change borrows it: carried when no layout changes, else refused naming the
     type (an accepted refusal, not a failed build)."""
-    tree = prepare_source(target).tree
-    texts: dict[str, bytes] = {}
-    for rel, (old, new) in BORROWING.items():
-        text = (tree / rel).read_text()
-        assert old in text, f"{rel}: {old!r} not found"
-        texts[rel] = text.replace(old, new, 1).encode()
+    texts = edited(target, BORROWING)
     said: list[str] = []
     result = build_changes(target, "6.1.192-2", "6.1.192-9", [Change(rel, "modified") for rel in sorted(BORROWING)],
                            texts.__getitem__, [], output=tmp_path, max_units=3, progress=said.append)
