@@ -3,6 +3,7 @@ module) and, among namesakes, which one (sympos) -- what a livepatch relocation 
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
 
 from dynamos.abi import VMLINUX
@@ -14,6 +15,9 @@ from dynamos.builder.statics import StaticLocals
 from dynamos.errors import BuildError
 from dynamos.target import TargetKernel
 from dynamos.target.symtab import SymbolTable
+
+# A name gcc or a macro numbered with __COUNTER__ (and __LINE__): BTF_ID's entries.
+_COUNTED = re.compile(r"^(__BTF_ID__\w+__)\d+$")
 
 
 class ResolvedUnit(Protocol):
@@ -45,10 +49,24 @@ class SymbolPositions:
             return self.unit.object
         return VMLINUX
 
+    def module_name(self, name: str) -> str:
+        """The module's name for a symbol whose name ends in a ``__COUNTER__`` value, which a header
+        change shifts in the patched compile (``__BTF_ID__struct__nf_conn__760189``, counter then
+        line): the one symbol of the module named alike but for those digits; else ``name``."""
+        m = _COUNTED.match(name)
+        if m is None or not self.module_symbols or name in self.module_symbols:
+            return name
+        alike = {s for s in self.module_symbols if s.startswith(m.group(1)) and s[len(m.group(1)):].isdigit()}
+        return alike.pop() if len(alike) == 1 else name
+
     def position(self, name: str, local: bool) -> int:
         """0 when the name is unique in its object, else this file's copy's sympos."""
         if self.object_of(name, local) != VMLINUX:
             count = self.module_symbols.count(name) if self.module_symbols else 0
+            if count == 0 and self.module_symbols is not None:
+                raise BuildError(f"{self.unit.path}: {name} is used by the changed code but module "
+                                 f"{self.unit.object} has no such symbol (renamed or optimised away in the "
+                                 f"shipped module?): livepatch could not find it when the module loads")
             if count <= 1:
                 return 0
             if local and name in self.unit.resolved:
@@ -95,5 +113,7 @@ def resolver(unit: str, others: OtherModules, sympos: SymbolPositions):
             found = others.defined_by_dependency(unit, patched, name)
             if found is not None:
                 return found
+        if obj != VMLINUX:
+            name = sympos.module_name(name)
         return KlpSymbol(name, obj, sympos.position(name, local))
     return resolve

@@ -53,6 +53,28 @@ def test_module_twins_resolve_through_the_fidelity_check() -> None:
         sympos("drivers/md/md.c", {}, "md_mod", names).position("metadata_show", local=True)
 
 
+def test_a_name_the_module_lacks_is_refused_at_build_time_not_when_the_module_loads() -> None:
+    found = sympos("drivers/md/md.c", {}, "md_mod", ["metadata_show"])
+    with pytest.raises(BuildError, match="drivers/md/md.c: gone.3 is used by the changed code but module md_mod "
+                                         "has no such symbol"):
+        found.position("gone.3", local=True)
+
+
+def test_a_btf_id_renumbered_by_a_header_change_is_the_modules_one_named_alike() -> None:
+    """BTF_ID(struct, nf_conn) is __BTF_ID__struct__nf_conn__<__COUNTER__><__LINE__>: a patched
+    header with more counter uses renumbers it, and the module's has the shipped number."""
+    names = ["__BTF_ID__struct__nf_conn__760189", "__BTF_ID__struct__nf_conn___init__761190"]
+    resolve = resolver("net/netfilter/nf_conntrack_bpf.c", modules(),
+                       sympos("net/netfilter/nf_conntrack_bpf.c", module="nf_conntrack", module_symbols=names))
+    assert resolve("__BTF_ID__struct__nf_conn__768189", True) == \
+        KlpSymbol("__BTF_ID__struct__nf_conn__760189", "nf_conntrack", 0)
+    assert resolve("__BTF_ID__struct__nf_conn___init__769190", True) == \
+        KlpSymbol("__BTF_ID__struct__nf_conn___init__761190", "nf_conntrack", 0)
+    twice = sympos("x.c", module="m", module_symbols=["__BTF_ID__func__f__11", "__BTF_ID__func__f__12"])
+    with pytest.raises(BuildError, match="__BTF_ID__func__f__13 is used by the changed code but module m has no"):
+        resolver("x.c", modules(), twice)("__BTF_ID__func__f__13", True)
+
+
 def test_exported_names_are_left_to_the_loader_and_the_rest_become_livepatch_symbols() -> None:
     resolve = resolver("kernel/x.c", modules(), sympos())
     assert resolve("printk", False) is None
