@@ -243,11 +243,12 @@ def build_sample(target: TargetKernel, running: str, to: str, files: list[str], 
 
 def carried_headers(files: list[str], tree: Path, headers_of_unit: dict[str, list[str]],
                     header_status: dict[str, str]) -> list[str]:
-    """The changed headers the whole release's build carries into the units of ``files``: built
-    with them, a sampled file compiles as it would in the release (a new member or prototype of a
-    header the release carries is there; one of a header the release refuses is not)."""
+    """The changed headers of the whole release that the units of ``files`` include, as its build
+    has them: those it carries into their units, and those it refuses for their reach, which it
+    holds back for a unit whose patched compile needs one. Built with them, a sampled file compiles
+    as it would in the release's build."""
     return sorted({h for f in files for u in translation_units_of(tree, f) for h in headers_of_unit.get(u, [])
-                   if header_status.get(h) == "carried"})
+                   if header_status.get(h) == "carried" or header_status.get(h, "").startswith("header-reach")})
 
 
 def lab_ok(lab: dict[str, object]) -> bool:
@@ -378,7 +379,8 @@ def stable_release(sample_size: int, seed: int, max_units: int, lock: str | None
         units = f.units or [p]
         changed_headers = sorted({h for u in units for h in headers_of_unit.get(u, [])})
         not_in_build = [f"{h} ({header_status.get(h, '?')})" for h in changed_headers
-                        if not (with_headers and header_status.get(h) == "carried")]
+                        if not (with_headers and (header_status.get(h) == "carried"
+                                                           or header_status.get(h, "").startswith("header-reach")))]
         if f.status == CARRIED and p in culprits:
             outcome = "load-failed" if bisect.get("complete") else "load-unknown"
             reason = ("its update does not load or its transition does not finish (bisected)"
