@@ -63,10 +63,10 @@ int use(struct req *q)
 
 
 def compile_pair(tmp: Path, header: str, unit: str = UNIT, *, debug: str = "-g",
-                 header_path: str = "x.h") -> tuple[bytes, bytes]:
+                 header_path: str = "x.h", original: tuple[str, str] = (HEADER, UNIT)) -> tuple[bytes, bytes]:
     """(original, patched) objects of the unit, each in its own directory under the same names."""
     objects = []
-    for side, (h, u) in (("orig", (HEADER, UNIT)), ("patched", (header, unit))):
+    for side, (h, u) in (("orig", original), ("patched", (header, unit))):
         d = tmp / side
         (d / header_path).parent.mkdir(parents=True, exist_ok=True)
         (d / header_path).write_text(h)
@@ -177,3 +177,27 @@ def test_the_builder_refuses_with_the_changed_layout_code_only_when_a_header_is_
         refuse_layout_changes(original, patched, ["x.c", "x.h"], "x.c", said.append)
     assert e.value.code == "changed-layout" and str(e.value).startswith("x.h: struct req changes layout: ")
     assert said == ["x.c: comparing the types of x.h in the original and patched objects"]
+
+
+OPS = "struct ops {\n\tint (*dump)(void *skb, const void *expr);\n\tvoid (*done)(void);\n};\n"
+OPS_UNIT = '#include "x.h"\nstatic int d(void *s, const void *e) { return s != e; }\nstruct ops o = { .dump = d };\n'
+
+
+@pytest.mark.parametrize(("new", "expected"), [
+    ("int (*dump)(void *skb, const void *expr, _Bool reset);",
+     "member dump changes type from int (void *, const void *) * to int (void *, const void *, _Bool) *"),
+    ("long (*dump)(void *skb, const void *expr);",
+     "member dump changes type from int (void *, const void *) * to long int (void *, const void *) *"),
+])
+def test_a_callback_member_whose_prototype_changes_is_a_changed_type(tmp_path: Path, new: str, expected: str) -> None:
+    """The running kernel's callers would call the new code with the old arguments (nft_expr_ops'
+    dump gained a ``bool reset`` in a stable release): same size, other type."""
+    header = OPS.replace("int (*dump)(void *skb, const void *expr);", new)
+    unit = OPS_UNIT.replace("const void *e)", "const void *e, _Bool r)" if "_Bool" in new else "const void *e)")
+    if new.startswith("long"):
+        unit = unit.replace("static int d", "static long d")
+    original, patched = compile_pair(tmp_path, header, unit, original=(OPS, OPS_UNIT))
+    [message] = compare_header_types(original, patched, ["x.h"], "x.c").changes
+    assert message.startswith("x.h: struct ops changes layout: ") and expected in message, message
+    same = compile_pair(tmp_path / "same", OPS, OPS_UNIT, original=(OPS, OPS_UNIT))
+    assert compare_header_types(*same, ["x.h"], "x.c").changes == []
