@@ -518,7 +518,8 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes],
             raise failed from None  # not what the held-back change lacked: the first error says more
     times["patched"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
-    types = refuse_layout_changes(orig.object_path.read_bytes(), new.object_path.read_bytes(), patched, rel, say)
+    types = refuse_layout_changes(orig.object_path.read_bytes(), new.object_path.read_bytes(), patched, rel, say,
+                                  prototypes=bool(borrowed))
     if types:
         times["layout"] = round(time.monotonic() - t, 3)
     before = read_object(orig.object_path)

@@ -218,3 +218,31 @@ def test_a_new_export_is_not_carried_and_does_not_stop_the_fix(target, tmp_path:
     assert (res.status, res.code) == (CARRIED, ""), res
     pkg = read_package(result.package_path)
     assert [f.name for f in pkg.patched_functions] == ["cmdline_proc_show"]
+
+
+def test_a_borrowed_header_that_changes_a_functions_prototype_refuses_its_unit(target, tmp_path: Path) -> None:
+    """kstrtobool gains a parameter in include/linux/kstrtox.h, refused for its reach: lib/kstrtox.c
+    compiles only with it, but the kernel's other callers would pass the old arguments."""
+    header, unit = "include/linux/kstrtox.h", "lib/kstrtox.c"
+    tree = prepare_source(target).tree
+    edits = {header: [("int __must_check kstrtobool(const char *s, bool *res);",
+                       "int __must_check kstrtobool(const char *s, bool *res, int flags);"),
+                      ("\treturn kstrtobool(s, res);", "\treturn kstrtobool(s, res, 0);")],
+             unit: [("int kstrtobool(const char *s, bool *res)\n",
+                     "int kstrtobool(const char *s, bool *res, int flags)\n"),
+                    ("\treturn kstrtobool(buf, res);", "\treturn kstrtobool(buf, res, 0);")]}
+    texts = {}
+    for rel, pairs in edits.items():
+        text = (tree / rel).read_text()
+        for old, new in pairs:
+            assert old in text, f"{rel}: {old!r} not found"
+            text = text.replace(old, new, 1)
+        texts[rel] = text.encode()
+    result = build_changes(target, "6.1.192-2", "6.1.192-9", [Change(header, "modified"), Change(unit, "modified")],
+                           texts.__getitem__, [], output=tmp_path, max_units=3)
+    got = {f.path: f for f in result.files}
+    assert (got[header].status, got[header].code) == (REFUSED, "header-reach")
+    assert (got[unit].status, got[unit].code) == (REFUSED, "changed-layout"), got[unit]
+    assert got[unit].reason == (f"{unit}: function kstrtobool changes prototype from int (const char *, bool *) "
+                                "to int (const char *, bool *, int): the kernel's callers in other units would "
+                                "call it with the old arguments"), got[unit].reason

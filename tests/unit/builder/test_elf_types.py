@@ -201,3 +201,22 @@ def test_a_callback_member_whose_prototype_changes_is_a_changed_type(tmp_path: P
     assert message.startswith("x.h: struct ops changes layout: ") and expected in message, message
     same = compile_pair(tmp_path / "same", OPS, OPS_UNIT, original=(OPS, OPS_UNIT))
     assert compare_header_types(*same, ["x.h"], "x.c").changes == []
+
+
+FN = "int foo(int a);\n"
+FN_UNIT = ('#include "x.h"\nint foo(int a) { return a + 1; }\n'
+           'static int bar(int a) { return a; }\nint (*p)(int) = bar;\n')
+
+
+def test_a_global_functions_changed_prototype_is_a_change_when_asked(tmp_path: Path) -> None:
+    """Asked for a unit compiled with a header its other includers do not get: their calls of foo
+    would pass the old arguments."""
+    original, patched = compile_pair(tmp_path, "int foo(int a, _Bool b);\n",
+                                     FN_UNIT.replace("int foo(int a)", "int foo(int a, _Bool b)"),
+                                     original=(FN, FN_UNIT))
+    [message] = compare_header_types(original, patched, ["x.h"], "x.c", prototypes=True).changes
+    assert message == ("function foo changes prototype from int (int) to int (int, _Bool): the kernel's "
+                       "callers in other units would call it with the old arguments"), message
+    assert compare_header_types(original, patched, ["x.h"], "x.c").changes == []
+    same = compile_pair(tmp_path / "same", FN, FN_UNIT.replace("a + 1", "a + 2"), original=(FN, FN_UNIT))
+    assert compare_header_types(*same, ["x.h"], "x.c", prototypes=True).changes == []

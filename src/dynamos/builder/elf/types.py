@@ -75,20 +75,28 @@ class UnitTypes:
 
     layouts: dict[str, TypeLayout]  # declared in the asked files, by name
     sizes: dict[str, tuple[int, str]]  # every other named type's size and declaring file
+    prototypes: dict[str, str] = field(default_factory=dict)  # global function defined -> C prototype
 
 
-def read_types(data: bytes, files: Iterable[str], what: str = "object") -> UnitTypes:
+def read_types(data: bytes, files: Iterable[str], what: str = "object", prototypes: bool = False) -> UnitTypes:
     """Read the types of the compiled relocatable object ``data``; ``files`` are the source files
-    (relative to the tree the object was compiled in) whose types are read in full."""
+    (relative to the tree the object was compiled in) whose types are read in full; with
+    ``prototypes``, also the prototype of every global function it defines (slower: their entries
+    are read)."""
     wanted = {os.path.normpath(f) for f in files}
     dwarf = _dwarf_info(data, what)
     layouts: dict[str, TypeLayout] = {}
     sizes: dict[str, tuple[int, str]] = {}
+    functions: dict[str, str] = {}
     for cu in dwarf.iter_CUs():
         top = cu.get_top_DIE()
         file_names = _file_names(dwarf, cu, top)
         reader = _Reader(cu)
         for die in top.iter_children():
+            if prototypes and die.tag == "DW_TAG_subprogram" and "DW_AT_external" in die.attributes \
+                    and "DW_AT_declaration" not in die.attributes and "DW_AT_name" in die.attributes:
+                functions[die.attributes["DW_AT_name"].value.decode(errors="replace")] = reader.describe(die)[0]
+                continue
             kind = _AGGREGATES.get(die.tag)
             if kind is None and die.tag != "DW_TAG_typedef":
                 continue
@@ -116,7 +124,7 @@ def read_types(data: bytes, files: Iterable[str], what: str = "object") -> UnitT
                     layouts[key] = reader.layout(die, kind, key, file)
             elif "DW_AT_byte_size" in attrs and key not in sizes:
                 sizes[key] = (attrs["DW_AT_byte_size"].value, file)
-    return UnitTypes(layouts, sizes)
+    return UnitTypes(layouts, sizes, functions)
 
 
 def layout_changes(before: TypeLayout, after: TypeLayout) -> list[str]:
@@ -180,16 +188,22 @@ class LayoutCheck:
                 f"{self.sized} other types by size: {found}")
 
 
-def compare_header_types(original: bytes, patched: bytes, headers: Iterable[str], what: str = "unit") -> LayoutCheck:
+def compare_header_types(original: bytes, patched: bytes, headers: Iterable[str], what: str = "unit",
+                         prototypes: bool = False) -> LayoutCheck:
     """Compare the types of ``headers`` in the original and the patched object of one unit.
 
     Types only the patched object has are new (fine); types only the original has are no longer
     used by the unit (fine). Any other named type of the unit whose size changed is a change too:
-    a macro or a type of a patched header can size a type declared elsewhere."""
+    a macro or a type of a patched header can size a type declared elsewhere. With ``prototypes``,
+    a global function of the unit whose prototype changes is a change: for a unit compiled with a
+    header its other includers do not get, their calls would pass the old arguments."""
     names = sorted({os.path.normpath(h) for h in headers})
-    old = read_types(original, names, f"{what} (original)")
-    new = read_types(patched, names, f"{what} (patched)")
-    out: list[str] = []
+    old = read_types(original, names, f"{what} (original)", prototypes)
+    new = read_types(patched, names, f"{what} (patched)", prototypes)
+    out: list[str] = [f"function {name} changes prototype from {before} to {new.prototypes[name]}: the "
+                      f"kernel's callers in other units would call it with the old arguments"
+                      for name, before in old.prototypes.items()
+                      if name in new.prototypes and new.prototypes[name] != before]
     compared = sized = 0
     for key, before in old.layouts.items():
         after = new.layouts.get(key)
@@ -213,7 +227,7 @@ def compare_header_types(original: bytes, patched: bytes, headers: Iterable[str]
 
 
 def refuse_layout_changes(original: bytes, patched: bytes, files: Iterable[str], unit: str,
-                          say: Callable[[str], None]) -> str:
+                          say: Callable[[str], None], prototypes: bool = False) -> str:
     """For a unit compiled with patched ``files``: raise a BuildError (code ``changed-layout``)
     naming each type the patched headers among them change; else what was compared, for
     ``--explain`` ("" when no header is patched)."""
@@ -221,7 +235,7 @@ def refuse_layout_changes(original: bytes, patched: bytes, files: Iterable[str],
     if not headers:
         return ""
     say(f"{unit}: comparing the types of {', '.join(headers)} in the original and patched objects")
-    check = compare_header_types(original, patched, headers, unit)
+    check = compare_header_types(original, patched, headers, unit, prototypes)
     if check.changes:
         raise BuildError("\n".join(check.changes), code=CHANGED_LAYOUT)
     return check.summary()
@@ -307,7 +321,7 @@ class _Reader:
                 size = element_size
                 for n in dims:
                     size *= n or 0
-        elif die.tag == "DW_TAG_subroutine_type":
+        elif die.tag in ("DW_TAG_subroutine_type", "DW_TAG_subprogram"):
             # The prototype, so a callback member whose parameters change is a changed type: the
             # running kernel's callers would call the new code with the old arguments.
             params = [self.describe(p.get_DIE_from_attribute("DW_AT_type"), depth + 1)[0]
