@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dynamos.abi import VMLINUX, edition_prefix
+from dynamos.builder.borrow import needed_headers
 from dynamos.builder.cgen import generate_kbuild, generate_livepatch_source
 from dynamos.builder.compat import Directives, apply_directives, callback_hooks, with_compat_headers
 from dynamos.builder.elf.types import refuse_layout_changes
@@ -140,6 +141,7 @@ _HUNK_RE = re.compile(r"^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
 _NAME_LINES = (("--- ", 1), ("+++ ", 1), ("*** ", 1), ("Index: ", 1), ("rename from ", 0), ("rename to ", 0),
                ("copy from ", 0), ("copy to ", 0))
 MAX_PATCH_SIZE = 64 << 20
+BORROW_ROUNDS = 3  # compiles with held-back header changes a unit may try after its patched compile fails
 
 
 def diff_file_names(patch_text: str) -> list[tuple[int, str, int]]:
@@ -506,16 +508,24 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes],
     try:
         new = compile_unit(source, unit, work / "objects" / _obj_name(rel, "patched"), sources=stable)
     except BuildError as failed:
-        needed = {p: v for p, v in (held_back or {}).items() if orig.deps is not None and p in orig.deps}
-        if not needed:
-            raise
-        borrowed = sorted(needed)
-        say(f"{rel}: the patched compile failed; again with the change to {', '.join(borrowed)}, which it reads")
-        patched, stable = {**patched, **needed}, {**stable, **_stabilised(source, needed)}
-        try:
-            new = compile_unit(source, unit, work / "objects" / _obj_name(rel, "patched"), sources=stable)
-        except BuildError:
-            raise failed from None  # not what the held-back change lacked: the first error says more
+        error: BuildError = failed
+        for _ in range(BORROW_ROUNDS):  # each round's error may ask for another header's change
+            needed = [h for h in needed_headers(str(error), held_back or {}, orig.deps or (), source.tree)
+                      if h not in borrowed]
+            if not needed:
+                raise failed from None  # not what a held-back change lacks: the first error says more
+            borrowed += needed
+            say(f"{rel}: the patched compile failed; again with the change to {', '.join(needed)}, which it reads")
+            more = {h: (held_back or {})[h] for h in needed}
+            patched, stable = {**patched, **more}, {**stable, **_stabilised(source, more)}
+            try:
+                new = compile_unit(source, unit, work / "objects" / _obj_name(rel, "patched"), sources=stable)
+                break
+            except BuildError as e:
+                error = e
+        else:
+            raise failed from None
+        borrowed.sort()
     times["patched"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
     types = refuse_layout_changes(orig.object_path.read_bytes(), new.object_path.read_bytes(), patched, rel, say,

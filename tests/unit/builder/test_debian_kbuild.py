@@ -144,6 +144,9 @@ BORROWING = {
                                  "{\n\tseq_printf(m, \"%s\\n\", s);\n}\n"),
     "fs/proc/cmdline.c": ("\tseq_puts(m, saved_command_line);\n\tseq_putc(m, '\\n');\n",
                           "\tseq_put_line(m, saved_command_line);\n"),
+    # a change of the same release that the .c does not need, to a header it reads: not borrowed
+    # (the compiler's error does not ask for it), so its layout change does not refuse the .c
+    "include/linux/fs.h": ("struct file {\n\tunion {\n", "struct file {\n\tint dynamos_unrelated;\n\tunion {\n"),
     # a member added to a struct in a far-reaching header, used by the .c change: the .c is
     # compiled with it and then refused because the struct's layout changes
     "include/linux/pipe_fs_i.h": ("struct pipe_inode_info {\n\tstruct mutex mutex;\n",
@@ -168,6 +171,7 @@ def test_a_change_that_needs_a_header_refused_for_its_reach_is_compiled_with_tha
         "fs/proc/cmdline.c": (CARRIED, ""),
         "include/linux/pipe_fs_i.h": (REFUSED, "header-reach"),
         "fs/pipe.c": (REFUSED, "changed-layout"),
+        "include/linux/fs.h": (REFUSED, "header-reach"),
     }, result.files
     assert "fs/proc/cmdline.c: the patched compile failed; again with the change to include/linux/seq_file.h, " \
            "which it reads" in said
