@@ -444,6 +444,7 @@ def build_changes(target: TargetKernel, running: str, to: str, changes: list[Cha
                     units = translation_units_of(source.tree, change.path)
                 except BuildError as e:
                     res.status, res.code, res.reason = REFUSED, "other", str(e)
+                    held_back[change.path] = text  # its reach cannot be told: a unit needing it borrows it
                     continue
             if len(units) > max_units:
                 res.status, res.code = REFUSED, "header-reach"

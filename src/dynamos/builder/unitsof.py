@@ -124,9 +124,16 @@ def translation_units_of(tree: Path, rel: str, _seen: frozenset[str] = frozenset
                   if p != path and included.search(p.read_text(errors="replace"))) or [rel]
 
 
+def _could_name(quoted: str, rel: str) -> bool:
+    """Whether ``#include "quoted"``, found through an -I path, can be the header ``rel``: its
+    directories must end ``rel``'s (``"fpga/core.h"`` is never ``drivers/pinctrl/core.h``)."""
+    parts = tuple(p for p in Path(quoted).parts if p not in (".", ".."))
+    return Path(rel).parts[-len(parts):] == parts
+
+
 def header_includers(tree: Path, rel: str) -> list[str]:
     """Files of the tree that ``#include "..."`` the header ``rel`` by a path relative to
-    themselves. One that names a header of that file name its own directory does not have (so the
+    themselves. One that names a header of that path its own directory does not have (so the
     compiler finds it through an -I path) might mean this one: refused, it cannot be told."""
     header = (tree / rel).resolve()
     name = Path(rel).name
@@ -143,7 +150,7 @@ def header_includers(tree: Path, rel: str) -> list[str]:
             target = (file.parent / quoted).resolve()
             if target == header:
                 found.append(file.relative_to(tree.resolve()).as_posix())
-            elif not target.is_file():
+            elif not target.is_file() and _could_name(quoted, rel):
                 raise BuildError(f'{rel}: {hit.removeprefix("./")} includes "{quoted}" through the compiler\'s '
                                  f"include path, which may be this header: the files it reaches cannot be told")
     return sorted(set(found))

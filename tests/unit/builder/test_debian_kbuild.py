@@ -250,3 +250,21 @@ def test_a_borrowed_header_that_changes_a_functions_prototype_refuses_its_unit(t
     assert got[unit].reason == (f"{unit}: function kstrtobool changes prototype from int (const char *, bool *) "
                                 "to int (const char *, bool *, int): the kernel's callers in other units would "
                                 "call it with the old arguments"), got[unit].reason
+
+
+def test_a_change_that_needs_a_header_whose_reach_cannot_be_told_borrows_it(target, tmp_path: Path) -> None:
+    """u_eem.h's reach cannot be told (legacy/ether.c includes "u_eem.h" through an -I path), so it
+    is refused; f_eem.c, whose change needs its new member, borrows it and is refused for the
+    layout change, not as a failed build."""
+    header, unit = "drivers/usb/gadget/function/u_eem.h", "drivers/usb/gadget/function/f_eem.c"
+    texts = edited(target, {header: ("\tint\t\t\t\trefcnt;\n};",
+                                     "\tint\t\t\t\trefcnt;\n\tint\t\t\t\tdynamos_binds;\n};"),
+                            unit: ("\teem_opts->bind_count++;\n",
+                                   "\teem_opts->bind_count++;\n\teem_opts->dynamos_binds++;\n")})
+    result = build_changes(target, "6.1.192-2", "6.1.192-9", [Change(header, "modified"), Change(unit, "modified")],
+                           texts.__getitem__, [], output=tmp_path)
+    got = {f.path: f for f in result.files}
+    assert (got[header].status, got[header].code) == (REFUSED, "other"), got[header]
+    assert "through the compiler's include path" in got[header].reason
+    assert (got[unit].status, got[unit].code) == (REFUSED, "changed-layout"), got[unit]
+    assert f"{header}: struct f_eem_opts changes layout: member dynamos_binds added" in got[unit].reason

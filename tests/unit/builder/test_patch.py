@@ -131,6 +131,9 @@ def test_a_local_header_reaches_the_units_of_every_file_including_it(tmp_path) -
         "fs/unrelated.c": '#include "fd.h"  /* fs/fd.h, its own */\n',
         "fs/fd.h": "\n"})
     assert translation_units_of(tmp_path, "fs/proc/fd.h") == ["fs/other.c", "fs/proc/base.c", "fs/proc/fd.c"]
+    # through an -I path, "fpga/fd.h" and "../fpga/fd.h" can be no fs/proc/fd.h
+    write_tree(tmp_path, {"drivers/y.c": '#include "fpga/fd.h"\n#include "../fpga/fd.h"\n'})
+    assert translation_units_of(tmp_path, "fs/proc/fd.h") == ["fs/other.c", "fs/proc/base.c", "fs/proc/fd.c"]
     write_tree(tmp_path, {"drivers/x.c": '#include "fd.h"\n'})  # no drivers/fd.h: an -I path
     with pytest.raises(BuildError, match='drivers/x.c includes "fd.h" through the compiler\'s include path'):
         translation_units_of(tmp_path, "fs/proc/fd.h")
