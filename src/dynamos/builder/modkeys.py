@@ -82,11 +82,8 @@ def own_descriptors(obj: RelocatableElf, relas_of: dict[int, int], keep: set[int
     layout = TABLE_LAYOUTS["__jump_table"]
     named = {(sym.value, i) for i, sym in enumerate(obj.symbols)
              if sym.shndx == descriptors and sym.type == STT_OBJECT and sym.name}
-    by_entry: dict[int, dict[int, Rela]] = {}
-    for r in obj.relocations(relas_of[table]):
-        by_entry.setdefault(r.offset // layout.entry_size, {})[r.offset % layout.entry_size] = r
     sites: list[KeySite] = []
-    for fields in by_entry.values():
+    for fields in _entries(obj.relocations(relas_of[table]), layout.entry_size).values():
         code, key = fields.get(0), fields.get(layout.key_offset)
         if code is None or key is None or obj.symbol_section(key.sym) != descriptors:
             continue
@@ -124,12 +121,8 @@ def carry_module_keys(obj: RelocatableElf, relas_of: dict[int, int], klp: dict[s
             continue
         layout = rule.layout
         size, key_at = layout.entry_size, layout.key_offset
-        relas = obj.relocations(relas_of[index])
-        by_entry: dict[int, dict[int, Rela]] = {}
-        for r in relas:
-            by_entry.setdefault(r.offset // size, {})[r.offset % size] = r
         dropped = set()
-        for entry, fields in sorted(by_entry.items()):
+        for entry, fields in sorted(_entries(obj.relocations(relas_of[index]), size).items()):
             key = fields.get(key_at)
             used = module_symbol(key.sym) if key is not None else None
             if used is None:
@@ -264,6 +257,14 @@ def _unwind_like(obj: RelocatableElf, relas_of: dict[int, int], section: int, si
     obj.sections[ips].data += b"\0\0\0\0"
     obj.sections[states].data += state
     obj.set_relocations(relas_of[ips], ip_relas)
+
+
+def _entries(relas: list[Rela], size: int) -> dict[int, dict[int, Rela]]:
+    """A table's relocations by entry, then by the field's offset in the entry."""
+    by_entry: dict[int, dict[int, Rela]] = {}
+    for r in relas:
+        by_entry.setdefault(r.offset // size, {})[r.offset % size] = r
+    return by_entry
 
 
 def _place(obj: RelocatableElf, r: Rela) -> tuple[int, int]:
