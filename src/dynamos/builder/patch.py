@@ -37,7 +37,7 @@ from dynamos.builder.refusals import NOT_BUILT, Refusal, code_of, first_unaccept
 from dynamos.builder.resolution import SymbolPositions, module_symbols, resolver
 from dynamos.builder.signing import Signer
 from dynamos.builder.statics import StaticLocals, resolve_static_locals
-from dynamos.builder.units import compile_original, compile_unit
+from dynamos.builder.units import CompiledUnit, compile_original, compile_unit
 from dynamos.builder.unitsof import module_of, translation_units_of
 from dynamos.errors import BuildError, DynamosError, TargetError, UpdateSourceError
 from dynamos.lab.kallsyms import lab_symbol_table
@@ -504,28 +504,8 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes],
     times["fidelity"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
     say(f"compiling {rel} (patched)")
-    borrowed: list[str] = []
-    try:
-        new = compile_unit(source, unit, work / "objects" / _obj_name(rel, "patched"), sources=stable)
-    except BuildError as failed:
-        error: BuildError = failed
-        for _ in range(BORROW_ROUNDS):  # each round's error may ask for another header's change
-            needed = [h for h in needed_headers(str(error), held_back or {}, orig.deps or (), source.tree)
-                      if h not in borrowed]
-            if not needed:
-                raise failed from None  # not what a held-back change lacks: the first error says more
-            borrowed += needed
-            say(f"{rel}: the patched compile failed; again with the change to {', '.join(needed)}, which it reads")
-            more = {h: (held_back or {})[h] for h in needed}
-            patched, stable = {**patched, **more}, {**stable, **_stabilised(source, more)}
-            try:
-                new = compile_unit(source, unit, work / "objects" / _obj_name(rel, "patched"), sources=stable)
-                break
-            except BuildError as e:
-                error = e
-        else:
-            raise failed from None
-        borrowed.sort()
+    new, borrowed = _compile_borrowing(source, rel, patched, stable, work, held_back or {}, orig.deps or (), say)
+    patched = {**patched, **{h: held_back[h] for h in borrowed}} if held_back else patched
     times["patched"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
     types = refuse_layout_changes(orig.object_path.read_bytes(), new.object_path.read_bytes(), patched, rel, say,
@@ -543,6 +523,32 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes],
             say(f"{rel}: static {name} is the kernel's {how}")
     return UnitReport(rel, diff, times, resolved, obj, fidelity.summary(), sorted(patched), statics, types=types,
                       borrowed=borrowed)
+
+
+def _compile_borrowing(source: KernelSource, rel: str, patched: dict[str, bytes], stable: dict[str, bytes],
+                       work: Path, held_back: dict[str, bytes], read: tuple[str, ...],
+                       say: Callable[[str], None]) -> tuple[CompiledUnit, list[str]]:
+    """The patched compile of ``rel``; when it fails, again with the held-back changes its error
+    asks for (builder/borrow.py), for up to BORROW_ROUNDS rounds. Returns the object and what it
+    borrowed; raises the first error when borrowing does not make it compile."""
+    out = work / "objects" / _obj_name(rel, "patched")
+    unit = rel.removesuffix(".c") + ".o"
+    try:
+        return compile_unit(source, unit, out, sources=stable), []
+    except BuildError as failed:
+        error, borrowed = failed, []
+        for _ in range(BORROW_ROUNDS):  # each round's error may ask for another header's change
+            needed = [h for h in needed_headers(str(error), held_back, read, source.tree) if h not in borrowed]
+            if not needed:
+                break
+            borrowed += needed
+            say(f"{rel}: the patched compile failed; again with the change to {', '.join(needed)}, which it reads")
+            stable = {**stable, **_stabilised(source, {h: held_back[h] for h in needed})}
+            try:
+                return compile_unit(source, unit, out, sources=stable), sorted(borrowed)
+            except BuildError as e:
+                error = e
+        raise failed from None  # not what a held-back change lacks: the first error says more
 
 
 def _stabilised(source: KernelSource, patched: dict[str, bytes]) -> dict[str, bytes]:
