@@ -324,10 +324,13 @@ class _Reader:
         elif die.tag in ("DW_TAG_subroutine_type", "DW_TAG_subprogram"):
             # The prototype, so a callback member whose parameters change is a changed type: the
             # running kernel's callers would call the new code with the old arguments.
-            params = [self.describe(p.get_DIE_from_attribute("DW_AT_type"), depth + 1)[0]
-                      if "DW_AT_type" in p.attributes else "?" for p in die.iter_children()
-                      if p.tag == "DW_TAG_formal_parameter"]
-            params += ["..."] if any(p.tag == "DW_TAG_unspecified_parameters" for p in die.iter_children()) else []
+            params = []
+            for p in die.iter_children():
+                if p.tag == "DW_TAG_formal_parameter":
+                    params.append(self.describe(p.get_DIE_from_attribute("DW_AT_type"), depth + 1)[0]
+                                  if "DW_AT_type" in p.attributes else "?")
+                elif p.tag == "DW_TAG_unspecified_parameters":
+                    params.append("...")
             text = f"{self.describe(inner, depth + 1)[0]} ({', '.join(params) or 'void'})"
         else:
             text = name or die.tag.removeprefix("DW_TAG_")
