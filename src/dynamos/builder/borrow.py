@@ -4,15 +4,25 @@
 a ``.c`` fix often needs the release's change to such a header (a new helper, member or
 constant): the unit borrows it (patch.py). It borrows only what the compiler's error asks for, so
 an unrelated change of the same release (a member added to ``mm_struct``) does not refuse the fix:
-the held-back headers the unit reads whose change adds an identifier the error quotes. Whether a
-borrowed change alters a layout is then decided by the types, as for any header.
+the held-back headers the unit reads whose change adds an identifier the error quotes. When the
+error quotes none (``incompatible pointer type`` for a callback whose prototype changed), it tries
+every one it reads and then drops each the compile does not need, so the refusal, if any, names
+the change the fix needs. Whether a borrowed change alters a layout is then decided by the types,
+as for any header.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
+
+from dynamos.errors import BuildError
+
+BORROW_ROUNDS = 3  # compiles with held-back header changes a unit may try after its patched compile fails
+
+Made = TypeVar("Made")
 
 _QUOTED = re.compile(r"['‘]([A-Za-z_][A-Za-z0-9_]*)['’]")
 _ERROR = re.compile(r"\berror:")
@@ -36,3 +46,49 @@ def needed_headers(error: str, held_back: dict[str, bytes], read: Iterable[str],
         if any(re.search(rf"\b{w}\b", text) and not re.search(rf"\b{w}\b", old) for w in words):
             hits.append(path)
     return hits or sorted(candidates)
+
+
+def compile_borrowing(compile_with: Callable[[list[str]], Made], error: BuildError, held_back: dict[str, bytes],
+                      read: Iterable[str], tree: Path, say: Callable[[str], None],
+                      rel: str) -> tuple[Made, list[str]]:
+    """After the patched compile of ``rel`` failed with ``error``: compile it again
+    (``compile_with(borrowed)``) with the held-back changes the error asks for, up to BORROW_ROUNDS
+    rounds, then with as few of them as still compile. Raises ``error`` when borrowing does not
+    make it compile: the first error says more than a later one."""
+    last, borrowed = error, []
+    for _ in range(BORROW_ROUNDS):  # each round's error may ask for another header's change
+        needed = [h for h in needed_headers(str(last), held_back, read, tree) if h not in borrowed]
+        if not needed:
+            break
+        borrowed += needed
+        say(f"{rel}: the patched compile failed; again with the change to {', '.join(needed)}, which it reads")
+        try:
+            made = compile_with(borrowed)
+        except BuildError as e:
+            last = e
+            continue
+        return _fewest(compile_with, borrowed, made, say, rel)
+    raise error
+
+
+def _fewest(compile_with: Callable[[list[str]], Made], borrowed: list[str], made: Made,
+            say: Callable[[str], None], rel: str) -> tuple[Made, list[str]]:
+    """Leave out, one at a time, each borrowed change the unit still compiles without: an unrelated
+    change of the release to a header it reads must not refuse the fix for its layout."""
+    kept, current = list(borrowed), True
+    for header in borrowed if len(borrowed) > 1 else ():
+        trial = [h for h in kept if h != header]
+        if not trial:
+            continue  # borrowing nothing is the compile that failed
+        try:
+            made, current = compile_with(trial), True
+        except BuildError:
+            current = False  # the failed compile may have replaced the object: compile kept again
+            continue
+        kept = trial
+    if not current:
+        made = compile_with(kept)
+    if len(kept) < len(borrowed):
+        say(f"{rel}: compiles without the change to {', '.join(h for h in borrowed if h not in kept)}: "
+            "not borrowed")
+    return made, sorted(kept)

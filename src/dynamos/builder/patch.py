@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dynamos.abi import VMLINUX, edition_prefix
-from dynamos.builder.borrow import needed_headers
+from dynamos.builder.borrow import compile_borrowing
 from dynamos.builder.cgen import generate_kbuild, generate_livepatch_source
 from dynamos.builder.compat import Directives, apply_directives, callback_hooks, with_compat_headers
 from dynamos.builder.elf.types import refuse_layout_changes
@@ -141,7 +141,6 @@ _HUNK_RE = re.compile(r"^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
 _NAME_LINES = (("--- ", 1), ("+++ ", 1), ("*** ", 1), ("Index: ", 1), ("rename from ", 0), ("rename to ", 0),
                ("copy from ", 0), ("copy to ", 0))
 MAX_PATCH_SIZE = 64 << 20
-BORROW_ROUNDS = 3  # compiles with held-back header changes a unit may try after its patched compile fails
 
 
 def diff_file_names(patch_text: str) -> list[tuple[int, str, int]]:
@@ -528,27 +527,18 @@ def _compile_and_diff(source: KernelSource, rel: str, patched: dict[str, bytes],
 def _compile_borrowing(source: KernelSource, rel: str, patched: dict[str, bytes], stable: dict[str, bytes],
                        work: Path, held_back: dict[str, bytes], read: tuple[str, ...],
                        say: Callable[[str], None]) -> tuple[CompiledUnit, list[str]]:
-    """The patched compile of ``rel``; when it fails, again with the held-back changes its error
-    asks for (builder/borrow.py), for up to BORROW_ROUNDS rounds. Returns the object and what it
-    borrowed; raises the first error when borrowing does not make it compile."""
+    """The patched compile of ``rel``; when it fails, again with the held-back changes it needs
+    (builder/borrow.py). Returns the object and what it borrowed."""
     out = work / "objects" / _obj_name(rel, "patched")
     unit = rel.removesuffix(".c") + ".o"
+
+    def compile_with(borrowed: list[str]) -> CompiledUnit:
+        return compile_unit(source, unit, out,
+                            sources={**stable, **_stabilised(source, {h: held_back[h] for h in borrowed})})
     try:
-        return compile_unit(source, unit, out, sources=stable), []
+        return compile_with([]), []
     except BuildError as failed:
-        error, borrowed = failed, []
-        for _ in range(BORROW_ROUNDS):  # each round's error may ask for another header's change
-            needed = [h for h in needed_headers(str(error), held_back, read, source.tree) if h not in borrowed]
-            if not needed:
-                break
-            borrowed += needed
-            say(f"{rel}: the patched compile failed; again with the change to {', '.join(needed)}, which it reads")
-            stable = {**stable, **_stabilised(source, {h: held_back[h] for h in needed})}
-            try:
-                return compile_unit(source, unit, out, sources=stable), sorted(borrowed)
-            except BuildError as e:
-                error = e
-        raise failed from None  # not what a held-back change lacks: the first error says more
+        return compile_borrowing(compile_with, failed, held_back, read, source.tree, say, rel)
 
 
 def _stabilised(source: KernelSource, patched: dict[str, bytes]) -> dict[str, bytes]:
