@@ -9,6 +9,8 @@ kernel layer that finds them on a live kernel's stacks and in its kallsyms.
 
 from __future__ import annotations
 
+import re
+
 # livepatch's name for the core kernel object (every other object is a module name).
 VMLINUX = "vmlinux"
 # kallsyms types of code (local and global text, weak text).
@@ -52,6 +54,12 @@ def generated_name(name: str, obj: str = VMLINUX, sympos: int | None = None, rol
 def edition_prefix(index: int) -> str:
     """Prefix the builder gives a changed function cut out of patched object ``index``."""
     return "dynamos_edition__" if index == 0 else f"dynamos_edition{index}__"
+
+
+def edition_name(prefix: str, name: str) -> str:
+    """The update's name for function ``name`` cut out with ``prefix`` (gcc's clones, such as
+    ``foo.constprop.0``, are kernel functions too and need a C name)."""
+    return prefix + re.sub(r"[^A-Za-z0-9_]", "_", name)
 
 
 def klp_placeholder(obj: str, name: str, sympos: int, patched: str = "") -> str:

@@ -86,6 +86,25 @@ def test_a_fix_that_adds_an_export_runs_without_it(guest, patch_package):
     assert guest.read("/proc/cmdline") == original
 
 
+def test_a_fix_whose_helper_another_file_adds_calls_it_inside_the_update(guest, patch_package):
+    """One file of the fix adds a global function and another calls it (as a stable release adds
+    a helper to the driver core for a driver's fix): the kernel has no such function, the update does."""
+    pkg = patch_package("cmdline-helper-elsewhere", {
+        "fs/proc/version.c": [("static int version_proc_show(",
+                               "unsigned int dynamos_line_length(const char *s)\n{\n\treturn strlen(s);\n}\n\n"
+                               "static int version_proc_show(")],
+        "fs/proc/cmdline.c": [("static int cmdline_proc_show(struct seq_file *m, void *v)\n{\n",
+                               "unsigned int dynamos_line_length(const char *s);\n\n"
+                               "static int cmdline_proc_show(struct seq_file *m, void *v)\n{\n"
+                               "\tseq_printf(m, \"%u \", dynamos_line_length(saved_command_line));\n")]})
+    original, version = guest.read("/proc/cmdline"), guest.read("/proc/version")
+    with applied(guest, pkg) as r:
+        assert [f["name"] for f in r["functions"]] == ["cmdline_proc_show"]
+        assert guest.read("/proc/cmdline") == f"{len(original) - 1} {original}"
+        assert guest.read("/proc/version") == version
+    assert guest.read("/proc/cmdline") == original
+
+
 def test_one_line_logic_fix_using_non_exported_state(guest, patch_package):
     # loadavg_proc_show reads nr_threads and calls nr_running(), neither exported: the cut-out
     # function reaches the kernel's own through livepatch relocations.

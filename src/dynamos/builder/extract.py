@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dynamos.abi import VMLINUX, edition_prefix
+from dynamos.abi import VMLINUX, edition_name, edition_prefix
 from dynamos.builder.elf import (
     MAX_PC_BIAS,
     REL32_SIZE,
@@ -69,7 +69,7 @@ class Extraction:
     key_sites: list[KeySite] = field(default_factory=list)  # module keys' table entries rewritten away
 
 
-Resolver = Callable[[str, bool], KlpSymbol | None]
+Resolver = Callable[[str, bool], KlpSymbol | str | None]  # str: a name the update itself defines
 """(symbol name, is a file-local symbol) -> where the kernel has it, or None: exported, the
 module loader links it normally."""
 
@@ -152,8 +152,7 @@ def extract_functions(patched: bytes, functions: set[str], new_data: set[str], r
             # the module loader has nothing to look up.
             sym.name, sym.shndx, sym.value, sym.size, sym.info = "", SHN_UNDEF, 0, 0, STB_LOCAL << 4
         elif sym.type == STT_FUNC and sym.name in functions:
-            # gcc's clones (``foo.constprop.0``) are kernel functions too; their edition needs a C name.
-            editions[sym.name] = edition_prefix + re.sub(r"[^A-Za-z0-9_]", "_", sym.name)
+            editions[sym.name] = edition_name(edition_prefix, sym.name)
             sym.name = editions[sym.name]
             sym.info = (STB_GLOBAL << 4) | STT_FUNC
     _locals_first(obj)
@@ -226,6 +225,9 @@ def _make_external(obj: RelocatableElf, sym_index: int, resolve: Resolver, klp: 
     sym = obj.symbols[sym_index]
     local = sym.binding == STB_LOCAL
     where = resolve(sym.name, local)
+    if isinstance(where, str):  # another unit of the update defines it, under that name
+        sym.name, sym.shndx, sym.value, sym.size = where, SHN_UNDEF, 0, 0
+        return
     if where is None:
         if local:
             raise BuildError(f"file-local symbol {sym.name} must be resolved in the kernel")

@@ -34,7 +34,7 @@ from dynamos.builder.modkeys import KeySite
 from dynamos.builder.modsyms import OtherModules
 from dynamos.builder.objdiff import DiffResult, align_statics, diff_objects, read_object
 from dynamos.builder.refusals import NOT_BUILT, Refusal, code_of, first_unaccepted
-from dynamos.builder.resolution import SymbolPositions, module_symbols, resolver
+from dynamos.builder.resolution import SymbolPositions, module_symbols, resolver, stranded, update_additions
 from dynamos.builder.signing import Signer
 from dynamos.builder.statics import StaticLocals, resolve_static_locals
 from dynamos.builder.units import CompiledUnit, compile_original, compile_unit
@@ -372,6 +372,10 @@ def build_from_texts(patched: dict[str, bytes], touching: dict[str, list[str]], 
         extracted: list[str] = []
         with_callbacks: list[tuple[str, str, Directives, dict[str, str]]] = []
         kept_units: list[UnitReport] = []
+        added = update_additions((u.path, u.object, {c.name for c in u.diff.new},
+                                  (work / "objects" / _obj_name(u.path, "patched")).read_bytes()) for u in units)
+        uses: dict[str, set[str]] = {}  # unit -> functions of other units of the update it calls
+        parts: dict[str, tuple[list[dict[str, object]], str, dict[str, KlpSymbol]]] = {}
         for index, unit in enumerate(units):
             keep = {c.name for c in unit.diff.changed} | {c.name for c in unit.diff.new}
             if not keep:
@@ -383,7 +387,7 @@ def build_from_texts(patched: dict[str, bytes], touching: dict[str, list[str]], 
                 prefix = edition_prefix(index)
                 ext = extract_functions((work / "objects" / _obj_name(unit.path, "patched")).read_bytes(), keep,
                                         {c.name for c in unit.diff.new_data} | unit.statics.stateless,
-                                        resolver(unit.path, others, sympos),
+                                        resolver(unit.path, others, sympos, added, uses.setdefault(unit.path, set())),
                                         edition_prefix=prefix)
                 unit_functions = []
                 for c in unit.diff.changed:
@@ -396,15 +400,21 @@ def build_from_texts(patched: dict[str, bytes], touching: dict[str, list[str]], 
                 dropped[unit.path] = Refusal(code_of(e), str(e))
                 continue
             kept_units.append(unit)
-            functions += unit_functions
             obj = f"{_obj_name(unit.path, 'ext')}"
             (work / obj).write_bytes(ext.object)
-            _write_cmd_file(work, obj)
-            extracted.append(obj)
-            placeholders.update(ext.klp_placeholders)
+            parts[unit.path] = (unit_functions, obj, ext.klp_placeholders)
             unit.key_sites = ext.key_sites
             with_callbacks.append((unit.path, unit.object, unit.directives, ext.editions))
-        units = kept_units
+        for path, why in stranded(uses, added, set(parts)).items():  # tolerant: else extraction raised
+            dropped[path] = Refusal(code_of(BuildError(why)), why)
+        units = [u for u in kept_units if u.path not in dropped]
+        with_callbacks = [c for c in with_callbacks if c[0] not in dropped]
+        for path, (unit_functions, obj, unit_placeholders) in parts.items():
+            if path not in dropped:
+                functions += unit_functions
+                _write_cmd_file(work, obj)
+                extracted.append(obj)
+                placeholders.update(unit_placeholders)
         if not functions:
             if tolerant:
                 return PatchBuild(update_name, None, units, [], round(time.monotonic() - started, 3), phases,

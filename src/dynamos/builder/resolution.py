@@ -4,10 +4,11 @@ module) and, among namesakes, which one (sympos) -- what a livepatch relocation 
 from __future__ import annotations
 
 import re
-from typing import Protocol
+from collections.abc import Iterable
+from typing import NamedTuple, Protocol
 
-from dynamos.abi import VMLINUX
-from dynamos.builder.elf import RelocatableElf
+from dynamos.abi import VMLINUX, edition_name, edition_prefix
+from dynamos.builder.elf import STB_LOCAL, RelocatableElf
 from dynamos.builder.klp import KlpSymbol
 from dynamos.builder.modsyms import OtherModules
 from dynamos.builder.refusals import FIDELITY
@@ -88,13 +89,59 @@ class SymbolPositions:
                          f"fidelity check could not tell which one this file's is", code=FIDELITY)
 
 
-def resolver(unit: str, others: OtherModules, sympos: SymbolPositions):
+class Added(NamedTuple):
+    """A global function one unit of the update adds."""
+
+    unit: str
+    object: str
+    edition: str  # its name in the update (builder/extract.py renames what it cuts out)
+
+
+def update_additions(units: Iterable[tuple[str, str, set[str], bytes]]) -> dict[str, Added]:
+    """The global functions the units of one update add, by name, from each unit's (path, object,
+    new function names, patched object), in the order their editions are numbered: a fix often
+    adds a helper in one file and calls it from another, which reaches it inside the update."""
+    added: dict[str, Added] = {}
+    for index, (path, obj, new, image) in enumerate(units):
+        if new:
+            for sym in RelocatableElf.parse(image, path).symbols:
+                if sym.name in new and sym.binding != STB_LOCAL and sym.shndx != 0:
+                    added[sym.name] = Added(path, obj, edition_name(edition_prefix(index), sym.name))
+    return added
+
+
+def stranded(uses: dict[str, set[str]], added: dict[str, Added], kept: set[str]) -> dict[str, str]:
+    """Units that call a function another unit adds when that unit is not in the update: with the
+    caller in it, the update would not link. Unit -> why, until no caller is left stranded."""
+    out: dict[str, str] = {}
+    while True:
+        more = {unit: f"{unit}: calls {name}, which {added[name].unit} adds, and that file is not carried"
+                for unit, names in uses.items() if unit in kept and unit not in out
+                for name in sorted(names) if added[name].unit not in kept or added[name].unit in out}
+        if not more:
+            return out
+        out.update(more)
+
+
+def resolver(unit: str, others: OtherModules, sympos: SymbolPositions,
+             added: dict[str, Added] | None = None, uses: set[str] | None = None):
     """Where the kernel has each name the changed code of ``unit`` uses: None for a vmlinux export
     (the module loader links it), else a livepatch symbol. A symbol of another module than the
-    patched one, exported or not, is a livepatch symbol tied to the patched module (see modsyms)."""
+    patched one, exported or not, is a livepatch symbol tied to the patched module (see modsyms).
+    A function another unit of the update ``added`` is linked inside the update (recorded in
+    ``uses``), unless it belongs to another module, which need not be loaded when this code runs."""
     patched = sympos.unit.object
 
-    def resolve(name: str, local: bool) -> KlpSymbol | None:
+    def resolve(name: str, local: bool) -> KlpSymbol | str | None:
+        if not local and added and name in added and not sympos.symtab.lookup(name):
+            home = added[name]
+            if home.object not in (VMLINUX, patched):
+                raise BuildError(f"{unit}: its changed code calls {name}, which this update adds to module "
+                                 f"{home.object} ({home.unit}): {patched} could run it while {home.object} "
+                                 "is not loaded")
+            if uses is not None:
+                uses.add(name)
+            return home.edition
         obj = sympos.object_of(name, local)
         if obj == VMLINUX and not local:
             home = others.exporter(name)

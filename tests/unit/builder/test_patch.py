@@ -8,7 +8,7 @@ from dynamos.builder.klp import KlpSymbol
 from dynamos.builder.modsyms import OtherModules, parse_modules_dep
 from dynamos.builder.objdiff import DiffResult
 from dynamos.builder.patch import UnitReport, translation_units_of
-from dynamos.builder.resolution import SymbolPositions, resolver
+from dynamos.builder.resolution import Added, SymbolPositions, resolver, stranded
 from dynamos.errors import BuildError
 from dynamos.target.symtab import SymbolTable
 
@@ -102,6 +102,42 @@ def test_an_export_of_another_module_is_a_livepatch_symbol_of_the_patched_module
 def test_vmlinux_code_using_an_export_of_a_module_is_refused() -> None:
     with pytest.raises(BuildError, match="the changed vmlinux code would use md_write_end of module md_mod"):
         resolver("kernel/x.c", modules(), sympos())("md_write_end", False)
+
+
+ADDED = {"dev_reap": Added("drivers/base/core.c", "vmlinux", "dynamos_edition1__dev_reap"),
+         "raid_helper": Added("drivers/md/raid1.c", "raid1", "dynamos_edition2__raid_helper")}
+
+
+def test_a_function_another_unit_of_the_update_adds_is_linked_inside_the_update() -> None:
+    """Called by its edition's name (extraction renames what it cuts out), recorded as used."""
+    used: set[str] = set()
+    resolve = resolver("drivers/cxl/core/hdm.c", modules(),
+                       sympos("drivers/cxl/core/hdm.c", module="cxl_core", module_symbols=["cxl_decoder_reset"]),
+                       ADDED, used)
+    assert resolve("dev_reap", False) == "dynamos_edition1__dev_reap"
+    assert used == {"dev_reap"}
+    assert resolve("printk", False) is None
+    with pytest.raises(BuildError, match="kernel/x.c: dev_gone is used by the changed code but the kernel has no"):
+        resolver("kernel/x.c", modules(), sympos(), ADDED, set())("dev_gone", False)
+
+
+def test_a_function_the_update_adds_to_another_module_is_refused() -> None:
+    with pytest.raises(BuildError, match=r"kernel/x.c: its changed code calls raid_helper, which this update adds "
+                                         r"to module raid1 \(drivers/md/raid1.c\): vmlinux could run it while "
+                                         r"raid1 is not loaded"):
+        resolver("kernel/x.c", modules(), sympos(), ADDED, set())("raid_helper", False)
+
+
+def test_a_caller_whose_helpers_file_is_not_carried_is_left_out_too() -> None:
+    """hdm.c calls what core.c adds; core.c is not carried, so hdm.c would not link; and a.c,
+    calling what hdm.c adds, goes with it."""
+    added = {**ADDED, "hdm_new": Added("drivers/cxl/core/hdm.c", "vmlinux", "dynamos_edition3__hdm_new")}
+    uses = {"drivers/cxl/core/hdm.c": {"dev_reap"}, "a.c": {"hdm_new"}, "b.c": {"dev_reap"}}
+    assert stranded(uses, added, {"drivers/cxl/core/hdm.c", "a.c"}) == {
+        "drivers/cxl/core/hdm.c": "drivers/cxl/core/hdm.c: calls dev_reap, which drivers/base/core.c adds, "
+                                  "and that file is not carried",
+        "a.c": "a.c: calls hdm_new, which drivers/cxl/core/hdm.c adds, and that file is not carried"}
+    assert stranded(uses, added, {"drivers/base/core.c", "drivers/cxl/core/hdm.c", "a.c"}) == {}
 
 
 def write_tree(root, files: dict[str, str]) -> None:
