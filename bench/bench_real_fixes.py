@@ -251,6 +251,32 @@ def carried_headers(files: list[str], tree: Path, headers_of_unit: dict[str, lis
                    if header_status.get(h) == "carried" or header_status.get(h, "").startswith("header-reach")})
 
 
+_DEFINITION = re.compile(r"^(?!static\b)[A-Za-z_][\w \t*]*?\b([A-Za-z_]\w*)\s*\([^;]*$", re.M)
+_WORD = re.compile(r"\b[A-Za-z_]\w*\b")
+
+
+def helper_files(sample: list[str], population: list[str], old: Path, new: Path) -> dict[str, list[str]]:
+    """Per sampled file, the release's other changed files that add a global function its change
+    starts to use (drivers/base/core.c's device_for_each_child_reverse_from for cxl's hdm.c): the
+    whole release's build has them, so the sample's build takes them too (not counted)."""
+    def texts(rel: str) -> tuple[str, str]:
+        return (old / rel).read_text(errors="replace"), (new / rel).read_text(errors="replace")
+    adds: dict[str, str] = {}
+    for rel in population:
+        if rel not in sample:
+            before, after = texts(rel)
+            for name in set(_DEFINITION.findall(after)) - set(_DEFINITION.findall(before)):
+                adds.setdefault(name, rel)
+    out: dict[str, list[str]] = {}
+    for rel in sample:
+        before, after = texts(rel)
+        used = set(_WORD.findall(after)) - set(_WORD.findall(before))
+        found = sorted({adds[w] for w in used if w in adds})
+        if found:
+            out[rel] = found
+    return out
+
+
 def lab_ok(lab: dict[str, object]) -> bool:
     return bool(lab.get("loaded") and lab.get("transition_finished") and lab.get("reverted"))
 
@@ -319,12 +345,17 @@ def stable_release(sample_size: int, seed: int, max_units: int, lock: str | None
     say(f"sample of {len(sample)} of {len(population)} changed .c files (seed {seed})")
     tree = prepare_source(target, say).tree
 
-    def headers(files: list[str]) -> list[str]:
-        return carried_headers(files, tree, headers_of_unit, header_status) if with_headers else []
-    sample_headers = headers(sample)
-    say(f"with {len(sample_headers)} changed header(s) the release carries into their units")
-    t = time.monotonic()
     newer = version_tree(source_package(target.release), to, say).tree
+    helpers = helper_files(sample, population, tree, newer)
+    say(f"with {sum(map(len, helpers.values()))} other changed file(s) adding functions the sample calls")
+
+    def headers(files: list[str]) -> list[str]:
+        """What else a build of ``files`` takes: helper files, and the changed headers."""
+        more = sorted({h for f in files for h in helpers.get(f, []) if h not in files})
+        return more + (carried_headers(files + more, tree, headers_of_unit, header_status) if with_headers else [])
+    sample_headers = headers(sample)
+    say(f"with {len(sample_headers)} changed header(s) and helper file(s) the release carries into their units")
+    t = time.monotonic()
     # files whose update as a whole fails to link (the builder's tolerant mode covers units, not
     # the module's final link): named from modpost's message, left out, and the rest rebuilt
     update_failed = {p: f"left out (--leave-out): {why}" for p, why in leave_out.items() if p in sample}
@@ -414,7 +445,7 @@ def stable_release(sample_size: int, seed: int, max_units: int, lock: str | None
         "release": f"{running}->{to} on {release}",
         "classification": summary,
         "sample": {"size": len(sample), "seed": seed, "population": len(population), "files": rows,
-                   "headers_built_with_it": sample_headers,
+                   "headers_built_with_it": sample_headers, "helper_files": helpers,
                    "headers_results": [f.to_json() for f in build.files if f.path in sample_headers]},
         "sample_counts": counts,
         "counted": len(counted), "for_target": good,
