@@ -86,3 +86,24 @@ def test_an_export_in_a_symbol_namespace_is_imported_by_the_update(target, tmp_p
     obj = RelocatableElf.parse(linked, "cxl_reap.ko")
     assert "to_cxl_port" in {s.name for s in obj.symbols if s.shndx == SHN_UNDEF}  # left to the loader
     assert read_modinfo(linked).get("import_ns") == "CXL", read_modinfo(linked)
+
+
+RXRPC = "net/rxrpc/call_accept.c"
+RXRPC_OLD = "\t\tconn = rxrpc_prealloc_service_connection(rxnet, gfp);\n\t\tif (!conn)\n\t\t\treturn -ENOMEM;\n"
+RXRPC_NEW = RXRPC_OLD.replace("-ENOMEM", "-ENOBUFS")
+
+
+def test_the_issues_rxrpc_fix_with_module_tracepoints_builds(target, tmp_path: Path) -> None:
+    """Issue 10's example, once refused: rxrpc_service_prealloc_one traces through rxrpc's own
+    tracepoints (keys defined in the module). Their sites become jumps to the tracepoint's code."""
+    text = (prepare_source(target).tree / RXRPC).read_text()
+    assert RXRPC_OLD in text
+    patch = tmp_path / "rxrpc.patch"
+    diff = difflib.unified_diff(text.splitlines(True), text.replace(RXRPC_OLD, RXRPC_NEW, 1).splitlines(True),
+                                f"a/{RXRPC}", f"b/{RXRPC}")
+    patch.write_text("".join(diff))
+    b = build_from_patch(patch, target, name="rxrpc-prealloc")
+    (unit,) = b.units
+    assert (unit.object, [c.name for c in unit.diff.changed]) == ("rxrpc", ["rxrpc_service_prealloc_one"])
+    traced = {(k.key, k.object) for k in unit.key_sites if "tracepoint's code" in k.how}
+    assert {("__tracepoint_rxrpc_conn", "rxrpc"), ("__tracepoint_rxrpc_call", "rxrpc")} <= traced, unit.key_sites
