@@ -85,25 +85,38 @@ def module_of(tree: Path, rel: str, config: dict[str, str]) -> str | None:
                    if (m := _OBJ_LINE_RE.match(line)) and config.get(m.group(1)) == "m"
                    for item in m.group(2).split() if item.endswith(".o")}
         return modules.pop() if len(modules) == 1 else None
-    directory = (tree / rel).parent
-    makefile = next((directory / n for n in ("Kbuild", "Makefile") if (directory / n).is_file()), None)
-    if makefile is None:
-        return None
-    text = makefile.read_text(errors="replace").replace("\\\n", " ")
-    obj = Path(rel).with_suffix(".o").name
+    directory = Path(rel).parent
+    for depth in range(len(directory.parts), 0, -1):  # its own Makefile, else the one naming dir/x.o
+        here = Path(*directory.parts[:depth])
+        makefile = next((tree / here / n for n in ("Kbuild", "Makefile") if (tree / here / n).is_file()), None)
+        if makefile is None:
+            continue
+        named, module = _module_named_in(makefile, Path(rel).relative_to(here).with_suffix(".o").as_posix(), config)
+        if named or depth == len(directory.parts):
+            return module
+    return None
+
+
+def _module_named_in(makefile: Path, obj: str, config: dict[str, str]) -> tuple[bool, str | None]:
+    """Whether ``makefile`` names ``obj`` (``x.o``, or ``ishtp/bus.o`` for a directory without a
+    Makefile of its own), and the module it builds it into (None: vmlinux, or not named)."""
+    lines = makefile.read_text(errors="replace").replace("\\\n", " ").splitlines()
     owners = {obj[:-2]}  # a single-file module is named after its file
-    for line in text.splitlines():
+    for line in lines:
         m = _COMPOSITE_RE.match(line)
         if m and obj in m.group(2).split():
             owners.add(m.group(1))
-    for line in text.splitlines():
+    named = len(owners) > 1
+    for line in lines:
         m = _OBJ_LINE_RE.match(line)
         if not m:
             continue
         for item in m.group(2).split():
-            if item.endswith(".o") and item[:-2] in owners and config.get(m.group(1)) == "m":
-                return item[:-2].replace("-", "_")
-    return None
+            if item.endswith(".o") and item[:-2] in owners:
+                if config.get(m.group(1)) == "m":
+                    return True, item[:-2].replace("-", "_")
+                named = True
+    return named, None
 
 
 def translation_units_of(tree: Path, rel: str, _seen: frozenset[str] = frozenset()) -> list[str]:

@@ -27,6 +27,7 @@ from dynamos.builder.debian import (
 )
 from dynamos.builder.refusals import ACCEPTED_CODES, CODES, OTHER_CODES, Refusal, code_of, first_unaccepted
 from dynamos.builder.units import _compile_error
+from dynamos.builder.unitsof import module_of
 from dynamos.errors import BuildError, RefusedError, TargetError
 from dynamos.kernel.results import KernelStatus, UpdateStatus
 from dynamos.target import TargetKernel
@@ -208,6 +209,27 @@ def test_built_by_config_reads_the_directorys_makefile(tmp_path: Path) -> None:
     assert built_by_config(tmp_path, "fs/foo.c", {"CONFIG_FOO": "m"}, target) is False
     (tmp_path / "modules/kernel/foo.ko").write_bytes(b"")
     assert built_by_config(tmp_path, "fs/foo.c", {"CONFIG_FOO": "m"}, target) is True
+
+
+def test_a_file_of_a_directory_without_a_makefile_belongs_to_the_module_its_parent_names(tmp_path: Path) -> None:
+    """drivers/hid/intel-ish-hid/ishtp/ has no Makefile: its parent's builds ishtp/bus.o into
+    intel-ishtp.ko. Taken for vmlinux, bus.c failed the fidelity check against the kernel's text."""
+    ish = tmp_path / "drivers/hid/intel-ish-hid"
+    (ish / "ishtp").mkdir(parents=True)
+    (ish / "Makefile").write_text("obj-$(CONFIG_INTEL_ISH_HID) += intel-ishtp.o\n"
+                                  "intel-ishtp-objs := ishtp/init.o\nintel-ishtp-objs += ishtp/bus.o\n"
+                                  "obj-y += ishtp/builtin.o\n")
+    config = {"CONFIG_INTEL_ISH_HID": "m"}
+    assert module_of(tmp_path, "drivers/hid/intel-ish-hid/ishtp/bus.c", config) == "intel_ishtp"
+    assert module_of(tmp_path, "drivers/hid/intel-ish-hid/ishtp/builtin.c", config) is None
+    assert module_of(tmp_path, "drivers/hid/intel-ish-hid/ishtp/unnamed.c", config) is None
+    target = TargetKernel("6.1.0-56-amd64", tmp_path, tmp_path / "modules", None, None)
+    (tmp_path / "modules/kernel").mkdir(parents=True)
+    (tmp_path / "modules/kernel/intel-ishtp.ko").write_bytes(b"")
+    assert built_by_config(tmp_path, "drivers/hid/intel-ish-hid/ishtp/bus.c", config, target) is True
+    # a directory with its own Makefile keeps its own answer, even where a parent names the path
+    (ish / "ishtp/Makefile").write_text("obj-y += bus.o\n")
+    assert module_of(tmp_path, "drivers/hid/intel-ish-hid/ishtp/bus.c", config) is None
 
 
 def test_a_files_status_follows_its_units() -> None:
