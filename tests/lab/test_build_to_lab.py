@@ -49,3 +49,36 @@ def test_a_later_partial_update_replaces_the_first_and_status_names_what_it_left
     finally:
         if first_name in guest.livepatches():  # the later one failed to replace it
             guest.dynamos("revert", r1["name"])
+
+
+def test_a_fix_that_needs_a_far_reaching_headers_change_borrows_only_that_and_runs(guest, target, workdir):
+    """A release's .c fix calls seq_setwidth with the parameter the same release adds to it in
+    seq_file.h, a header refused for its reach (--max-units 3); fs.h's unrelated layout change,
+    which the unit also reads, is tried and dropped again. The fix is carried and runs."""
+    tree = prepare_source(target).tree
+    old_inline = ("static inline void seq_setwidth(struct seq_file *m, size_t size)\n{\n"
+                  "\tm->pad_until = m->count + size;")
+    edits = {
+        "include/linux/seq_file.h": (old_inline, "static inline void seq_setwidth(struct seq_file *m, size_t size, "
+                                                 "size_t extra)\n{\n\tm->pad_until = m->count + size + extra;"),
+        "fs/proc/cmdline.c": ("\tseq_puts(m, saved_command_line);\n",
+                              '\tseq_setwidth(m, 0, 0);\n\tseq_puts(m, "borrowed ");\n'
+                              '\tseq_puts(m, saved_command_line);\n'),
+        "include/linux/fs.h": ("struct file {\n\tunion {\n", "struct file {\n\tint dynamos_unrelated;\n\tunion {\n"),
+    }
+    texts = {}
+    for rel, (old, new) in edits.items():
+        text = (tree / rel).read_text()
+        assert old in text, rel
+        texts[rel] = text.replace(old, new, 1).encode()
+    out = workdir / "build-to-borrow"
+    out.mkdir(exist_ok=True)
+    build = build_changes(target, "6.1.192-2", "6.1.192-9", [Change(p, "modified") for p in sorted(texts)],
+                          texts.__getitem__, [], output=out, max_units=3)
+    got = {f.path: (f.status, f.code) for f in build.files}
+    assert got == {"fs/proc/cmdline.c": ("carried", ""), "include/linux/fs.h": ("refused", "header-reach"),
+                   "include/linux/seq_file.h": ("refused", "header-reach")}, build.files
+    original = guest.read("/proc/cmdline")
+    with applied(guest, build.package_path):
+        assert guest.read("/proc/cmdline") == "borrowed " + original
+    assert guest.read("/proc/cmdline") == original
