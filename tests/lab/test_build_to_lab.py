@@ -53,8 +53,9 @@ def test_a_later_partial_update_replaces_the_first_and_status_names_what_it_left
 
 def test_a_fix_that_needs_a_far_reaching_headers_change_borrows_only_that_and_runs(guest, target, workdir):
     """A release's .c fix calls seq_setwidth with the parameter the same release adds to it in
-    seq_file.h, a header refused for its reach (--max-units 3); fs.h's unrelated layout change,
-    which the unit also reads, is tried and dropped again. The fix is carried and runs."""
+    seq_file.h, a header refused for its reach (--max-units 3), where the compiler's note says
+    seq_setwidth is declared; fs.h's unrelated layout change, which the unit also reads, is not
+    borrowed. The fix is carried and runs."""
     tree = prepare_source(target).tree
     old_inline = ("static inline void seq_setwidth(struct seq_file *m, size_t size)\n{\n"
                   "\tm->pad_until = m->count + size;")

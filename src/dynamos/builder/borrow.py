@@ -35,7 +35,8 @@ def quoted_identifiers(error: str) -> set[str]:
 
 def needed_headers(error: str, held_back: dict[str, bytes], read: Iterable[str], tree: Path) -> list[str]:
     """The held-back headers among those the unit ``read`` whose change adds an identifier the
-    error quotes; all it read when the error quotes none that one of them adds."""
+    error quotes; else those the error's notes point into (``include/linux/seq_file.h:102:20:
+    note: declared here`` after "too many arguments to function 'seq_setwidth'"); else all it read."""
     readable = set(read)
     candidates = {p: text for p, text in held_back.items() if p in readable}
     words = quoted_identifiers(error)
@@ -45,7 +46,8 @@ def needed_headers(error: str, held_back: dict[str, bytes], read: Iterable[str],
         text = new.decode(errors="replace")
         if any(re.search(rf"\b{w}\b", text) and not re.search(rf"\b{w}\b", old) for w in words):
             hits.append(path)
-    return hits or sorted(candidates)
+    pointed = sorted(p for p in candidates if re.search(rf"(?<![\w/.-])(?:\./)?{re.escape(p)}:\d+", error))
+    return hits or pointed or sorted(candidates)
 
 
 def compile_borrowing(compile_with: Callable[[list[str]], Made], error: BuildError, held_back: dict[str, bytes],
@@ -73,19 +75,26 @@ def compile_borrowing(compile_with: Callable[[list[str]], Made], error: BuildErr
 
 def _fewest(compile_with: Callable[[list[str]], Made], borrowed: list[str], made: Made,
             say: Callable[[str], None], rel: str) -> tuple[Made, list[str]]:
-    """Leave out, one at a time, each borrowed change the unit still compiles without: an unrelated
-    change of the release to a header it reads must not refuse the fix for its layout."""
+    """Leave out each group of borrowed changes the unit still compiles without, halves first,
+    then single ones (usually one change is needed among many: a few compiles, not one each): an
+    unrelated change of the release to a header it reads must not refuse the fix for its layout."""
     kept, current = list(borrowed), True
-    for header in borrowed if len(borrowed) > 1 else ():
-        trial = [h for h in kept if h != header]
-        if not trial:
-            continue  # borrowing nothing is the compile that failed
-        try:
-            made, current = compile_with(trial), True
-        except BuildError:
-            current = False  # the failed compile may have replaced the object: compile kept again
-            continue
-        kept = trial
+    size = len(kept) // 2
+    while size >= 1 and len(kept) > 1:
+        for start in range(0, len(kept), size):
+            group = kept[start:start + size]
+            trial = [h for h in kept if h not in group]
+            if not trial or not group:
+                continue  # borrowing nothing is the compile that failed
+            try:
+                made, current = compile_with(trial), True
+            except BuildError:
+                current = False  # the failed compile may have replaced the object: compile kept again
+                continue
+            kept = trial
+            break  # the list changed: start over at this size
+        else:
+            size //= 2
     if not current:
         made = compile_with(kept)
     if len(kept) < len(borrowed):

@@ -29,6 +29,7 @@ _HOSTILE_ENV = frozenset({
 _ERROR_RE = re.compile(r": (?:fatal )?error: |^ERROR: |: undefined reference to ")
 _CONTEXT_RE = re.compile(r": In function |^In file included from |^\s+from ")
 _EXCERPT_RE = re.compile(r"^\s*\d*\s+\|")
+_NOTE_RE = re.compile(r": note: ")  # where the error's names are declared ("declared here")
 _MAX_ERROR_LINES = 60
 
 
@@ -67,20 +68,25 @@ def error_lines(log: str) -> list[str]:
     """
     out: list[str] = []
     pending: list[str] = []  # "In file included from" / "In function" lines before a diagnostic
-    in_error = False
+    in_error = False  # the excerpt lines that follow belong to a kept diagnostic
+    notes = False  # a note now belongs to the last error ("declared here": where its name is)
     for line in log.splitlines():
         if _ERROR_RE.search(line):
             out.extend(pending)
             out.append(line)
-            pending, in_error = [], True
+            pending, in_error, notes = [], True, True
         elif _EXCERPT_RE.match(line):
             if in_error:
                 out.append(line)
+        elif _NOTE_RE.search(line):
+            if notes:
+                out.append(line)
+            pending, in_error = [], notes
         elif _CONTEXT_RE.search(line):
             pending.append(line)
             in_error = False
         else:
-            pending, in_error = [], False
+            pending, in_error, notes = [], False, False
     if len(out) > _MAX_ERROR_LINES:
         out = out[:_MAX_ERROR_LINES] + [f"... ({len(out) - _MAX_ERROR_LINES} more lines in the log)"]
     return out

@@ -89,3 +89,23 @@ def test_borrowing_that_does_not_help_raises_the_first_error(tmp_path: Path) -> 
     with pytest.raises(BuildError) as e:
         compile_borrowing(compile_with, first, held_back, read, tmp_path, lambda m: None, "x.c")
     assert e.value is first
+
+
+def test_an_error_that_quotes_nothing_added_takes_the_headers_its_notes_point_into(tmp_path: Path) -> None:
+    held_back, read = _tree(tmp_path)
+    error = ("x.c:9:9: error: too many arguments to function 'old'\n"
+             "In file included from x.c:2:\n./b.h:1:5: note: declared here\n")
+    assert needed_headers(error, held_back, read, tmp_path) == ["b.h"]
+    assert needed_headers("x.c:1:1: error: expected ';'", held_back, read, tmp_path) == ["a.h", "b.h", "c.h"]
+
+
+def test_one_needed_change_among_many_is_found_in_few_compiles(tmp_path: Path) -> None:
+    held_back = {f"h{i:02}.h": b"int n;\n" for i in range(32)}
+    for rel in held_back:
+        (tmp_path / rel).write_text("int o;\n")
+    calls: list[list[str]] = []
+    compile_with = _compiler({"h21.h"}, tmp_path, calls)
+    made, borrowed = compile_borrowing(compile_with, BuildError("x.c:1:1: error: expected ';'"), held_back,
+                                       sorted(held_back), tmp_path, lambda m: None, "x.c")
+    assert borrowed == ["h21.h"] and made == "h21.h"
+    assert len(calls) <= 16, len(calls)  # one compile per header would be 33

@@ -224,6 +224,12 @@ In file included from /b/src/edit.c:1:
 /b/src/a.h:2:1: error: unknown type name 'foo'
     2 | foo bar;
       | ^~~
+/b/src/edit.c:9:9: error: too many arguments to function 'seq_setwidth'
+In file included from /b/src/edit.c:2:
+./include/linux/seq_file.h:102:20: note: declared here
+  102 | static inline void seq_setwidth(struct seq_file *m, size_t size)
+/b/src/edit.c:11:3: warning: unused value
+/b/src/edit.c:11:3: note: a note of a warning
 make[1]: *** [Makefile.build:255: /b/src/edit.o] Error 1
 ERROR: modpost: "my_show" [/b/x.ko] undefined!
 """
@@ -235,5 +241,8 @@ ERROR: modpost: "my_show" [/b/x.ko] undefined!
         "/b/src/a.h:2:1: error: unknown type name 'foo'",
         "    2 | foo bar;",
         "      | ^~~",
+        "/b/src/edit.c:9:9: error: too many arguments to function 'seq_setwidth'",
+        "./include/linux/seq_file.h:102:20: note: declared here",  # where the name is declared
+        "  102 | static inline void seq_setwidth(struct seq_file *m, size_t size)",
         'ERROR: modpost: "my_show" [/b/x.ko] undefined!',
     ]
