@@ -18,8 +18,10 @@ interval, which is what a sample can say about the release. When the update does
 sample's carried files are bisected (rebuilt by halves) to name the file(s) that stop it; when
 the update does not even link (modpost), the files naming the symbol it complains about are counted
 against the target and the rest rebuilt. Each sampled file is built with the changed headers the
-whole release would carry into its units (``--without-headers``: alone), so it compiles as it
-would in the release. The last measurement is in README.md (``build --to`` section).
+whole release would carry into its units and those its units read (their original compiles'
+dependency lists: an -I include the static graph cannot follow), and with the release's files
+that add a global function its change starts to use (``--without-headers``: alone), so it
+compiles as it would in the release. The last measurement is in README.md (``build --to`` section).
 
 Usage: python bench/bench_real_fixes.py [--cold] [--json]   (boots a lab: run under the lab lock)
        python bench/bench_real_fixes.py --stable [--sample N] [--seed S] [--max-units M]
@@ -39,6 +41,7 @@ import random
 import re
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,6 +64,7 @@ from dynamos.builder.debian import (
     path_refusal,
     version_tree,
 )
+from dynamos.builder.units import compile_original
 from dynamos.builder.unitsof import translation_units_of
 from dynamos.demo import guest_env
 from dynamos.errors import BuildError
@@ -343,16 +347,38 @@ def stable_release(sample_size: int, seed: int, max_units: int, lock: str | None
 
     sample = sorted(random.Random(seed).sample(population, min(sample_size, len(population))))
     say(f"sample of {len(sample)} of {len(population)} changed .c files (seed {seed})")
-    tree = prepare_source(target, say).tree
+    source = prepare_source(target, say)
+    tree = source.tree
 
     newer = version_tree(source_package(target.release), to, say).tree
     helpers = helper_files(sample, population, tree, newer)
     say(f"with {sum(map(len, helpers.values()))} other changed file(s) adding functions the sample calls")
 
+    changed_headers = set(header_status)
+    scratch = Path(tempfile.mkdtemp(prefix="bench-originals-"))
+
+    def read_by(files: list[str]) -> set[str]:
+        """The changed headers the units of ``files`` read, from their original compiles'
+        dependency lists (cached; the build compiles them anyway): an -I include ("cxlmem.h" in
+        drivers/cxl/core/) is one the static graph cannot follow, and the release's build holds
+        such a header back for the units that need it."""
+        found: set[str] = set()
+        for f in files:
+            for u in translation_units_of(tree, f):
+                try:
+                    deps = compile_original(source, u.removesuffix(".c") + ".o", scratch).deps or ()
+                except BuildError:
+                    continue
+                found |= changed_headers & set(deps)
+        return found
+
     def headers(files: list[str]) -> list[str]:
         """What else a build of ``files`` takes: helper files, and the changed headers."""
         more = sorted({h for f in files for h in helpers.get(f, []) if h not in files})
-        return more + (carried_headers(files + more, tree, headers_of_unit, header_status) if with_headers else [])
+        if not with_headers:
+            return more
+        carried = carried_headers(files + more, tree, headers_of_unit, header_status)
+        return more + sorted(set(carried) | read_by(files + more))
     sample_headers = headers(sample)
     say(f"with {len(sample_headers)} changed header(s) and helper file(s) the release carries into their units")
     t = time.monotonic()

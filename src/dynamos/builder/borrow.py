@@ -20,12 +20,13 @@ from typing import TypeVar
 
 from dynamos.errors import BuildError
 
-BORROW_ROUNDS = 3  # compiles with held-back header changes a unit may try after its patched compile fails
+BORROW_ROUNDS = 5  # compiles with held-back header changes a unit may try after its patched compile fails
 
 Made = TypeVar("Made")
 
 _QUOTED = re.compile(r"['‘]([A-Za-z_][A-Za-z0-9_]*)['’]")
 _ERROR = re.compile(r"\berror:")
+_DIAGNOSTIC = re.compile(r": (?:error|note): ")
 
 
 def quoted_identifiers(error: str) -> set[str]:
@@ -46,7 +47,8 @@ def needed_headers(error: str, held_back: dict[str, bytes], read: Iterable[str],
         text = new.decode(errors="replace")
         if any(re.search(rf"\b{w}\b", text) and not re.search(rf"\b{w}\b", old) for w in words):
             hits.append(path)
-    pointed = sorted(p for p in candidates if re.search(rf"(?<![\w/.-])(?:\./)?{re.escape(p)}:\d+", error))
+    notes = "\n".join(line for line in error.splitlines() if _DIAGNOSTIC.search(line))  # not "included from"
+    pointed = sorted(p for p in candidates if re.search(rf"(?<![\w/.-])(?:\./)?{re.escape(p)}:\d+", notes))
     return hits or pointed or sorted(candidates)
 
 

@@ -94,7 +94,8 @@ def test_borrowing_that_does_not_help_raises_the_first_error(tmp_path: Path) -> 
 def test_an_error_that_quotes_nothing_added_takes_the_headers_its_notes_point_into(tmp_path: Path) -> None:
     held_back, read = _tree(tmp_path)
     error = ("x.c:9:9: error: too many arguments to function 'old'\n"
-             "In file included from x.c:2:\n./b.h:1:5: note: declared here\n")
+             "In file included from x.c:2:\n./b.h:1:5: note: declared here\n"
+             "In file included from ./c.h:13,\n                 from x.c:1:\n")  # c.h: only on the way
     assert needed_headers(error, held_back, read, tmp_path) == ["b.h"]
     assert needed_headers("x.c:1:1: error: expected ';'", held_back, read, tmp_path) == ["a.h", "b.h", "c.h"]
 
