@@ -41,7 +41,6 @@ import random
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -355,7 +354,8 @@ def stable_release(sample_size: int, seed: int, max_units: int, lock: str | None
     say(f"with {sum(map(len, helpers.values()))} other changed file(s) adding functions the sample calls")
 
     changed_headers = set(header_status)
-    scratch = Path(tempfile.mkdtemp(prefix="bench-originals-"))
+    scratch = cache_root() / "builds" / "bench-originals"  # a copy of each original, removed once read
+    scratch.mkdir(parents=True, exist_ok=True)
 
     def read_by(files: list[str]) -> set[str]:
         """The changed headers the units of ``files`` read, from their original compiles'
@@ -366,10 +366,11 @@ def stable_release(sample_size: int, seed: int, max_units: int, lock: str | None
         for f in files:
             for u in translation_units_of(tree, f):
                 try:
-                    deps = compile_original(source, u.removesuffix(".c") + ".o", scratch).deps or ()
+                    original = compile_original(source, u.removesuffix(".c") + ".o", scratch)
                 except BuildError:
                     continue
-                found |= changed_headers & set(deps)
+                original.object_path.unlink()  # only its dependency list is wanted here
+                found |= changed_headers & set(original.deps or ())
         return found
 
     def headers(files: list[str]) -> list[str]:

@@ -33,7 +33,7 @@ from dynamos.builder.linemap import stabilise_lines
 from dynamos.builder.modkeys import KeySite
 from dynamos.builder.modsyms import OtherModules
 from dynamos.builder.objdiff import DiffResult, align_statics, diff_objects, read_object
-from dynamos.builder.refusals import NOT_BUILT, Refusal, code_of, first_unaccepted
+from dynamos.builder.refusals import NOT_BUILT, OTHER, Refusal, code_of, first_unaccepted
 from dynamos.builder.resolution import SymbolPositions, module_symbols, resolver, stranded, update_additions
 from dynamos.builder.signing import Signer
 from dynamos.builder.statics import StaticLocals, resolve_static_locals
@@ -373,7 +373,7 @@ def build_from_texts(patched: dict[str, bytes], touching: dict[str, list[str]], 
         with_callbacks: list[tuple[str, str, Directives, dict[str, str]]] = []
         kept_units: list[UnitReport] = []
         added = update_additions((u.path, u.object, {c.name for c in u.diff.new},
-                                  (work / "objects" / _obj_name(u.path, "patched")).read_bytes()) for u in units)
+                                  work / "objects" / _obj_name(u.path, "patched")) for u in units)
         uses: dict[str, set[str]] = {}  # unit -> functions of other units of the update it calls
         parts: dict[str, tuple[list[dict[str, object]], str, dict[str, KlpSymbol]]] = {}
         for index, unit in enumerate(units):
@@ -406,7 +406,7 @@ def build_from_texts(patched: dict[str, bytes], touching: dict[str, list[str]], 
             unit.key_sites = ext.key_sites
             with_callbacks.append((unit.path, unit.object, unit.directives, ext.editions))
         for path, why in stranded(uses, added, set(parts)).items():  # tolerant: else extraction raised
-            dropped[path] = Refusal(code_of(BuildError(why)), why)
+            dropped[path] = Refusal(OTHER, why)
         units = [u for u in kept_units if u.path not in dropped]
         with_callbacks = [c for c in with_callbacks if c[0] not in dropped]
         for path, (unit_functions, obj, unit_placeholders) in parts.items():

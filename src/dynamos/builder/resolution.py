@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from dynamos.abi import VMLINUX, edition_name, edition_prefix
@@ -97,14 +98,15 @@ class Added(NamedTuple):
     edition: str  # its name in the update (builder/extract.py renames what it cuts out)
 
 
-def update_additions(units: Iterable[tuple[str, str, set[str], bytes]]) -> dict[str, Added]:
+def update_additions(units: Iterable[tuple[str, str, set[str], Path]]) -> dict[str, Added]:
     """The global functions the units of one update add, by name, from each unit's (path, object,
-    new function names, patched object), in the order their editions are numbered: a fix often
-    adds a helper in one file and calls it from another, which reaches it inside the update."""
+    new function names, patched object file), in the order their editions are numbered: a fix
+    often adds a helper in one file and calls it from another, which reaches it inside the update.
+    Only a unit that adds functions has its object read."""
     added: dict[str, Added] = {}
     for index, (path, obj, new, image) in enumerate(units):
         if new:
-            for sym in RelocatableElf.parse(image, path).symbols:
+            for sym in RelocatableElf.parse(image.read_bytes(), path).symbols:
                 if sym.name in new and sym.binding != STB_LOCAL and sym.shndx != 0:
                     added[sym.name] = Added(path, obj, edition_name(edition_prefix(index), sym.name))
     return added
